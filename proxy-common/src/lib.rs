@@ -1,0 +1,416 @@
+//! Map key and value types shared by the eBPF datapath and the userspace
+//! controller.
+//!
+//! # Layout rules
+//!
+//! * Every type is `#[repr(C)]` and derives [`bytemuck::Pod`], which refuses
+//!   to compile if the compiler would insert hidden padding: every padding
+//!   byte is an explicit `_pad` field that writers set to zero, so two keys
+//!   that mean the same thing are the same bytes.
+//! * Addresses and ports are byte arrays in wire (network) order. The datapath
+//!   copies them straight out of packets, the layout is identical on every
+//!   host, and `bpftool map dump` prints them as bytes (`[10,96,0,10]`).
+//! * A map's name carries a version suffix (`_V1`). A change to a key or value
+//!   layout, or to what a field means, bumps the suffix: a daemon of the new
+//!   version then creates fresh maps next to the pinned old ones instead of
+//!   misreading them, and `cleanup` removes both.
+//! * Map names fit the kernel's 15 usable characters.
+//!
+//! The maps are kept apart by job, as in Cilium's `lb.h`: frontends
+//! ([`SvcKey`] → [`SvcValue`]), backend slots ([`SlotKey`] → [`SlotValue`]),
+//! backends ([`BackendKey`] → [`Backend`]), address classes
+//! ([`AddrKey`] → [`AddrValue`]), and the two halves of connection tracking:
+//! original-direction entries ([`CT_MAP`]) and reply-direction reverse-NAT
+//! entries ([`RNAT_MAP`]), both [`FlowKey`] → [`NatEntry`].
+#![no_std]
+
+use bytemuck::{Pod, Zeroable};
+
+/// Frontends: (address, port, protocol) → service port. NodePorts use the
+/// address 0.0.0.0 and apply to every address in [`ADDR_MAP`] of class
+/// [`ADDR_NODE`].
+pub const SVC_MAP: &str = "KEP_SVC_V1";
+/// Backend slots of a service port: (service port id, generation, slot) →
+/// backend id.
+pub const SLOT_MAP: &str = "KEP_SLOT_V1";
+/// Backends: backend id → address, port, protocol and flags.
+pub const BACKEND_MAP: &str = "KEP_BE_V1";
+/// Address classes: which destination addresses are service VIPs and which
+/// belong to this node (NodePort addresses).
+pub const ADDR_MAP: &str = "KEP_ADDR_V1";
+/// Connection tracking, original direction: the flow as the client sent it →
+/// the tuple it is rewritten to.
+pub const CT_MAP: &str = "KEP_CT_V1";
+/// Reverse NAT, reply direction: the reply as the backend sends it → the
+/// tuple the client expects.
+pub const RNAT_MAP: &str = "KEP_RNAT_V1";
+/// Fragments: first fragment's (addresses, IP id, protocol) → its ports, so
+/// later fragments of a datagram follow the first one.
+pub const FRAG_MAP: &str = "KEP_FRAG_V1";
+/// Per-CPU packet counters, indexed by [`Counter`].
+pub const STATS_MAP: &str = "KEP_STATS_V1";
+/// Datapath configuration, a single [`Config`] at index 0.
+pub const CONFIG_MAP: &str = "KEP_CFG_V1";
+
+/// Every map name, for pinning and cleanup.
+pub const ALL_MAPS: [&str; 9] = [
+    SVC_MAP,
+    SLOT_MAP,
+    BACKEND_MAP,
+    ADDR_MAP,
+    CT_MAP,
+    RNAT_MAP,
+    FRAG_MAP,
+    STATS_MAP,
+    CONFIG_MAP,
+];
+
+/// Capacities. Hash maps holding desired state are created without
+/// preallocation, so capacity costs memory only when used.
+pub const SVC_MAP_SIZE: u32 = 262_144;
+pub const SLOT_MAP_SIZE: u32 = 2_097_152;
+pub const BACKEND_MAP_SIZE: u32 = 1_048_576;
+pub const ADDR_MAP_SIZE: u32 = 262_144;
+pub const CT_MAP_SIZE: u32 = 262_144;
+pub const RNAT_MAP_SIZE: u32 = 262_144;
+pub const FRAG_MAP_SIZE: u32 = 8_192;
+
+/// Names of the TC programs in the object.
+pub const PROG_INGRESS: &str = "kep_ingress";
+pub const PROG_EGRESS: &str = "kep_egress";
+/// A program that only returns; the benchmark's baseline.
+pub const PROG_NOOP: &str = "kep_noop";
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Key of [`SVC_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct SvcKey {
+    /// Service address; 0.0.0.0 for a NodePort.
+    pub addr: [u8; 4],
+    pub port: [u8; 2],
+    /// [`IPPROTO_TCP`] or [`IPPROTO_UDP`].
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// The frontend is a NodePort: traffic to a remote backend is SNATed to this
+/// node so the reply comes back through it (externalTrafficPolicy Cluster).
+pub const SVC_F_NODEPORT: u16 = 1;
+
+/// Value of [`SVC_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SvcValue {
+    /// Service port id: names the service port in counters and inspection,
+    /// and is the first half of its slot keys.
+    pub svc_id: u32,
+    /// Generation of the slots in use. A new backend set is written under a
+    /// new generation and becomes visible with the single update of this
+    /// value, so a packet sees either the old set or the new one.
+    pub generation: u16,
+    /// Number of slots in that generation; 0 means no ready endpoint, and new
+    /// connections are rejected with ICMP port unreachable.
+    pub count: u16,
+    /// `SVC_F_*`.
+    pub flags: u16,
+    pub _pad: [u8; 2],
+}
+
+/// Key of [`SLOT_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct SlotKey {
+    pub svc_id: u32,
+    pub generation: u16,
+    pub slot: u16,
+}
+
+/// Value of [`SLOT_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SlotValue {
+    pub backend_id: u32,
+}
+
+/// Key of [`BACKEND_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct BackendKey {
+    pub backend_id: u32,
+}
+
+/// The backend runs on this node: NodePort traffic to it keeps the client's
+/// source address.
+pub const BE_F_LOCAL: u8 = 1;
+
+/// Value of [`BACKEND_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct Backend {
+    pub addr: [u8; 4],
+    pub port: [u8; 2],
+    pub proto: u8,
+    /// `BE_F_*`.
+    pub flags: u8,
+}
+
+/// Key of [`ADDR_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct AddrKey {
+    pub addr: [u8; 4],
+}
+
+/// A service VIP (ClusterIP): ports that are not frontends are rejected.
+pub const ADDR_VIP: u8 = 1;
+/// An address of this node that NodePorts answer on.
+pub const ADDR_NODE: u8 = 2;
+
+/// Value of [`ADDR_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct AddrValue {
+    /// `ADDR_*`.
+    pub class: u8,
+    pub _pad: [u8; 3],
+}
+
+/// A flow as seen on the wire: key of [`CT_MAP`] and [`RNAT_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct FlowKey {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+impl FlowKey {
+    /// The same flow seen from the other end.
+    pub const fn reversed(&self) -> FlowKey {
+        FlowKey {
+            saddr: self.daddr,
+            daddr: self.saddr,
+            sport: self.dport,
+            dport: self.sport,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// The source was rewritten too (NodePort to a remote backend).
+pub const NAT_F_SNAT: u8 = 1;
+/// A FIN or RST was seen: a later SYN on this tuple starts a new connection.
+pub const NAT_F_CLOSING: u8 = 2;
+/// The entry was created by the egress program (a process of the node).
+pub const NAT_F_HOST: u8 = 4;
+
+/// Value of [`CT_MAP`] and [`RNAT_MAP`]: rewrite the packet to this tuple.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct NatEntry {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    /// Service port the flow was balanced by.
+    pub svc_id: u32,
+    /// Backend chosen for the flow.
+    pub backend_id: u32,
+    /// `NAT_F_*`.
+    pub flags: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Key of [`FRAG_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FragKey {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub id: [u8; 2],
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of [`FRAG_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct FragValue {
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+}
+
+/// Value of [`CONFIG_MAP`] at index 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Config {
+    /// Source ports used when NodePort traffic is SNATed, host byte order,
+    /// inclusive. Kept out of the node's ephemeral range so they cannot
+    /// collide with the node's own connections.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+    pub _pad: [u8; 4],
+}
+
+/// Default SNAT source port range: above Linux's default ephemeral range
+/// (32768-60999) and the NodePort range (30000-32767).
+pub const SNAT_PORT_MIN: u16 = 61_000;
+pub const SNAT_PORT_MAX: u16 = 65_535;
+
+/// Datapath counters, the index into [`STATS_MAP`]. Drop reasons are also the
+/// metric label values (see [`Counter::name`]).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// A new flow was balanced to a backend.
+    NewFlow = 0,
+    /// A packet of a tracked flow was translated towards its backend.
+    Forward = 1,
+    /// A reply was translated back to the service address.
+    Reply = 2,
+    /// A packet was rejected: service port without ready endpoint.
+    DropNoEndpoint = 3,
+    /// A packet was rejected: port that is no frontend of a ClusterIP.
+    DropUnknownPort = 4,
+    /// A header was truncated or malformed.
+    DropMalformed = 5,
+    /// No free SNAT source port for a NodePort flow.
+    DropNoSnatPort = 6,
+    /// A later fragment whose first fragment was not seen.
+    DropFragment = 7,
+    /// A map lookup or update failed (full map, missing slot).
+    DropMapError = 8,
+    /// A packet was rewritten or redirected by a helper that failed.
+    DropHelperError = 9,
+    /// ICMP errors about a translated flow, translated back.
+    IcmpError = 10,
+}
+
+pub const COUNTER_COUNT: u32 = 11;
+
+impl Counter {
+    pub const ALL: [Counter; COUNTER_COUNT as usize] = [
+        Counter::NewFlow,
+        Counter::Forward,
+        Counter::Reply,
+        Counter::DropNoEndpoint,
+        Counter::DropUnknownPort,
+        Counter::DropMalformed,
+        Counter::DropNoSnatPort,
+        Counter::DropFragment,
+        Counter::DropMapError,
+        Counter::DropHelperError,
+        Counter::IcmpError,
+    ];
+
+    /// Stable name, used as a metric label.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::NewFlow => "new_flow",
+            Counter::Forward => "forward",
+            Counter::Reply => "reply",
+            Counter::DropNoEndpoint => "no_endpoint",
+            Counter::DropUnknownPort => "unknown_port",
+            Counter::DropMalformed => "malformed",
+            Counter::DropNoSnatPort => "no_snat_port",
+            Counter::DropFragment => "fragment",
+            Counter::DropMapError => "map_error",
+            Counter::DropHelperError => "helper_error",
+            Counter::IcmpError => "icmp_error",
+        }
+    }
+
+    pub const fn is_drop(self) -> bool {
+        matches!(
+            self,
+            Counter::DropNoEndpoint
+                | Counter::DropUnknownPort
+                | Counter::DropMalformed
+                | Counter::DropNoSnatPort
+                | Counter::DropFragment
+                | Counter::DropMapError
+                | Counter::DropHelperError
+        )
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+
+    // SAFETY: every type is repr(C), bytemuck::Pod (no padding, any bit
+    // pattern valid), which is what aya::Pod requires.
+    unsafe impl aya::Pod for SvcKey {}
+    unsafe impl aya::Pod for SvcValue {}
+    unsafe impl aya::Pod for SlotKey {}
+    unsafe impl aya::Pod for SlotValue {}
+    unsafe impl aya::Pod for BackendKey {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for AddrKey {}
+    unsafe impl aya::Pod for AddrValue {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for NatEntry {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragValue {}
+    unsafe impl aya::Pod for Config {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn sizes_are_stable() {
+        // A failing assertion here means a layout changed: bump the map
+        // name's version suffix.
+        assert_eq!(size_of::<SvcKey>(), 8);
+        assert_eq!(size_of::<SvcValue>(), 12);
+        assert_eq!(size_of::<SlotKey>(), 8);
+        assert_eq!(size_of::<SlotValue>(), 4);
+        assert_eq!(size_of::<Backend>(), 8);
+        assert_eq!(size_of::<AddrValue>(), 4);
+        assert_eq!(size_of::<FlowKey>(), 16);
+        assert_eq!(size_of::<NatEntry>(), 24);
+        assert_eq!(size_of::<FragKey>(), 12);
+        assert_eq!(size_of::<Config>(), 8);
+    }
+
+    #[test]
+    fn map_names_fit_the_kernel() {
+        for name in ALL_MAPS {
+            assert!(name.len() <= 15, "{name} is too long");
+        }
+    }
+
+    #[test]
+    fn counter_table_is_complete() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i);
+        }
+    }
+
+    #[test]
+    fn reversed_flow_swaps_ends() {
+        let k = FlowKey {
+            saddr: [1, 1, 1, 1],
+            daddr: [2, 2, 2, 2],
+            sport: [0, 1],
+            dport: [0, 2],
+            proto: IPPROTO_TCP,
+            _pad: [0; 3],
+        };
+        let r = k.reversed();
+        assert_eq!(r.saddr, k.daddr);
+        assert_eq!(r.dport, k.sport);
+        assert_eq!(r.reversed(), k);
+    }
+}

@@ -1,0 +1,3 @@
+fn main() {
+    println!("{}", proxy_userspace::EBPF_OBJECT.len());
+}

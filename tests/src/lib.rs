@@ -1,0 +1,1 @@
+//! Lab of network namespaces (filled in next).
