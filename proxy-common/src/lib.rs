@@ -257,13 +257,18 @@ pub struct Config {
     /// collide with the node's own connections.
     pub snat_port_min: u16,
     pub snat_port_max: u16,
-    pub _pad: [u8; 4],
+    /// Source address given to a pod's connection that a service balanced
+    /// back to the pod itself (hairpin): the pod would drop a packet from
+    /// its own address, so it sees this link-local address instead.
+    pub hairpin_addr: [u8; 4],
 }
 
 /// Default SNAT source port range: above Linux's default ephemeral range
 /// (32768-60999) and the NodePort range (30000-32767).
 pub const SNAT_PORT_MIN: u16 = 61_000;
 pub const SNAT_PORT_MAX: u16 = 65_535;
+/// Default hairpin source address (link-local, never routed off the node).
+pub const HAIRPIN_ADDR: [u8; 4] = [169, 254, 42, 1];
 
 /// Datapath counters, the index into [`STATS_MAP`]. Drop reasons are also the
 /// metric label values (see [`Counter::name`]).

@@ -1,11 +1,71 @@
+//! kube-ebpf-proxy's datapath: TC programs that load-balance Service traffic.
+//!
+//! `kep_ingress` runs on the ingress of every device of the node (pod veths
+//! and uplinks); it translates new and tracked flows towards backends and
+//! translates replies back. `kep_egress` runs on their egress and only
+//! handles packets that local processes send to a ClusterIP, which never pass
+//! an ingress hook. See docs/architecture.md for the packet walks.
 #![no_std]
 #![no_main]
 
-use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
+mod flow;
+mod icmp;
+mod maps;
+mod nat;
+mod packet;
+mod reject;
+mod route;
 
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    macros::classifier,
+    programs::TcContext,
+};
+use proxy_common::{Counter, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    Ingress,
+    Egress,
+}
+
+#[classifier]
+pub fn kep_ingress(ctx: TcContext) -> i32 {
+    match try_handle(&ctx, Hook::Ingress) {
+        Ok(action) | Err(action) => action,
+    }
+}
+
+#[classifier]
+pub fn kep_egress(ctx: TcContext) -> i32 {
+    match try_handle(&ctx, Hook::Egress) {
+        Ok(action) | Err(action) => action,
+    }
+}
+
+/// The benchmark's baseline: the cost of running any TC program at all.
 #[classifier]
 pub fn kep_noop(_ctx: TcContext) -> i32 {
     TC_ACT_OK as i32
+}
+
+#[inline(always)]
+fn try_handle(ctx: &TcContext, hook: Hook) -> Result<i32, i32> {
+    let Some(ip) = packet::parse_ipv4(ctx) else {
+        return Ok(TC_ACT_OK as i32);
+    };
+    match ip.proto {
+        IPPROTO_TCP | IPPROTO_UDP => flow::handle(ctx, hook, &ip),
+        IPPROTO_ICMP if hook == Hook::Ingress => icmp::translate_error(ctx, &ip),
+        _ => Ok(TC_ACT_OK as i32),
+    }
+}
+
+/// Counts a drop reason and returns the verdict that drops the packet.
+#[inline(always)]
+pub fn drop_packet(reason: Counter) -> i32 {
+    maps::count(reason);
+    TC_ACT_SHOT as i32
 }
 
 #[cfg(not(test))]
@@ -13,3 +73,7 @@ pub fn kep_noop(_ctx: TcContext) -> i32 {
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

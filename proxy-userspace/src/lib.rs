@@ -1,1 +1,2 @@
-pub const EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
+pub mod datapath;
+pub use datapath::EBPF_OBJECT;

@@ -1,0 +1,74 @@
+//! Map definitions. Names, layouts and sizes come from proxy-common; the
+//! `#[btf_map]` form carries BTF so `bpftool map dump` prints field names.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use proxy_common::*;
+
+const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
+
+#[btf_map]
+pub static KEP_SVC_V1: HashMap<SvcKey, SvcValue, { SVC_MAP_SIZE as usize }, NO_PREALLOC> =
+    HashMap::new();
+
+#[btf_map]
+pub static KEP_SLOT_V1: HashMap<SlotKey, SlotValue, { SLOT_MAP_SIZE as usize }, NO_PREALLOC> =
+    HashMap::new();
+
+#[btf_map]
+pub static KEP_BE_V1: HashMap<BackendKey, Backend, { BACKEND_MAP_SIZE as usize }, NO_PREALLOC> =
+    HashMap::new();
+
+#[btf_map]
+pub static KEP_ADDR_V1: HashMap<AddrKey, AddrValue, { ADDR_MAP_SIZE as usize }, NO_PREALLOC> =
+    HashMap::new();
+
+#[btf_map]
+pub static KEP_CT_V1: LruHashMap<FlowKey, NatEntry, { CT_MAP_SIZE as usize }> = LruHashMap::new();
+
+#[btf_map]
+pub static KEP_RNAT_V1: LruHashMap<FlowKey, NatEntry, { RNAT_MAP_SIZE as usize }> =
+    LruHashMap::new();
+
+#[btf_map]
+pub static KEP_FRAG_V1: LruHashMap<FragKey, FragValue, { FRAG_MAP_SIZE as usize }> =
+    LruHashMap::new();
+
+#[btf_map]
+pub static KEP_STATS_V1: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArray::new();
+
+#[btf_map]
+pub static KEP_CFG_V1: Array<Config, 1> = Array::new();
+
+#[inline(always)]
+pub fn count(counter: Counter) {
+    if let Some(slot) = KEP_STATS_V1.get_ptr_mut(counter as u32) {
+        // SAFETY: a per-CPU slot is only touched by programs on this CPU,
+        // which do not preempt each other.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn addr_class(addr: [u8; 4]) -> u8 {
+    // SAFETY: the value is copied out before anything else can touch it.
+    match unsafe { KEP_ADDR_V1.get(AddrKey { addr }) } {
+        Some(v) => v.class,
+        None => 0,
+    }
+}
+
+#[inline(always)]
+pub fn config() -> Config {
+    match KEP_CFG_V1.get(0) {
+        Some(c) if c.snat_port_min != 0 && c.snat_port_min <= c.snat_port_max => *c,
+        _ => Config {
+            snat_port_min: SNAT_PORT_MIN,
+            snat_port_max: SNAT_PORT_MAX,
+            hairpin_addr: HAIRPIN_ADDR,
+        },
+    }
+}

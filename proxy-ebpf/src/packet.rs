@@ -1,0 +1,203 @@
+//! Header parsing. Reads go straight to packet memory (bounds-checked for the
+//! verifier); when a header lies outside the linear part of the skb it is
+//! pulled in first. Everything is kept in wire byte order.
+
+use aya_ebpf::programs::TcContext;
+use proxy_common::{FragKey, IPPROTO_TCP, IPPROTO_UDP};
+
+use crate::maps::KEP_FRAG_V1;
+
+pub const ETH_HLEN: usize = 14;
+pub const ETH_P_IP: [u8; 2] = [0x08, 0x00];
+pub const IP_OFF: usize = ETH_HLEN;
+pub const IP_CSUM_OFF: usize = IP_OFF + 10;
+pub const IP_SRC_OFF: usize = IP_OFF + 12;
+pub const IP_DST_OFF: usize = IP_OFF + 16;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// Copies `N` bytes at `off` out of the packet, pulling non-linear data in
+/// when needed. `None` when the packet is shorter.
+#[inline(always)]
+pub fn bytes<const N: usize>(ctx: &TcContext, off: usize) -> Option<[u8; N]> {
+    if let Some(v) = direct(ctx, off) {
+        return Some(v);
+    }
+    // The header may sit in a paged fragment (GRO, large sends).
+    ctx.pull_data((off + N) as u32).ok()?;
+    direct(ctx, off)
+}
+
+#[inline(always)]
+fn direct<const N: usize>(ctx: &TcContext, off: usize) -> Option<[u8; N]> {
+    // The verifier tracks the bound on this very pointer: check and read
+    // through the same value.
+    let start = ctx.data();
+    let end = ctx.data_end();
+    let p = start + off;
+    if p + N > end {
+        return None;
+    }
+    // SAFETY: bounds checked against data_end just above.
+    Some(unsafe { core::ptr::read_unaligned(p as *const [u8; N]) })
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Frag {
+    /// Not fragmented.
+    No,
+    /// First fragment: carries the L4 header.
+    First,
+    /// A later fragment: no L4 header; ports come from the first fragment.
+    Later,
+}
+
+/// The IPv4 header fields the datapath uses.
+pub struct Ipv4 {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub proto: u8,
+    /// Offset of the L4 header (the IP header may carry options).
+    pub l4: usize,
+    pub id: [u8; 2],
+    pub frag: Frag,
+}
+
+/// Parses Ethernet + IPv4. `None` for anything else (IPv6, ARP, VLAN...) and
+/// for headers the kernel itself will discard: those are not ours to touch.
+#[inline(always)]
+pub fn parse_ipv4(ctx: &TcContext) -> Option<Ipv4> {
+    let eth: [u8; ETH_HLEN] = bytes(ctx, 0)?;
+    if [eth[12], eth[13]] != ETH_P_IP {
+        return None;
+    }
+    let h: [u8; 20] = bytes(ctx, IP_OFF)?;
+    let ihl = (h[0] & 0x0f) as usize * 4;
+    if h[0] >> 4 != 4 || ihl < 20 {
+        return None;
+    }
+    let tot_len = u16::from_be_bytes([h[2], h[3]]) as usize;
+    if tot_len < ihl {
+        return None;
+    }
+    let frag_field = u16::from_be_bytes([h[6], h[7]]);
+    let more_fragments = frag_field & 0x2000 != 0;
+    let frag = if frag_field & 0x1fff != 0 {
+        Frag::Later
+    } else if more_fragments {
+        Frag::First
+    } else {
+        Frag::No
+    };
+    Some(Ipv4 {
+        saddr: [h[12], h[13], h[14], h[15]],
+        daddr: [h[16], h[17], h[18], h[19]],
+        proto: h[9],
+        l4: IP_OFF + ihl,
+        id: [h[4], h[5]],
+        frag,
+    })
+}
+
+/// L4 fields of a TCP or UDP packet.
+pub struct Ports {
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    /// TCP flags byte; 0 for UDP and later fragments.
+    pub tcp_flags: u8,
+    /// Offset of the L4 checksum when it must be kept up to date: `None`
+    /// for later fragments (no L4 header) and UDP without checksum.
+    pub csum_off: Option<usize>,
+    /// Whether the L4 header is in this packet (false for later fragments).
+    pub has_l4: bool,
+}
+
+pub enum PortsError {
+    Truncated,
+    /// A later fragment whose first fragment was not seen.
+    UnknownFragment,
+}
+
+#[inline(always)]
+fn frag_key(ip: &Ipv4) -> FragKey {
+    FragKey {
+        saddr: ip.saddr,
+        daddr: ip.daddr,
+        id: ip.id,
+        proto: ip.proto,
+        _pad: 0,
+    }
+}
+
+/// Reads the ports of a TCP or UDP packet; a later fragment gets the ports its
+/// first fragment recorded with [`remember_fragment`].
+#[inline(always)]
+pub fn ports(ctx: &TcContext, ip: &Ipv4) -> Result<Ports, PortsError> {
+    if ip.frag == Frag::Later {
+        // SAFETY: copied out at once.
+        let v = unsafe { KEP_FRAG_V1.get(frag_key(ip)) }.ok_or(PortsError::UnknownFragment)?;
+        return Ok(Ports {
+            sport: v.sport,
+            dport: v.dport,
+            tcp_flags: 0,
+            csum_off: None,
+            has_l4: false,
+        });
+    }
+    match ip.proto {
+        IPPROTO_TCP => {
+            let t: [u8; 20] = bytes(ctx, ip.l4).ok_or(PortsError::Truncated)?;
+            if (t[12] >> 4) < 5 {
+                return Err(PortsError::Truncated);
+            }
+            Ok(Ports {
+                sport: [t[0], t[1]],
+                dport: [t[2], t[3]],
+                tcp_flags: t[13],
+                csum_off: Some(ip.l4 + 16),
+                has_l4: true,
+            })
+        }
+        IPPROTO_UDP => {
+            let u: [u8; 8] = bytes(ctx, ip.l4).ok_or(PortsError::Truncated)?;
+            let has_csum = u[6] != 0 || u[7] != 0;
+            Ok(Ports {
+                sport: [u[0], u[1]],
+                dport: [u[2], u[3]],
+                tcp_flags: 0,
+                csum_off: if has_csum { Some(ip.l4 + 6) } else { None },
+                has_l4: true,
+            })
+        }
+        _ => Err(PortsError::Truncated),
+    }
+}
+
+/// A first fragment that is being translated records its ports so that the
+/// later fragments of the datagram find the same flow.
+#[inline(always)]
+pub fn remember_fragment(ip: &Ipv4, ports: &Ports) {
+    if ip.frag == Frag::First {
+        let v = proxy_common::FragValue {
+            sport: ports.sport,
+            dport: ports.dport,
+        };
+        let _ = KEP_FRAG_V1.insert(frag_key(ip), v, 0);
+    }
+}
+
+impl Ports {
+    /// A TCP SYN without ACK: the first packet of a new connection.
+    #[inline(always)]
+    pub fn is_syn(&self) -> bool {
+        self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    }
+
+    #[inline(always)]
+    pub fn is_closing(&self) -> bool {
+        self.tcp_flags & (TCP_FIN | TCP_RST) != 0
+    }
+}

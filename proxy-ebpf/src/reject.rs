@@ -1,0 +1,108 @@
+//! Rejecting a connection the way kube-proxy does: ICMP port unreachable
+//! from the address the client dialed, for TCP and UDP alike (kube-proxy's
+//! REJECT rules send icmp-port-unreachable). A TCP client's connect() then
+//! fails at once with ECONNREFUSED instead of timing out.
+//!
+//! The packet is turned into the ICMP error in place: trimmed to its IP
+//! header plus 8 bytes (the quote RFC 792 asks for), grown by a new IP and
+//! ICMP header, and sent back where it came from.
+
+use aya_ebpf::{
+    bindings::{BPF_F_INGRESS, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
+    helpers::generated::{bpf_csum_diff, bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes},
+    programs::TcContext,
+};
+use proxy_common::{Counter, IPPROTO_ICMP};
+
+use crate::{
+    Hook,
+    maps::count,
+    nat::fold,
+    packet::{ETH_HLEN, Frag, IP_OFF, Ipv4, bytes},
+    route::ifindex,
+};
+
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_PORT_UNREACH: u8 = 3;
+/// Largest quote: a 60-byte IP header (with options) plus 8 bytes.
+const MAX_QUOTE: usize = 68;
+const NEW_HDRS: usize = 20 + 8;
+
+#[inline(always)]
+pub fn port_unreachable(ctx: &TcContext, ip: &Ipv4, hook: Hook, reason: Counter) -> i32 {
+    count(reason);
+    if ip.frag == Frag::Later {
+        return TC_ACT_SHOT as i32;
+    }
+    build(ctx, ip, hook).unwrap_or(TC_ACT_SHOT as i32)
+}
+
+#[inline(always)]
+fn build(ctx: &TcContext, ip: &Ipv4, hook: Hook) -> Option<i32> {
+    let ihl = ip.l4 - IP_OFF;
+    if !(20..=60).contains(&ihl) {
+        return None;
+    }
+    let quote_len = ihl + 8;
+    let eth: [u8; ETH_HLEN] = bytes(ctx, 0)?;
+    let mut quote = [0u8; MAX_QUOTE];
+    // SAFETY: quote_len is at most MAX_QUOTE, the buffer's size; plain
+    // helper calls on our own skb.
+    unsafe {
+        if bpf_skb_load_bytes(
+            ctx.skb.skb.cast(),
+            IP_OFF as u32,
+            quote.as_mut_ptr().cast(),
+            quote_len as u32,
+        ) != 0
+        {
+            return None;
+        }
+        if bpf_skb_change_tail(ctx.skb.skb, (ETH_HLEN + quote_len) as u32, 0) != 0 {
+            return None;
+        }
+    }
+    ctx.adjust_room(NEW_HDRS as i32, BPF_ADJ_ROOM_MAC, 0).ok()?;
+
+    let mut iph = [0u8; 20];
+    iph[0] = 0x45;
+    iph[1] = 0xc0; // network control, as the kernel's own ICMP errors
+    iph[2..4].copy_from_slice(&((NEW_HDRS + quote_len) as u16).to_be_bytes());
+    iph[8] = 64;
+    iph[9] = IPPROTO_ICMP;
+    iph[12..16].copy_from_slice(&ip.daddr);
+    iph[16..20].copy_from_slice(&ip.saddr);
+    let sum = csum(iph.as_mut_ptr(), 20, 0);
+    iph[10..12].copy_from_slice(&fold(sum).to_ne_bytes());
+
+    let mut icmp = [0u8; 8];
+    icmp[0] = ICMP_DEST_UNREACH;
+    icmp[1] = ICMP_PORT_UNREACH;
+    let sum = csum(icmp.as_mut_ptr(), 8, 0);
+    let sum = csum(quote.as_mut_ptr(), quote_len as u32, sum);
+    icmp[2..4].copy_from_slice(&fold(sum).to_ne_bytes());
+
+    let mut new_eth = [0u8; ETH_HLEN];
+    new_eth[..6].copy_from_slice(&eth[6..12]);
+    new_eth[6..12].copy_from_slice(&eth[..6]);
+    new_eth[12..].copy_from_slice(&eth[12..]);
+
+    ctx.store(0, &new_eth, 0).ok()?;
+    ctx.store(IP_OFF, &iph, 0).ok()?;
+    ctx.store(IP_OFF + 20, &icmp, 0).ok()?;
+
+    // Back where the packet came from: out of the device it arrived on, or,
+    // for a packet a local process was sending, into the node's own stack.
+    let flags = match hook {
+        Hook::Ingress => 0,
+        Hook::Egress => BPF_F_INGRESS as u64,
+    };
+    // SAFETY: plain helper call.
+    Some(unsafe { bpf_redirect(ifindex(ctx), flags) as i32 })
+}
+
+#[inline(always)]
+fn csum(data: *mut u8, len: u32, seed: i64) -> i64 {
+    // SAFETY: `data` points at `len` readable bytes of our stack.
+    unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, data.cast(), len, seed as u32) }
+}

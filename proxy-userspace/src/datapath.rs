@@ -1,0 +1,278 @@
+//! Loading the eBPF object, pinning its maps, and attaching its programs to
+//! devices with TCX links that are pinned too, so the datapath outlives the
+//! daemon and a restarted daemon swaps its new programs in atomically.
+//!
+//! Layout under the bpffs directory (default /sys/fs/bpf/kube-ebpf-proxy):
+//!
+//! ```text
+//! maps/KEP_SVC_V1 ...              one pin per map (proxy_common::ALL_MAPS)
+//! links/<ifname>@<ifindex>.ingress one pin per attached device and direction
+//! links/<ifname>@<ifindex>.egress
+//! ```
+
+use std::{
+    collections::BTreeSet,
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Map, MapData},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+    },
+};
+use proxy_common::{ALL_MAPS, PROG_EGRESS, PROG_INGRESS, PROG_NOOP};
+
+/// The datapath object, built by build.rs from proxy-ebpf.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
+
+/// Default place for our pins.
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/kube-ebpf-proxy";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Direction {
+    Ingress,
+    Egress,
+}
+
+impl Direction {
+    pub const BOTH: [Direction; 2] = [Direction::Ingress, Direction::Egress];
+
+    fn suffix(self) -> &'static str {
+        match self {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        }
+    }
+
+    fn program(self) -> &'static str {
+        match self {
+            Direction::Ingress => PROG_INGRESS,
+            Direction::Egress => PROG_EGRESS,
+        }
+    }
+
+    fn attach_type(self) -> TcAttachType {
+        match self {
+            Direction::Ingress => TcAttachType::Ingress,
+            Direction::Egress => TcAttachType::Egress,
+        }
+    }
+}
+
+/// A network device, identified by name and index (a device that is
+/// deleted and created again under the same name is a different device).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Device {
+    pub name: String,
+    pub index: u32,
+}
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    root: PathBuf,
+}
+
+pub fn maps_dir(root: &Path) -> PathBuf {
+    root.join("maps")
+}
+
+pub fn links_dir(root: &Path) -> PathBuf {
+    root.join("links")
+}
+
+fn link_pin(root: &Path, dev: &Device, dir: Direction) -> PathBuf {
+    links_dir(root).join(format!("{}@{}.{}", dev.name, dev.index, dir.suffix()))
+}
+
+impl Datapath {
+    /// Loads the programs, reusing the maps pinned under `root` (so state
+    /// survives restarts) or creating and pinning them.
+    pub fn load(root: &Path) -> Result<Datapath> {
+        fs::create_dir_all(maps_dir(root))?;
+        fs::create_dir_all(links_dir(root))?;
+        let pins: Vec<(&str, PathBuf)> = ALL_MAPS
+            .iter()
+            .map(|name| (*name, maps_dir(root).join(name)))
+            .collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
+            .load(EBPF_OBJECT)
+            .context("loading the eBPF object (are the pinned maps of another version?)")?;
+        for dir in Direction::BOTH {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(dir.program())
+                .with_context(|| format!("program {} missing", dir.program()))?
+                .try_into()?;
+            prog.load()
+                .with_context(|| format!("verifier rejected {}", dir.program()))?;
+        }
+        Ok(Datapath {
+            ebpf,
+            root: root.to_path_buf(),
+        })
+    }
+
+    /// Loads the programs with private, unpinned maps: for datapath tests
+    /// and benchmarks, which must not touch a running daemon's state.
+    pub fn load_private() -> Result<Datapath> {
+        let mut ebpf = EbpfLoader::new()
+            .load(EBPF_OBJECT)
+            .context("loading the eBPF object")?;
+        for name in [PROG_INGRESS, PROG_EGRESS, PROG_NOOP] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing"))?
+                .try_into()?;
+            prog.load()
+                .with_context(|| format!("verifier rejected {name}"))?;
+        }
+        Ok(Datapath {
+            ebpf,
+            root: PathBuf::new(),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Takes a map out of the object (each map can be taken once).
+    pub fn take_map(&mut self, name: &str) -> Result<Map> {
+        self.ebpf
+            .take_map(name)
+            .with_context(|| format!("map {name} missing or already taken"))
+    }
+
+    pub fn program(&self, name: &str) -> Result<&SchedClassifier> {
+        Ok(self
+            .ebpf
+            .program(name)
+            .with_context(|| format!("program {name} missing"))?
+            .try_into()?)
+    }
+
+    /// Attaches both programs to `dev`; a pinned link from an earlier run is
+    /// updated to the new program in place (no moment without a program).
+    pub fn attach(&mut self, dev: &Device) -> Result<()> {
+        for dir in Direction::BOTH {
+            let pin = link_pin(&self.root, dev, dir);
+            let prog: &mut SchedClassifier = self
+                .ebpf
+                .program_mut(dir.program())
+                .context("program missing")?
+                .try_into()?;
+            match PinnedLink::from_pin(&pin) {
+                Ok(old) => {
+                    let link = SchedClassifierLink::try_from(FdLink::from(old))?;
+                    prog.attach_to_link(link)
+                        .with_context(|| format!("replacing {} on {}", dir.suffix(), dev.name))?;
+                }
+                Err(_) => {
+                    let id = prog
+                        .attach_with_options(
+                            &dev.name,
+                            dir.attach_type(),
+                            TcAttachOptions::TcxOrder(LinkOrder::default()),
+                        )
+                        .with_context(|| format!("attaching {} to {}", dir.suffix(), dev.name))?;
+                    let link = prog.take_link(id)?;
+                    let link: FdLink = link.try_into()?;
+                    link.pin(&pin)
+                        .with_context(|| format!("pinning {}", pin.display()))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Devices with a pinned link of ours.
+    pub fn attached(&self) -> Result<BTreeSet<Device>> {
+        pinned_devices(&self.root)
+    }
+
+    /// Detaches from a device (or forgets a device that no longer exists).
+    pub fn detach(&mut self, dev: &Device) -> Result<()> {
+        detach_pins(&self.root, dev)
+    }
+}
+
+/// Devices named by the link pins under `root`.
+pub fn pinned_devices(root: &Path) -> Result<BTreeSet<Device>> {
+    let mut out = BTreeSet::new();
+    let entries = match fs::read_dir(links_dir(root)) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e.into()),
+    };
+    for entry in entries {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        let Some((dev, _dir)) = name.rsplit_once('.') else {
+            continue;
+        };
+        let Some((ifname, index)) = dev.rsplit_once('@') else {
+            continue;
+        };
+        if let Ok(index) = index.parse() {
+            out.insert(Device {
+                name: ifname.to_string(),
+                index,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Removes our links from `dev`: unpinning a TCX link that nothing else
+/// holds detaches it.
+pub fn detach_pins(root: &Path, dev: &Device) -> Result<()> {
+    for dir in Direction::BOTH {
+        let pin = link_pin(root, dev, dir);
+        match PinnedLink::from_pin(&pin) {
+            Ok(link) => {
+                let fd_link = link.unpin()?;
+                drop(fd_link);
+            }
+            Err(_) if !pin.exists() => {}
+            Err(_) => fs::remove_file(&pin)?,
+        }
+    }
+    Ok(())
+}
+
+/// Removes every pin (links first, so no program runs on half-removed
+/// maps) and the directory itself.
+pub fn cleanup(root: &Path) -> Result<()> {
+    for dev in pinned_devices(root)? {
+        detach_pins(root, &dev)?;
+    }
+    let maps = maps_dir(root);
+    if maps.exists() {
+        for entry in fs::read_dir(&maps)? {
+            let path = entry?.path();
+            fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
+    }
+    for dir in [links_dir(root), maps] {
+        match fs::remove_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => bail!("removing {}: {e}", dir.display()),
+        }
+    }
+    Ok(())
+}
+
+/// Opens a pinned map of a running (or stopped) daemon, for inspection.
+pub fn open_pinned(root: &Path, name: &str) -> Result<MapData> {
+    let path = maps_dir(root).join(name);
+    MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))
+}
