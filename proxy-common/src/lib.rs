@@ -97,9 +97,11 @@ pub struct SvcKey {
     pub _pad: u8,
 }
 
-/// The frontend is a NodePort: traffic to a remote backend is SNATed to this
-/// node so the reply comes back through it (externalTrafficPolicy Cluster).
-pub const SVC_F_NODEPORT: u16 = 1;
+/// The frontend is reached from outside the cluster (a NodePort, an
+/// externalIP or a load-balancer IP): traffic to a backend on another node is
+/// SNATed to this node so the reply comes back through it, as kube-proxy does
+/// for externalTrafficPolicy Cluster.
+pub const SVC_F_EXTERNAL: u16 = 1;
 
 /// Value of [`SVC_MAP`].
 #[repr(C)]

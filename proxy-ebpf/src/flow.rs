@@ -193,7 +193,7 @@ fn new_flow(
     let snat_to = if be.addr == key.saddr {
         // Hairpin: the pod would drop a packet from its own address.
         Some(config().hairpin_addr)
-    } else if svc.flags & SVC_F_NODEPORT != 0 && be.flags & BE_F_LOCAL == 0 && hook == Hook::Ingress
+    } else if svc.flags & SVC_F_EXTERNAL != 0 && be.flags & BE_F_LOCAL == 0 && hook == Hook::Ingress
     {
         // A NodePort to another node: make the reply come back through us.
         Some(route::source_for(ctx, be.addr, key.proto).unwrap_or(key.daddr))

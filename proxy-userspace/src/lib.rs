@@ -1,2 +1,4 @@
 pub mod datapath;
+pub mod lbmap;
+pub mod sync;
 pub use datapath::EBPF_OBJECT;

@@ -1,0 +1,245 @@
+//! The one narrow interface through which load-balancing state reaches the
+//! kernel: put or delete single entries of the desired-state maps, and read
+//! them all back (to adopt what a previous run left pinned).
+//!
+//! [`BpfLbMaps`] writes the real maps; [`MemLbMaps`] keeps them in memory,
+//! optionally with capacities, so the syncer is tested without root.
+
+use std::collections::BTreeMap;
+
+use aya::maps::{HashMap, MapData, MapError};
+use proxy_common::{
+    ADDR_MAP, AddrKey, AddrValue, BACKEND_MAP, Backend, BackendKey, SLOT_MAP, SVC_MAP, SlotKey,
+    SlotValue, SvcKey, SvcValue,
+};
+
+/// One entry of a desired-state map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Entry {
+    Service(SvcKey, SvcValue),
+    Slot(SlotKey, SlotValue),
+    Backend(BackendKey, Backend),
+    Addr(AddrKey, AddrValue),
+}
+
+/// The key of one entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Key {
+    Service(SvcKey),
+    Slot(SlotKey),
+    Backend(BackendKey),
+    Addr(AddrKey),
+}
+
+impl Entry {
+    pub fn key(&self) -> Key {
+        match self {
+            Entry::Service(k, _) => Key::Service(*k),
+            Entry::Slot(k, _) => Key::Slot(*k),
+            Entry::Backend(k, _) => Key::Backend(*k),
+            Entry::Addr(k, _) => Key::Addr(*k),
+        }
+    }
+}
+
+impl Key {
+    pub fn map_name(&self) -> &'static str {
+        match self {
+            Key::Service(_) => SVC_MAP,
+            Key::Slot(_) => SLOT_MAP,
+            Key::Backend(_) => BACKEND_MAP,
+            Key::Addr(_) => ADDR_MAP,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("map {map} is full")]
+    Full { map: &'static str },
+    #[error("writing map {map}: {source}")]
+    Other {
+        map: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl WriteError {
+    /// Label for the map-write-failure metric.
+    pub fn label(&self) -> &'static str {
+        match self {
+            WriteError::Full { .. } => "full",
+            WriteError::Other { .. } => "error",
+        }
+    }
+}
+
+/// Everything in the desired-state maps.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub services: BTreeMap<SvcKey, SvcValue>,
+    pub slots: BTreeMap<SlotKey, SlotValue>,
+    pub backends: BTreeMap<BackendKey, Backend>,
+    pub addrs: BTreeMap<AddrKey, AddrValue>,
+}
+
+pub trait LbMaps {
+    fn put(&mut self, entry: &Entry) -> Result<(), WriteError>;
+    /// Deleting an absent key is not an error.
+    fn delete(&mut self, key: &Key) -> Result<(), WriteError>;
+    fn snapshot(&self) -> anyhow::Result<Snapshot>;
+}
+
+/// The real maps.
+pub struct BpfLbMaps {
+    services: HashMap<MapData, SvcKey, SvcValue>,
+    slots: HashMap<MapData, SlotKey, SlotValue>,
+    backends: HashMap<MapData, BackendKey, Backend>,
+    addrs: HashMap<MapData, AddrKey, AddrValue>,
+}
+
+impl BpfLbMaps {
+    pub fn new(dp: &mut crate::datapath::Datapath) -> anyhow::Result<Self> {
+        Ok(BpfLbMaps {
+            services: HashMap::try_from(dp.take_map(SVC_MAP)?)?,
+            slots: HashMap::try_from(dp.take_map(SLOT_MAP)?)?,
+            backends: HashMap::try_from(dp.take_map(BACKEND_MAP)?)?,
+            addrs: HashMap::try_from(dp.take_map(ADDR_MAP)?)?,
+        })
+    }
+}
+
+fn write_error(map: &'static str, e: MapError) -> WriteError {
+    match e {
+        MapError::SyscallError(s) => {
+            // The kernel answers E2BIG when a hash map has max_entries
+            // elements, ENOMEM when it cannot allocate one.
+            match s.io_error.raw_os_error() {
+                Some(libc::E2BIG) | Some(libc::ENOMEM) => WriteError::Full { map },
+                _ => WriteError::Other {
+                    map,
+                    source: s.io_error,
+                },
+            }
+        }
+        other => WriteError::Other {
+            map,
+            source: std::io::Error::other(other.to_string()),
+        },
+    }
+}
+
+fn ignore_missing(map: &'static str, r: Result<(), MapError>) -> Result<(), WriteError> {
+    match r {
+        Ok(()) => Ok(()),
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(e) => Err(write_error(map, e)),
+    }
+}
+
+fn collect<K: aya::Pod + Ord, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+) -> anyhow::Result<BTreeMap<K, V>> {
+    let mut out = BTreeMap::new();
+    for item in map.iter() {
+        let (k, v) = item?;
+        out.insert(k, v);
+    }
+    Ok(out)
+}
+
+impl LbMaps for BpfLbMaps {
+    fn put(&mut self, entry: &Entry) -> Result<(), WriteError> {
+        let map = entry.key().map_name();
+        match entry {
+            Entry::Service(k, v) => self.services.insert(k, v, 0),
+            Entry::Slot(k, v) => self.slots.insert(k, v, 0),
+            Entry::Backend(k, v) => self.backends.insert(k, v, 0),
+            Entry::Addr(k, v) => self.addrs.insert(k, v, 0),
+        }
+        .map_err(|e| write_error(map, e))
+    }
+
+    fn delete(&mut self, key: &Key) -> Result<(), WriteError> {
+        let map = key.map_name();
+        let r = match key {
+            Key::Service(k) => self.services.remove(k),
+            Key::Slot(k) => self.slots.remove(k),
+            Key::Backend(k) => self.backends.remove(k),
+            Key::Addr(k) => self.addrs.remove(k),
+        };
+        ignore_missing(map, r)
+    }
+
+    fn snapshot(&self) -> anyhow::Result<Snapshot> {
+        Ok(Snapshot {
+            services: collect(&self.services)?,
+            slots: collect(&self.slots)?,
+            backends: collect(&self.backends)?,
+            addrs: collect(&self.addrs)?,
+        })
+    }
+}
+
+/// In-memory maps with optional capacities, for tests.
+#[derive(Clone, Debug, Default)]
+pub struct MemLbMaps {
+    pub state: Snapshot,
+    /// Capacity per map name; absent means unlimited.
+    pub capacity: BTreeMap<&'static str, usize>,
+    /// Every write, in order, for tests that check ordering.
+    pub log: Vec<String>,
+}
+
+impl MemLbMaps {
+    fn check(&self, map: &'static str, len: usize, exists: bool) -> Result<(), WriteError> {
+        match self.capacity.get(map) {
+            Some(cap) if !exists && len >= *cap => Err(WriteError::Full { map }),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl LbMaps for MemLbMaps {
+    fn put(&mut self, entry: &Entry) -> Result<(), WriteError> {
+        let map = entry.key().map_name();
+        let s = &self.state;
+        match entry {
+            Entry::Service(k, _) => {
+                self.check(map, s.services.len(), s.services.contains_key(k))?
+            }
+            Entry::Slot(k, _) => self.check(map, s.slots.len(), s.slots.contains_key(k))?,
+            Entry::Backend(k, _) => {
+                self.check(map, s.backends.len(), s.backends.contains_key(k))?
+            }
+            Entry::Addr(k, _) => self.check(map, s.addrs.len(), s.addrs.contains_key(k))?,
+        }
+        let s = &mut self.state;
+        match entry {
+            Entry::Service(k, v) => s.services.insert(*k, *v).is_some(),
+            Entry::Slot(k, v) => s.slots.insert(*k, *v).is_some(),
+            Entry::Backend(k, v) => s.backends.insert(*k, *v).is_some(),
+            Entry::Addr(k, v) => s.addrs.insert(*k, *v).is_some(),
+        };
+        self.log.push(format!("put {entry:?}"));
+        Ok(())
+    }
+
+    fn delete(&mut self, key: &Key) -> Result<(), WriteError> {
+        let s = &mut self.state;
+        match key {
+            Key::Service(k) => s.services.remove(k).is_some(),
+            Key::Slot(k) => s.slots.remove(k).is_some(),
+            Key::Backend(k) => s.backends.remove(k).is_some(),
+            Key::Addr(k) => s.addrs.remove(k).is_some(),
+        };
+        self.log.push(format!("delete {key:?}"));
+        Ok(())
+    }
+
+    fn snapshot(&self) -> anyhow::Result<Snapshot> {
+        Ok(self.state.clone())
+    }
+}

@@ -1,0 +1,674 @@
+//! Turning desired frontends into map entries, incrementally.
+//!
+//! The syncer mirrors what it wrote, so a sync touches only frontends whose
+//! backends or flags changed. A changed backend set is written as slots of a
+//! new generation and published by one update of the service entry; a packet
+//! therefore sees the old set or the new one, never a mix. A write that fails
+//! (a full map) is rolled back for that frontend, which keeps its previous
+//! state, and is reported; other frontends are unaffected.
+//!
+//! On start the syncer adopts what a previous run left in the pinned maps
+//! ([`Syncer::adopt`]): entries that are still right stay untouched, so a
+//! restart does not disturb traffic; stale ones are removed.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use proxy_common::{
+    ADDR_NODE, ADDR_VIP, AddrKey, AddrValue, Backend, BackendKey, SlotKey, SlotValue, SvcKey,
+    SvcValue,
+};
+
+use crate::lbmap::{Entry, Key, LbMaps, WriteError};
+
+/// What one frontend should do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendWant {
+    /// `namespace/name:port` (for logs, metrics and inspection).
+    pub name: String,
+    /// `SVC_F_*`.
+    pub flags: u16,
+    /// Backends in slot order (each gets one slot).
+    pub backends: Vec<Backend>,
+    /// The frontend's address is a VIP (a ClusterIP, externalIP or LB IP);
+    /// NodePorts (address 0.0.0.0) are not.
+    pub vip: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub frontends: BTreeMap<SvcKey, FrontendWant>,
+    /// Addresses NodePorts answer on.
+    pub node_addrs: BTreeSet<[u8; 4]>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Programmed {
+    svc_id: u32,
+    generation: u16,
+    flags: u16,
+    backend_ids: Vec<u32>,
+}
+
+/// What a sync did.
+#[derive(Debug, Default)]
+pub struct SyncReport {
+    /// Frontends written (created or changed).
+    pub frontends_written: usize,
+    pub frontends_removed: usize,
+    /// Individual map writes and deletes.
+    pub writes: usize,
+    /// Frontends that could not be written, and why.
+    pub failed: Vec<(String, WriteError)>,
+}
+
+pub struct Syncer<M: LbMaps> {
+    maps: M,
+    frontends: BTreeMap<SvcKey, Programmed>,
+    names: BTreeMap<u32, String>,
+    backend_ids: BTreeMap<Backend, u32>,
+    backends: BTreeMap<u32, Backend>,
+    refs: BTreeMap<u32, usize>,
+    addrs: BTreeMap<AddrKey, AddrValue>,
+    /// Entries found at adoption that nothing refers to.
+    garbage: Vec<Key>,
+    next_svc_id: u32,
+    next_backend_id: u32,
+}
+
+/// Most slots a frontend can have (the slot index is a u16).
+pub const MAX_BACKENDS: usize = u16::MAX as usize;
+
+impl<M: LbMaps> Syncer<M> {
+    /// Starts from what is in the maps already.
+    pub fn adopt(maps: M) -> anyhow::Result<Self> {
+        let snap = maps.snapshot()?;
+        let mut s = Syncer {
+            maps,
+            frontends: BTreeMap::new(),
+            names: BTreeMap::new(),
+            backend_ids: BTreeMap::new(),
+            backends: BTreeMap::new(),
+            refs: BTreeMap::new(),
+            addrs: snap.addrs.clone(),
+            garbage: Vec::new(),
+            next_svc_id: 1,
+            next_backend_id: 1,
+        };
+        for (k, b) in &snap.backends {
+            s.backends.insert(k.backend_id, *b);
+            s.refs.insert(k.backend_id, 0);
+            // Two ids for one backend (should not happen): the later one is
+            // garbage once unreferenced.
+            s.backend_ids.entry(*b).or_insert(k.backend_id);
+            s.next_backend_id = s.next_backend_id.max(k.backend_id + 1);
+        }
+        let mut live_slots = BTreeSet::new();
+        for (key, v) in &snap.services {
+            s.next_svc_id = s.next_svc_id.max(v.svc_id + 1);
+            // A hole (missing slot or backend) becomes u32::MAX, which never
+            // matches a wanted backend: the frontend is rewritten at the next
+            // sync, and its old slots are deleted then.
+            let mut ids = Vec::with_capacity(v.count as usize);
+            for slot in 0..v.count {
+                let sk = SlotKey {
+                    svc_id: v.svc_id,
+                    generation: v.generation,
+                    slot,
+                };
+                match snap.slots.get(&sk) {
+                    Some(sv) if s.backends.contains_key(&sv.backend_id) => {
+                        ids.push(sv.backend_id);
+                        *s.refs.entry(sv.backend_id).or_default() += 1;
+                        live_slots.insert(sk);
+                    }
+                    _ => ids.push(u32::MAX),
+                }
+            }
+            s.frontends.insert(
+                *key,
+                Programmed {
+                    svc_id: v.svc_id,
+                    generation: v.generation,
+                    flags: v.flags,
+                    backend_ids: ids,
+                },
+            );
+        }
+        for sk in snap.slots.keys() {
+            if !live_slots.contains(sk) {
+                s.garbage.push(Key::Slot(*sk));
+            }
+        }
+        Ok(s)
+    }
+
+    pub fn maps(&self) -> &M {
+        &self.maps
+    }
+
+    pub fn maps_mut(&mut self) -> &mut M {
+        &mut self.maps
+    }
+
+    /// Names of the service ports by id, for counters and inspection.
+    pub fn names(&self) -> &BTreeMap<u32, String> {
+        &self.names
+    }
+
+    /// Number of frontends programmed.
+    pub fn frontend_count(&self) -> usize {
+        self.frontends.len()
+    }
+
+    pub fn sync(&mut self, desired: &Desired) -> SyncReport {
+        let mut report = SyncReport::default();
+        for (key, want) in &desired.frontends {
+            if self.is_current(key, want) {
+                if let Some(p) = self.frontends.get(key) {
+                    self.names.insert(p.svc_id, want.name.clone());
+                }
+                continue;
+            }
+            match self.write_frontend(key, want, &mut report.writes) {
+                Ok(()) => report.frontends_written += 1,
+                Err(e) => report.failed.push((want.name.clone(), e)),
+            }
+        }
+        let stale: Vec<SvcKey> = self
+            .frontends
+            .keys()
+            .filter(|k| !desired.frontends.contains_key(k))
+            .copied()
+            .collect();
+        for key in stale {
+            self.remove_frontend(&key, &mut report.writes);
+            report.frontends_removed += 1;
+        }
+        self.sync_addrs(desired, &mut report);
+        self.collect_garbage(&mut report.writes);
+        report
+    }
+
+    fn is_current(&self, key: &SvcKey, want: &FrontendWant) -> bool {
+        let Some(p) = self.frontends.get(key) else {
+            return false;
+        };
+        p.flags == want.flags
+            && p.backend_ids.len() == want.backends.len()
+            && p.backend_ids
+                .iter()
+                .zip(&want.backends)
+                .all(|(id, b)| self.backends.get(id) == Some(b))
+    }
+
+    fn write_frontend(
+        &mut self,
+        key: &SvcKey,
+        want: &FrontendWant,
+        writes: &mut usize,
+    ) -> Result<(), WriteError> {
+        let backends = &want.backends[..want.backends.len().min(MAX_BACKENDS)];
+        // Backends first: a slot must never point at a missing backend.
+        let mut created = Vec::new();
+        let mut ids = Vec::with_capacity(backends.len());
+        for b in backends {
+            let id = match self.backend_ids.get(b) {
+                Some(id) => *id,
+                None => {
+                    let id = self.next_backend_id;
+                    let entry = Entry::Backend(BackendKey { backend_id: id }, *b);
+                    if let Err(e) = self.maps.put(&entry) {
+                        self.undo(&created, &[], writes);
+                        return Err(e);
+                    }
+                    *writes += 1;
+                    self.next_backend_id += 1;
+                    self.backend_ids.insert(*b, id);
+                    self.backends.insert(id, *b);
+                    self.refs.insert(id, 0);
+                    created.push(id);
+                    id
+                }
+            };
+            ids.push(id);
+        }
+
+        let old = self.frontends.get(key).cloned();
+        let (svc_id, generation) = match &old {
+            Some(p) => (p.svc_id, p.generation.wrapping_add(1)),
+            None => (self.next_svc_id, 0),
+        };
+        let mut slots = Vec::with_capacity(ids.len());
+        for (i, id) in ids.iter().enumerate() {
+            let sk = SlotKey {
+                svc_id,
+                generation,
+                slot: i as u16,
+            };
+            if let Err(e) = self
+                .maps
+                .put(&Entry::Slot(sk, SlotValue { backend_id: *id }))
+            {
+                self.undo(&created, &slots, writes);
+                return Err(e);
+            }
+            *writes += 1;
+            slots.push(sk);
+        }
+        let value = SvcValue {
+            svc_id,
+            generation,
+            count: ids.len() as u16,
+            flags: want.flags,
+            _pad: [0; 2],
+        };
+        // The switch: from here on packets use the new slots.
+        if let Err(e) = self.maps.put(&Entry::Service(*key, value)) {
+            self.undo(&created, &slots, writes);
+            return Err(e);
+        }
+        *writes += 1;
+        if old.is_none() {
+            self.next_svc_id += 1;
+        }
+        for id in &ids {
+            *self.refs.entry(*id).or_default() += 1;
+        }
+        if let Some(old) = old {
+            self.release(&old, writes);
+        }
+        self.names.insert(svc_id, want.name.clone());
+        self.frontends.insert(
+            *key,
+            Programmed {
+                svc_id,
+                generation,
+                flags: want.flags,
+                backend_ids: ids,
+            },
+        );
+        Ok(())
+    }
+
+    /// Rolls back a frontend write that failed before its switch.
+    fn undo(&mut self, created: &[u32], slots: &[SlotKey], writes: &mut usize) {
+        for sk in slots {
+            if self.maps.delete(&Key::Slot(*sk)).is_ok() {
+                *writes += 1;
+            }
+        }
+        for id in created {
+            if self
+                .maps
+                .delete(&Key::Backend(BackendKey { backend_id: *id }))
+                .is_ok()
+            {
+                *writes += 1;
+            }
+            if let Some(b) = self.backends.remove(id) {
+                self.backend_ids.remove(&b);
+            }
+            self.refs.remove(id);
+        }
+    }
+
+    /// Deletes the slots of a generation no longer in use and drops its
+    /// backend references; unreferenced backends go in collect_garbage.
+    fn release(&mut self, old: &Programmed, writes: &mut usize) {
+        for slot in 0..old.backend_ids.len() {
+            let sk = SlotKey {
+                svc_id: old.svc_id,
+                generation: old.generation,
+                slot: slot as u16,
+            };
+            if self.maps.delete(&Key::Slot(sk)).is_ok() {
+                *writes += 1;
+            }
+        }
+        for id in &old.backend_ids {
+            if let Some(r) = self.refs.get_mut(id) {
+                *r = r.saturating_sub(1);
+            }
+        }
+    }
+
+    fn remove_frontend(&mut self, key: &SvcKey, writes: &mut usize) {
+        let Some(old) = self.frontends.remove(key) else {
+            return;
+        };
+        // The service entry first: no new flow may pick a slot being
+        // deleted.
+        if self.maps.delete(&Key::Service(*key)).is_ok() {
+            *writes += 1;
+        }
+        self.release(&old, writes);
+        self.names.remove(&old.svc_id);
+    }
+
+    fn sync_addrs(&mut self, desired: &Desired, report: &mut SyncReport) {
+        let mut want: BTreeMap<AddrKey, AddrValue> = BTreeMap::new();
+        for addr in &desired.node_addrs {
+            want.insert(AddrKey { addr: *addr }, class(ADDR_NODE));
+        }
+        // Only frontends that made it into the maps make their address a
+        // VIP; a VIP wins over a node address.
+        for (key, w) in &desired.frontends {
+            if w.vip && self.frontends.contains_key(key) {
+                want.insert(AddrKey { addr: key.addr }, class(ADDR_VIP));
+            }
+        }
+        for (k, v) in &want {
+            if self.addrs.get(k) == Some(v) {
+                continue;
+            }
+            match self.maps.put(&Entry::Addr(*k, *v)) {
+                Ok(()) => {
+                    report.writes += 1;
+                    self.addrs.insert(*k, *v);
+                }
+                Err(e) => report
+                    .failed
+                    .push((format!("address {}", std::net::Ipv4Addr::from(k.addr)), e)),
+            }
+        }
+        let stale: Vec<AddrKey> = self
+            .addrs
+            .keys()
+            .filter(|k| !want.contains_key(k))
+            .copied()
+            .collect();
+        for k in stale {
+            if self.maps.delete(&Key::Addr(k)).is_ok() {
+                report.writes += 1;
+                self.addrs.remove(&k);
+            }
+        }
+    }
+
+    fn collect_garbage(&mut self, writes: &mut usize) {
+        for key in std::mem::take(&mut self.garbage) {
+            if self.maps.delete(&key).is_ok() {
+                *writes += 1;
+            }
+        }
+        let unused: Vec<u32> = self
+            .refs
+            .iter()
+            .filter(|(_, r)| **r == 0)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in unused {
+            if self
+                .maps
+                .delete(&Key::Backend(BackendKey { backend_id: id }))
+                .is_ok()
+            {
+                *writes += 1;
+                self.refs.remove(&id);
+                if let Some(b) = self.backends.remove(&id) {
+                    if self.backend_ids.get(&b) == Some(&id) {
+                        self.backend_ids.remove(&b);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn class(class: u8) -> AddrValue {
+    AddrValue {
+        class,
+        _pad: [0; 3],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proxy_common::{IPPROTO_TCP, SVC_F_EXTERNAL};
+
+    use super::*;
+    use crate::lbmap::MemLbMaps;
+
+    fn be(last: u8, port: u16) -> Backend {
+        Backend {
+            addr: [10, 244, 1, last],
+            port: port.to_be_bytes(),
+            proto: IPPROTO_TCP,
+            flags: 0,
+        }
+    }
+
+    fn key(last: u8, port: u16) -> SvcKey {
+        SvcKey {
+            addr: [10, 96, 0, last],
+            port: port.to_be_bytes(),
+            proto: IPPROTO_TCP,
+            _pad: 0,
+        }
+    }
+
+    fn want(name: &str, backends: &[Backend]) -> FrontendWant {
+        FrontendWant {
+            name: name.into(),
+            flags: 0,
+            backends: backends.to_vec(),
+            vip: true,
+        }
+    }
+
+    fn desired(items: &[(SvcKey, FrontendWant)]) -> Desired {
+        Desired {
+            frontends: items.iter().cloned().collect(),
+            node_addrs: BTreeSet::from([[192, 168, 200, 11]]),
+        }
+    }
+
+    /// Backends a new flow to `k` can pick, read from the maps the way the
+    /// datapath does: service entry, slots of its generation, backends.
+    fn datapath_view(m: &MemLbMaps, k: &SvcKey) -> Option<Vec<Backend>> {
+        let s = &m.state;
+        let v = s.services.get(k)?;
+        Some(
+            (0..v.count)
+                .map(|slot| {
+                    let sk = SlotKey {
+                        svc_id: v.svc_id,
+                        generation: v.generation,
+                        slot,
+                    };
+                    let id = s.slots[&sk].backend_id;
+                    s.backends[&BackendKey { backend_id: id }]
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn first_sync_writes_everything_and_second_nothing() {
+        let mut s = Syncer::adopt(MemLbMaps::default()).unwrap();
+        let d = desired(&[
+            (key(1, 80), want("a", &[be(1, 8080), be(2, 8080)])),
+            (key(2, 53), want("b", &[be(3, 53)])),
+        ]);
+        let r = s.sync(&d);
+        assert!(r.failed.is_empty());
+        assert_eq!(r.frontends_written, 2);
+        let m = s.maps();
+        assert_eq!(
+            datapath_view(m, &key(1, 80)).unwrap(),
+            vec![be(1, 8080), be(2, 8080)]
+        );
+        assert_eq!(datapath_view(m, &key(2, 53)).unwrap(), vec![be(3, 53)]);
+        assert_eq!(
+            m.state.addrs[&AddrKey {
+                addr: [10, 96, 0, 1]
+            }]
+                .class,
+            ADDR_VIP
+        );
+        assert_eq!(
+            m.state.addrs[&AddrKey {
+                addr: [192, 168, 200, 11]
+            }]
+                .class,
+            ADDR_NODE
+        );
+        let r = s.sync(&d);
+        assert_eq!(r.writes, 0, "an unchanged state must not be rewritten");
+    }
+
+    #[test]
+    fn a_change_touches_only_its_frontend_and_swaps_generations() {
+        let mut s = Syncer::adopt(MemLbMaps::default()).unwrap();
+        s.sync(&desired(&[
+            (key(1, 80), want("a", &[be(1, 8080), be(2, 8080)])),
+            (key(2, 80), want("b", &[be(3, 8080)])),
+        ]));
+        let before = s.maps().state.services[&key(1, 80)];
+        s.maps_mut().log.clear();
+        let r = s.sync(&desired(&[
+            (key(1, 80), want("a", &[be(2, 8080), be(4, 8080)])),
+            (key(2, 80), want("b", &[be(3, 8080)])),
+        ]));
+        assert_eq!(r.frontends_written, 1);
+        let m = s.maps();
+        let after = m.state.services[&key(1, 80)];
+        assert_eq!(after.svc_id, before.svc_id);
+        assert_eq!(after.generation, before.generation + 1);
+        assert_eq!(
+            datapath_view(m, &key(1, 80)).unwrap(),
+            vec![be(2, 8080), be(4, 8080)]
+        );
+        // Old generation gone, backend 1 (unreferenced) gone, backend 2 kept.
+        assert!(
+            m.state
+                .slots
+                .keys()
+                .all(|k| k.svc_id != before.svc_id || k.generation == after.generation)
+        );
+        assert!(!m.state.backends.values().any(|b| *b == be(1, 8080)));
+        assert!(
+            m.log.iter().all(|l| !l.contains("10, 96, 0, 2")),
+            "b was touched: {:?}",
+            m.log
+        );
+        // The new backend and the new slots were written before the switch,
+        // and the old slots deleted after it.
+        let switch = m
+            .log
+            .iter()
+            .position(|l| l.starts_with("put Service"))
+            .unwrap();
+        assert!(
+            m.log[..switch]
+                .iter()
+                .all(|l| l.starts_with("put Backend") || l.starts_with("put Slot"))
+        );
+        assert!(m.log[switch + 1..].iter().all(|l| l.starts_with("delete")));
+    }
+
+    #[test]
+    fn removal_deletes_service_slots_unshared_backends_and_vip() {
+        let mut s = Syncer::adopt(MemLbMaps::default()).unwrap();
+        s.sync(&desired(&[
+            (key(1, 80), want("a", &[be(1, 8080), be(2, 8080)])),
+            (key(2, 80), want("b", &[be(2, 8080)])),
+        ]));
+        let r = s.sync(&desired(&[(key(2, 80), want("b", &[be(2, 8080)]))]));
+        assert_eq!(r.frontends_removed, 1);
+        let m = &s.maps().state;
+        assert!(!m.services.contains_key(&key(1, 80)));
+        assert_eq!(m.slots.len(), 1);
+        assert_eq!(
+            m.backends.values().copied().collect::<Vec<_>>(),
+            vec![be(2, 8080)]
+        );
+        assert!(!m.addrs.contains_key(&AddrKey {
+            addr: [10, 96, 0, 1]
+        }));
+    }
+
+    #[test]
+    fn a_full_map_leaves_the_old_state_and_other_frontends_alone() {
+        let mut maps = MemLbMaps::default();
+        maps.capacity.insert(proxy_common::SLOT_MAP, 4);
+        let mut s = Syncer::adopt(maps).unwrap();
+        s.sync(&desired(&[(
+            key(1, 80),
+            want("a", &[be(1, 8080), be(2, 8080)]),
+        )]));
+        let before = s.maps().state.clone();
+        // a would need 3 more slots next to its 2 old ones; c fits in 1.
+        let r = s.sync(&desired(&[
+            (
+                key(1, 80),
+                want("a", &[be(1, 8080), be(2, 8080), be(3, 8080)]),
+            ),
+            (key(3, 80), want("c", &[be(1, 8080)])),
+        ]));
+        assert_eq!(r.failed.len(), 1);
+        assert_eq!(r.failed[0].0, "a");
+        assert_eq!(r.failed[0].1.label(), "full");
+        let m = s.maps();
+        assert_eq!(m.state.services[&key(1, 80)], before.services[&key(1, 80)]);
+        assert_eq!(
+            datapath_view(m, &key(1, 80)).unwrap(),
+            vec![be(1, 8080), be(2, 8080)]
+        );
+        assert_eq!(datapath_view(m, &key(3, 80)).unwrap(), vec![be(1, 8080)]);
+        assert!(
+            !m.state.backends.values().any(|b| *b == be(3, 8080)),
+            "rolled back"
+        );
+        assert_eq!(m.state.slots.len(), 3);
+    }
+
+    #[test]
+    fn adopting_pinned_state_rewrites_nothing_and_removes_stale_entries() {
+        let d = desired(&[
+            (key(1, 80), want("a", &[be(1, 8080), be(2, 8080)])),
+            (
+                SvcKey {
+                    addr: [0; 4],
+                    ..key(0, 30080)
+                },
+                FrontendWant {
+                    flags: SVC_F_EXTERNAL,
+                    vip: false,
+                    ..want("a", &[be(1, 8080)])
+                },
+            ),
+        ]);
+        let mut first = Syncer::adopt(MemLbMaps::default()).unwrap();
+        first.sync(&d);
+        let mut maps = first.maps().clone();
+        // Leftovers of a crash: a slot of an abandoned generation and an
+        // orphan backend.
+        maps.state.slots.insert(
+            SlotKey {
+                svc_id: 1,
+                generation: 7,
+                slot: 0,
+            },
+            SlotValue { backend_id: 1 },
+        );
+        maps.state
+            .backends
+            .insert(BackendKey { backend_id: 99 }, be(99, 1));
+        maps.log.clear();
+        let mut second = Syncer::adopt(maps).unwrap();
+        let r = second.sync(&d);
+        assert_eq!(r.frontends_written, 0);
+        let m = second.maps();
+        assert!(m.log.iter().all(|l| l.starts_with("delete")), "{:?}", m.log);
+        assert_eq!(r.writes, 2);
+        assert_eq!(m.state, first.maps().state);
+    }
+
+    #[test]
+    fn no_ready_endpoint_is_a_service_with_zero_slots() {
+        let mut s = Syncer::adopt(MemLbMaps::default()).unwrap();
+        s.sync(&desired(&[(key(1, 80), want("a", &[]))]));
+        assert_eq!(s.maps().state.services[&key(1, 80)].count, 0);
+    }
+}
