@@ -56,7 +56,7 @@ pub fn handle(ctx: &TcContext, hook: Hook, ip: &Ipv4) -> Result<i32, i32> {
     if hook == Hook::Ingress && class != ADDR_VIP {
         // SAFETY: copied out at once.
         if let Some(rev) = unsafe { KEP_RNAT_V1.get(key) }.copied() {
-            return Ok(translate(ctx, hook, ip, &ports, &rev, Counter::Reply)?);
+            return translate(ctx, ip, &ports, &rev, Counter::Reply);
         }
         if class == 0 {
             return pass;
@@ -71,7 +71,7 @@ pub fn handle(ctx: &TcContext, hook: Hook, ip: &Ipv4) -> Result<i32, i32> {
             if ports.is_closing() && fwd.flags & NAT_F_CLOSING == 0 {
                 unsafe { (*entry).flags |= NAT_F_CLOSING };
             }
-            return Ok(translate(ctx, hook, ip, &ports, &fwd, Counter::Forward)?);
+            return translate(ctx, ip, &ports, &fwd, Counter::Forward);
         }
     }
     if !ports.has_l4 {
@@ -226,7 +226,7 @@ fn new_flow(
         .insert(*key, fwd, 0)
         .map_err(|_| drop_packet(Counter::DropMapError))?;
     count(Counter::NewFlow);
-    translate(ctx, hook, ip, ports, &fwd, Counter::Forward)
+    translate(ctx, ip, ports, &fwd, Counter::Forward)
 }
 
 /// Picks a source port for SNAT that no other flow from `src` to this
@@ -259,7 +259,6 @@ fn snat_port(src: [u8; 4], be: &Backend, proto: u8, rev: &NatEntry) -> Result<[u
 #[inline(always)]
 fn translate(
     ctx: &TcContext,
-    hook: Hook,
     ip: &Ipv4,
     ports: &Ports,
     to: &NatEntry,
@@ -270,5 +269,5 @@ fn translate(
     }
     nat::rewrite(ctx, ip, ports, to)?;
     count(counter);
-    Ok(route::forward(ctx, to, ip.proto, hook))
+    Ok(route::forward(ctx, to, ip.proto))
 }

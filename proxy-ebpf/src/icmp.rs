@@ -8,7 +8,6 @@ use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use proxy_common::{Counter, IPPROTO_TCP, IPPROTO_UDP, NatEntry};
 
 use crate::{
-    Hook,
     maps::{KEP_RNAT_V1, count},
     nat::fold,
     packet::{IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, Ipv4, bytes},
@@ -89,7 +88,7 @@ pub fn translate_error(ctx: &TcContext, ip: &Ipv4) -> Result<i32, i32> {
         daddr: rev.daddr,
         ..rev
     };
-    Ok(route::forward(ctx, &to, ip.proto, Hook::Ingress))
+    Ok(route::forward(ctx, &to, ip.proto))
 }
 
 #[inline(always)]

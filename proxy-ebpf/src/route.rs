@@ -11,15 +11,13 @@ use core::mem::{size_of, zeroed};
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT,
-        BPF_FIB_LOOKUP_SRC, TC_ACT_OK, bpf_fib_lookup as FibParams,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SRC, TC_ACT_OK,
+        bpf_fib_lookup as FibParams,
     },
     helpers::generated::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
 use proxy_common::NatEntry;
-
-use crate::Hook;
 
 const AF_INET: u8 = 2;
 
@@ -47,12 +45,12 @@ fn lookup(ctx: &TcContext, src: [u8; 4], dst: [u8; 4], proto: u8, flags: u32) ->
 /// egress of the device the FIB names, or to the stack when the destination
 /// is local or the FIB has no answer.
 #[inline(always)]
-pub fn forward(ctx: &TcContext, to: &NatEntry, proto: u8, hook: Hook) -> i32 {
-    let flags = match hook {
-        Hook::Ingress => 0,
-        Hook::Egress => BPF_FIB_LOOKUP_OUTPUT,
-    };
-    let (rc, p) = lookup(ctx, to.saddr, to.daddr, proto, flags);
+pub fn forward(ctx: &TcContext, to: &NatEntry, proto: u8) -> i32 {
+    // An input-style lookup from the device the packet is on, also on
+    // egress: an output lookup would be pinned to that device (the kernel
+    // takes `ifindex` as the output interface), and a local process's packet
+    // may have to leave by another one.
+    let (rc, p) = lookup(ctx, to.saddr, to.daddr, proto, 0);
     match rc as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => {
             let mut macs = [0u8; 12];
@@ -78,13 +76,7 @@ pub fn forward(ctx: &TcContext, to: &NatEntry, proto: u8, hook: Hook) -> i32 {
 /// masquerading NAT picks for SNAT.
 #[inline(always)]
 pub fn source_for(ctx: &TcContext, dst: [u8; 4], proto: u8) -> Option<[u8; 4]> {
-    let (rc, p) = lookup(
-        ctx,
-        [0; 4],
-        dst,
-        proto,
-        BPF_FIB_LOOKUP_OUTPUT | BPF_FIB_LOOKUP_SRC,
-    );
+    let (rc, p) = lookup(ctx, [0; 4], dst, proto, BPF_FIB_LOOKUP_SRC);
     // SAFETY: reading the union member the kernel filled for AF_INET.
     let src = unsafe { p.__bindgen_anon_3.ipv4_src };
     if (rc as u32 == BPF_FIB_LKUP_RET_SUCCESS || rc as u32 == BPF_FIB_LKUP_RET_NO_NEIGH) && src != 0

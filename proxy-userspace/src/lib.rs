@@ -1,4 +1,5 @@
 pub mod datapath;
 pub mod lbmap;
+pub mod pktgen;
 pub mod sync;
 pub use datapath::EBPF_OBJECT;

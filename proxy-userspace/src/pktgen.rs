@@ -1,0 +1,294 @@
+//! Building and checking raw Ethernet/IPv4 packets, for the datapath tests
+//! (BPF_PROG_TEST_RUN) and the datapath benchmark.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+pub const TCP: u8 = 6;
+pub const UDP: u8 = 17;
+pub const ICMP: u8 = 1;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_PSH: u8 = 0x08;
+pub const TCP_ACK: u8 = 0x10;
+
+pub const SRC_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+pub const DST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+
+/// RFC 1071 internet checksum of `data`, as the value to store (big endian).
+pub fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    for chunk in data.chunks(2) {
+        let word = if chunk.len() == 2 {
+            u16::from_be_bytes([chunk[0], chunk[1]])
+        } else {
+            u16::from_be_bytes([chunk[0], 0])
+        };
+        sum += word as u32;
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn pseudo_header(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, len: usize) -> Vec<u8> {
+    let mut p = Vec::with_capacity(12);
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    p.push(0);
+    p.push(proto);
+    p.extend_from_slice(&(len as u16).to_be_bytes());
+    p
+}
+
+/// A packet description; [`Pkt::build`] turns it into bytes with correct
+/// checksums.
+#[derive(Clone, Debug)]
+pub struct Pkt {
+    pub src: SocketAddrV4,
+    pub dst: SocketAddrV4,
+    pub proto: u8,
+    pub tcp_flags: u8,
+    pub ip_options: Vec<u8>,
+    pub payload: Vec<u8>,
+    pub ip_id: u16,
+    /// Fragment offset in 8-byte units.
+    pub frag_offset: u16,
+    pub more_fragments: bool,
+    /// Send UDP with checksum 0 ("none").
+    pub udp_no_checksum: bool,
+}
+
+impl Pkt {
+    pub fn tcp(src: SocketAddrV4, dst: SocketAddrV4, flags: u8) -> Pkt {
+        Pkt {
+            src,
+            dst,
+            proto: TCP,
+            tcp_flags: flags,
+            ip_options: Vec::new(),
+            payload: Vec::new(),
+            ip_id: 0x1234,
+            frag_offset: 0,
+            more_fragments: false,
+            udp_no_checksum: false,
+        }
+    }
+
+    pub fn udp(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Pkt {
+        Pkt {
+            proto: UDP,
+            tcp_flags: 0,
+            payload: payload.to_vec(),
+            ..Pkt::tcp(src, dst, 0)
+        }
+    }
+
+    fn l4(&self) -> Vec<u8> {
+        let (s, d) = (self.src.port().to_be_bytes(), self.dst.port().to_be_bytes());
+        let mut l4 = Vec::new();
+        match self.proto {
+            TCP => {
+                l4.extend_from_slice(&s);
+                l4.extend_from_slice(&d);
+                l4.extend_from_slice(&1000u32.to_be_bytes()); // seq
+                l4.extend_from_slice(&0u32.to_be_bytes()); // ack
+                l4.push(5 << 4);
+                l4.push(self.tcp_flags);
+                l4.extend_from_slice(&64240u16.to_be_bytes());
+                l4.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent
+                l4.extend_from_slice(&self.payload);
+                let mut sum_input = pseudo_header(*self.src.ip(), *self.dst.ip(), TCP, l4.len());
+                sum_input.extend_from_slice(&l4);
+                let c = checksum(&sum_input);
+                l4[16..18].copy_from_slice(&c.to_be_bytes());
+            }
+            UDP => {
+                let len = 8 + self.payload.len();
+                l4.extend_from_slice(&s);
+                l4.extend_from_slice(&d);
+                l4.extend_from_slice(&(len as u16).to_be_bytes());
+                l4.extend_from_slice(&[0, 0]);
+                l4.extend_from_slice(&self.payload);
+                if !self.udp_no_checksum {
+                    let mut sum_input = pseudo_header(*self.src.ip(), *self.dst.ip(), UDP, len);
+                    sum_input.extend_from_slice(&l4);
+                    let c = match checksum(&sum_input) {
+                        0 => 0xffff,
+                        c => c,
+                    };
+                    l4[6..8].copy_from_slice(&c.to_be_bytes());
+                }
+            }
+            _ => l4.extend_from_slice(&self.payload),
+        }
+        l4
+    }
+
+    /// The IP payload: the whole L4 segment (use [`Pkt::build_with_payload`]
+    /// to send a slice of it as a fragment).
+    pub fn ip_payload(&self) -> Vec<u8> {
+        self.l4()
+    }
+
+    pub fn build(&self) -> Vec<u8> {
+        self.build_with_payload(&self.l4())
+    }
+
+    /// Builds the Ethernet + IPv4 headers around `payload` (an L4 segment
+    /// or a fragment of one).
+    pub fn build_with_payload(&self, payload: &[u8]) -> Vec<u8> {
+        ipv4_frame(
+            *self.src.ip(),
+            *self.dst.ip(),
+            self.proto,
+            &self.ip_options,
+            self.ip_id,
+            self.frag_offset,
+            self.more_fragments,
+            payload,
+        )
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn ipv4_frame(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: u8,
+    options: &[u8],
+    id: u16,
+    frag_offset: u16,
+    more_fragments: bool,
+    payload: &[u8],
+) -> Vec<u8> {
+    assert!(options.len() % 4 == 0 && options.len() <= 40);
+    let ihl = 20 + options.len();
+    let mut f = Vec::with_capacity(14 + ihl + payload.len());
+    f.extend_from_slice(&DST_MAC);
+    f.extend_from_slice(&SRC_MAC);
+    f.extend_from_slice(&[0x08, 0x00]);
+    let mut ip = vec![0u8; 20];
+    ip[0] = 0x40 | (ihl / 4) as u8;
+    ip[2..4].copy_from_slice(&((ihl + payload.len()) as u16).to_be_bytes());
+    ip[4..6].copy_from_slice(&id.to_be_bytes());
+    let frag = frag_offset | if more_fragments { 0x2000 } else { 0 };
+    ip[6..8].copy_from_slice(&frag.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = proto;
+    ip[12..16].copy_from_slice(&src.octets());
+    ip[16..20].copy_from_slice(&dst.octets());
+    ip.extend_from_slice(options);
+    let c = checksum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(payload);
+    f
+}
+
+/// An ICMP error (type/code) from `src` to `dst` quoting `quoted` (an IP
+/// header plus at least 8 bytes of what followed it).
+pub fn icmp_error(src: Ipv4Addr, dst: Ipv4Addr, ty: u8, code: u8, quoted: &[u8]) -> Vec<u8> {
+    let mut icmp = vec![ty, code, 0, 0, 0, 0, 0x05, 0xdc];
+    icmp.extend_from_slice(quoted);
+    let c = checksum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    ipv4_frame(src, dst, ICMP, &[], 0x4321, 0, false, &icmp)
+}
+
+/// What the tests check in a packet that came out of the datapath.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Parsed {
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub proto: u8,
+    /// Ports when the packet carries an L4 header.
+    pub sport: Option<u16>,
+    pub dport: Option<u16>,
+    pub ip_checksum_ok: bool,
+    /// `None` when it cannot be checked (a fragment, UDP without checksum).
+    pub l4_checksum_ok: Option<bool>,
+    pub udp_checksum_zero: bool,
+    /// The bytes after the IP header.
+    pub l4: Vec<u8>,
+}
+
+pub fn parse(frame: &[u8]) -> Option<Parsed> {
+    if frame.len() < 34 || frame[12..14] != [0x08, 0x00] {
+        return None;
+    }
+    let ip = &frame[14..];
+    let ihl = ((ip[0] & 0x0f) as usize) * 4;
+    let tot = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    if ihl < 20 || ip.len() < tot || tot < ihl {
+        return None;
+    }
+    let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+    let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+    let proto = ip[9];
+    let l4 = &ip[ihl..tot];
+    let frag = u16::from_be_bytes([ip[6], ip[7]]);
+    let fragmented = frag & 0x3fff != 0;
+    let first_or_whole = frag & 0x1fff == 0;
+    let (mut sport, mut dport) = (None, None);
+    if (proto == TCP || proto == UDP) && first_or_whole && l4.len() >= 4 {
+        sport = Some(u16::from_be_bytes([l4[0], l4[1]]));
+        dport = Some(u16::from_be_bytes([l4[2], l4[3]]));
+    }
+    let udp_checksum_zero = proto == UDP && l4.len() >= 8 && l4[6] == 0 && l4[7] == 0;
+    let l4_checksum_ok = match proto {
+        _ if fragmented => None,
+        TCP | UDP if udp_checksum_zero => None,
+        TCP | UDP => {
+            let mut s = pseudo_header(src, dst, proto, l4.len());
+            s.extend_from_slice(l4);
+            Some(checksum(&s) == 0)
+        }
+        ICMP => Some(checksum(l4) == 0),
+        _ => None,
+    };
+    Some(Parsed {
+        dst_mac: frame[0..6].try_into().unwrap(),
+        src_mac: frame[6..12].try_into().unwrap(),
+        src,
+        dst,
+        proto,
+        sport,
+        dport,
+        ip_checksum_ok: checksum(&ip[..ihl]) == 0,
+        l4_checksum_ok,
+        udp_checksum_zero,
+        l4: l4.to_vec(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn built_packets_have_valid_checksums() {
+        let a: SocketAddrV4 = "10.0.0.1:1000".parse().unwrap();
+        let b: SocketAddrV4 = "10.0.0.2:80".parse().unwrap();
+        for pkt in [
+            Pkt::tcp(a, b, TCP_SYN),
+            Pkt::udp(a, b, b"hello"),
+            Pkt {
+                ip_options: vec![1, 1, 1, 0],
+                ..Pkt::udp(a, b, b"odd")
+            },
+        ] {
+            let p = parse(&pkt.build()).unwrap();
+            assert!(p.ip_checksum_ok);
+            assert_eq!(p.l4_checksum_ok, Some(true));
+            assert_eq!(p.sport, Some(1000));
+        }
+        let mut bad = Pkt::tcp(a, b, TCP_SYN).build();
+        bad[40] ^= 1;
+        assert_eq!(parse(&bad).unwrap().l4_checksum_ok, Some(false));
+    }
+}

@@ -1,0 +1,661 @@
+//! Datapath unit tests: packets built in Rust go through the real TC
+//! programs with BPF_PROG_TEST_RUN, with maps filled by the real syncer, and
+//! the tests check addresses, ports, checksums and verdicts of the output.
+//!
+//! Each test runs in a network namespace of its own (created with
+//! `ip netns`, entered by the test thread, deleted afterwards) so that the
+//! programs' FIB lookups see a known routing table:
+//!   d0 (dummy) 10.244.2.1/24, forwarding on, a permanent neighbour entry
+//!   for 10.244.2.11 (BACKEND_MAC) and none for the other backends.
+
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddrV4},
+    os::fd::AsFd,
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use aya::{
+    maps::{HashMap, MapData, PerCpuArray},
+    programs::{TestRun, TestRunOptions},
+};
+use proxy_common::*;
+use proxy_userspace::{
+    datapath::Datapath,
+    lbmap::BpfLbMaps,
+    pktgen::{self, Pkt, TCP_ACK, TCP_FIN, TCP_SYN},
+    sync::{Desired, FrontendWant, Syncer},
+};
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+const BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x0b];
+
+fn sa(s: &str) -> SocketAddrV4 {
+    s.parse().unwrap()
+}
+
+/// A named network namespace the current thread enters; on drop the thread
+/// goes back and the namespace is deleted.
+struct NetNsGuard {
+    name: String,
+    old: std::fs::File,
+}
+
+impl NetNsGuard {
+    fn new() -> NetNsGuard {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "kepdp{}x{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        run("ip", &["netns", "add", &name]);
+        let old = std::fs::File::open("/proc/thread-self/ns/net").unwrap();
+        let guard = NetNsGuard { name, old };
+        let ns = std::fs::File::open(format!("/run/netns/{}", guard.name)).unwrap();
+        nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let n = guard.name.clone();
+        for cmd in [
+            "link set lo up",
+            // This kernel has no dummy driver; a veth pair inside the
+            // namespace serves as well.
+            "link add d0 type veth peer name d1",
+            "link set d1 up",
+            "link set d0 up",
+            "addr add 10.244.2.1/24 dev d0",
+            "neigh add 10.244.2.11 lladdr 02:00:00:00:02:0b dev d0 nud permanent",
+        ] {
+            let mut args = vec!["-n", &n];
+            args.extend(cmd.split(' '));
+            run("ip", &args);
+        }
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &n,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ],
+        );
+        guard
+    }
+}
+
+impl Drop for NetNsGuard {
+    fn drop(&mut self) {
+        let _ = nix::sched::setns(self.old.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET);
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+fn run(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Privileged tests never skip silently in CI.
+fn privileged(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{test} needs root (CAP_BPF, CAP_NET_ADMIN) and CI=true: refusing to skip");
+    }
+    eprintln!("skipping {test}: needs root");
+    false
+}
+
+struct Fixture {
+    dp: Datapath,
+    syncer: Syncer<BpfLbMaps>,
+    ct: HashMap<MapData, FlowKey, NatEntry>,
+    rnat: HashMap<MapData, FlowKey, NatEntry>,
+    stats: PerCpuArray<MapData, u64>,
+    // Last: the namespace goes after the maps and programs.
+    _ns: NetNsGuard,
+}
+
+fn svc_key(s: SocketAddrV4, proto: u8) -> SvcKey {
+    SvcKey {
+        addr: s.ip().octets(),
+        port: s.port().to_be_bytes(),
+        proto,
+        _pad: 0,
+    }
+}
+
+fn backend(s: SocketAddrV4, proto: u8, local: bool) -> Backend {
+    Backend {
+        addr: s.ip().octets(),
+        port: s.port().to_be_bytes(),
+        proto,
+        flags: if local { BE_F_LOCAL } else { 0 },
+    }
+}
+
+const VIP: &str = "10.96.0.10:80";
+const CLIENT: &str = "10.244.1.5:40000";
+const NODE_IP: [u8; 4] = [192, 168, 200, 11];
+
+impl Fixture {
+    fn new(test: &str) -> Option<Fixture> {
+        if !privileged(test) {
+            return None;
+        }
+        let ns = NetNsGuard::new();
+        let mut dp = Datapath::load_private().expect("load datapath");
+        let maps = BpfLbMaps::new(&mut dp).unwrap();
+        let syncer = Syncer::adopt(maps).unwrap();
+        let ct = HashMap::try_from(dp.take_map(CT_MAP).unwrap()).unwrap();
+        let rnat = HashMap::try_from(dp.take_map(RNAT_MAP).unwrap()).unwrap();
+        let stats = PerCpuArray::try_from(dp.take_map(STATS_MAP).unwrap()).unwrap();
+        Some(Fixture {
+            dp,
+            syncer,
+            ct,
+            rnat,
+            stats,
+            _ns: ns,
+        })
+    }
+
+    /// The standard services: a ClusterIP with the given backends (TCP and
+    /// UDP on the same address) and a NodePort 30080 with the same ones.
+    fn services(&mut self, backends: &[(&str, bool)]) {
+        let mut d = Desired {
+            node_addrs: BTreeSet::from([NODE_IP]),
+            ..Default::default()
+        };
+        for proto in [IPPROTO_TCP, IPPROTO_UDP] {
+            let bes: Vec<Backend> = backends
+                .iter()
+                .map(|(a, local)| backend(sa(a), proto, *local))
+                .collect();
+            d.frontends.insert(
+                svc_key(sa(VIP), proto),
+                FrontendWant {
+                    name: "default/web:http".into(),
+                    flags: 0,
+                    backends: bes.clone(),
+                    vip: true,
+                },
+            );
+            d.frontends.insert(
+                svc_key(sa("0.0.0.0:30080"), proto),
+                FrontendWant {
+                    name: "default/web:http".into(),
+                    flags: SVC_F_EXTERNAL,
+                    backends: bes,
+                    vip: false,
+                },
+            );
+        }
+        let r = self.syncer.sync(&d);
+        assert!(r.failed.is_empty(), "{:?}", r.failed);
+    }
+
+    fn run(&self, prog: &str, frame: &[u8]) -> (u32, Vec<u8>) {
+        let prog = self.dp.program(prog).unwrap();
+        let mut out = vec![0u8; 2048];
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
+    }
+
+    fn ingress(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        self.run(PROG_INGRESS, frame)
+    }
+
+    fn egress(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        self.run(PROG_EGRESS, frame)
+    }
+
+    fn counter(&self, c: Counter) -> u64 {
+        self.stats.get(&(c as u32), 0).unwrap().iter().sum()
+    }
+}
+
+/// Checks that the output is a valid packet and returns it parsed.
+fn valid(out: &[u8]) -> pktgen::Parsed {
+    let p = pktgen::parse(out).expect("output is an IPv4 packet");
+    assert!(p.ip_checksum_ok, "IP checksum broken: {p:?}");
+    assert_ne!(p.l4_checksum_ok, Some(false), "L4 checksum broken: {p:?}");
+    p
+}
+
+fn endpoint(p: &pktgen::Parsed, src: bool) -> SocketAddrV4 {
+    if src {
+        SocketAddrV4::new(p.src, p.sport.unwrap())
+    } else {
+        SocketAddrV4::new(p.dst, p.dport.unwrap())
+    }
+}
+
+#[test]
+fn clusterip_tcp_is_dnated_and_replies_are_reverse_translated() {
+    let Some(mut f) = Fixture::new("clusterip_tcp") else {
+        return;
+    };
+    f.services(&[("10.244.2.11:8080", false)]);
+
+    let (verdict, out) = f.ingress(&Pkt::tcp(sa(CLIENT), sa(VIP), TCP_SYN).build());
+    let p = valid(&out);
+    assert_eq!(endpoint(&p, true), sa(CLIENT), "source untouched");
+    assert_eq!(endpoint(&p, false), sa("10.244.2.11:8080"));
+    // The FIB knows the backend's neighbour: MACs set, redirected.
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(p.dst_mac, BACKEND_MAC);
+    assert_eq!(f.counter(Counter::NewFlow), 1);
+
+    let (_, out) =
+        f.ingress(&Pkt::tcp(sa("10.244.2.11:8080"), sa(CLIENT), TCP_SYN | TCP_ACK).build());
+    let p = valid(&out);
+    assert_eq!(endpoint(&p, true), sa(VIP), "reply comes from the service");
+    assert_eq!(endpoint(&p, false), sa(CLIENT));
+    assert_eq!(f.counter(Counter::Reply), 1);
+}
+
+#[test]
+fn udp_with_and_without_checksum() {
+    let Some(mut f) = Fixture::new("udp") else {
+        return;
+    };
+    f.services(&[("10.244.2.12:5353", false)]);
+    let (verdict, out) = f.ingress(&Pkt::udp(sa(CLIENT), sa(VIP), b"query").build());
+    let p = valid(&out);
+    assert_eq!(endpoint(&p, false), sa("10.244.2.12:5353"));
+    assert_eq!(p.l4_checksum_ok, Some(true));
+    // No neighbour entry for .12: the kernel resolves it (redirect_neigh).
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+
+    let no_sum = Pkt {
+        udp_no_checksum: true,
+        ..Pkt::udp(sa("10.244.1.5:40001"), sa(VIP), b"query")
+    };
+    let (_, out) = f.ingress(&no_sum.build());
+    let p = valid(&out);
+    assert_eq!(endpoint(&p, false), sa("10.244.2.12:5353"));
+    assert!(p.udp_checksum_zero, "a zero UDP checksum stays zero");
+}
+
+#[test]
+fn a_flow_keeps_its_backend_and_new_flows_spread() {
+    let Some(mut f) = Fixture::new("sticky") else {
+        return;
+    };
+    let backends = [
+        ("10.244.2.11:8080", false),
+        ("10.244.2.12:8080", false),
+        ("10.244.2.13:8080", false),
+    ];
+    f.services(&backends);
+    let syn = Pkt::tcp(sa(CLIENT), sa(VIP), TCP_SYN).build();
+    let first = endpoint(&valid(&f.ingress(&syn).1), false);
+    let data = Pkt::tcp(sa(CLIENT), sa(VIP), TCP_ACK).build();
+    for _ in 0..20 {
+        assert_eq!(endpoint(&valid(&f.ingress(&data).1), false), first);
+    }
+    let mut seen = std::collections::BTreeMap::new();
+    for port in 0..300u16 {
+        let client = SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 5), 20000 + port);
+        let out = f.ingress(&Pkt::tcp(client, sa(VIP), TCP_SYN).build()).1;
+        *seen.entry(endpoint(&valid(&out), false)).or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    for n in seen.values() {
+        assert!((60..=140).contains(n), "uneven spread {seen:?}");
+    }
+}
+
+#[test]
+fn nodeport_to_a_local_backend_keeps_the_client_address() {
+    let Some(mut f) = Fixture::new("nodeport_local") else {
+        return;
+    };
+    f.services(&[("10.244.2.11:8080", true)]);
+    let client = sa("192.168.200.100:50000");
+    let node_port = sa("192.168.200.11:30080");
+    let (_, out) = f.ingress(&Pkt::tcp(client, node_port, TCP_SYN).build());
+    let p = valid(&out);
+    assert_eq!(endpoint(&p, true), client);
+    assert_eq!(endpoint(&p, false), sa("10.244.2.11:8080"));
+    let (_, out) = f.ingress(&Pkt::tcp(sa("10.244.2.11:8080"), client, TCP_SYN | TCP_ACK).build());
+    let p = valid(&out);
+    assert_eq!(endpoint(&p, true), node_port);
+    assert_eq!(endpoint(&p, false), client);
+}
+
+#[test]
+fn nodeport_to_a_remote_backend_is_snated() {
+    let Some(mut f) = Fixture::new("nodeport_snat") else {
+        return;
+    };
+    f.services(&[("10.244.2.11:8080", false)]);
+    let client = sa("192.168.200.100:50000");
+    let node_port = sa("192.168.200.11:30080");
+    let (_, out) = f.ingress(&Pkt::tcp(client, node_port, TCP_SYN).build());
+    let p = valid(&out);
+    let snat = endpoint(&p, true);
+    // The source the node would use towards the backend (d0's address).
+    assert_eq!(*snat.ip(), Ipv4Addr::new(10, 244, 2, 1));
+    assert!((SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&snat.port()));
+    assert_eq!(endpoint(&p, false), sa("10.244.2.11:8080"));
+
+    let (_, out) = f.ingress(&Pkt::tcp(sa("10.244.2.11:8080"), snat, TCP_SYN | TCP_ACK).build());
+    let p = valid(&out);
+    assert_eq!(endpoint(&p, true), node_port);
+    assert_eq!(endpoint(&p, false), client);
+
+    // A second client gets a different SNAT port.
+    let (_, out) = f.ingress(&Pkt::tcp(sa("192.168.200.101:50000"), node_port, TCP_SYN).build());
+    assert_ne!(endpoint(&valid(&out), true), snat);
+}
+
+#[test]
+fn hairpin_gets_a_link_local_source() {
+    let Some(mut f) = Fixture::new("hairpin") else {
+        return;
+    };
+    f.services(&[("10.244.2.11:8080", false)]);
+    let me = sa("10.244.2.11:41000");
+    let (_, out) = f.ingress(&Pkt::tcp(me, sa(VIP), TCP_SYN).build());
+    let p = valid(&out);
+    assert_eq!(p.src, Ipv4Addr::from(HAIRPIN_ADDR));
+    assert_eq!(endpoint(&p, false), sa("10.244.2.11:8080"));
+    let reply = Pkt::tcp(
+        sa("10.244.2.11:8080"),
+        endpoint(&p, true),
+        TCP_SYN | TCP_ACK,
+    );
+    let p = valid(&f.ingress(&reply.build()).1);
+    assert_eq!(endpoint(&p, true), sa(VIP));
+    assert_eq!(endpoint(&p, false), me);
+}
+
+#[test]
+fn egress_translates_only_local_processes_traffic_to_a_clusterip() {
+    let Some(mut f) = Fixture::new("egress") else {
+        return;
+    };
+    f.services(&[("10.244.2.11:8080", false)]);
+    let host = sa("192.168.200.11:45000");
+    let (verdict, out) = f.egress(&Pkt::tcp(host, sa(VIP), TCP_SYN).build());
+    let p = valid(&out);
+    assert_eq!(endpoint(&p, false), sa("10.244.2.11:8080"));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    // A reply to the node, at ingress, is translated back.
+    let p = valid(
+        &f.ingress(&Pkt::tcp(sa("10.244.2.11:8080"), host, TCP_ACK).build())
+            .1,
+    );
+    assert_eq!(endpoint(&p, true), sa(VIP));
+    // Other egress traffic is not touched.
+    let other = Pkt::tcp(host, sa("10.244.2.11:8080"), TCP_SYN).build();
+    assert_eq!(f.egress(&other), (TC_ACT_OK, other));
+}
+
+#[test]
+fn other_traffic_passes_untouched() {
+    let Some(mut f) = Fixture::new("passthrough") else {
+        return;
+    };
+    f.services(&[("10.244.2.11:8080", false)]);
+    let mut frames = vec![
+        Pkt::tcp(sa(CLIENT), sa("10.244.2.11:8080"), TCP_SYN).build(),
+        Pkt::udp(sa(CLIENT), sa("10.244.2.12:53"), b"x").build(),
+        // To the node on a port that is no NodePort.
+        Pkt::tcp(sa("192.168.200.100:5000"), sa("192.168.200.11:22"), TCP_SYN).build(),
+        // ICMP echo to a ClusterIP.
+        pktgen::ipv4_frame(
+            Ipv4Addr::new(10, 244, 1, 5),
+            Ipv4Addr::new(10, 96, 0, 10),
+            pktgen::ICMP,
+            &[],
+            1,
+            0,
+            false,
+            &[8, 0, 0xf7, 0xff, 0, 0, 0, 0],
+        ),
+    ];
+    // IPv6 (to a made-up address) and ARP.
+    let mut v6 = vec![0u8; 14 + 40 + 8];
+    v6[12..14].copy_from_slice(&[0x86, 0xdd]);
+    v6[14] = 0x60;
+    v6[14 + 6] = 17;
+    frames.push(v6);
+    let mut arp = vec![0u8; 42];
+    arp[12..14].copy_from_slice(&[0x08, 0x06]);
+    frames.push(arp);
+    for frame in frames {
+        assert_eq!(f.ingress(&frame), (TC_ACT_OK, frame.clone()));
+        assert_eq!(f.egress(&frame), (TC_ACT_OK, frame.clone()));
+    }
+    assert_eq!(f.counter(Counter::NewFlow), 0);
+}
+
+#[test]
+fn truncated_and_malformed_headers() {
+    let Some(mut f) = Fixture::new("malformed") else {
+        return;
+    };
+    f.services(&[("10.244.2.11:8080", false)]);
+    let syn = Pkt::tcp(sa(CLIENT), sa(VIP), TCP_SYN).build();
+
+    // TCP header cut short, to a ClusterIP: dropped and counted. Elsewhere:
+    // not ours to judge.
+    let mut cut = syn[..14 + 20 + 10].to_vec();
+    cut[16..18].copy_from_slice(&30u16.to_be_bytes());
+    assert_eq!(f.ingress(&cut).0, TC_ACT_SHOT);
+    assert_eq!(f.counter(Counter::DropMalformed), 1);
+    let mut cut_other = Pkt::tcp(sa(CLIENT), sa("10.244.2.11:80"), TCP_SYN).build();
+    cut_other.truncate(14 + 20 + 10);
+    assert_eq!(f.ingress(&cut_other), (TC_ACT_OK, cut_other.clone()));
+
+    // Wrong version, IHL < 5, total length below the header length: passed
+    // to the kernel, which drops them. (A frame shorter than an IP header
+    // cannot be fed in: BPF_PROG_TEST_RUN itself refuses it with EINVAL.)
+    let mut v5 = syn.clone();
+    v5[14] = 0x55;
+    let mut ihl4 = syn.clone();
+    ihl4[14] = 0x44;
+    let mut tot = syn.clone();
+    tot[16..18].copy_from_slice(&10u16.to_be_bytes());
+    for (what, frame) in [("v5", v5), ("ihl4", ihl4), ("tot", tot)] {
+        assert_eq!(f.ingress(&frame), (TC_ACT_OK, frame.clone()), "{what}");
+    }
+    // A TCP data offset below 5 to a ClusterIP is malformed too.
+    let mut doff = syn.clone();
+    doff[14 + 20 + 12] = 0x20;
+    assert_eq!(f.ingress(&doff).0, TC_ACT_SHOT);
+    assert_eq!(f.counter(Counter::NewFlow), 0);
+}
+
+#[test]
+fn ip_options_shift_the_l4_header() {
+    let Some(mut f) = Fixture::new("ip_options") else {
+        return;
+    };
+    f.services(&[("10.244.2.11:8080", false)]);
+    let pkt = Pkt {
+        // Two NOPs, then a record-route-ish option of 6 bytes.
+        ip_options: vec![1, 1, 7, 6, 4, 0, 0, 0],
+        ..Pkt::tcp(sa(CLIENT), sa(VIP), TCP_SYN)
+    };
+    let out = f.ingress(&pkt.build()).1;
+    let p = valid(&out);
+    assert_eq!(endpoint(&p, false), sa("10.244.2.11:8080"));
+    assert_eq!(
+        &out[14 + 20..14 + 28],
+        &pkt.ip_options[..],
+        "options intact"
+    );
+}
+
+#[test]
+fn fragments_follow_their_first_fragment() {
+    let Some(mut f) = Fixture::new("fragments") else {
+        return;
+    };
+    f.services(&[("10.244.2.11:5353", false)]);
+    let whole = Pkt::udp(sa(CLIENT), sa(VIP), &[7u8; 40]);
+    let l4 = whole.ip_payload();
+    let first = Pkt {
+        more_fragments: true,
+        ip_id: 77,
+        ..whole.clone()
+    }
+    .build_with_payload(&l4[..24]);
+    let second = Pkt {
+        frag_offset: 3,
+        ip_id: 77,
+        ..whole.clone()
+    }
+    .build_with_payload(&l4[24..]);
+
+    let p = valid(&f.ingress(&first).1);
+    assert_eq!(endpoint(&p, false), sa("10.244.2.11:5353"));
+    let out = f.ingress(&second).1;
+    let p = valid(&out);
+    assert_eq!(p.dst, Ipv4Addr::new(10, 244, 2, 11));
+    assert_eq!(
+        p.l4,
+        l4[24..].to_vec(),
+        "payload of a later fragment untouched"
+    );
+    // The L4 checksum of the reassembled datagram is still right.
+    let mut datagram = valid(&f.ingress(&first).1).l4;
+    datagram.extend_from_slice(&p.l4);
+    let rebuilt = pktgen::ipv4_frame(p.src, p.dst, pktgen::UDP, &[], 1, 0, false, &datagram);
+    assert_eq!(pktgen::parse(&rebuilt).unwrap().l4_checksum_ok, Some(true));
+
+    // A later fragment whose first fragment never came: dropped.
+    let orphan = Pkt {
+        frag_offset: 3,
+        ip_id: 78,
+        ..whole
+    }
+    .build_with_payload(&l4[24..]);
+    assert_eq!(f.ingress(&orphan).0, TC_ACT_SHOT);
+    assert_eq!(f.counter(Counter::DropFragment), 1);
+}
+
+/// ICMP port unreachable, in place of the packet, from the address dialed.
+fn assert_port_unreachable(out: &[u8], verdict: u32, sent: &[u8]) {
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let p = valid(out);
+    assert_eq!(p.proto, pktgen::ICMP);
+    assert_eq!(p.src, Ipv4Addr::new(10, 96, 0, 10));
+    assert_eq!(p.dst, Ipv4Addr::new(10, 244, 1, 5));
+    assert_eq!(&p.l4[..2], &[3, 3], "type 3 code 3");
+    assert_eq!(&p.l4[8..], &sent[14..14 + 28], "quotes IP header + 8 bytes");
+    assert_eq!(p.dst_mac, pktgen::SRC_MAC, "sent back to the sender");
+}
+
+#[test]
+fn no_endpoint_and_unknown_port_are_rejected_with_icmp() {
+    let Some(mut f) = Fixture::new("reject") else {
+        return;
+    };
+    f.services(&[]);
+    for frame in [
+        Pkt::tcp(sa(CLIENT), sa(VIP), TCP_SYN).build(),
+        Pkt::udp(sa(CLIENT), sa(VIP), b"q").build(),
+    ] {
+        let (verdict, out) = f.ingress(&frame);
+        assert_port_unreachable(&out, verdict, &frame);
+    }
+    assert_eq!(f.counter(Counter::DropNoEndpoint), 2);
+    let unknown = Pkt::tcp(sa(CLIENT), sa("10.96.0.10:81"), TCP_SYN).build();
+    let (verdict, out) = f.ingress(&unknown);
+    assert_port_unreachable(&out, verdict, &unknown);
+    assert_eq!(f.counter(Counter::DropUnknownPort), 1);
+}
+
+#[test]
+fn icmp_errors_about_a_flow_are_translated_back() {
+    let Some(mut f) = Fixture::new("icmp_error") else {
+        return;
+    };
+    f.services(&[("10.244.2.11:8080", false)]);
+    let sent = valid(&f.ingress(&Pkt::tcp(sa(CLIENT), sa(VIP), TCP_ACK).build()).1);
+    assert_eq!(endpoint(&sent, false), sa("10.244.2.11:8080"));
+    // The backend says "fragmentation needed" about what it received.
+    let translated = Pkt::tcp(sa(CLIENT), sa("10.244.2.11:8080"), TCP_ACK).build();
+    let err = pktgen::icmp_error(
+        Ipv4Addr::new(10, 244, 2, 11),
+        Ipv4Addr::new(10, 244, 1, 5),
+        3,
+        4,
+        &translated[14..14 + 28],
+    );
+    let p = valid(&f.ingress(&err).1);
+    assert_eq!(p.src, Ipv4Addr::new(10, 96, 0, 10), "from the service");
+    let inner = &p.l4[8..];
+    assert_eq!(&inner[12..16], &[10, 244, 1, 5]);
+    assert_eq!(&inner[16..20], &[10, 96, 0, 10]);
+    assert_eq!(u16::from_be_bytes([inner[22], inner[23]]), 80);
+    assert_eq!(pktgen::checksum(&inner[..20]), 0, "inner IP checksum");
+    assert_eq!(f.counter(Counter::IcmpError), 1);
+}
+
+#[test]
+fn a_removed_backend_is_not_reused_by_new_connections_on_an_old_tuple() {
+    let Some(mut f) = Fixture::new("reselect") else {
+        return;
+    };
+    f.services(&[("10.244.2.11:5353", false)]);
+    let q = Pkt::udp(sa(CLIENT), sa(VIP), b"q").build();
+    assert_eq!(
+        endpoint(&valid(&f.ingress(&q).1), false),
+        sa("10.244.2.11:5353")
+    );
+    f.services(&[("10.244.2.12:5353", false)]);
+    assert_eq!(
+        endpoint(&valid(&f.ingress(&q).1), false),
+        sa("10.244.2.12:5353"),
+        "UDP flow moved off the removed backend"
+    );
+
+    // TCP: an established connection stays, a new SYN on a closed tuple
+    // is balanced again.
+    f.services(&[("10.244.2.11:5353", false), ("10.244.2.12:5353", false)]);
+    let syn = Pkt::tcp(sa(CLIENT), sa(VIP), TCP_SYN).build();
+    let first = endpoint(&valid(&f.ingress(&syn).1), false);
+    let fin = Pkt::tcp(sa(CLIENT), sa(VIP), TCP_FIN | TCP_ACK).build();
+    assert_eq!(endpoint(&valid(&f.ingress(&fin).1), false), first);
+    let key = FlowKey {
+        saddr: [10, 244, 1, 5],
+        daddr: [10, 96, 0, 10],
+        sport: 40000u16.to_be_bytes(),
+        dport: 80u16.to_be_bytes(),
+        proto: IPPROTO_TCP,
+        _pad: [0; 3],
+    };
+    assert_ne!(f.ct.get(&key, 0).unwrap().flags & NAT_F_CLOSING, 0);
+    let before = f.counter(Counter::NewFlow);
+    f.ingress(&syn);
+    assert_eq!(
+        f.counter(Counter::NewFlow),
+        before + 1,
+        "SYN after FIN is a new flow"
+    );
+    assert!(f.rnat.iter().count() >= 2);
+}
