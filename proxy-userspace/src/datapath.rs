@@ -29,7 +29,8 @@ use aya::{
 use proxy_common::{ALL_MAPS, PROG_EGRESS, PROG_INGRESS, PROG_NOOP};
 
 /// The datapath object, built by build.rs from proxy-ebpf.
-pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
 
 /// Default place for our pins.
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/kube-ebpf-proxy";

@@ -1,5 +1,11 @@
+pub mod bpffs;
+pub mod cidr;
+pub mod cli;
 pub mod datapath;
+pub mod devices;
+pub mod inspect;
 pub mod lbmap;
 pub mod pktgen;
 pub mod sync;
+pub mod testns;
 pub use datapath::EBPF_OBJECT;

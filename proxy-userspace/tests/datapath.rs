@@ -11,9 +11,6 @@
 use std::{
     collections::BTreeSet,
     net::{Ipv4Addr, SocketAddrV4},
-    os::fd::AsFd,
-    process::Command,
-    sync::atomic::{AtomicU32, Ordering},
 };
 
 use aya::{
@@ -26,83 +23,15 @@ use proxy_userspace::{
     lbmap::BpfLbMaps,
     pktgen::{self, Pkt, TCP_ACK, TCP_FIN, TCP_SYN},
     sync::{Desired, FrontendWant, Syncer},
+    testns::{BACKEND_MAC, NetNsGuard},
 };
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
-const BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x0b];
 
 fn sa(s: &str) -> SocketAddrV4 {
     s.parse().unwrap()
-}
-
-/// A named network namespace the current thread enters; on drop the thread
-/// goes back and the namespace is deleted.
-struct NetNsGuard {
-    name: String,
-    old: std::fs::File,
-}
-
-impl NetNsGuard {
-    fn new() -> NetNsGuard {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "kepdp{}x{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        );
-        run("ip", &["netns", "add", &name]);
-        let old = std::fs::File::open("/proc/thread-self/ns/net").unwrap();
-        let guard = NetNsGuard { name, old };
-        let ns = std::fs::File::open(format!("/run/netns/{}", guard.name)).unwrap();
-        nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-        let n = guard.name.clone();
-        for cmd in [
-            "link set lo up",
-            // This kernel has no dummy driver; a veth pair inside the
-            // namespace serves as well.
-            "link add d0 type veth peer name d1",
-            "link set d1 up",
-            "link set d0 up",
-            "addr add 10.244.2.1/24 dev d0",
-            "neigh add 10.244.2.11 lladdr 02:00:00:00:02:0b dev d0 nud permanent",
-        ] {
-            let mut args = vec!["-n", &n];
-            args.extend(cmd.split(' '));
-            run("ip", &args);
-        }
-        run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &n,
-                "sysctl",
-                "-qw",
-                "net.ipv4.ip_forward=1",
-            ],
-        );
-        guard
-    }
-}
-
-impl Drop for NetNsGuard {
-    fn drop(&mut self) {
-        let _ = nix::sched::setns(self.old.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET);
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-fn run(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Privileged tests never skip silently in CI.
@@ -154,7 +83,7 @@ impl Fixture {
         if !privileged(test) {
             return None;
         }
-        let ns = NetNsGuard::new();
+        let ns = NetNsGuard::new().expect("test namespace");
         let mut dp = Datapath::load_private().expect("load datapath");
         let maps = BpfLbMaps::new(&mut dp).unwrap();
         let syncer = Syncer::adopt(maps).unwrap();

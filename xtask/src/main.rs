@@ -1,1 +1,136 @@
-fn main() {}
+//! Project tasks: `cargo xtask <setup|demo|test|bench>`.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need (idempotent).
+    Setup,
+    /// Build everything and run every test (what CI runs).
+    Test {
+        /// Extra arguments for the test binaries (a filter, --nocapture...).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Build, bring up a lab with deploy/examples, show traffic through a
+    /// ClusterIP and a NodePort and what is in the maps, tear down.
+    Demo,
+    /// Datapath benchmark: ns per packet through the TC programs.
+    Bench,
+}
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+pub fn cmd(program: &str, args: &[&str]) -> Result<()> {
+    let status = Command::new(program)
+        .args(args)
+        .current_dir(root())
+        .status()
+        .with_context(|| format!("running {program}"))?;
+    if !status.success() {
+        bail!("{program} {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+pub fn cmd_output(program: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {program}"))?;
+    if !out.status.success() {
+        bail!(
+            "{program} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// Builds the daemon (release) and returns its path.
+pub fn build_daemon() -> Result<PathBuf> {
+    cmd("cargo", &["build", "--release", "--bins"])?;
+    Ok(root().join("target/release/kube-ebpf-proxy"))
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    setup::setup()?;
+    let daemon = build_daemon()?;
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    // Unit, model and datapath tests.
+    let mut args = vec!["test", "--workspace", "--exclude", "lab", "--"];
+    args.extend(&extra);
+    cmd("cargo", &args)?;
+    // Lab tests run one at a time: they time real traffic on two cores.
+    let mut args = vec!["test", "-p", "lab", "--", "--test-threads=1"];
+    args.extend(&extra);
+    let status = Command::new("cargo")
+        .args(&args)
+        .env("KEP_BIN", &daemon)
+        .current_dir(root())
+        .status()?;
+    if !status.success() {
+        bail!("lab tests failed");
+    }
+    Ok(())
+}
+
+fn bench() -> Result<()> {
+    setup::setup()?;
+    cmd(
+        "cargo",
+        &[
+            "run",
+            "--release",
+            "--quiet",
+            "-p",
+            "proxy-userspace",
+            "--bin",
+            "kep-bench",
+        ],
+    )
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Task::Setup => setup::setup(),
+        Task::Test { args } => test(&args),
+        Task::Demo => {
+            setup::setup()?;
+            let daemon = build_daemon()?;
+            demo::run(&daemon)
+        }
+        Task::Bench => bench(),
+    }
+}
+
+mod demo {
+    use std::path::Path;
+
+    use anyhow::Result;
+
+    pub fn run(_daemon: &Path) -> Result<()> {
+        anyhow::bail!("demo: not written yet")
+    }
+}

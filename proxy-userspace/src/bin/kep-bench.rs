@@ -1,0 +1,186 @@
+//! Datapath benchmark (`cargo xtask bench`): nanoseconds per packet through
+//! the TC ingress program, measured by the kernel with BPF_PROG_TEST_RUN,
+//! next to a program that only returns, with 10, 10,000 and 100,000
+//! services in the maps.
+//!
+//! Every measurement is one BPF_PROG_TEST_RUN call with repeat=1 (the
+//! kernel reuses the packet across repeats, and a translated packet is no
+//! longer the packet we meant to measure); the figure is the median over
+//! many calls. The kernel's timer reads are inside every figure, the
+//! trivial program's included, so "added" (figure minus trivial program) is
+//! the cost of our work.
+
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Instant,
+};
+
+use anyhow::{Context as _, Result, ensure};
+use aya::programs::{TestRun, TestRunOptions};
+use proxy_common::*;
+use proxy_userspace::{
+    datapath::Datapath,
+    lbmap::BpfLbMaps,
+    pktgen::{Pkt, TCP_ACK, TCP_SYN},
+    sync::{Desired, FrontendWant, Syncer},
+    testns::NetNsGuard,
+};
+
+const CALLS: usize = 20_000;
+const SIZES: [usize; 3] = [10, 10_000, 100_000];
+const BACKENDS_PER_SERVICE: usize = 10;
+/// Distinct backend pods the services draw from.
+const POD_POOL: usize = 10_000;
+
+fn vip(i: usize) -> Ipv4Addr {
+    // 10.96.0.0/12 holds a million addresses; i < 2^20.
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + 1 + i as u32)
+}
+
+fn pod(i: usize) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 244, 0, 0)) + 10 + i as u32)
+}
+
+fn desired(services: usize) -> Desired {
+    let mut d = Desired {
+        node_addrs: BTreeSet::from([[192, 168, 200, 11]]),
+        ..Default::default()
+    };
+    for i in 0..services {
+        let backends = (0..BACKENDS_PER_SERVICE)
+            .map(|b| Backend {
+                addr: pod((i * 7 + b) % POD_POOL).octets(),
+                port: 8080u16.to_be_bytes(),
+                proto: IPPROTO_TCP,
+                flags: 0,
+            })
+            .collect();
+        d.frontends.insert(
+            SvcKey {
+                addr: vip(i).octets(),
+                port: 80u16.to_be_bytes(),
+                proto: IPPROTO_TCP,
+                _pad: 0,
+            },
+            FrontendWant {
+                name: format!("bench/svc-{i}:http"),
+                flags: 0,
+                backends,
+                vip: true,
+            },
+        );
+    }
+    d
+}
+
+struct Bench {
+    dp: Datapath,
+}
+
+impl Bench {
+    /// Median kernel-reported ns of one program run over `frames`.
+    fn median(&self, prog: &str, frames: &mut dyn FnMut(usize) -> Vec<u8>) -> Result<f64> {
+        let p = self.dp.program(prog)?;
+        let mut out = vec![0u8; 512];
+        let mut ns = Vec::with_capacity(CALLS);
+        for i in 0..CALLS {
+            let frame = frames(i);
+            let r = p.test_run(TestRunOptions {
+                data_in: Some(&frame),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })?;
+            ns.push(r.duration.as_nanos() as u64);
+        }
+        ns.sort_unstable();
+        Ok(ns[ns.len() / 2] as f64)
+    }
+}
+
+fn main() -> Result<()> {
+    ensure!(
+        nix::unistd::geteuid().is_root(),
+        "the benchmark loads BPF programs: run it as root"
+    );
+    let _ns = NetNsGuard::new()?;
+    let mut bench = Bench {
+        dp: Datapath::load_private()?,
+    };
+    let maps = BpfLbMaps::new(&mut bench.dp)?;
+    let mut syncer = Syncer::adopt(maps)?;
+
+    println!(
+        "Datapath benchmark: median ns per packet over {CALLS} BPF_PROG_TEST_RUN calls (repeat=1),"
+    );
+    println!(
+        "kernel {}, {BACKENDS_PER_SERVICE} backends per service",
+        kernel()?
+    );
+    println!();
+    println!(
+        "| services | trivial program | non-service traffic | established flow | new flow | programming time |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|");
+    let client = Ipv4Addr::new(10, 244, 1, 5);
+    for services in SIZES {
+        let started = Instant::now();
+        let report = syncer.sync(&desired(services));
+        let took = started.elapsed();
+        ensure!(
+            report.failed.is_empty(),
+            "programming failed: {:?}",
+            report.failed
+        );
+        // The measured service is the last one programmed.
+        let target = SocketAddrV4::new(vip(services - 1), 80);
+
+        let other = Pkt::tcp(
+            SocketAddrV4::new(client, 40000),
+            SocketAddrV4::new(pod(1), 8080),
+            TCP_ACK,
+        )
+        .build();
+        let noop = bench.median(PROG_NOOP, &mut |_| other.clone())?;
+        let pass = bench.median(PROG_INGRESS, &mut |_| other.clone())?;
+
+        let est_src = SocketAddrV4::new(client, 40000);
+        let syn = Pkt::tcp(est_src, target, TCP_SYN).build();
+        bench
+            .median(PROG_INGRESS, &mut |_| syn.clone())
+            .context("warm-up")?;
+        let ack = Pkt::tcp(est_src, target, TCP_ACK).build();
+        let established = bench.median(PROG_INGRESS, &mut |_| ack.clone())?;
+
+        // A new source port (and, every 40000 calls, address) per call.
+        let base = services as u32 * 3;
+        let new_flow = bench.median(PROG_INGRESS, &mut |i| {
+            let n = base + i as u32;
+            let src = SocketAddrV4::new(
+                Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 245, 0, 0)) + n / 40000),
+                (1024 + n % 40000) as u16,
+            );
+            Pkt::tcp(src, target, TCP_SYN).build()
+        })?;
+
+        let cell = |v: f64| format!("{v:.0} (+{:.0})", v - noop);
+        println!(
+            "| {services} | {noop:.0} | {} | {} | {} | {:.0} ms |",
+            cell(pass),
+            cell(established),
+            cell(new_flow),
+            took.as_secs_f64() * 1e3
+        );
+    }
+    println!();
+    println!("Cells: median ns (added over the trivial program). Programming time: the syncer");
+    println!("writing the services added since the previous row, from userspace.");
+    Ok(())
+}
+
+fn kernel() -> Result<String> {
+    Ok(nix::sys::utsname::uname()?
+        .release()
+        .to_string_lossy()
+        .into_owned())
+}

@@ -1,0 +1,156 @@
+//! Command line. Flag names follow kube-proxy's where the meaning matches.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::{cidr::Cidr, datapath::DEFAULT_BPFFS};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "kube-ebpf-proxy",
+    version,
+    about = "A kube-proxy replacement with an eBPF datapath"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Load the datapath and keep it in sync with Services and EndpointSlices.
+    Run(RunArgs),
+    /// Remove every link, program and pin the daemon made.
+    Cleanup {
+        #[arg(long, default_value = DEFAULT_BPFFS)]
+        bpffs: PathBuf,
+    },
+    /// Print what is in the pinned maps, decoded.
+    Inspect(InspectArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Read Service and EndpointSlice manifests (YAML or JSON) from this
+    /// directory instead of an API server; reloaded when files change.
+    #[arg(long)]
+    pub manifests: Option<PathBuf>,
+
+    /// Name of this node (default: the hostname); endpoints with this
+    /// nodeName are local.
+    #[arg(long)]
+    pub hostname_override: Option<String>,
+
+    /// Where maps and links are pinned (bpffs is mounted there if needed).
+    #[arg(long, default_value = DEFAULT_BPFFS)]
+    pub bpffs: PathBuf,
+
+    /// Attach only to these devices (default: every device but loopback,
+    /// including devices that appear later).
+    #[arg(long, value_delimiter = ',')]
+    pub devices: Vec<String>,
+
+    /// NodePorts answer only on node addresses within these CIDRs (default:
+    /// every address of the node).
+    #[arg(long, value_delimiter = ',')]
+    pub nodeport_addresses: Vec<Cidr>,
+
+    /// Source ports for SNATed NodePort traffic, FIRST-LAST. Keep it out of
+    /// net.ipv4.ip_local_port_range.
+    #[arg(long, default_value = "61000-65535", value_parser = parse_port_range)]
+    pub snat_port_range: (u16, u16),
+
+    /// How often the manifest directory, devices and addresses are checked.
+    #[arg(long, default_value = "200", value_name = "MILLISECONDS")]
+    pub poll_interval_ms: u64,
+
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct InspectArgs {
+    #[arg(value_enum)]
+    pub what: InspectWhat,
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    pub output: OutputFormat,
+    #[arg(long, default_value = DEFAULT_BPFFS)]
+    pub bpffs: PathBuf,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum InspectWhat {
+    Services,
+    Backends,
+    Conntrack,
+    Stats,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Table,
+    Json,
+}
+
+fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?}: expected FIRST-LAST"))?;
+    let a: u16 = a.parse().map_err(|_| format!("{a:?} is not a port"))?;
+    let b: u16 = b.parse().map_err(|_| format!("{b:?} is not a port"))?;
+    if a == 0 || a > b {
+        return Err(format!("{s:?}: need 0 < FIRST <= LAST"));
+    }
+    Ok((a, b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_flags_parse() {
+        let cli = Cli::try_parse_from([
+            "kube-ebpf-proxy",
+            "run",
+            "--manifests",
+            "/tmp/m",
+            "--hostname-override",
+            "node-a",
+            "--devices",
+            "eth0,eth1",
+            "--nodeport-addresses",
+            "192.168.0.0/16,10.0.0.0/8",
+            "--snat-port-range",
+            "62000-62100",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!()
+        };
+        assert_eq!(args.devices, ["eth0", "eth1"]);
+        assert_eq!(args.nodeport_addresses.len(), 2);
+        assert_eq!(args.snat_port_range, (62000, 62100));
+        assert_eq!(args.bpffs, PathBuf::from(DEFAULT_BPFFS));
+    }
+
+    #[test]
+    fn bad_values_are_clear_errors() {
+        for bad in [
+            &["run", "--nodeport-addresses", "10.0.0.0"][..],
+            &["run", "--snat-port-range", "70000-1"],
+            &["run", "--snat-port-range", "5-1"],
+        ] {
+            let mut args = vec!["kube-ebpf-proxy"];
+            args.extend_from_slice(bad);
+            assert!(Cli::try_parse_from(args).is_err(), "{bad:?}");
+        }
+    }
+}
