@@ -1,0 +1,158 @@
+//! Handles on named network namespaces (the `ip netns` kind, bind-mounted
+//! under /run/netns), and ways to run code and commands inside them.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Mutex;
+use std::{io, panic, thread};
+
+use anyhow::{Context, Result, bail};
+use nix::sched::{CloneFlags, setns};
+
+/// Where `ip netns` keeps its namespaces.
+pub const NETNS_DIR: &str = "/run/netns";
+
+/// A named network namespace. A plain handle: the [`crate::Lab`] that made it
+/// deletes it; a clone kept past that point refers to nothing.
+#[derive(Debug, Clone)]
+pub struct Netns {
+    name: String,
+    path: PathBuf,
+}
+
+impl Netns {
+    /// Creates a namespace with `ip netns add`, which also takes care of
+    /// making /run/netns a shared mount so other tools see it.
+    pub(crate) fn create(name: &str) -> Result<Netns> {
+        // The first `ip netns add` on a machine turns /run/netns into a
+        // mount point; two of them racing can stack two such mounts and hide
+        // namespaces. Serializing covers the common case, parallel tests in
+        // one process (creation is a few ms, so this costs little).
+        static CREATE: Mutex<()> = Mutex::new(());
+        let _serial = CREATE
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        run_checked(Command::new("ip").args(["netns", "add", name]))?;
+        Ok(Netns {
+            name: name.to_string(),
+            path: Path::new(NETNS_DIR).join(name),
+        })
+    }
+
+    /// The namespace's name under /run/netns (the one `ip -n` takes).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The bind-mounted namespace file, e.g. for `nsenter --net=`.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn open(&self) -> Result<File> {
+        File::open(&self.path).with_context(|| format!("opening netns {}", self.path.display()))
+    }
+
+    /// Runs `f` on a fresh thread that has entered this namespace and returns
+    /// its result (a panic in `f` is re-raised here). Sockets created in `f`
+    /// belong to this namespace for their whole life, so they can be returned
+    /// and used from any thread. Only the network namespace changes: the mount
+    /// namespace is shared, so /sys still shows the root namespace's devices.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let file = self.open().unwrap_or_else(|e| panic!("{e:#}"));
+        let name = &self.name;
+        thread::scope(|s| {
+            let worker = s.spawn(move || {
+                setns(&file, CloneFlags::CLONE_NEWNET)
+                    .unwrap_or_else(|e| panic!("setns into netns {name}: {e}"));
+                drop(file);
+                f()
+            });
+            worker.join().unwrap_or_else(|p| panic::resume_unwind(p))
+        })
+    }
+
+    /// A `Command` whose process enters this namespace between fork and exec.
+    /// Unlike `ip netns exec` it keeps the caller's mount namespace, so bpffs
+    /// mounts and pins made by the child are visible to everyone.
+    pub fn command(&self, program: impl AsRef<OsStr>) -> Result<Command> {
+        let file = self.open()?;
+        let mut cmd = Command::new(program);
+        // SAFETY: the closure only calls setns(2), which is async-signal-safe,
+        // and builds an io::Error from errno without allocating.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok(cmd)
+    }
+
+    /// Runs a command inside this namespace and waits for it. A non-zero exit
+    /// is an error that carries the command's stderr.
+    pub fn exec(&self, program: &str, args: &[&str]) -> Result<Output> {
+        let mut cmd = self.command(program)?;
+        cmd.args(args);
+        run_checked(&mut cmd).with_context(|| format!("in netns {}", self.name))
+    }
+
+    /// Runs `ip <args>` inside this namespace; returns its stdout.
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        let out = self.exec("ip", args)?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Reads a sysctl of this namespace, e.g. `net.ipv4.ip_forward`.
+    pub fn sysctl(&self, key: &str) -> Result<String> {
+        let path = sysctl_path(key);
+        self.run(|| std::fs::read_to_string(&path))
+            .with_context(|| format!("reading {key} in netns {}", self.name))
+            .map(|v| v.trim().to_string())
+    }
+
+    /// Writes a sysctl of this namespace. /proc/sys/net resolves against the
+    /// network namespace of the calling thread, hence the detour via `run`.
+    pub fn set_sysctl(&self, key: &str, value: &str) -> Result<()> {
+        let path = sysctl_path(key);
+        self.run(|| std::fs::write(&path, value))
+            .with_context(|| format!("setting {key}={value} in netns {}", self.name))
+    }
+}
+
+/// Deletes a namespace by name. Interfaces inside it go away once the last
+/// process or socket using it is gone.
+pub(crate) fn delete(name: &str) -> Result<()> {
+    run_checked(Command::new("ip").args(["netns", "delete", name]))?;
+    Ok(())
+}
+
+/// Dotted sysctl name to /proc/sys path. Interface names in keys must not
+/// contain dots (the lab never makes such names).
+fn sysctl_path(key: &str) -> PathBuf {
+    Path::new("/proc/sys").join(key.replace('.', "/"))
+}
+
+/// Runs a command to completion; a failure to start or a non-zero exit is an
+/// error that shows the command line and its stderr.
+pub(crate) fn run_checked(cmd: &mut Command) -> Result<Output> {
+    let line = format!("{cmd:?}");
+    let out = cmd.output().with_context(|| format!("starting {line}"))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        bail!(
+            "{line} failed ({}); stderr: {:?}; stdout: {:?}",
+            out.status,
+            stderr.trim(),
+            stdout.trim()
+        );
+    }
+    Ok(out)
+}
