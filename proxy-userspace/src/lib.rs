@@ -1,3 +1,4 @@
+pub mod allocate;
 pub mod bpffs;
 pub mod cidr;
 pub mod cli;
@@ -5,6 +6,8 @@ pub mod datapath;
 pub mod devices;
 pub mod inspect;
 pub mod lbmap;
+pub mod manifests;
+pub mod model;
 pub mod pktgen;
 pub mod sync;
 pub mod testns;

@@ -1,0 +1,642 @@
+//! Filling in the cluster IPs and node ports that an API server would have
+//! allocated (manifest mode).
+//!
+//! [`fill_in`] gives
+//!
+//! * a cluster IP to every Service that has none (`spec.clusterIP` and
+//!   `spec.clusterIPs` unset or empty), unless it is headless (`None`) or of
+//!   type ExternalName. The address comes from the service CIDR of each
+//!   wanted family: `spec.ipFamilies` if set; otherwise every configured
+//!   family when `spec.ipFamilyPolicy` asks for dual stack; otherwise the
+//!   first configured CIDR. A Service that already has an address gets no
+//!   second family.
+//! * a node port (from [`AllocConfig::node_ports`]) to every port of a
+//!   NodePort or LoadBalancer Service that has none, unless a LoadBalancer
+//!   sets `allocateLoadBalancerNodePorts: false`. Ports of one Service that
+//!   have the same number and different protocols (DNS on 53/TCP and 53/UDP)
+//!   get the same node port, as the API server gives them.
+//!
+//! Allocation is deterministic: it depends on the set of Services, never on
+//! their order or the files they came from. Services are handled sorted by
+//! namespace/name; a value's first candidate is a hash (FNV-1a) of
+//! `namespace/name` (plus the port number for node ports), probed linearly
+//! over the range until a free value is found. Values written explicitly in
+//! any Service (cluster IPs, node ports, health check node ports) are taken
+//! first, so an allocation never collides with them; the network address,
+//! the first address (the `kubernetes` Service's) and, for IPv4, the
+//! broadcast address of a CIDR are never given.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::IpAddr,
+    ops::RangeInclusive,
+    str::FromStr,
+};
+
+use k8s_openapi::api::core::v1::{Service, ServiceSpec};
+
+pub const DEFAULT_SERVICE_CIDR: &str = "10.96.0.0/12";
+pub const DEFAULT_NODE_PORT_RANGE: RangeInclusive<u16> = 30000..=32767;
+
+/// A service CIDR, normalised to its network address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceCidr {
+    network: IpAddr,
+    prefix: u8,
+}
+
+impl ServiceCidr {
+    pub fn new(addr: IpAddr, prefix: u8) -> Result<Self, String> {
+        let bits = bits_of(addr);
+        if prefix > bits {
+            return Err(format!("prefix /{prefix} is too long for {addr}"));
+        }
+        let host_bits = bits - prefix;
+        let mask = if host_bits >= 128 {
+            0
+        } else {
+            !((1u128 << host_bits) - 1)
+        };
+        Ok(ServiceCidr {
+            network: from_u128(addr, to_u128(addr) & mask),
+            prefix,
+        })
+    }
+
+    pub fn network(&self) -> IpAddr {
+        self.network
+    }
+
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+
+    pub fn is_ipv4(&self) -> bool {
+        self.network.is_ipv4()
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        ip.is_ipv4() == self.is_ipv4() && self.offset_of(ip).is_some()
+    }
+
+    fn host_bits(&self) -> u32 {
+        (bits_of(self.network) - self.prefix) as u32
+    }
+
+    /// Offset of `ip` in the CIDR, if inside.
+    fn offset_of(&self, ip: IpAddr) -> Option<u128> {
+        if ip.is_ipv4() != self.is_ipv4() {
+            return None;
+        }
+        let off = to_u128(ip).wrapping_sub(to_u128(self.network));
+        let hb = self.host_bits();
+        (hb >= 128 || off >> hb == 0).then_some(off)
+    }
+
+    /// Offsets that may be given: `[first, last]`, or None if the CIDR is
+    /// too small.
+    fn usable(&self) -> Option<(u128, u128)> {
+        let hb = self.host_bits();
+        let last_offset = if hb >= 128 {
+            u128::MAX
+        } else {
+            (1u128 << hb) - 1
+        };
+        // Offset 0 is the network address, 1 the `kubernetes` Service; an
+        // IPv4 CIDR's last address is its broadcast address.
+        let last = if self.is_ipv4() {
+            last_offset.checked_sub(1)?
+        } else {
+            last_offset
+        };
+        (last >= 2).then_some((2, last))
+    }
+}
+
+impl FromStr for ServiceCidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, prefix) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?} is not a CIDR (address/prefix)"))?;
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{s:?}: {addr:?} is not an IP address"))?;
+        let prefix: u8 = prefix
+            .parse()
+            .map_err(|_| format!("{s:?}: {prefix:?} is not a prefix length"))?;
+        ServiceCidr::new(addr, prefix).map_err(|e| format!("{s:?}: {e}"))
+    }
+}
+
+impl fmt::Display for ServiceCidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AllocConfig {
+    /// At most one per address family; the first is the default family.
+    pub service_cidrs: Vec<ServiceCidr>,
+    pub node_ports: RangeInclusive<u16>,
+}
+
+impl Default for AllocConfig {
+    fn default() -> Self {
+        AllocConfig {
+            service_cidrs: vec![DEFAULT_SERVICE_CIDR.parse().expect("valid default CIDR")],
+            node_ports: DEFAULT_NODE_PORT_RANGE,
+        }
+    }
+}
+
+/// One value filled in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Allocation {
+    pub namespace: String,
+    pub name: String,
+    pub value: Allocated,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Allocated {
+    ClusterIp(IpAddr),
+    NodePort {
+        /// Index of the port in `spec.ports`.
+        index: usize,
+        port: i32,
+        protocol: String,
+        node_port: u16,
+    },
+}
+
+/// What [`fill_in`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AllocReport {
+    pub allocated: Vec<Allocation>,
+    /// Values that could not be allocated (range exhausted, family not
+    /// configured); the Service is left without them.
+    pub failures: Vec<String>,
+}
+
+/// Fills in missing cluster IPs and node ports (see the module
+/// documentation) and logs each value given.
+pub fn fill_in(services: &mut [Service], config: &AllocConfig) -> AllocReport {
+    let mut report = AllocReport::default();
+
+    // Everything written explicitly is taken before anything is given.
+    let mut used_ips: BTreeSet<IpAddr> = BTreeSet::new();
+    let mut used_ports: BTreeSet<u16> = BTreeSet::new();
+    for svc in services.iter() {
+        let Some(spec) = &svc.spec else { continue };
+        for ip in explicit_cluster_ips(spec) {
+            if let Ok(ip) = ip.parse::<IpAddr>() {
+                used_ips.insert(ip);
+            }
+        }
+        for p in spec.ports.iter().flatten() {
+            if let Some(np) = p.node_port.and_then(|n| u16::try_from(n).ok()) {
+                used_ports.insert(np);
+            }
+        }
+        if let Some(np) = spec
+            .health_check_node_port
+            .and_then(|n| u16::try_from(n).ok())
+        {
+            used_ports.insert(np);
+        }
+    }
+
+    let mut order: Vec<usize> = (0..services.len()).collect();
+    order.sort_by_key(|&i| {
+        let m = &services[i].metadata;
+        (
+            m.namespace.clone().unwrap_or_default(),
+            m.name.clone().unwrap_or_default(),
+        )
+    });
+
+    for i in order {
+        let svc = &mut services[i];
+        let namespace = svc.metadata.namespace.clone().unwrap_or_default();
+        let name = svc.metadata.name.clone().unwrap_or_default();
+        let Some(spec) = svc.spec.as_mut() else {
+            continue;
+        };
+        let key = format!("{namespace}/{name}");
+        let give = |value: Allocated, report: &mut AllocReport| {
+            match &value {
+                Allocated::ClusterIp(ip) => {
+                    tracing::info!(service = %key, cluster_ip = %ip, "allocated cluster IP")
+                }
+                Allocated::NodePort {
+                    port,
+                    protocol,
+                    node_port,
+                    ..
+                } => tracing::info!(
+                    service = %key, port, protocol, node_port, "allocated node port"
+                ),
+            }
+            report.allocated.push(Allocation {
+                namespace: namespace.clone(),
+                name: name.clone(),
+                value,
+            });
+        };
+
+        if needs_cluster_ip(spec) {
+            let mut ips = Vec::new();
+            for cidr in wanted_cidrs(spec, config, &key, &mut report.failures) {
+                match pick_ip(&cidr, fnv1a(key.as_bytes()), &used_ips) {
+                    Some(ip) => {
+                        used_ips.insert(ip);
+                        ips.push(ip);
+                        give(Allocated::ClusterIp(ip), &mut report);
+                    }
+                    None => {
+                        let msg = format!("{key}: no free cluster IP in {cidr}");
+                        tracing::warn!("{msg}");
+                        report.failures.push(msg);
+                    }
+                }
+            }
+            if let Some(first) = ips.first() {
+                spec.cluster_ip = Some(first.to_string());
+                spec.cluster_ips = Some(ips.iter().map(IpAddr::to_string).collect());
+            }
+        }
+
+        if needs_node_ports(spec) {
+            // Node ports of this Service by port number, to share one between
+            // protocols.
+            let mut by_number: BTreeMap<i32, u16> = BTreeMap::new();
+            for p in spec.ports.iter().flatten() {
+                if let Some(np) = p.node_port.and_then(|n| u16::try_from(n).ok())
+                    && np != 0
+                {
+                    by_number.entry(p.port).or_insert(np);
+                }
+            }
+            for (index, p) in spec.ports.iter_mut().flatten().enumerate() {
+                if p.node_port.is_some_and(|n| n != 0) {
+                    continue;
+                }
+                let np = match by_number.get(&p.port) {
+                    Some(np) => Some(*np),
+                    None => {
+                        let seed = fnv1a(format!("{key}/{}", p.port).as_bytes());
+                        pick_port(&config.node_ports, seed, &used_ports)
+                    }
+                };
+                let Some(np) = np else {
+                    let msg = format!(
+                        "{key}: no free node port in {}-{} for port {}",
+                        config.node_ports.start(),
+                        config.node_ports.end(),
+                        p.port
+                    );
+                    tracing::warn!("{msg}");
+                    report.failures.push(msg);
+                    continue;
+                };
+                used_ports.insert(np);
+                by_number.insert(p.port, np);
+                p.node_port = Some(np.into());
+                give(
+                    Allocated::NodePort {
+                        index,
+                        port: p.port,
+                        protocol: p.protocol.clone().unwrap_or_else(|| "TCP".to_string()),
+                        node_port: np,
+                    },
+                    &mut report,
+                );
+            }
+        }
+    }
+    report
+}
+
+fn explicit_cluster_ips(spec: &ServiceSpec) -> impl Iterator<Item = &str> {
+    spec.cluster_ip
+        .as_deref()
+        .into_iter()
+        .chain(spec.cluster_ips.iter().flatten().map(String::as_str))
+}
+
+fn needs_cluster_ip(spec: &ServiceSpec) -> bool {
+    spec.type_.as_deref() != Some("ExternalName") && explicit_cluster_ips(spec).all(str::is_empty)
+}
+
+fn needs_node_ports(spec: &ServiceSpec) -> bool {
+    match spec.type_.as_deref() {
+        Some("NodePort") => true,
+        Some("LoadBalancer") => spec.allocate_load_balancer_node_ports != Some(false),
+        _ => false,
+    }
+}
+
+fn wanted_cidrs(
+    spec: &ServiceSpec,
+    config: &AllocConfig,
+    key: &str,
+    failures: &mut Vec<String>,
+) -> Vec<ServiceCidr> {
+    let of_family = |v4: bool| config.service_cidrs.iter().find(|c| c.is_ipv4() == v4);
+    let mut out = Vec::new();
+    if let Some(families) = spec.ip_families.as_ref().filter(|f| !f.is_empty()) {
+        for fam in families {
+            let cidr = match fam.as_str() {
+                "IPv4" => of_family(true),
+                "IPv6" => of_family(false),
+                _ => None,
+            };
+            match cidr {
+                Some(c) => out.push(*c),
+                None => {
+                    let msg = format!("{key}: no service CIDR for ipFamily {fam:?}");
+                    tracing::warn!("{msg}");
+                    failures.push(msg);
+                }
+            }
+        }
+    } else if matches!(
+        spec.ip_family_policy.as_deref(),
+        Some("PreferDualStack" | "RequireDualStack")
+    ) {
+        for v4 in [true, false] {
+            if let Some(c) = of_family(v4) {
+                out.push(*c);
+            }
+        }
+        // The configured order decides the primary family.
+        if config.service_cidrs.first().is_some_and(|c| !c.is_ipv4()) {
+            out.reverse();
+        }
+    } else if let Some(c) = config.service_cidrs.first() {
+        out.push(*c);
+    }
+    out
+}
+
+fn pick_ip(cidr: &ServiceCidr, seed: u64, used: &BTreeSet<IpAddr>) -> Option<IpAddr> {
+    let (first, last) = cidr.usable()?;
+    let count = last - first + 1;
+    // At most `taken` candidates are taken, so `taken + 1` probes find a free
+    // one if there is one.
+    let taken = used.iter().filter(|ip| cidr.contains(**ip)).count() as u128;
+    let start = seed as u128 % count;
+    for step in 0..count.min(taken + 1) {
+        let off = first + (start + step) % count;
+        let ip = from_u128(cidr.network, to_u128(cidr.network) + off);
+        if !used.contains(&ip) {
+            return Some(ip);
+        }
+    }
+    None
+}
+
+fn pick_port(range: &RangeInclusive<u16>, seed: u64, used: &BTreeSet<u16>) -> Option<u16> {
+    if range.is_empty() {
+        return None;
+    }
+    let first = u32::from(*range.start());
+    let count = u32::from(*range.end()) - first + 1;
+    let start = (seed % u64::from(count)) as u32;
+    (0..count)
+        .map(|step| (first + (start + step) % count) as u16)
+        .find(|p| !used.contains(p))
+}
+
+/// 64-bit FNV-1a: small, and stable across Rust releases (unlike std's
+/// hasher).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+fn bits_of(ip: IpAddr) -> u8 {
+    if ip.is_ipv4() { 32 } else { 128 }
+}
+
+fn to_u128(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(a) => u32::from(a).into(),
+        IpAddr::V6(a) => a.into(),
+    }
+}
+
+fn from_u128(like: IpAddr, v: u128) -> IpAddr {
+    match like {
+        IpAddr::V4(_) => IpAddr::V4((v as u32).into()),
+        IpAddr::V6(_) => IpAddr::V6(v.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifests::parse_str;
+
+    fn services(yaml: &str) -> Vec<Service> {
+        let o = parse_str(yaml, "test");
+        assert_eq!(o.problems, vec![]);
+        o.services
+    }
+
+    fn spec_of<'a>(svcs: &'a [Service], name: &str) -> &'a ServiceSpec {
+        svcs.iter()
+            .find(|s| s.metadata.name.as_deref() == Some(name))
+            .unwrap()
+            .spec
+            .as_ref()
+            .unwrap()
+    }
+
+    fn cluster_ip(svcs: &[Service], name: &str) -> Option<String> {
+        spec_of(svcs, name).cluster_ip.clone()
+    }
+
+    fn node_ports(svcs: &[Service], name: &str) -> Vec<Option<i32>> {
+        spec_of(svcs, name)
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| p.node_port)
+            .collect()
+    }
+
+    const MIXED: &str = r#"
+{apiVersion: v1, kind: Service, metadata: {name: a}, spec: {ports: [{port: 80}]}}
+---
+{apiVersion: v1, kind: Service, metadata: {name: b, namespace: x}, spec: {type: NodePort, ports: [{name: http, port: 80}, {name: https, port: 443, nodePort: 30443}]}}
+---
+{apiVersion: v1, kind: Service, metadata: {name: fixed}, spec: {clusterIP: 10.96.0.10, ports: [{port: 53}]}}
+---
+{apiVersion: v1, kind: Service, metadata: {name: headless}, spec: {clusterIP: None, ports: [{port: 80}]}}
+---
+{apiVersion: v1, kind: Service, metadata: {name: ext}, spec: {type: ExternalName, externalName: example.com}}
+---
+{apiVersion: v1, kind: Service, metadata: {name: lb}, spec: {type: LoadBalancer, ports: [{port: 80}]}}
+---
+{apiVersion: v1, kind: Service, metadata: {name: lb-no-np}, spec: {type: LoadBalancer, allocateLoadBalancerNodePorts: false, ports: [{port: 80}]}}
+---
+{apiVersion: v1, kind: Service, metadata: {name: dns}, spec: {type: NodePort, ports: [{name: dns, port: 53, protocol: UDP}, {name: dns-tcp, port: 53, protocol: TCP}]}}
+"#;
+
+    #[test]
+    fn fills_in_what_is_missing_and_nothing_else() {
+        let mut svcs = services(MIXED);
+        let cidr: ServiceCidr = DEFAULT_SERVICE_CIDR.parse().unwrap();
+        let report = fill_in(&mut svcs, &AllocConfig::default());
+        assert_eq!(report.failures, Vec::<String>::new());
+        for name in ["a", "b", "lb", "lb-no-np", "dns"] {
+            let ip: IpAddr = cluster_ip(&svcs, name).unwrap().parse().unwrap();
+            assert!(cidr.contains(ip), "{name}: {ip}");
+            assert_ne!(ip, "10.96.0.1".parse::<IpAddr>().unwrap());
+            assert_ne!(ip, "10.96.0.10".parse::<IpAddr>().unwrap());
+            assert_eq!(
+                spec_of(&svcs, name).cluster_ips.as_deref(),
+                Some(&[ip.to_string()][..])
+            );
+        }
+        assert_eq!(cluster_ip(&svcs, "fixed").as_deref(), Some("10.96.0.10"));
+        assert_eq!(cluster_ip(&svcs, "headless").as_deref(), Some("None"));
+        assert_eq!(cluster_ip(&svcs, "ext"), None);
+        assert_eq!(node_ports(&svcs, "a"), [None]);
+        assert_eq!(node_ports(&svcs, "fixed"), [None]);
+        assert_eq!(node_ports(&svcs, "lb-no-np"), [None]);
+        let b = node_ports(&svcs, "b");
+        assert_eq!(b[1], Some(30443));
+        assert!((30000..=32767).contains(&b[0].unwrap()) && b[0] != Some(30443));
+        let lb = node_ports(&svcs, "lb");
+        assert!(lb[0].is_some());
+        let dns = node_ports(&svcs, "dns");
+        assert!(dns[0].is_some());
+        assert_eq!(dns[0], dns[1], "one node port for 53/UDP and 53/TCP");
+        // 5 cluster IPs, b:http, lb, dns (once for both protocols... logged
+        // twice, one per port).
+        assert_eq!(report.allocated.len(), 5 + 1 + 1 + 2);
+        // All distinct.
+        let all_ips: BTreeSet<_> = ["a", "b", "lb", "lb-no-np", "dns", "fixed"]
+            .iter()
+            .map(|n| cluster_ip(&svcs, n))
+            .collect();
+        assert_eq!(all_ips.len(), 6);
+    }
+
+    #[test]
+    fn independent_of_order() {
+        let mut one = services(MIXED);
+        let mut two = one.clone();
+        two.reverse();
+        fill_in(&mut one, &AllocConfig::default());
+        fill_in(&mut two, &AllocConfig::default());
+        two.reverse();
+        assert_eq!(one, two);
+    }
+
+    #[test]
+    fn never_collides_with_explicit_values() {
+        // Hash the service to find its first choice, then pin another
+        // service (read later) to that very address and port.
+        let mut probe = services(
+            "{apiVersion: v1, kind: Service, metadata: {name: a}, spec: {type: NodePort, ports: [{port: 80}]}}",
+        );
+        fill_in(&mut probe, &AllocConfig::default());
+        let first_ip = cluster_ip(&probe, "a").unwrap();
+        let first_port = node_ports(&probe, "a")[0].unwrap();
+        let mut svcs = services(&format!(
+            "{{apiVersion: v1, kind: Service, metadata: {{name: a}}, spec: {{type: NodePort, ports: [{{port: 80}}]}}}}
+---
+{{apiVersion: v1, kind: Service, metadata: {{name: z}}, spec: {{clusterIP: {first_ip}, type: NodePort, ports: [{{port: 81, nodePort: {first_port}}}]}}}}"
+        ));
+        fill_in(&mut svcs, &AllocConfig::default());
+        let ip = cluster_ip(&svcs, "a").unwrap();
+        assert_ne!(ip, first_ip);
+        assert_ne!(node_ports(&svcs, "a")[0], Some(first_port));
+        // Linear probing: the next address.
+        let next = to_u128(first_ip.parse().unwrap()) + 1;
+        assert_eq!(ip, from_u128("0.0.0.0".parse().unwrap(), next).to_string());
+    }
+
+    #[test]
+    fn small_cidr_skips_reserved_and_exhausts() {
+        let config = AllocConfig {
+            service_cidrs: vec!["10.0.0.0/30".parse().unwrap()],
+            node_ports: 30000..=30001,
+        };
+        // /30: .0 network, .1 kubernetes, .3 broadcast: only .2 is free.
+        let mut svcs = services(
+            "{apiVersion: v1, kind: Service, metadata: {name: a}, spec: {type: NodePort, ports: [{port: 1}, {port: 2}, {port: 3}]}}
+---
+{apiVersion: v1, kind: Service, metadata: {name: b}, spec: {}}",
+        );
+        let report = fill_in(&mut svcs, &config);
+        assert_eq!(cluster_ip(&svcs, "a").as_deref(), Some("10.0.0.2"));
+        assert_eq!(cluster_ip(&svcs, "b"), None);
+        let mut ports = node_ports(&svcs, "a");
+        ports.sort();
+        assert_eq!(ports, [None, Some(30000), Some(30001)]);
+        assert_eq!(report.failures.len(), 2, "{:?}", report.failures);
+    }
+
+    #[test]
+    fn dual_stack() {
+        let config = AllocConfig {
+            service_cidrs: vec![
+                "10.96.0.0/12".parse().unwrap(),
+                "fd00:96::/112".parse().unwrap(),
+            ],
+            node_ports: DEFAULT_NODE_PORT_RANGE,
+        };
+        let mut svcs = services(
+            "{apiVersion: v1, kind: Service, metadata: {name: single}, spec: {}}
+---
+{apiVersion: v1, kind: Service, metadata: {name: dual}, spec: {ipFamilyPolicy: PreferDualStack}}
+---
+{apiVersion: v1, kind: Service, metadata: {name: v6first}, spec: {ipFamilies: [IPv6, IPv4]}}",
+        );
+        fill_in(&mut svcs, &config);
+        let fams = |name: &str| -> Vec<bool> {
+            spec_of(&svcs, name)
+                .cluster_ips
+                .iter()
+                .flatten()
+                .map(|ip| ip.parse::<IpAddr>().unwrap().is_ipv4())
+                .collect()
+        };
+        assert_eq!(fams("single"), [true]);
+        assert_eq!(fams("dual"), [true, false]);
+        assert_eq!(fams("v6first"), [false, true]);
+        let v6: IpAddr = spec_of(&svcs, "v6first").cluster_ips.as_ref().unwrap()[0]
+            .parse()
+            .unwrap();
+        assert!(config.service_cidrs[1].contains(v6));
+    }
+
+    #[test]
+    fn cidr_parsing() {
+        let c: ServiceCidr = "10.96.1.2/12".parse().unwrap();
+        assert_eq!(c.to_string(), "10.96.0.0/12");
+        assert!(c.contains("10.111.255.255".parse().unwrap()));
+        assert!(!c.contains("10.112.0.0".parse().unwrap()));
+        assert!(!c.contains("::1".parse().unwrap()));
+        assert!("10.0.0.0/33".parse::<ServiceCidr>().is_err());
+        assert!("10.0.0.0".parse::<ServiceCidr>().is_err());
+        assert!(
+            "::/0"
+                .parse::<ServiceCidr>()
+                .unwrap()
+                .contains("::5".parse().unwrap())
+        );
+    }
+}
