@@ -4,15 +4,20 @@
 //! fails at once with ECONNREFUSED instead of timing out.
 //!
 //! The packet is turned into the ICMP error in place: trimmed to its IP
-//! header plus 8 bytes (the quote RFC 792 asks for), grown by a new IP and
-//! ICMP header, and sent back where it came from.
+//! header plus its L4 header (RFC 792 asks for at least 8 bytes; RFC 1812
+//! allows more), grown by a new IP and ICMP header, and sent back where it
+//! came from.
+//!
+//! Why the whole TCP header: a packet from a local socket or a veth carries
+//! CHECKSUM_PARTIAL, and the kernel refuses to trim it in front of the L4
+//! checksum field (bpf_skb_change_tail answers EINVAL).
 
 use aya_ebpf::{
     bindings::{BPF_F_INGRESS, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
     helpers::generated::{bpf_csum_diff, bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes},
     programs::TcContext,
 };
-use proxy_common::{Counter, IPPROTO_ICMP};
+use proxy_common::{Counter, IPPROTO_ICMP, IPPROTO_TCP};
 
 use crate::{
     Hook,
@@ -24,8 +29,9 @@ use crate::{
 
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_PORT_UNREACH: u8 = 3;
-/// Largest quote: a 60-byte IP header (with options) plus 8 bytes.
-const MAX_QUOTE: usize = 68;
+/// Largest quote: a 60-byte IP header (with options) plus a 60-byte TCP
+/// header.
+const MAX_QUOTE: usize = 120;
 const NEW_HDRS: usize = 20 + 8;
 
 #[inline(always)]
@@ -34,7 +40,7 @@ pub fn port_unreachable(ctx: &TcContext, ip: &Ipv4, hook: Hook, reason: Counter)
     if ip.frag == Frag::Later {
         return TC_ACT_SHOT as i32;
     }
-    build(ctx, ip, hook).unwrap_or(TC_ACT_SHOT as i32)
+    build(ctx, ip, hook).unwrap_or_else(|| crate::drop_packet(Counter::DropHelperError))
 }
 
 #[inline(always)]
@@ -43,7 +49,20 @@ fn build(ctx: &TcContext, ip: &Ipv4, hook: Hook) -> Option<i32> {
     if !(20..=60).contains(&ihl) {
         return None;
     }
-    let quote_len = ihl + 8;
+    let l4_len = if ip.proto == IPPROTO_TCP {
+        let tcp: [u8; 13] = bytes(ctx, ip.l4)?;
+        let doff = (tcp[12] >> 4) as usize * 4;
+        if !(20..=60).contains(&doff) {
+            return None;
+        }
+        doff
+    } else {
+        8
+    };
+    let quote_len = ihl + l4_len;
+    if quote_len > MAX_QUOTE {
+        return None;
+    }
     let eth: [u8; ETH_HLEN] = bytes(ctx, 0)?;
     let mut quote = [0u8; MAX_QUOTE];
     // SAFETY: quote_len is at most MAX_QUOTE, the buffer's size; plain

@@ -72,7 +72,12 @@ pub fn release(dir: &Path) -> Result<()> {
         return Ok(());
     };
     if is_bpffs(&canonical) && mount_points()?.contains(&canonical) {
-        if fs::read_dir(&canonical)?.next().is_some() {
+        // bpffs puts its own entries at the root of a fresh mount
+        // (maps.debug, progs.debug); only dotted names can be the kernel's.
+        let ours_or_others = fs::read_dir(&canonical)?
+            .flatten()
+            .any(|e| !e.file_name().to_string_lossy().contains('.'));
+        if ours_or_others {
             bail!("{} is not empty; leaving it mounted", canonical.display());
         }
         umount2(&canonical, MntFlags::MNT_DETACH)

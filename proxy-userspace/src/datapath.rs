@@ -6,9 +6,12 @@
 //!
 //! ```text
 //! maps/KEP_SVC_V1 ...              one pin per map (proxy_common::ALL_MAPS)
-//! links/<ifname>@<ifindex>.ingress one pin per attached device and direction
-//! links/<ifname>@<ifindex>.egress
+//! links/<ifname>@<ifindex>-ingress one pin per attached device and direction
+//! links/<ifname>@<ifindex>-egress
 //! ```
+//!
+//! bpffs refuses names with a dot (EPERM), and device names may have one
+//! (VLANs: eth0.100), so names are percent-encoded in pins.
 
 use std::{
     collections::BTreeSet,
@@ -88,7 +91,12 @@ pub fn links_dir(root: &Path) -> PathBuf {
 }
 
 fn link_pin(root: &Path, dev: &Device, dir: Direction) -> PathBuf {
-    links_dir(root).join(format!("{}@{}.{}", dev.name, dev.index, dir.suffix()))
+    let name = dev.name.replace('%', "%25").replace('.', "%2E");
+    links_dir(root).join(format!("{name}@{}-{}", dev.index, dir.suffix()))
+}
+
+fn decode_name(pinned: &str) -> String {
+    pinned.replace("%2E", ".").replace("%25", "%")
 }
 
 impl Datapath {
@@ -216,7 +224,7 @@ pub fn pinned_devices(root: &Path) -> Result<BTreeSet<Device>> {
     };
     for entry in entries {
         let name = entry?.file_name().to_string_lossy().into_owned();
-        let Some((dev, _dir)) = name.rsplit_once('.') else {
+        let Some((dev, _dir)) = name.rsplit_once('-') else {
             continue;
         };
         let Some((ifname, index)) = dev.rsplit_once('@') else {
@@ -224,7 +232,7 @@ pub fn pinned_devices(root: &Path) -> Result<BTreeSet<Device>> {
         };
         if let Ok(index) = index.parse() {
             out.insert(Device {
-                name: ifname.to_string(),
+                name: decode_name(ifname),
                 index,
             });
         }
@@ -276,4 +284,27 @@ pub fn cleanup(root: &Path) -> Result<()> {
 pub fn open_pinned(root: &Path, name: &str) -> Result<MapData> {
     let path = maps_dir(root).join(name);
     MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_pins_have_no_dots_and_name_their_device() {
+        let root = Path::new("/x");
+        let dev = Device {
+            name: "eth0.100%a-b@c".into(),
+            index: 7,
+        };
+        let pin = link_pin(root, &dev, Direction::Egress);
+        let file = pin.file_name().unwrap().to_str().unwrap();
+        assert!(!file.contains('.'), "{file}");
+        let dir = std::env::temp_dir().join(format!("kep-pin-test-{}", std::process::id()));
+        fs::create_dir_all(links_dir(&dir)).unwrap();
+        fs::write(links_dir(&dir).join(file), b"").unwrap();
+        let found = pinned_devices(&dir).unwrap();
+        fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(found.into_iter().collect::<Vec<_>>(), vec![dev]);
+    }
 }

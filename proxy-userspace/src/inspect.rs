@@ -70,7 +70,7 @@ fn hash<K: aya::Pod + Ord, V: aya::Pod>(root: &Path, name: &str) -> Result<Vec<(
     let map: HashMap<MapData, K, V> =
         HashMap::try_from(aya::maps::Map::from_map_data(open_pinned(root, name)?)?)?;
     let mut rows: Vec<(K, V)> = map.iter().collect::<Result<_, _>>()?;
-    rows.sort_by(|a, b| a.0.cmp(&b.0));
+    rows.sort_by_key(|a| a.0);
     Ok(rows)
 }
 

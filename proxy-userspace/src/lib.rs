@@ -9,6 +9,7 @@ pub mod lbmap;
 pub mod manifests;
 pub mod model;
 pub mod pktgen;
+pub mod run;
 pub mod sync;
 pub mod testns;
 pub use datapath::EBPF_OBJECT;

@@ -164,7 +164,7 @@ pub fn ipv4_frame(
     more_fragments: bool,
     payload: &[u8],
 ) -> Vec<u8> {
-    assert!(options.len() % 4 == 0 && options.len() <= 40);
+    assert!(options.len().is_multiple_of(4) && options.len() <= 40);
     let ihl = 20 + options.len();
     let mut f = Vec::with_capacity(14 + ihl + payload.len());
     f.extend_from_slice(&DST_MAC);

@@ -405,10 +405,10 @@ impl<M: LbMaps> Syncer<M> {
             {
                 *writes += 1;
                 self.refs.remove(&id);
-                if let Some(b) = self.backends.remove(&id) {
-                    if self.backend_ids.get(&b) == Some(&id) {
-                        self.backend_ids.remove(&b);
-                    }
+                if let Some(b) = self.backends.remove(&id)
+                    && self.backend_ids.get(&b) == Some(&id)
+                {
+                    self.backend_ids.remove(&b);
                 }
             }
         }

@@ -486,15 +486,22 @@ fn fragments_follow_their_first_fragment() {
     assert_eq!(f.counter(Counter::DropFragment), 1);
 }
 
-/// ICMP port unreachable, in place of the packet, from the address dialed.
+/// ICMP port unreachable, in place of the packet, from the address dialed,
+/// quoting the IP header and the L4 header (8 bytes for UDP, the whole
+/// header for TCP).
 fn assert_port_unreachable(out: &[u8], verdict: u32, sent: &[u8]) {
+    let quote = if sent[14 + 9] == pktgen::TCP { 40 } else { 28 };
     assert_eq!(verdict, TC_ACT_REDIRECT);
     let p = valid(out);
     assert_eq!(p.proto, pktgen::ICMP);
     assert_eq!(p.src, Ipv4Addr::new(10, 96, 0, 10));
     assert_eq!(p.dst, Ipv4Addr::new(10, 244, 1, 5));
     assert_eq!(&p.l4[..2], &[3, 3], "type 3 code 3");
-    assert_eq!(&p.l4[8..], &sent[14..14 + 28], "quotes IP header + 8 bytes");
+    assert_eq!(
+        &p.l4[8..],
+        &sent[14..14 + quote],
+        "quotes IP and L4 headers"
+    );
     assert_eq!(p.dst_mac, pktgen::SRC_MAC, "sent back to the sender");
 }
 

@@ -1,5 +1,6 @@
 //! Project tasks: `cargo xtask <setup|demo|test|bench>`.
 
+mod demo;
 mod setup;
 
 use std::{
@@ -122,15 +123,5 @@ fn main() -> Result<()> {
             demo::run(&daemon)
         }
         Task::Bench => bench(),
-    }
-}
-
-mod demo {
-    use std::path::Path;
-
-    use anyhow::Result;
-
-    pub fn run(_daemon: &Path) -> Result<()> {
-        anyhow::bail!("demo: not written yet")
     }
 }

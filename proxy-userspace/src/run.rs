@@ -1,0 +1,338 @@
+//! The daemon: one sync loop that watches its sources (the manifest
+//! directory, the node's devices and addresses), computes the desired state
+//! with the pure model, and hands it to the syncer.
+//!
+//! On exit (SIGTERM, SIGINT) the datapath stays attached and pinned: traffic
+//! keeps flowing, and the next start adopts it. `cleanup` removes it.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    net::{IpAddr, Ipv4Addr},
+    path::{Path, PathBuf},
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{Context as _, Result, bail};
+use aya::maps::Array;
+use proxy_common::{
+    BE_F_LOCAL, Backend, CONFIG_MAP, Config, HAIRPIN_ADDR, IPPROTO_TCP, IPPROTO_UDP,
+    SVC_F_EXTERNAL, SvcKey,
+};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{debug, info, warn};
+
+use crate::{
+    allocate, bpffs,
+    cli::RunArgs,
+    datapath::{Datapath, Device},
+    devices::{self, DeviceFilter},
+    lbmap::BpfLbMaps,
+    manifests,
+    model::{self, FrontendKind, NodeInfo, Protocol},
+    sync::{Desired, FrontendWant, Syncer},
+};
+
+/// Everything the sync loop works with.
+struct Context {
+    args: RunArgs,
+    node: NodeInfo,
+    dp: Datapath,
+    syncer: Syncer<BpfLbMaps>,
+    filter: DeviceFilter,
+    attached: BTreeSet<Device>,
+    /// Devices whose attach failed: when to try again, and the delay after.
+    retry: BTreeMap<Device, (Instant, Duration)>,
+    node_addrs: BTreeSet<Ipv4Addr>,
+    manifests: ManifestDir,
+    objects: manifests::Objects,
+}
+
+pub async fn run(args: RunArgs) -> Result<()> {
+    let Some(dir) = args.manifests.clone() else {
+        bail!("no --manifests directory given (watching an API server is not supported yet)");
+    };
+    let node_name = match &args.hostname_override {
+        Some(n) => n.clone(),
+        None => fs::read_to_string("/proc/sys/kernel/hostname")
+            .context("reading the hostname")?
+            .trim()
+            .to_string(),
+    };
+    bpffs::ensure(&args.bpffs)?;
+    let mut dp = Datapath::load(&args.bpffs)?;
+    write_config(&mut dp, &args)?;
+    let maps = BpfLbMaps::new(&mut dp)?;
+    let syncer = Syncer::adopt(maps).context("reading the pinned maps")?;
+    info!(
+        node = %node_name,
+        bpffs = %args.bpffs.display(),
+        adopted_frontends = syncer.frontend_count(),
+        "datapath loaded"
+    );
+    let mut ctx = Context {
+        filter: DeviceFilter {
+            only: args.devices.clone(),
+        },
+        node: NodeInfo {
+            name: node_name,
+            zone: None,
+        },
+        dp,
+        syncer,
+        attached: BTreeSet::new(),
+        retry: BTreeMap::new(),
+        node_addrs: BTreeSet::new(),
+        manifests: ManifestDir::new(dir),
+        objects: Default::default(),
+        args,
+    };
+    // Program the maps before attaching, so the first packet the programs
+    // see already finds its service.
+    ctx.poll_manifests();
+    ctx.refresh_addresses();
+    ctx.sync();
+    ctx.attached = ctx.dp.attached()?;
+    ctx.refresh_devices();
+
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut tick = tokio::time::interval(Duration::from_millis(ctx.args.poll_interval_ms.max(10)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let objects_changed = ctx.poll_manifests();
+                let addrs_changed = ctx.refresh_addresses();
+                ctx.refresh_devices();
+                if objects_changed || addrs_changed {
+                    ctx.sync();
+                }
+            }
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+    }
+    info!("exiting; the datapath stays attached and pinned (run `cleanup` to remove it)");
+    Ok(())
+}
+
+fn write_config(dp: &mut Datapath, args: &RunArgs) -> Result<()> {
+    let mut cfg: Array<_, Config> = Array::try_from(dp.take_map(CONFIG_MAP)?)?;
+    let value = Config {
+        snat_port_min: args.snat_port_range.0,
+        snat_port_max: args.snat_port_range.1,
+        hairpin_addr: HAIRPIN_ADDR,
+    };
+    cfg.set(0, value, 0)?;
+    Ok(())
+}
+
+impl Context {
+    /// Reloads the manifests when the directory changed; true if it did.
+    fn poll_manifests(&mut self) -> bool {
+        match self.manifests.load_if_changed() {
+            Ok(Some(objects)) => {
+                for p in &objects.problems {
+                    warn!(problem = %p, "skipped part of a manifest");
+                }
+                info!(
+                    services = objects.services.len(),
+                    endpoint_slices = objects.slices.len(),
+                    "manifests loaded"
+                );
+                self.objects = objects;
+                true
+            }
+            Ok(None) => false,
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "reading manifests failed; keeping the last state");
+                false
+            }
+        }
+    }
+
+    fn refresh_addresses(&mut self) -> bool {
+        match devices::nodeport_addresses(&self.args.nodeport_addresses) {
+            Ok(addrs) if addrs != self.node_addrs => {
+                info!(addresses = ?addrs, "NodePort addresses");
+                self.node_addrs = addrs;
+                true
+            }
+            Ok(_) => false,
+            Err(e) => {
+                warn!(error = %e, "listing node addresses failed");
+                false
+            }
+        }
+    }
+
+    /// Attaches to new devices and forgets vanished ones.
+    fn refresh_devices(&mut self) {
+        let current = match devices::list(&self.filter) {
+            Ok(d) => d,
+            Err(e) => {
+                warn!(error = %e, "listing devices failed");
+                return;
+            }
+        };
+        let now = Instant::now();
+        self.retry.retain(|dev, _| current.contains(dev));
+        for dev in current.difference(&self.attached.clone()) {
+            if self.retry.get(dev).is_some_and(|(at, _)| now < *at) {
+                continue;
+            }
+            match self.dp.attach(dev) {
+                Ok(()) => {
+                    info!(device = %dev.name, ifindex = dev.index, "attached");
+                    self.attached.insert(dev.clone());
+                    self.retry.remove(dev);
+                }
+                // A device can vanish between listing and attaching (a pod
+                // being deleted); the next round sees it gone. Otherwise try
+                // again later, backing off to once a minute.
+                Err(e) => {
+                    let delay = self
+                        .retry
+                        .get(dev)
+                        .map_or(Duration::from_secs(1), |(_, d)| {
+                            (*d * 2).min(Duration::from_secs(60))
+                        });
+                    warn!(device = %dev.name, error = %format!("{e:#}"), retry_in_s = delay.as_secs(), "attach failed");
+                    self.retry.insert(dev.clone(), (now + delay, delay));
+                }
+            }
+        }
+        for dev in self
+            .attached
+            .difference(&current)
+            .cloned()
+            .collect::<Vec<_>>()
+        {
+            if let Err(e) = self.dp.detach(&dev) {
+                warn!(device = %dev.name, error = %format!("{e:#}"), "detach failed");
+            }
+            debug!(device = %dev.name, "device gone");
+            self.attached.remove(&dev);
+        }
+    }
+
+    fn sync(&mut self) {
+        let started = Instant::now();
+        let state = model::desired_state(
+            &self.objects.services,
+            &self.objects.slices,
+            &self.node,
+            &model::Options::default(),
+        );
+        for p in &state.problems {
+            warn!(problem = %p, "skipped");
+        }
+        let desired = to_desired(&state, &self.node_addrs);
+        let report = self.syncer.sync(&desired);
+        for (name, e) in &report.failed {
+            warn!(frontend = %name, error = %e, "frontend not programmed; it keeps its previous state");
+        }
+        if report.writes > 0 {
+            info!(
+                frontends = desired.frontends.len(),
+                written = report.frontends_written,
+                removed = report.frontends_removed,
+                map_writes = report.writes,
+                took_us = started.elapsed().as_micros() as u64,
+                "synced"
+            );
+        }
+    }
+}
+
+fn proto(p: Protocol) -> u8 {
+    match p {
+        Protocol::Tcp => IPPROTO_TCP,
+        Protocol::Udp => IPPROTO_UDP,
+    }
+}
+
+/// The model's frontends as map entries: IPv4 only for now (IPv6 stays in
+/// the model for later).
+pub fn to_desired(state: &model::DesiredState, node_addrs: &BTreeSet<Ipv4Addr>) -> Desired {
+    let mut frontends = BTreeMap::new();
+    for (key, fe) in &state.frontends {
+        let IpAddr::V4(ip) = key.ip else { continue };
+        let p = proto(key.protocol);
+        let backends = fe
+            .backends
+            .iter()
+            .filter_map(|b| match b.ip {
+                IpAddr::V4(addr) => Some(Backend {
+                    addr: addr.octets(),
+                    port: b.port.to_be_bytes(),
+                    proto: p,
+                    flags: if b.local { BE_F_LOCAL } else { 0 },
+                }),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        let external = !matches!(fe.kind, FrontendKind::ClusterIp);
+        frontends.insert(
+            SvcKey {
+                addr: ip.octets(),
+                port: key.port.to_be_bytes(),
+                proto: p,
+                _pad: 0,
+            },
+            FrontendWant {
+                name: fe.service.to_string(),
+                flags: if external { SVC_F_EXTERNAL } else { 0 },
+                backends,
+                vip: !matches!(fe.kind, FrontendKind::NodePort),
+            },
+        );
+    }
+    Desired {
+        frontends,
+        node_addrs: node_addrs.iter().map(|a| a.octets()).collect(),
+    }
+}
+
+/// A manifest directory, reloaded when any file in it changes.
+struct ManifestDir {
+    dir: PathBuf,
+    fingerprint: Option<Vec<(PathBuf, u64, SystemTime)>>,
+}
+
+impl ManifestDir {
+    fn new(dir: PathBuf) -> Self {
+        ManifestDir {
+            dir,
+            fingerprint: None,
+        }
+    }
+
+    fn fingerprint(dir: &Path) -> Result<Vec<(PathBuf, u64, SystemTime)>> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+            let entry = entry?;
+            let meta = entry.metadata()?;
+            out.push((entry.path(), meta.len(), meta.modified()?));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn load_if_changed(&mut self) -> Result<Option<manifests::Objects>> {
+        let fp = Self::fingerprint(&self.dir)?;
+        if self.fingerprint.as_ref() == Some(&fp) {
+            return Ok(None);
+        }
+        let mut objects = manifests::load_dir(&self.dir)?;
+        // No API server allocates for us: Services without clusterIP or
+        // nodePort get deterministic ones (logged).
+        let report = allocate::fill_in(&mut objects.services, &allocate::AllocConfig::default());
+        for failure in report.failures {
+            warn!(%failure, "allocation failed");
+        }
+        self.fingerprint = Some(fp);
+        Ok(Some(objects))
+    }
+}
