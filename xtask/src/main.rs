@@ -79,8 +79,9 @@ fn test(extra: &[String]) -> Result<()> {
     setup::setup()?;
     let daemon = build_daemon()?;
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-    // Unit, model and datapath tests.
-    let mut args = vec!["test", "--workspace", "--exclude", "lab", "--"];
+    // Unit, model and datapath tests. (proxy-ebpf only builds for the BPF
+    // target, which proxy-userspace's build does.)
+    let mut args = vec!["test", "-p", "proxy-common", "-p", "proxy-userspace", "-p", "xtask", "--"];
     args.extend(&extra);
     cmd("cargo", &args)?;
     // Lab tests run one at a time: they time real traffic on two cores.
