@@ -51,9 +51,15 @@ pub const FRAG_MAP: &str = "KEP_FRAG_V1";
 pub const STATS_MAP: &str = "KEP_STATS_V1";
 /// Datapath configuration, a single [`Config`] at index 0.
 pub const CONFIG_MAP: &str = "KEP_CFG_V1";
+/// Per-CPU traffic counters of each service port, indexed by service port id
+/// ([`SvcStats`]).
+pub const SVC_STATS_MAP: &str = "KEP_SVCSTAT_V1";
+/// Names of the service ports (`namespace/name:port`), by service port id
+/// ([`SvcName`]): inspection works from the pins alone, daemon or not.
+pub const NAME_MAP: &str = "KEP_NAME_V1";
 
 /// Every map name, for pinning and cleanup.
-pub const ALL_MAPS: [&str; 9] = [
+pub const ALL_MAPS: [&str; 11] = [
     SVC_MAP,
     SLOT_MAP,
     BACKEND_MAP,
@@ -63,6 +69,8 @@ pub const ALL_MAPS: [&str; 9] = [
     FRAG_MAP,
     STATS_MAP,
     CONFIG_MAP,
+    SVC_STATS_MAP,
+    NAME_MAP,
 ];
 
 /// Capacities. Hash maps holding desired state are created without
@@ -74,6 +82,8 @@ pub const ADDR_MAP_SIZE: u32 = 262_144;
 pub const CT_MAP_SIZE: u32 = 262_144;
 pub const RNAT_MAP_SIZE: u32 = 262_144;
 pub const FRAG_MAP_SIZE: u32 = 8_192;
+/// Service port ids are below this (the syncer reuses freed ids).
+pub const SVC_ID_LIMIT: u32 = SVC_MAP_SIZE;
 
 /// Names of the TC programs in the object.
 pub const PROG_INGRESS: &str = "kep_ingress";
@@ -250,6 +260,44 @@ pub struct FragValue {
     pub dport: [u8; 2],
 }
 
+/// Value of [`SVC_STATS_MAP`]: both directions of the service port's flows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SvcStats {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+/// Longest `namespace/name:port` kept (63 + 1 + 63 + 1 + 15 fits).
+pub const SVC_NAME_LEN: usize = 160;
+
+/// Value of [`NAME_MAP`]: the name, NUL-padded.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct SvcName {
+    pub name: [u8; SVC_NAME_LEN],
+}
+
+impl SvcName {
+    /// Truncates names that do not fit.
+    pub fn new(name: &str) -> SvcName {
+        let mut out = [0u8; SVC_NAME_LEN];
+        let n = name.len().min(SVC_NAME_LEN);
+        out[..n].copy_from_slice(&name.as_bytes()[..n]);
+        SvcName { name: out }
+    }
+
+    pub fn as_str(&self) -> &str {
+        let end = self
+            .name
+            .iter()
+            .position(|b| *b == 0)
+            .unwrap_or(SVC_NAME_LEN);
+        core::str::from_utf8(&self.name[..end]).unwrap_or("<invalid utf-8>")
+    }
+}
+
 /// Value of [`CONFIG_MAP`] at index 0.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
@@ -368,6 +416,8 @@ mod user {
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragValue {}
     unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for SvcStats {}
+    unsafe impl aya::Pod for SvcName {}
 }
 
 #[cfg(test)]
@@ -389,6 +439,8 @@ mod tests {
         assert_eq!(size_of::<NatEntry>(), 24);
         assert_eq!(size_of::<FragKey>(), 12);
         assert_eq!(size_of::<Config>(), 8);
+        assert_eq!(size_of::<SvcStats>(), 24);
+        assert_eq!(size_of::<SvcName>(), SVC_NAME_LEN);
     }
 
     #[test]
@@ -396,6 +448,13 @@ mod tests {
         for name in ALL_MAPS {
             assert!(name.len() <= 15, "{name} is too long");
         }
+    }
+
+    #[test]
+    fn names_round_trip_and_truncate() {
+        assert_eq!(SvcName::new("ns/web:http").as_str(), "ns/web:http");
+        let long = "x".repeat(300);
+        assert_eq!(SvcName::new(&long).as_str().len(), SVC_NAME_LEN);
     }
 
     #[test]

@@ -15,7 +15,10 @@ use proxy_common::*;
 
 use crate::{
     Hook, drop_packet,
-    maps::{KEP_BE_V1, KEP_CT_V1, KEP_RNAT_V1, KEP_SLOT_V1, KEP_SVC_V1, addr_class, config, count},
+    maps::{
+        KEP_BE_V1, KEP_CT_V1, KEP_RNAT_V1, KEP_SLOT_V1, KEP_SVC_V1, addr_class, config, count,
+        count_service,
+    },
     nat,
     packet::{Frag, Ipv4, Ports, PortsError, ports, remember_fragment},
     reject, route,
@@ -226,6 +229,7 @@ fn new_flow(
         .insert(*key, fwd, 0)
         .map_err(|_| drop_packet(Counter::DropMapError))?;
     count(Counter::NewFlow);
+    count_service(svc.svc_id, 0, true);
     translate(ctx, ip, ports, &fwd, Counter::Forward)
 }
 
@@ -269,5 +273,6 @@ fn translate(
     }
     nat::rewrite(ctx, ip, ports, to)?;
     count(counter);
+    count_service(to.svc_id, ctx.len(), false);
     Ok(route::forward(ctx, to, ip.proto))
 }

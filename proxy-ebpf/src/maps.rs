@@ -43,6 +43,32 @@ pub static KEP_STATS_V1: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuAr
 #[btf_map]
 pub static KEP_CFG_V1: Array<Config, 1> = Array::new();
 
+#[btf_map]
+pub static KEP_SVCSTAT_V1: PerCpuArray<SvcStats, { SVC_ID_LIMIT as usize }> = PerCpuArray::new();
+
+/// Written and read by userspace only; defined here so that the object
+/// carries it (and its BTF) like every other map.
+#[btf_map]
+pub static KEP_NAME_V1: HashMap<u32, SvcName, { SVC_MAP_SIZE as usize }, NO_PREALLOC> =
+    HashMap::new();
+
+/// Counts a translated packet of a service port, or (with `new_flow`) a
+/// new flow it balanced.
+#[inline(always)]
+pub fn count_service(svc_id: u32, bytes: u32, new_flow: bool) {
+    if let Some(s) = KEP_SVCSTAT_V1.get_ptr_mut(svc_id) {
+        // SAFETY: per-CPU slot, see count().
+        unsafe {
+            if new_flow {
+                (*s).new_flows += 1;
+            } else {
+                (*s).packets += 1;
+                (*s).bytes += bytes as u64;
+            }
+        }
+    }
+}
+
 #[inline(always)]
 pub fn count(counter: Counter) {
     if let Some(slot) = KEP_STATS_V1.get_ptr_mut(counter as u32) {

@@ -30,6 +30,8 @@ fn proto_name(p: u8) -> &'static str {
 
 #[derive(Serialize)]
 pub struct ServiceRow {
+    /// `namespace/name:port`, from the name map.
+    pub service: String,
     pub frontend: String,
     pub protocol: &'static str,
     pub kind: &'static str,
@@ -83,6 +85,8 @@ pub fn services(root: &Path) -> Result<Vec<ServiceRow>> {
         hash::<BackendKey, Backend>(root, BACKEND_MAP)?
             .into_iter()
             .collect();
+    let names: std::collections::BTreeMap<u32, SvcName> =
+        hash::<u32, SvcName>(root, NAME_MAP)?.into_iter().collect();
     let mut rows = Vec::new();
     for (k, v) in hash::<SvcKey, SvcValue>(root, SVC_MAP)? {
         let bes = (0..v.count)
@@ -103,6 +107,9 @@ pub fn services(root: &Path) -> Result<Vec<ServiceRow>> {
             })
             .collect();
         rows.push(ServiceRow {
+            service: names
+                .get(&v.svc_id)
+                .map_or_else(|| "?".to_string(), |n| n.as_str().to_string()),
             frontend: if k.addr == [0; 4] {
                 format!("*:{}", u16::from_be_bytes(k.port))
             } else {
@@ -217,10 +224,13 @@ pub fn render(root: &Path, what: InspectWhat, format: OutputFormat) -> Result<St
                 serde_json::to_string_pretty(&rows)?
             } else {
                 table(
-                    &["FRONTEND", "PROTO", "KIND", "ID", "GEN", "BACKENDS"],
+                    &[
+                        "SERVICE", "FRONTEND", "PROTO", "KIND", "ID", "GEN", "BACKENDS",
+                    ],
                     rows.into_iter()
                         .map(|r| {
                             vec![
+                                r.service,
                                 r.frontend,
                                 r.protocol.into(),
                                 r.kind.into(),

@@ -7,10 +7,10 @@
 
 use std::collections::BTreeMap;
 
-use aya::maps::{HashMap, MapData, MapError};
+use aya::maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuValues};
 use proxy_common::{
-    ADDR_MAP, AddrKey, AddrValue, BACKEND_MAP, Backend, BackendKey, SLOT_MAP, SVC_MAP, SlotKey,
-    SlotValue, SvcKey, SvcValue,
+    ADDR_MAP, AddrKey, AddrValue, BACKEND_MAP, Backend, BackendKey, NAME_MAP, SLOT_MAP, SVC_MAP,
+    SVC_STATS_MAP, SlotKey, SlotValue, SvcKey, SvcName, SvcStats, SvcValue,
 };
 
 /// One entry of a desired-state map.
@@ -20,6 +20,8 @@ pub enum Entry {
     Slot(SlotKey, SlotValue),
     Backend(BackendKey, Backend),
     Addr(AddrKey, AddrValue),
+    /// The name of a service port id.
+    Name(u32, SvcName),
 }
 
 /// The key of one entry.
@@ -29,6 +31,7 @@ pub enum Key {
     Slot(SlotKey),
     Backend(BackendKey),
     Addr(AddrKey),
+    Name(u32),
 }
 
 impl Entry {
@@ -38,6 +41,7 @@ impl Entry {
             Entry::Slot(k, _) => Key::Slot(*k),
             Entry::Backend(k, _) => Key::Backend(*k),
             Entry::Addr(k, _) => Key::Addr(*k),
+            Entry::Name(id, _) => Key::Name(*id),
         }
     }
 }
@@ -49,6 +53,7 @@ impl Key {
             Key::Slot(_) => SLOT_MAP,
             Key::Backend(_) => BACKEND_MAP,
             Key::Addr(_) => ADDR_MAP,
+            Key::Name(_) => NAME_MAP,
         }
     }
 }
@@ -82,12 +87,16 @@ pub struct Snapshot {
     pub slots: BTreeMap<SlotKey, SlotValue>,
     pub backends: BTreeMap<BackendKey, Backend>,
     pub addrs: BTreeMap<AddrKey, AddrValue>,
+    pub names: BTreeMap<u32, String>,
 }
 
 pub trait LbMaps {
     fn put(&mut self, entry: &Entry) -> Result<(), WriteError>;
     /// Deleting an absent key is not an error.
     fn delete(&mut self, key: &Key) -> Result<(), WriteError>;
+    /// Zeroes the traffic counters of a service port id about to be
+    /// (re)used, so a new service does not inherit an old one's counts.
+    fn reset_stats(&mut self, svc_id: u32) -> Result<(), WriteError>;
     fn snapshot(&self) -> anyhow::Result<Snapshot>;
 }
 
@@ -97,6 +106,8 @@ pub struct BpfLbMaps {
     slots: HashMap<MapData, SlotKey, SlotValue>,
     backends: HashMap<MapData, BackendKey, Backend>,
     addrs: HashMap<MapData, AddrKey, AddrValue>,
+    names: HashMap<MapData, u32, SvcName>,
+    stats: PerCpuArray<MapData, SvcStats>,
 }
 
 impl BpfLbMaps {
@@ -106,7 +117,22 @@ impl BpfLbMaps {
             slots: HashMap::try_from(dp.take_map(SLOT_MAP)?)?,
             backends: HashMap::try_from(dp.take_map(BACKEND_MAP)?)?,
             addrs: HashMap::try_from(dp.take_map(ADDR_MAP)?)?,
+            names: HashMap::try_from(dp.take_map(NAME_MAP)?)?,
+            stats: PerCpuArray::try_from(dp.take_map(SVC_STATS_MAP)?)?,
         })
+    }
+
+    /// Traffic counters of a service port, summed over CPUs.
+    pub fn service_stats(&self, svc_id: u32) -> anyhow::Result<SvcStats> {
+        Ok(self
+            .stats
+            .get(&svc_id, 0)?
+            .iter()
+            .fold(SvcStats::default(), |a, s| SvcStats {
+                packets: a.packets + s.packets,
+                bytes: a.bytes + s.bytes,
+                new_flows: a.new_flows + s.new_flows,
+            }))
     }
 }
 
@@ -158,6 +184,7 @@ impl LbMaps for BpfLbMaps {
             Entry::Slot(k, v) => self.slots.insert(k, v, 0),
             Entry::Backend(k, v) => self.backends.insert(k, v, 0),
             Entry::Addr(k, v) => self.addrs.insert(k, v, 0),
+            Entry::Name(k, v) => self.names.insert(k, v, 0),
         }
         .map_err(|e| write_error(map, e))
     }
@@ -169,8 +196,25 @@ impl LbMaps for BpfLbMaps {
             Key::Slot(k) => self.slots.remove(k),
             Key::Backend(k) => self.backends.remove(k),
             Key::Addr(k) => self.addrs.remove(k),
+            Key::Name(k) => self.names.remove(k),
         };
         ignore_missing(map, r)
+    }
+
+    fn reset_stats(&mut self, svc_id: u32) -> Result<(), WriteError> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| WriteError::Other {
+            map: SVC_STATS_MAP,
+            source: e,
+        })?;
+        let zeros = PerCpuValues::try_from(vec![SvcStats::default(); cpus]).map_err(|e| {
+            WriteError::Other {
+                map: SVC_STATS_MAP,
+                source: e,
+            }
+        })?;
+        self.stats
+            .set(svc_id, zeros, 0)
+            .map_err(|e| write_error(SVC_STATS_MAP, e))
     }
 
     fn snapshot(&self) -> anyhow::Result<Snapshot> {
@@ -179,6 +223,10 @@ impl LbMaps for BpfLbMaps {
             slots: collect(&self.slots)?,
             backends: collect(&self.backends)?,
             addrs: collect(&self.addrs)?,
+            names: collect(&self.names)?
+                .into_iter()
+                .map(|(id, n)| (id, n.as_str().to_string()))
+                .collect(),
         })
     }
 }
@@ -215,6 +263,7 @@ impl LbMaps for MemLbMaps {
                 self.check(map, s.backends.len(), s.backends.contains_key(k))?
             }
             Entry::Addr(k, _) => self.check(map, s.addrs.len(), s.addrs.contains_key(k))?,
+            Entry::Name(..) => {}
         }
         let s = &mut self.state;
         match entry {
@@ -222,8 +271,12 @@ impl LbMaps for MemLbMaps {
             Entry::Slot(k, v) => s.slots.insert(*k, *v).is_some(),
             Entry::Backend(k, v) => s.backends.insert(*k, *v).is_some(),
             Entry::Addr(k, v) => s.addrs.insert(*k, *v).is_some(),
+            Entry::Name(k, v) => s.names.insert(*k, v.as_str().to_string()).is_some(),
         };
-        self.log.push(format!("put {entry:?}"));
+        self.log.push(match entry {
+            Entry::Name(k, v) => format!("put Name({k}, {:?})", v.as_str()),
+            other => format!("put {other:?}"),
+        });
         Ok(())
     }
 
@@ -234,8 +287,14 @@ impl LbMaps for MemLbMaps {
             Key::Slot(k) => s.slots.remove(k).is_some(),
             Key::Backend(k) => s.backends.remove(k).is_some(),
             Key::Addr(k) => s.addrs.remove(k).is_some(),
+            Key::Name(k) => s.names.remove(k).is_some(),
         };
         self.log.push(format!("delete {key:?}"));
+        Ok(())
+    }
+
+    fn reset_stats(&mut self, svc_id: u32) -> Result<(), WriteError> {
+        self.log.push(format!("reset_stats {svc_id}"));
         Ok(())
     }
 

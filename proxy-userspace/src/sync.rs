@@ -14,8 +14,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use proxy_common::{
-    ADDR_NODE, ADDR_VIP, AddrKey, AddrValue, Backend, BackendKey, SlotKey, SlotValue, SvcKey,
-    SvcValue,
+    ADDR_NODE, ADDR_VIP, AddrKey, AddrValue, Backend, BackendKey, SVC_ID_LIMIT, SlotKey, SlotValue,
+    SvcKey, SvcName, SvcValue,
 };
 
 use crate::lbmap::{Entry, Key, LbMaps, WriteError};
@@ -71,6 +71,9 @@ pub struct Syncer<M: LbMaps> {
     addrs: BTreeMap<AddrKey, AddrValue>,
     /// Entries found at adoption that nothing refers to.
     garbage: Vec<Key>,
+    /// Service port ids are reused (lowest first), so they stay below
+    /// SVC_ID_LIMIT, the size of the per-service counter array.
+    free_svc_ids: BTreeSet<u32>,
     next_svc_id: u32,
     next_backend_id: u32,
 }
@@ -91,6 +94,7 @@ impl<M: LbMaps> Syncer<M> {
             refs: BTreeMap::new(),
             addrs: snap.addrs.clone(),
             garbage: Vec::new(),
+            free_svc_ids: BTreeSet::new(),
             next_svc_id: 1,
             next_backend_id: 1,
         };
@@ -139,6 +143,15 @@ impl<M: LbMaps> Syncer<M> {
                 s.garbage.push(Key::Slot(*sk));
             }
         }
+        let used: BTreeSet<u32> = s.frontends.values().map(|p| p.svc_id).collect();
+        s.free_svc_ids = (1..s.next_svc_id).filter(|id| !used.contains(id)).collect();
+        for (id, name) in snap.names {
+            if used.contains(&id) {
+                s.names.insert(id, name);
+            } else {
+                s.garbage.push(Key::Name(id));
+            }
+        }
         Ok(s)
     }
 
@@ -162,18 +175,7 @@ impl<M: LbMaps> Syncer<M> {
 
     pub fn sync(&mut self, desired: &Desired) -> SyncReport {
         let mut report = SyncReport::default();
-        for (key, want) in &desired.frontends {
-            if self.is_current(key, want) {
-                if let Some(p) = self.frontends.get(key) {
-                    self.names.insert(p.svc_id, want.name.clone());
-                }
-                continue;
-            }
-            match self.write_frontend(key, want, &mut report.writes) {
-                Ok(()) => report.frontends_written += 1,
-                Err(e) => report.failed.push((want.name.clone(), e)),
-            }
-        }
+        // Removals first: their ids are free for the frontends added below.
         let stale: Vec<SvcKey> = self
             .frontends
             .keys()
@@ -183,6 +185,19 @@ impl<M: LbMaps> Syncer<M> {
         for key in stale {
             self.remove_frontend(&key, &mut report.writes);
             report.frontends_removed += 1;
+        }
+        for (key, want) in &desired.frontends {
+            if self.is_current(key, want) {
+                let svc_id = self.frontends[key].svc_id;
+                // A renamed owner (or a name lost in a crash) is only a
+                // label: failing to write it is not worth failing the sync.
+                let _ = self.write_name(svc_id, &want.name, &mut report.writes);
+                continue;
+            }
+            match self.write_frontend(key, want, &mut report.writes) {
+                Ok(()) => report.frontends_written += 1,
+                Err(e) => report.failed.push((want.name.clone(), e)),
+            }
         }
         self.sync_addrs(desired, &mut report);
         self.collect_garbage(&mut report.writes);
@@ -236,8 +251,23 @@ impl<M: LbMaps> Syncer<M> {
         let old = self.frontends.get(key).cloned();
         let (svc_id, generation) = match &old {
             Some(p) => (p.svc_id, p.generation.wrapping_add(1)),
-            None => (self.next_svc_id, 0),
+            None => match self.free_svc_ids.first().copied() {
+                Some(id) => (id, 0),
+                None if self.next_svc_id < SVC_ID_LIMIT => (self.next_svc_id, 0),
+                None => {
+                    self.undo(&created, &[], writes);
+                    return Err(WriteError::Full {
+                        map: proxy_common::SVC_MAP,
+                    });
+                }
+            },
         };
+        if old.is_none() {
+            if let Err(e) = self.maps.reset_stats(svc_id) {
+                self.undo(&created, &[], writes);
+                return Err(e);
+            }
+        }
         let mut slots = Vec::with_capacity(ids.len());
         for (i, id) in ids.iter().enumerate() {
             let sk = SlotKey {
@@ -268,7 +298,7 @@ impl<M: LbMaps> Syncer<M> {
             return Err(e);
         }
         *writes += 1;
-        if old.is_none() {
+        if old.is_none() && !self.free_svc_ids.remove(&svc_id) {
             self.next_svc_id += 1;
         }
         for id in &ids {
@@ -277,7 +307,7 @@ impl<M: LbMaps> Syncer<M> {
         if let Some(old) = old {
             self.release(&old, writes);
         }
-        self.names.insert(svc_id, want.name.clone());
+        let _ = self.write_name(svc_id, &want.name, writes);
         self.frontends.insert(
             *key,
             Programmed {
@@ -342,7 +372,26 @@ impl<M: LbMaps> Syncer<M> {
             *writes += 1;
         }
         self.release(&old, writes);
+        if self.maps.delete(&Key::Name(old.svc_id)).is_ok() {
+            *writes += 1;
+        }
         self.names.remove(&old.svc_id);
+        self.free_svc_ids.insert(old.svc_id);
+    }
+
+    fn write_name(
+        &mut self,
+        svc_id: u32,
+        name: &str,
+        writes: &mut usize,
+    ) -> Result<(), WriteError> {
+        if self.names.get(&svc_id).map(String::as_str) == Some(name) {
+            return Ok(());
+        }
+        self.maps.put(&Entry::Name(svc_id, SvcName::new(name)))?;
+        *writes += 1;
+        self.names.insert(svc_id, name.to_string());
+        Ok(())
     }
 
     fn sync_addrs(&mut self, desired: &Desired, report: &mut SyncReport) {
@@ -663,6 +712,36 @@ mod tests {
         assert!(m.log.iter().all(|l| l.starts_with("delete")), "{:?}", m.log);
         assert_eq!(r.writes, 2);
         assert_eq!(m.state, first.maps().state);
+    }
+
+    #[test]
+    fn service_port_ids_are_reused_with_fresh_counters_and_named() {
+        let mut s = Syncer::adopt(MemLbMaps::default()).unwrap();
+        s.sync(&desired(&[
+            (key(1, 80), want("a", &[be(1, 80)])),
+            (key(2, 80), want("b", &[be(1, 80)])),
+        ]));
+        let a_id = s.maps().state.services[&key(1, 80)].svc_id;
+        assert_eq!(s.maps().state.names[&a_id], "a");
+        s.maps_mut().log.clear();
+        s.sync(&desired(&[
+            (key(2, 80), want("b", &[be(1, 80)])),
+            (key(3, 80), want("c", &[be(1, 80)])),
+        ]));
+        let m = s.maps();
+        assert_eq!(
+            m.state.services[&key(3, 80)].svc_id,
+            a_id,
+            "freed id reused"
+        );
+        assert_eq!(m.state.names[&a_id], "c");
+        assert_eq!(m.state.names.len(), 2);
+        let reset = m
+            .log
+            .iter()
+            .position(|l| *l == format!("reset_stats {a_id}"));
+        let switch = m.log.iter().position(|l| l.starts_with("put Service"));
+        assert!(reset.unwrap() < switch.unwrap(), "{:?}", m.log);
     }
 
     #[test]

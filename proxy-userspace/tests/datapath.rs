@@ -20,7 +20,7 @@ use aya::{
 use proxy_common::*;
 use proxy_userspace::{
     datapath::Datapath,
-    lbmap::BpfLbMaps,
+    lbmap::{BpfLbMaps, LbMaps},
     pktgen::{self, Pkt, TCP_ACK, TCP_FIN, TCP_SYN},
     sync::{Desired, FrontendWant, Syncer},
     testns::{BACKEND_MAC, NetNsGuard},
@@ -160,6 +160,13 @@ impl Fixture {
     fn counter(&self, c: Counter) -> u64 {
         self.stats.get(&(c as u32), 0).unwrap().iter().sum()
     }
+
+    /// Traffic counters of the frontend `key`, summed over CPUs.
+    fn service_stats(&self, key: &SvcKey) -> SvcStats {
+        let maps = self.syncer.maps();
+        let id = maps.snapshot().unwrap().services[key].svc_id;
+        maps.service_stats(id).unwrap()
+    }
 }
 
 /// Checks that the output is a valid packet and returns it parsed.
@@ -200,6 +207,12 @@ fn clusterip_tcp_is_dnated_and_replies_are_reverse_translated() {
     assert_eq!(endpoint(&p, true), sa(VIP), "reply comes from the service");
     assert_eq!(endpoint(&p, false), sa(CLIENT));
     assert_eq!(f.counter(Counter::Reply), 1);
+
+    let st = f.service_stats(&svc_key(sa(VIP), IPPROTO_TCP));
+    assert_eq!((st.new_flows, st.packets), (1, 2), "{st:?}");
+    assert_eq!(st.bytes, 2 * 54, "two 54-byte frames");
+    let other = f.service_stats(&svc_key(sa(VIP), IPPROTO_UDP));
+    assert_eq!(other, SvcStats::default());
 }
 
 #[test]
