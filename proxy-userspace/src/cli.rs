@@ -67,6 +67,14 @@ pub struct RunArgs {
 
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
+
+    /// Where Prometheus metrics are served (/metrics).
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    pub metrics_bind_address: std::net::SocketAddr,
+
+    /// Where /healthz and /livez are served.
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    pub healthz_bind_address: std::net::SocketAddr,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]

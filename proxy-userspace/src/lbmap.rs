@@ -71,6 +71,12 @@ pub enum WriteError {
 }
 
 impl WriteError {
+    pub fn map(&self) -> &'static str {
+        match self {
+            WriteError::Full { map } | WriteError::Other { map, .. } => map,
+        }
+    }
+
     /// Label for the map-write-failure metric.
     pub fn label(&self) -> &'static str {
         match self {

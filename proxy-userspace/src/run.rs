@@ -8,9 +8,11 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
+    hash::{DefaultHasher, Hash, Hasher},
     net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
-    time::{Duration, Instant, SystemTime},
+    sync::Arc,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -27,8 +29,11 @@ use crate::{
     cli::RunArgs,
     datapath::{Datapath, Device},
     devices::{self, DeviceFilter},
+    health::{self, Health},
+    http::{self, Endpoints},
     lbmap::BpfLbMaps,
     manifests,
+    metrics::{KindLabels, MapLabels, Metrics, PolicyLabels},
     model::{self, FrontendKind, NodeInfo, Protocol},
     sync::{Desired, FrontendWant, Syncer},
 };
@@ -46,6 +51,12 @@ struct Context {
     node_addrs: BTreeSet<Ipv4Addr>,
     manifests: ManifestDir,
     objects: manifests::Objects,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    /// When the oldest change not yet programmed was seen.
+    pending_since: Option<Instant>,
+    /// Fingerprints of the objects last seen, to count changes.
+    seen: BTreeMap<(&'static str, String), u64>,
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {
@@ -70,7 +81,21 @@ pub async fn run(args: RunArgs) -> Result<()> {
         adopted_frontends = syncer.frontend_count(),
         "datapath loaded"
     );
+    let metrics = Arc::new(Metrics::new(&args.bpffs));
+    let health = Arc::new(Health::new(health::DEFAULT_TIMEOUT, Instant::now()));
+    let at = http::serve(
+        args.metrics_bind_address,
+        Endpoints::Metrics(metrics.clone()),
+    )
+    .await?;
+    info!(address = %at, "serving /metrics");
+    let at = http::serve(args.healthz_bind_address, Endpoints::Health(health.clone())).await?;
+    info!(address = %at, "serving /healthz and /livez");
     let mut ctx = Context {
+        metrics,
+        health,
+        pending_since: Some(Instant::now()),
+        seen: BTreeMap::new(),
         filter: DeviceFilter {
             only: args.devices.clone(),
         },
@@ -106,6 +131,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 let addrs_changed = ctx.refresh_addresses();
                 ctx.refresh_devices();
                 if objects_changed || addrs_changed {
+                    ctx.queued();
                     ctx.sync();
                 }
             }
@@ -141,6 +167,7 @@ impl Context {
                     endpoint_slices = objects.slices.len(),
                     "manifests loaded"
                 );
+                self.count_changes(&objects);
                 self.objects = objects;
                 true
             }
@@ -217,6 +244,50 @@ impl Context {
         }
     }
 
+    /// A change was seen: it counts for health and programming latency.
+    fn queued(&mut self) {
+        let now = Instant::now();
+        self.pending_since.get_or_insert(now);
+        self.health.queued(now);
+    }
+
+    /// Counts changed Services and EndpointSlices against the last load.
+    fn count_changes(&mut self, objects: &manifests::Objects) {
+        fn fingerprint<T: serde::Serialize>(o: &T) -> u64 {
+            let mut h = DefaultHasher::new();
+            serde_json::to_string(o).unwrap_or_default().hash(&mut h);
+            h.finish()
+        }
+        fn id(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+            format!(
+                "{}/{}",
+                meta.namespace.as_deref().unwrap_or("default"),
+                meta.name.as_deref().unwrap_or("")
+            )
+        }
+        let mut now = BTreeMap::new();
+        for s in &objects.services {
+            now.insert(("service", id(&s.metadata)), fingerprint(s));
+        }
+        for s in &objects.slices {
+            now.insert(("slice", id(&s.metadata)), fingerprint(s));
+        }
+        let changed = |kind: &str| {
+            let keys: BTreeSet<_> = now
+                .keys()
+                .chain(self.seen.keys())
+                .filter(|k| k.0 == kind)
+                .collect();
+            keys.into_iter()
+                .filter(|k| now.get(*k) != self.seen.get(*k))
+                .count() as u64
+        };
+        let (services, slices) = (changed("service"), changed("slice"));
+        self.metrics.sync.service_changes.inc_by(services);
+        self.metrics.sync.endpoint_changes.inc_by(slices);
+        self.seen = now;
+    }
+
     fn sync(&mut self) {
         let started = Instant::now();
         let state = model::desired_state(
@@ -230,8 +301,54 @@ impl Context {
         }
         let desired = to_desired(&state, &self.node_addrs);
         let report = self.syncer.sync(&desired);
+        let m = &self.metrics.sync;
         for (name, e) in &report.failed {
             warn!(frontend = %name, error = %e, "frontend not programmed; it keeps its previous state");
+            m.map_write_failures
+                .get_or_create(&MapLabels {
+                    map: e.map(),
+                    reason: e.label(),
+                })
+                .inc();
+        }
+        let mut skipped: BTreeMap<String, i64> = BTreeMap::new();
+        for p in &state.problems {
+            *skipped.entry(p.kind.label().to_string()).or_default() += 1;
+        }
+        *skipped.entry("manifest".to_string()).or_default() += self.objects.problems.len() as i64;
+        m.skipped_objects.clear();
+        for (kind, n) in skipped {
+            m.skipped_objects.get_or_create(&KindLabels { kind }).set(n);
+        }
+        let (mut internal, mut external) = (0, 0);
+        for fe in state.frontends.values() {
+            if fe.local_only && fe.backends.is_empty() {
+                match fe.kind {
+                    FrontendKind::ClusterIp => internal += 1,
+                    _ => external += 1,
+                }
+            }
+        }
+        for (policy, n) in [("internal", internal), ("external", external)] {
+            m.no_local_endpoints
+                .get_or_create(&PolicyLabels {
+                    traffic_policy: policy,
+                })
+                .set(n);
+        }
+        m.set_map_entries(&self.syncer.entry_counts());
+        let took = started.elapsed();
+        m.sync_duration.observe(took.as_secs_f64());
+        let wall = SystemTime::now();
+        m.last_sync_timestamp.set(
+            wall.duration_since(UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+        );
+        if let Some(since) = self.pending_since.take() {
+            m.network_programming.observe(since.elapsed().as_secs_f64());
+        }
+        if report.failed.is_empty() {
+            self.health.synced(started, wall);
         }
         if report.writes > 0 {
             info!(

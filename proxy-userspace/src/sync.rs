@@ -173,6 +173,19 @@ impl<M: LbMaps> Syncer<M> {
         self.frontends.len()
     }
 
+    /// Entries this syncer keeps in each desired-state map.
+    pub fn entry_counts(&self) -> [(&'static str, usize); 4] {
+        [
+            (proxy_common::SVC_MAP, self.frontends.len()),
+            (
+                proxy_common::SLOT_MAP,
+                self.frontends.values().map(|p| p.backend_ids.len()).sum(),
+            ),
+            (proxy_common::BACKEND_MAP, self.backends.len()),
+            (proxy_common::ADDR_MAP, self.addrs.len()),
+        ]
+    }
+
     pub fn sync(&mut self, desired: &Desired) -> SyncReport {
         let mut report = SyncReport::default();
         // Removals first: their ids are free for the frontends added below.

@@ -1,0 +1,108 @@
+//! Health with kube-proxy's meaning: the proxy is unhealthy when a change
+//! has been waiting to be programmed for longer than the timeout (syncing
+//! has stalled), healthy otherwise. Before the first sync the start counts as
+//! the pending change, so a daemon that never manages to program anything
+//! turns unhealthy too.
+
+use std::{
+    sync::Mutex,
+    time::{Duration, Instant, SystemTime},
+};
+
+/// kube-proxy's default: twice its 30 s sync period.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug)]
+struct State {
+    /// The oldest change not yet programmed.
+    pending_since: Option<Instant>,
+    last_synced: Option<SystemTime>,
+}
+
+#[derive(Debug)]
+pub struct Health {
+    timeout: Duration,
+    state: Mutex<State>,
+}
+
+/// What /healthz answers.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Verdict {
+    pub healthy: bool,
+    pub last_updated: Option<SystemTime>,
+}
+
+impl Health {
+    pub fn new(timeout: Duration, now: Instant) -> Health {
+        Health {
+            timeout,
+            state: Mutex::new(State {
+                pending_since: Some(now),
+                last_synced: None,
+            }),
+        }
+    }
+
+    /// A change was seen (objects, devices, addresses).
+    pub fn queued(&self, now: Instant) {
+        let mut s = self.state.lock().unwrap();
+        s.pending_since.get_or_insert(now);
+    }
+
+    /// A sync finished; every change seen before it started is programmed.
+    pub fn synced(&self, started: Instant, wall: SystemTime) {
+        let mut s = self.state.lock().unwrap();
+        if s.pending_since.is_some_and(|p| p <= started) {
+            s.pending_since = None;
+        }
+        s.last_synced = Some(wall);
+    }
+
+    pub fn verdict(&self, now: Instant) -> Verdict {
+        let s = self.state.lock().unwrap();
+        Verdict {
+            healthy: s
+                .pending_since
+                .is_none_or(|p| now.saturating_duration_since(p) < self.timeout),
+            last_updated: s.last_synced,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stalled_syncing_turns_unhealthy_and_a_sync_heals() {
+        let t0 = Instant::now();
+        let h = Health::new(Duration::from_secs(60), t0);
+        assert!(
+            h.verdict(t0 + Duration::from_secs(59)).healthy,
+            "starting up"
+        );
+        assert!(
+            !h.verdict(t0 + Duration::from_secs(61)).healthy,
+            "never synced"
+        );
+
+        h.synced(t0 + Duration::from_secs(1), SystemTime::now());
+        assert!(
+            h.verdict(t0 + Duration::from_secs(600)).healthy,
+            "idle is healthy"
+        );
+
+        let change = t0 + Duration::from_secs(700);
+        h.queued(change);
+        h.queued(change + Duration::from_secs(30)); // the oldest one counts
+        assert!(h.verdict(change + Duration::from_secs(59)).healthy);
+        assert!(!h.verdict(change + Duration::from_secs(61)).healthy);
+
+        // A sync that started before the change does not clear it.
+        h.synced(change - Duration::from_secs(1), SystemTime::now());
+        assert!(!h.verdict(change + Duration::from_secs(61)).healthy);
+        h.synced(change + Duration::from_secs(40), SystemTime::now());
+        assert!(h.verdict(change + Duration::from_secs(61)).healthy);
+        assert!(h.verdict(change).last_updated.is_some());
+    }
+}

@@ -1,0 +1,425 @@
+//! Prometheus metrics. kube-proxy's names where the meaning matches, so
+//! existing dashboards keep working; `kube_ebpf_proxy_*` for the rest.
+//!
+//! Control-plane figures are updated by the sync loop. Datapath figures are
+//! read from the pinned per-CPU BPF counters at scrape time
+//! ([`DatapathCollector`]), so they cost nothing between scrapes.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    metrics::{
+        counter::{ConstCounter, Counter as PromCounter},
+        family::Family,
+        gauge::{ConstGauge, Gauge},
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+use proxy_common::*;
+
+use crate::datapath::open_pinned;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabels {
+    /// "internal" or "external", as kube-proxy labels it.
+    pub traffic_policy: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapLabels {
+    pub map: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NameLabels {
+    pub map: &'static str,
+}
+
+/// Figures the sync loop updates.
+#[derive(Debug)]
+pub struct SyncMetrics {
+    pub sync_duration: Histogram,
+    pub last_sync_timestamp: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub network_programming: Histogram,
+    pub service_changes: PromCounter,
+    pub endpoint_changes: PromCounter,
+    pub no_local_endpoints: Family<PolicyLabels, Gauge>,
+    pub map_write_failures: Family<MapLabels, PromCounter>,
+    pub skipped_objects: Family<KindLabels, Gauge>,
+    /// Entries the syncer keeps in the desired-state maps, and their share
+    /// of each map's capacity.
+    pub map_entries: Family<NameLabels, Gauge>,
+    pub map_fill: Family<NameLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+}
+
+fn seconds_buckets() -> impl Iterator<Item = f64> {
+    // 1 ms .. ~32 s, as kube-proxy's sync histograms span.
+    exponential_buckets(0.001, 2.0, 16)
+}
+
+impl SyncMetrics {
+    fn new() -> SyncMetrics {
+        SyncMetrics {
+            sync_duration: Histogram::new(seconds_buckets()),
+            last_sync_timestamp: Gauge::default(),
+            network_programming: Histogram::new(seconds_buckets()),
+            service_changes: PromCounter::default(),
+            endpoint_changes: PromCounter::default(),
+            no_local_endpoints: Family::default(),
+            map_write_failures: Family::default(),
+            skipped_objects: Family::default(),
+            map_entries: Family::default(),
+            map_fill: Family::default(),
+        }
+    }
+}
+
+/// The registry and the handles the daemon updates.
+pub struct Metrics {
+    pub registry: Registry,
+    pub sync: Arc<SyncMetrics>,
+}
+
+impl Metrics {
+    /// `bpffs`: where the datapath's maps are pinned (read at scrape time).
+    pub fn new(bpffs: &Path) -> Metrics {
+        let sync = Arc::new(SyncMetrics::new());
+        let mut r = Registry::default();
+        r.register(
+            "kubeproxy_sync_proxy_rules_duration_seconds",
+            "How long a sync of the datapath state took",
+            sync.sync_duration.clone(),
+        );
+        r.register(
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "When the datapath state was last synced (Unix time)",
+            sync.last_sync_timestamp.clone(),
+        );
+        r.register(
+            "kubeproxy_network_programming_duration_seconds",
+            "From a change of Services or EndpointSlices being seen to the datapath using it",
+            sync.network_programming.clone(),
+        );
+        r.register(
+            "kubeproxy_sync_proxy_rules_service_changes",
+            "Changed Services seen",
+            sync.service_changes.clone(),
+        );
+        r.register(
+            "kubeproxy_sync_proxy_rules_endpoint_changes",
+            "Changed EndpointSlices seen",
+            sync.endpoint_changes.clone(),
+        );
+        r.register(
+            "kubeproxy_sync_proxy_rules_no_local_endpoints",
+            "Service frontends with a Local traffic policy and no local endpoint",
+            sync.no_local_endpoints.clone(),
+        );
+        r.register(
+            "kube_ebpf_proxy_map_write_failures",
+            "Map writes that failed; the frontend kept its previous state",
+            sync.map_write_failures.clone(),
+        );
+        r.register(
+            "kube_ebpf_proxy_skipped_objects",
+            "Objects or parts of objects currently skipped as invalid, by problem kind",
+            sync.skipped_objects.clone(),
+        );
+        r.register(
+            "kube_ebpf_proxy_desired_map_entries",
+            "Entries the daemon keeps in each desired-state map",
+            sync.map_entries.clone(),
+        );
+        r.register(
+            "kube_ebpf_proxy_desired_map_fill_ratio",
+            "Entries over capacity of each desired-state map",
+            sync.map_fill.clone(),
+        );
+        r.register_collector(Box::new(DatapathCollector {
+            bpffs: bpffs.to_path_buf(),
+        }));
+        Metrics { registry: r, sync }
+    }
+
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+/// Reads the datapath's counters from the pinned maps at scrape time.
+#[derive(Debug)]
+pub struct DatapathCollector {
+    bpffs: PathBuf,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabels {
+    namespace: String,
+    name: String,
+    port: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    event: &'static str,
+}
+
+fn service_labels(name: &str) -> ServiceLabels {
+    // namespace/name:port (port omitted for an unnamed port)
+    let (namespace, rest) = name.split_once('/').unwrap_or(("", name));
+    let (name, port) = rest.split_once(':').unwrap_or((rest, ""));
+    ServiceLabels {
+        namespace: namespace.into(),
+        name: name.into(),
+        port: port.into(),
+    }
+}
+
+/// A counter family built at scrape time.
+fn counter_family<L: EncodeLabelSet>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: &[(L, u64)],
+) -> Result<(), std::fmt::Error> {
+    let mut metric = encoder.encode_descriptor(
+        name,
+        help,
+        None,
+        prometheus_client::metrics::MetricType::Counter,
+    )?;
+    for (labels, v) in rows {
+        ConstCounter::new(*v).encode(metric.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+fn gauge_family<L: EncodeLabelSet>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: &[(L, f64)],
+) -> Result<(), std::fmt::Error> {
+    let mut metric = encoder.encode_descriptor(
+        name,
+        help,
+        None,
+        prometheus_client::metrics::MetricType::Gauge,
+    )?;
+    for (labels, v) in rows {
+        ConstGauge::new(*v).encode(metric.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+/// Datapath figures, gathered in one go so a failing map read skips the
+/// datapath section instead of failing the whole scrape.
+struct DatapathFigures {
+    per_service: BTreeMap<String, SvcStats>,
+    counters: Vec<(Counter, u64)>,
+    tracked: Vec<(&'static str, u64, u32)>,
+}
+
+impl DatapathCollector {
+    fn gather(&self) -> anyhow::Result<DatapathFigures> {
+        let root = &self.bpffs;
+        let names: HashMap<MapData, u32, SvcName> =
+            HashMap::try_from(Map::from_map_data(open_pinned(root, NAME_MAP)?)?)?;
+        let stats: PerCpuArray<MapData, SvcStats> =
+            PerCpuArray::try_from(Map::from_map_data(open_pinned(root, SVC_STATS_MAP)?)?)?;
+        let mut per_service: BTreeMap<String, SvcStats> = BTreeMap::new();
+        for item in names.iter() {
+            let (id, name) = item?;
+            let total = stats
+                .get(&id, 0)?
+                .iter()
+                .fold(SvcStats::default(), |a, s| SvcStats {
+                    packets: a.packets + s.packets,
+                    bytes: a.bytes + s.bytes,
+                    new_flows: a.new_flows + s.new_flows,
+                });
+            // A service port has several frontends (ClusterIP, NodePort):
+            // one series per service port.
+            let e = per_service.entry(name.as_str().to_string()).or_default();
+            e.packets += total.packets;
+            e.bytes += total.bytes;
+            e.new_flows += total.new_flows;
+        }
+        let global: PerCpuArray<MapData, u64> =
+            PerCpuArray::try_from(Map::from_map_data(open_pinned(root, STATS_MAP)?)?)?;
+        let counters = Counter::ALL
+            .iter()
+            .map(|c| Ok((*c, global.get(&(*c as u32), 0)?.iter().sum())))
+            .collect::<anyhow::Result<_>>()?;
+        // Conntrack maps are LRU: their fill is counted by walking the keys
+        // (one syscall per entry; fine at the sizes a scrape interval sees).
+        let mut tracked = Vec::new();
+        for (map, size) in [(CT_MAP, CT_MAP_SIZE), (RNAT_MAP, RNAT_MAP_SIZE)] {
+            let m: HashMap<MapData, FlowKey, NatEntry> =
+                HashMap::try_from(Map::from_map_data(open_pinned(root, map)?)?)?;
+            tracked.push((map, m.keys().count() as u64, size));
+        }
+        Ok(DatapathFigures {
+            per_service,
+            counters,
+            tracked,
+        })
+    }
+}
+
+impl Collector for DatapathCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let f = match self.gather() {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "reading datapath counters failed");
+                return Ok(());
+            }
+        };
+        let svc = |get: fn(&SvcStats) -> u64| -> Vec<(ServiceLabels, u64)> {
+            f.per_service
+                .iter()
+                .map(|(n, s)| (service_labels(n), get(s)))
+                .collect()
+        };
+        counter_family(
+            &mut encoder,
+            "kube_ebpf_proxy_service_packets",
+            "Packets translated for a service port, both directions",
+            &svc(|s| s.packets),
+        )?;
+        counter_family(
+            &mut encoder,
+            "kube_ebpf_proxy_service_bytes",
+            "Bytes translated for a service port, both directions",
+            &svc(|s| s.bytes),
+        )?;
+        counter_family(
+            &mut encoder,
+            "kube_ebpf_proxy_service_new_connections",
+            "New connections (flows) balanced by a service port",
+            &svc(|s| s.new_flows),
+        )?;
+        let drops: Vec<(ReasonLabels, u64)> = f
+            .counters
+            .iter()
+            .filter(|(c, _)| c.is_drop())
+            .map(|(c, v)| (ReasonLabels { reason: c.name() }, *v))
+            .collect();
+        counter_family(
+            &mut encoder,
+            "kube_ebpf_proxy_datapath_drops",
+            "Packets dropped or rejected by the datapath, by reason",
+            &drops,
+        )?;
+        let events: Vec<(EventLabels, u64)> = f
+            .counters
+            .iter()
+            .filter(|(c, _)| !c.is_drop())
+            .map(|(c, v)| (EventLabels { event: c.name() }, *v))
+            .collect();
+        counter_family(
+            &mut encoder,
+            "kube_ebpf_proxy_datapath_packets",
+            "Packets the datapath translated, by event",
+            &events,
+        )?;
+        let entries: Vec<(NameLabels, f64)> = f
+            .tracked
+            .iter()
+            .map(|(m, n, _)| (NameLabels { map: m }, *n as f64))
+            .collect();
+        gauge_family(
+            &mut encoder,
+            "kube_ebpf_proxy_conntrack_entries",
+            "Entries in the connection-tracking maps",
+            &entries,
+        )?;
+        let fill: Vec<(NameLabels, f64)> = f
+            .tracked
+            .iter()
+            .map(|(m, n, size)| (NameLabels { map: m }, *n as f64 / *size as f64))
+            .collect();
+        gauge_family(
+            &mut encoder,
+            "kube_ebpf_proxy_conntrack_fill_ratio",
+            "Entries over capacity of the connection-tracking maps",
+            &fill,
+        )?;
+        Ok(())
+    }
+}
+
+impl SyncMetrics {
+    /// Records how full the desired-state maps are.
+    pub fn set_map_entries(&self, counts: &[(&'static str, usize)]) {
+        for (map, n) in counts {
+            let capacity = match *map {
+                SVC_MAP => SVC_MAP_SIZE,
+                SLOT_MAP => SLOT_MAP_SIZE,
+                BACKEND_MAP => BACKEND_MAP_SIZE,
+                ADDR_MAP => ADDR_MAP_SIZE,
+                _ => SVC_MAP_SIZE,
+            };
+            let labels = NameLabels { map };
+            self.map_entries.get_or_create(&labels).set(*n as i64);
+            self.map_fill
+                .get_or_create(&labels)
+                .set(*n as f64 / capacity as f64);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_names_split_into_labels() {
+        let l = service_labels("demo/web:http");
+        assert_eq!(
+            (l.namespace.as_str(), l.name.as_str(), l.port.as_str()),
+            ("demo", "web", "http")
+        );
+        let l = service_labels("default/backend-service");
+        assert_eq!((l.name.as_str(), l.port.as_str()), ("backend-service", ""));
+    }
+
+    #[test]
+    fn control_plane_metrics_use_kube_proxy_names() {
+        let m = Metrics::new(Path::new("/nonexistent"));
+        m.sync.service_changes.inc();
+        m.sync.sync_duration.observe(0.002);
+        let text = m.encode().unwrap();
+        for name in [
+            "kubeproxy_sync_proxy_rules_duration_seconds_bucket",
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "kubeproxy_network_programming_duration_seconds_count",
+            "kubeproxy_sync_proxy_rules_service_changes_total 1",
+            "kubeproxy_sync_proxy_rules_endpoint_changes_total 0",
+        ] {
+            assert!(text.contains(name), "{name} missing in\n{text}");
+        }
+    }
+}
