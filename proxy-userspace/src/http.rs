@@ -68,7 +68,7 @@ fn respond(endpoints: &Endpoints, path: &str) -> Response<Full<Bytes>> {
         (Endpoints::Metrics(m), "/metrics") => match m.encode() {
             Ok(body) => text(
                 StatusCode::OK,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                "text/plain; version=0.0.4; charset=utf-8",
                 body,
             ),
             Err(_) => text(

@@ -155,11 +155,42 @@ impl Metrics {
         Metrics { registry: r, sync }
     }
 
+    /// The Prometheus text format (0.0.4), which every scraper and
+    /// `promtool check metrics` read.
     pub fn encode(&self) -> Result<String, std::fmt::Error> {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
-        Ok(out)
+        Ok(openmetrics_to_prometheus(&out))
     }
+}
+
+/// prometheus-client writes OpenMetrics, where a counter's HELP and TYPE
+/// lines name it without the `_total` its samples carry, and which ends in
+/// `# EOF`. The Prometheus text format names counters with `_total`
+/// throughout; promtool (and older scrapers) otherwise see counters without
+/// help or type.
+pub fn openmetrics_to_prometheus(text: &str) -> String {
+    let counters: std::collections::HashSet<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
 }
 
 /// Reads the datapath's counters from the pinned maps at scrape time.
@@ -394,6 +425,15 @@ impl SyncMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counters_get_their_total_suffix_in_help_and_type() {
+        let om = "# HELP a_b Things.\n# TYPE a_b counter\na_b_total 1\n# HELP g A gauge.\n# TYPE g gauge\ng 2\n# EOF\n";
+        assert_eq!(
+            openmetrics_to_prometheus(om),
+            "# HELP a_b_total Things.\n# TYPE a_b_total counter\na_b_total 1\n# HELP g A gauge.\n# TYPE g gauge\ng 2\n"
+        );
+    }
 
     #[test]
     fn service_names_split_into_labels() {

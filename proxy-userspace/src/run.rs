@@ -117,8 +117,21 @@ pub async fn run(args: RunArgs) -> Result<()> {
     ctx.poll_manifests();
     ctx.refresh_addresses();
     ctx.sync();
-    ctx.attached = ctx.dp.attached()?;
+    // Links pinned by an earlier run: those of devices still here get the
+    // new programs swapped in by refresh_devices (atomically, through the
+    // link); those of vanished devices are dropped.
+    let current = devices::list(&ctx.filter)?;
+    for dev in ctx.dp.attached()? {
+        if !current.contains(&dev) {
+            ctx.dp.detach(&dev)?;
+        }
+    }
     ctx.refresh_devices();
+    info!(
+        frontends = ctx.syncer.frontend_count(),
+        devices = ctx.attached.len(),
+        "ready"
+    );
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;

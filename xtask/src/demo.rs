@@ -73,8 +73,7 @@ pub fn run(daemon: &Path) -> Result<()> {
     }
     for node in addr::NODES {
         let ready = lab.wait_for("daemon ready", Duration::from_secs(10), || {
-            let log = lab.daemon_log(node);
-            log.contains("attached") && log.contains("synced")
+            lab.daemon_log(node).contains(" ready ")
         });
         if let Err(e) = ready {
             bail!("{e:#}\n{}", lab.daemon_log(node));

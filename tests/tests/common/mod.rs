@@ -1,0 +1,298 @@
+//! The lab fixture for kube-ebpf-proxy tests: backends serving in pods on
+//! both nodes, a client pod, a manifest directory and the daemon running
+//! in both node namespaces.
+#![allow(dead_code)] // each test binary uses a different part
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    net::SocketAddrV4,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::Result;
+use lab::{Lab, TcpServer, UdpServer, addr, require_root_or_skip, tcp_request};
+
+pub fn daemon_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("KEP_BIN") {
+        return PathBuf::from(p);
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/kube-ebpf-proxy");
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo xtask test` (or set KEP_BIN)",
+        p.display()
+    );
+    p
+}
+
+pub fn sa(s: &str) -> SocketAddrV4 {
+    s.parse().unwrap()
+}
+
+/// A backend pod: where it runs, its name, its IP.
+pub struct Backend {
+    pub node: &'static str,
+    pub name: &'static str,
+    pub ip: &'static str,
+}
+
+/// A Service with its EndpointSlice, in manifest YAML.
+pub struct Svc<'a> {
+    pub name: &'a str,
+    pub cluster_ip: &'a str,
+    pub port: u16,
+    pub target: u16,
+    pub protocol: &'a str,
+    pub node_port: Option<u16>,
+    /// (backend, ready)
+    pub endpoints: Vec<(&'a Backend, bool)>,
+}
+
+impl Svc<'_> {
+    fn yaml(&self) -> String {
+        let svc_type = if self.node_port.is_some() {
+            "NodePort"
+        } else {
+            "ClusterIP"
+        };
+        let node_port = self
+            .node_port
+            .map(|p| format!("\n      nodePort: {p}"))
+            .unwrap_or_default();
+        let mut endpoints = String::new();
+        for (b, ready) in &self.endpoints {
+            endpoints.push_str(&format!(
+                "  - addresses: [\"{}\"]\n    nodeName: {}\n    conditions:\n      ready: {ready}\n",
+                b.ip, b.node
+            ));
+        }
+        if endpoints.is_empty() {
+            endpoints = "  []\n".into();
+        }
+        format!(
+            "apiVersion: v1
+kind: Service
+metadata:
+  name: {name}
+  namespace: lab
+spec:
+  type: {svc_type}
+  clusterIP: {ip}
+  ports:
+    - name: main
+      protocol: {proto}
+      port: {port}
+      targetPort: {target}{node_port}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}-1
+  namespace: lab
+  labels:
+    kubernetes.io/service-name: {name}
+addressType: IPv4
+ports:
+  - name: main
+    protocol: {proto}
+    port: {target}
+endpoints:
+{endpoints}",
+            name = self.name,
+            ip = self.cluster_ip,
+            proto = self.protocol,
+            port = self.port,
+            target = self.target,
+        )
+    }
+}
+
+/// A lab with backends serving, the daemon's manifest directory, and
+/// daemons started on both nodes.
+pub struct Cluster {
+    pub lab: Lab,
+    pub manifests: PathBuf,
+    /// Extra `run` arguments for every daemon start.
+    pub extra_args: Vec<String>,
+    _tcp: Vec<TcpServer>,
+    _udp: Vec<UdpServer>,
+}
+
+pub const WEB_A: Backend = Backend {
+    node: addr::NODE_A,
+    name: "web-a",
+    ip: "10.244.1.11",
+};
+pub const WEB_B1: Backend = Backend {
+    node: addr::NODE_B,
+    name: "web-b1",
+    ip: "10.244.2.11",
+};
+pub const WEB_B2: Backend = Backend {
+    node: addr::NODE_B,
+    name: "web-b2",
+    ip: "10.244.2.12",
+};
+pub const BACKENDS: [&Backend; 3] = [&WEB_A, &WEB_B1, &WEB_B2];
+/// Client pod on node-a.
+pub const CLIENT_POD: &str = "client-a";
+pub const CLIENT_POD_IP: &str = "10.244.1.50";
+
+impl Cluster {
+    /// Builds the lab, starts TCP and UDP servers on port 8080 in every
+    /// backend, writes `manifests` and starts the daemons.
+    pub fn start(test: &str, manifests: &str) -> Option<Cluster> {
+        Cluster::start_with(test, manifests, &[])
+    }
+
+    pub fn start_with(test: &str, manifests: &str, extra_args: &[&str]) -> Option<Cluster> {
+        if !require_root_or_skip(test) {
+            return None;
+        }
+        let mut lab = Lab::new().expect("lab");
+        let mut tcp = Vec::new();
+        let mut udp = Vec::new();
+        for b in BACKENDS {
+            lab.add_pod_with_ip(b.node, b.name, b.ip.parse().unwrap())
+                .unwrap();
+            let at = SocketAddrV4::new(b.ip.parse().unwrap(), 8080);
+            tcp.push(TcpServer::start(lab.ns(b.name), at, b.name).unwrap());
+            udp.push(UdpServer::start(lab.ns(b.name), at, b.name).unwrap());
+        }
+        lab.add_pod_with_ip(addr::NODE_A, CLIENT_POD, CLIENT_POD_IP.parse().unwrap())
+            .unwrap();
+        let dir = lab.dir().join("manifests");
+        fs::create_dir(&dir).unwrap();
+        let mut c = Cluster {
+            lab,
+            manifests: dir,
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            _tcp: tcp,
+            _udp: udp,
+        };
+        c.write_manifests(manifests);
+        for node in addr::NODES {
+            c.start_daemon(node);
+        }
+        Some(c)
+    }
+
+    pub fn bpffs(&self, node: &str) -> PathBuf {
+        self.lab.dir().join(format!("{node}-bpffs"))
+    }
+
+    pub fn start_daemon(&mut self, node: &str) {
+        let args = [
+            "run".to_string(),
+            "--manifests".into(),
+            self.manifests.display().to_string(),
+            "--hostname-override".into(),
+            node.into(),
+            "--bpffs".into(),
+            self.bpffs(node).display().to_string(),
+            "--poll-interval-ms".into(),
+            "100".into(),
+        ];
+        let args: Vec<String> = args
+            .into_iter()
+            .chain(self.extra_args.iter().cloned())
+            .collect();
+        // The log is appended across restarts: wait for one more "ready".
+        let ready = |c: &Cluster| c.lab.daemon_log(node).matches(" ready ").count();
+        let before = ready(self);
+        self.lab.start_daemon(node, &daemon_bin(), args).unwrap();
+        if let Err(e) = self
+            .lab
+            .wait_for("daemon ready", Duration::from_secs(10), || {
+                ready(self) > before
+            })
+        {
+            panic!("{e:#}\n--- {node} log ---\n{}", self.lab.daemon_log(node));
+        }
+    }
+
+    /// Replaces the manifest directory's content atomically (write, rename).
+    pub fn write_manifests(&self, text: &str) {
+        let tmp = self.manifests.with_extension("tmp");
+        fs::write(&tmp, text).unwrap();
+        fs::rename(&tmp, self.manifests.join("services.yaml")).unwrap();
+    }
+
+    pub fn logs(&self) -> String {
+        addr::NODES
+            .iter()
+            .map(|n| format!("--- {n} ---\n{}", self.lab.daemon_log(n)))
+            .collect()
+    }
+
+    pub fn cli(&self, node: &str, args: &[&str]) -> Result<String> {
+        let bpffs = self.bpffs(node).display().to_string();
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--bpffs", &bpffs]);
+        let out = self
+            .lab
+            .ns(node)
+            .exec(daemon_bin().to_str().unwrap(), &all)?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+    }
+}
+
+pub fn web(endpoints: Vec<(&Backend, bool)>, cluster_ip: &str, node_port: Option<u16>) -> String {
+    let mut out = String::new();
+    for proto in ["TCP", "UDP"] {
+        out.push_str(
+            &Svc {
+                // One Service per cluster IP and protocol.
+                name: &format!(
+                    "web-{}-{}",
+                    cluster_ip.rsplit('.').next().unwrap(),
+                    proto.to_lowercase()
+                ),
+                cluster_ip,
+                port: 80,
+                target: 8080,
+                protocol: proto,
+                node_port,
+                endpoints: endpoints.clone(),
+            }
+            .yaml(),
+        );
+        out.push_str("---\n");
+    }
+    out
+}
+
+/// Services of the basic tests: one per backend placement.
+pub fn placement_manifests() -> String {
+    [
+        web(vec![(&WEB_A, true)], "10.96.0.11", Some(30011)),
+        web(vec![(&WEB_B1, true)], "10.96.0.12", Some(30012)),
+        web(
+            vec![(&WEB_A, true), (&WEB_B1, true), (&WEB_B2, true)],
+            "10.96.0.10",
+            Some(30010),
+        ),
+    ]
+    .concat()
+}
+
+/// Sends `n` new connections and returns which backends answered.
+pub fn backends_hit(ns: &lab::Netns, vip: SocketAddrV4, n: usize) -> BTreeMap<String, u32> {
+    let mut hit = BTreeMap::new();
+    for _ in 0..n {
+        if let Ok(r) = tcp_request(ns, vip) {
+            *hit.entry(r.identity).or_default() += 1;
+        }
+    }
+    hit
+}
