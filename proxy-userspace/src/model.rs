@@ -91,7 +91,7 @@
 //! second is reported.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
@@ -372,71 +372,60 @@ pub struct DesiredState {
     pub problems: Vec<Problem>,
 }
 
-/// Computes the desired state (see the module documentation).
+/// Computes the desired state (see the module documentation). The same
+/// computation as [`crate::model_cache::ModelCache`], which the daemon uses
+/// to redo only what changed.
 pub fn desired_state(
     services: &[Service],
     slices: &[EndpointSlice],
     node: &NodeInfo,
     opts: &Options,
 ) -> DesiredState {
+    let mut cache = crate::model_cache::ModelCache::new(node.clone(), opts.clone());
+    cache.replace(services, slices);
+    cache.update();
+    cache.state()
+}
+
+/// What one Service produces on its own, from its slices: its frontends
+/// (without conflicts with other Services, which the caller resolves),
+/// endpoint sets and problems.
+pub fn service_state(
+    svc: &Service,
+    slices: &[&EndpointSlice],
+    node: &NodeInfo,
+    opts: &Options,
+) -> DesiredState {
+    let (ns, name) = obj_key(&svc.metadata);
     let mut b = Builder {
         node,
         state: DesiredState::default(),
     };
-
-    // Slices by (namespace, service name), each group in slice name order.
-    let mut sorted_slices: Vec<&EndpointSlice> = slices.iter().collect();
-    sorted_slices.sort_by_key(|s| obj_key(&s.metadata));
-    let mut by_service: HashMap<(String, String), Vec<&EndpointSlice>> = HashMap::new();
-    let mut seen_slices = BTreeSet::new();
-    for slice in sorted_slices {
-        let (ns, name) = obj_key(&slice.metadata);
-        let labels = slice.metadata.labels.as_ref();
-        if labels.is_some_and(|l| l.contains_key(LABEL_HEADLESS)) {
-            continue;
-        }
-        let Some(svc) = labels.and_then(|l| l.get(LABEL_SERVICE_NAME)) else {
-            tracing::debug!(slice = %format!("{ns}/{name}"), "EndpointSlice without {LABEL_SERVICE_NAME} label ignored");
-            continue;
-        };
-        if !seen_slices.insert((ns.clone(), name.clone())) {
-            b.problem(
-                ProblemKind::DuplicateObject,
-                "EndpointSlice",
-                &ns,
-                &name,
-                "a second EndpointSlice with this namespace and name; skipped".to_string(),
-            );
-            continue;
-        }
-        by_service.entry((ns, svc.clone())).or_default().push(slice);
-    }
-
-    let mut sorted: Vec<&Service> = services.iter().collect();
-    sorted.sort_by_key(|s| obj_key(&s.metadata));
-    let mut seen = BTreeSet::new();
-    for svc in sorted {
-        let (ns, name) = obj_key(&svc.metadata);
-        if !seen.insert((ns.clone(), name.clone())) {
-            b.problem(
-                ProblemKind::DuplicateObject,
-                "Service",
-                &ns,
-                &name,
-                "a second Service with this namespace and name; skipped".to_string(),
-            );
-            continue;
-        }
-        let slices = by_service
-            .get(&(ns.clone(), name.clone()))
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        b.service(svc, &ns, &name, slices, opts);
-    }
+    b.service(svc, &ns, &name, slices, opts);
     b.state
 }
 
-fn obj_key(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
+/// A problem of an object as a whole (a duplicate, say).
+pub fn object_problem(
+    kind: ProblemKind,
+    object_kind: &'static str,
+    ns: &str,
+    name: &str,
+    reason: String,
+) -> Problem {
+    Problem {
+        kind,
+        object_kind,
+        namespace: ns.to_string(),
+        name: name.to_string(),
+        reason,
+    }
+}
+
+/// (namespace, name); an empty or missing namespace is "default".
+pub fn obj_key(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> (String, String) {
     (
         meta.namespace
             .clone()

@@ -9,7 +9,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
     hash::{DefaultHasher, Hash, Hasher},
-    net::{IpAddr, Ipv4Addr},
+    net::Ipv4Addr,
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -17,10 +17,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use aya::maps::Array;
-use proxy_common::{
-    BE_F_LOCAL, Backend, CONFIG_MAP, Config, HAIRPIN_ADDR, IPPROTO_TCP, IPPROTO_UDP,
-    SVC_F_EXTERNAL, SvcKey,
-};
+use proxy_common::{CONFIG_MAP, Config, HAIRPIN_ADDR};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, info, warn};
 
@@ -29,19 +26,20 @@ use crate::{
     cli::RunArgs,
     datapath::{Datapath, Device},
     devices::{self, DeviceFilter},
+    frontends,
     health::{self, Health},
     http::{self, Endpoints},
     lbmap::BpfLbMaps,
     manifests,
     metrics::{KindLabels, MapLabels, Metrics, PolicyLabels},
-    model::{self, FrontendKind, NodeInfo, Protocol},
-    sync::{Desired, FrontendWant, Syncer},
+    model::{self, FrontendKind, NodeInfo},
+    model_cache::ModelCache,
+    sync::Syncer,
 };
 
 /// Everything the sync loop works with.
 struct Context {
     args: RunArgs,
-    node: NodeInfo,
     dp: Datapath,
     syncer: Syncer<BpfLbMaps>,
     filter: DeviceFilter,
@@ -57,6 +55,9 @@ struct Context {
     pending_since: Option<Instant>,
     /// Fingerprints of the objects last seen, to count changes.
     seen: BTreeMap<(&'static str, String), u64>,
+    model: ModelCache,
+    synced_once: bool,
+    problems_logged: BTreeSet<String>,
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {
@@ -96,12 +97,17 @@ pub async fn run(args: RunArgs) -> Result<()> {
         health,
         pending_since: Some(Instant::now()),
         seen: BTreeMap::new(),
+        model: ModelCache::new(
+            NodeInfo {
+                name: node_name.clone(),
+                zone: None,
+            },
+            model::Options::default(),
+        ),
+        synced_once: false,
+        problems_logged: BTreeSet::new(),
         filter: DeviceFilter {
             only: args.devices.clone(),
-        },
-        node: NodeInfo {
-            name: node_name,
-            zone: None,
         },
         dp,
         syncer,
@@ -303,17 +309,28 @@ impl Context {
 
     fn sync(&mut self) {
         let started = Instant::now();
-        let state = model::desired_state(
-            &self.objects.services,
-            &self.objects.slices,
-            &self.node,
-            &model::Options::default(),
-        );
-        for p in &state.problems {
+        self.model
+            .replace(&self.objects.services, &self.objects.slices);
+        let changed = self.model.update();
+        let problems = self.model.problems();
+        let shown: BTreeSet<String> = problems.iter().map(|p| p.to_string()).collect();
+        for p in shown.difference(&self.problems_logged) {
             warn!(problem = %p, "skipped");
         }
-        let desired = to_desired(&state, &self.node_addrs);
-        let report = self.syncer.sync(&desired);
+        self.problems_logged = shown;
+        let node_addrs: BTreeSet<[u8; 4]> = self.node_addrs.iter().map(|a| a.octets()).collect();
+        // The first sync compares everything with what a previous run left
+        // pinned; later ones only hand over what the model changed.
+        let report = if self.synced_once {
+            let changes = frontends::to_changes(self.model.frontends(), &changed);
+            self.syncer.apply(&changes, Some(&node_addrs))
+        } else {
+            self.synced_once = true;
+            self.syncer.sync(&frontends::to_desired(
+                self.model.frontends(),
+                &self.node_addrs,
+            ))
+        };
         let m = &self.metrics.sync;
         for (name, e) in &report.failed {
             warn!(frontend = %name, error = %e, "frontend not programmed; it keeps its previous state");
@@ -325,7 +342,7 @@ impl Context {
                 .inc();
         }
         let mut skipped: BTreeMap<String, i64> = BTreeMap::new();
-        for p in &state.problems {
+        for p in &problems {
             *skipped.entry(p.kind.label().to_string()).or_default() += 1;
         }
         *skipped.entry("manifest".to_string()).or_default() += self.objects.problems.len() as i64;
@@ -334,7 +351,7 @@ impl Context {
             m.skipped_objects.get_or_create(&KindLabels { kind }).set(n);
         }
         let (mut internal, mut external) = (0, 0);
-        for fe in state.frontends.values() {
+        for fe in self.model.frontends().values() {
             if fe.local_only && fe.backends.is_empty() {
                 match fe.kind {
                     FrontendKind::ClusterIp => internal += 1,
@@ -365,7 +382,7 @@ impl Context {
         }
         if report.writes > 0 {
             info!(
-                frontends = desired.frontends.len(),
+                frontends = self.syncer.frontend_count(),
                 written = report.frontends_written,
                 removed = report.frontends_removed,
                 map_writes = report.writes,
@@ -373,55 +390,6 @@ impl Context {
                 "synced"
             );
         }
-    }
-}
-
-fn proto(p: Protocol) -> u8 {
-    match p {
-        Protocol::Tcp => IPPROTO_TCP,
-        Protocol::Udp => IPPROTO_UDP,
-    }
-}
-
-/// The model's frontends as map entries: IPv4 only for now (IPv6 stays in
-/// the model for later).
-pub fn to_desired(state: &model::DesiredState, node_addrs: &BTreeSet<Ipv4Addr>) -> Desired {
-    let mut frontends = BTreeMap::new();
-    for (key, fe) in &state.frontends {
-        let IpAddr::V4(ip) = key.ip else { continue };
-        let p = proto(key.protocol);
-        let backends = fe
-            .backends
-            .iter()
-            .filter_map(|b| match b.ip {
-                IpAddr::V4(addr) => Some(Backend {
-                    addr: addr.octets(),
-                    port: b.port.to_be_bytes(),
-                    proto: p,
-                    flags: if b.local { BE_F_LOCAL } else { 0 },
-                }),
-                IpAddr::V6(_) => None,
-            })
-            .collect();
-        let external = !matches!(fe.kind, FrontendKind::ClusterIp);
-        frontends.insert(
-            SvcKey {
-                addr: ip.octets(),
-                port: key.port.to_be_bytes(),
-                proto: p,
-                _pad: 0,
-            },
-            FrontendWant {
-                name: fe.service.to_string(),
-                flags: if external { SVC_F_EXTERNAL } else { 0 },
-                backends,
-                vip: !matches!(fe.kind, FrontendKind::NodePort),
-            },
-        );
-    }
-    Desired {
-        frontends,
-        node_addrs: node_addrs.iter().map(|a| a.octets()).collect(),
     }
 }
 

@@ -29,9 +29,12 @@ pub struct FrontendWant {
     pub flags: u16,
     /// Backends in slot order (each gets one slot).
     pub backends: Vec<Backend>,
-    /// The frontend's address is a VIP (a ClusterIP, externalIP or LB IP);
-    /// NodePorts (address 0.0.0.0) are not.
-    pub vip: bool,
+}
+
+/// A frontend's address is a VIP (a ClusterIP, externalIP or LB IP) unless
+/// it is 0.0.0.0, which stands for a NodePort on every node address.
+fn is_vip(key: &SvcKey) -> bool {
+    key.addr != [0; 4]
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -74,6 +77,17 @@ pub struct Syncer<M: LbMaps> {
     /// Service port ids are reused (lowest first), so they stay below
     /// SVC_ID_LIMIT, the size of the per-service counter array.
     free_svc_ids: BTreeSet<u32>,
+    /// The desired state last asked for; a sync is a diff against it.
+    wanted: BTreeMap<SvcKey, FrontendWant>,
+    node_addrs: BTreeSet<[u8; 4]>,
+    /// Frontends whose last write failed: retried at every sync.
+    failed: BTreeSet<SvcKey>,
+    /// Programmed frontends per VIP address.
+    vips: BTreeMap<[u8; 4], usize>,
+    /// Backends whose last reference went away during this sync.
+    unreferenced: BTreeSet<u32>,
+    /// Addresses found in the pins, checked at the next sync.
+    stale_addrs: BTreeSet<[u8; 4]>,
     next_svc_id: u32,
     next_backend_id: u32,
 }
@@ -95,6 +109,12 @@ impl<M: LbMaps> Syncer<M> {
             addrs: snap.addrs.clone(),
             garbage: Vec::new(),
             free_svc_ids: BTreeSet::new(),
+            wanted: BTreeMap::new(),
+            node_addrs: BTreeSet::new(),
+            failed: BTreeSet::new(),
+            vips: BTreeMap::new(),
+            unreferenced: BTreeSet::new(),
+            stale_addrs: BTreeSet::new(),
             next_svc_id: 1,
             next_backend_id: 1,
         };
@@ -143,6 +163,19 @@ impl<M: LbMaps> Syncer<M> {
                 s.garbage.push(Key::Slot(*sk));
             }
         }
+        for key in s.frontends.keys() {
+            if is_vip(key) {
+                *s.vips.entry(key.addr).or_default() += 1;
+            }
+        }
+        s.unreferenced = s
+            .refs
+            .iter()
+            .filter(|(_, r)| **r == 0)
+            .map(|(id, _)| *id)
+            .collect();
+        // Every pinned address is re-derived at the first sync.
+        s.stale_addrs = s.addrs.keys().map(|k| k.addr).collect();
         let used: BTreeSet<u32> = s.frontends.values().map(|p| p.svc_id).collect();
         s.free_svc_ids = (1..s.next_svc_id).filter(|id| !used.contains(id)).collect();
         for (id, name) in snap.names {
@@ -186,33 +219,85 @@ impl<M: LbMaps> Syncer<M> {
         ]
     }
 
+    /// Brings the maps to `desired`: a diff against the last desired
+    /// state, then [`Syncer::apply`]. Also removes frontends adopted from
+    /// the pins that are no longer wanted.
     pub fn sync(&mut self, desired: &Desired) -> SyncReport {
-        let mut report = SyncReport::default();
-        // Removals first: their ids are free for the frontends added below.
-        let stale: Vec<SvcKey> = self
+        let mut changes: Vec<(SvcKey, Option<FrontendWant>)> = desired
             .frontends
-            .keys()
-            .filter(|k| !desired.frontends.contains_key(k))
-            .copied()
+            .iter()
+            .filter(|(k, w)| self.wanted.get(k) != Some(w) || !self.frontends.contains_key(k))
+            .map(|(k, w)| (*k, Some(w.clone())))
             .collect();
-        for key in stale {
-            self.remove_frontend(&key, &mut report.writes);
-            report.frontends_removed += 1;
+        changes.extend(
+            self.wanted
+                .keys()
+                .chain(self.frontends.keys())
+                .filter(|k| !desired.frontends.contains_key(k))
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .map(|k| (*k, None)),
+        );
+        self.apply(&changes, Some(&desired.node_addrs))
+    }
+
+    /// Applies changed frontends (None: removed) and, if given, the new set
+    /// of node addresses. The work is proportional to the change, not to
+    /// the number of frontends.
+    pub fn apply(
+        &mut self,
+        changes: &[(SvcKey, Option<FrontendWant>)],
+        node_addrs: Option<&BTreeSet<[u8; 4]>>,
+    ) -> SyncReport {
+        let mut report = SyncReport::default();
+        let mut touched: BTreeSet<SvcKey> = std::mem::take(&mut self.failed);
+        for (key, want) in changes {
+            match want {
+                Some(w) => self.wanted.insert(*key, w.clone()),
+                None => self.wanted.remove(key),
+            };
+            touched.insert(*key);
         }
-        for (key, want) in &desired.frontends {
-            if self.is_current(key, want) {
+        let mut addrs: BTreeSet<[u8; 4]> = BTreeSet::new();
+        if let Some(node_addrs) = node_addrs {
+            addrs.extend(self.node_addrs.symmetric_difference(node_addrs));
+            self.node_addrs = node_addrs.clone();
+        }
+        // Removals first: their ids are free for the frontends added below.
+        for key in &touched {
+            if !self.wanted.contains_key(key) && self.frontends.contains_key(key) {
+                self.remove_frontend(key, &mut report.writes);
+                report.frontends_removed += 1;
+                addrs.insert(key.addr);
+            }
+        }
+        // Backends the removals freed make room for the writes below.
+        self.collect_garbage(&mut report.writes);
+        for key in &touched {
+            let Some(want) = self.wanted.get(key).cloned() else {
+                continue;
+            };
+            if self.is_current(key, &want) {
                 let svc_id = self.frontends[key].svc_id;
                 // A renamed owner (or a name lost in a crash) is only a
                 // label: failing to write it is not worth failing the sync.
                 let _ = self.write_name(svc_id, &want.name, &mut report.writes);
                 continue;
             }
-            match self.write_frontend(key, want, &mut report.writes) {
-                Ok(()) => report.frontends_written += 1,
-                Err(e) => report.failed.push((want.name.clone(), e)),
+            match self.write_frontend(key, &want, &mut report.writes) {
+                Ok(()) => {
+                    report.frontends_written += 1;
+                    addrs.insert(key.addr);
+                }
+                Err(e) => {
+                    self.failed.insert(*key);
+                    report.failed.push((want.name.clone(), e));
+                }
             }
         }
-        self.sync_addrs(desired, &mut report);
+        addrs.extend(std::mem::take(&mut self.stale_addrs));
+        addrs.remove(&[0; 4]);
+        self.sync_addrs(&addrs, &mut report);
         self.collect_garbage(&mut report.writes);
         report
     }
@@ -311,8 +396,13 @@ impl<M: LbMaps> Syncer<M> {
             return Err(e);
         }
         *writes += 1;
-        if old.is_none() && !self.free_svc_ids.remove(&svc_id) {
-            self.next_svc_id += 1;
+        if old.is_none() {
+            if !self.free_svc_ids.remove(&svc_id) {
+                self.next_svc_id += 1;
+            }
+            if is_vip(key) {
+                *self.vips.entry(key.addr).or_default() += 1;
+            }
         }
         for id in &ids {
             *self.refs.entry(*id).or_default() += 1;
@@ -371,6 +461,9 @@ impl<M: LbMaps> Syncer<M> {
         for id in &old.backend_ids {
             if let Some(r) = self.refs.get_mut(id) {
                 *r = r.saturating_sub(1);
+                if *r == 0 {
+                    self.unreferenced.insert(*id);
+                }
             }
         }
     }
@@ -379,6 +472,14 @@ impl<M: LbMaps> Syncer<M> {
         let Some(old) = self.frontends.remove(key) else {
             return;
         };
+        if is_vip(key) {
+            if let Some(n) = self.vips.get_mut(&key.addr) {
+                *n -= 1;
+                if *n == 0 {
+                    self.vips.remove(&key.addr);
+                }
+            }
+        }
         // The service entry first: no new flow may pick a slot being
         // deleted.
         if self.maps.delete(&Key::Service(*key)).is_ok() {
@@ -407,42 +508,37 @@ impl<M: LbMaps> Syncer<M> {
         Ok(())
     }
 
-    fn sync_addrs(&mut self, desired: &Desired, report: &mut SyncReport) {
-        let mut want: BTreeMap<AddrKey, AddrValue> = BTreeMap::new();
-        for addr in &desired.node_addrs {
-            want.insert(AddrKey { addr: *addr }, class(ADDR_NODE));
-        }
-        // Only frontends that made it into the maps make their address a
-        // VIP; a VIP wins over a node address.
-        for (key, w) in &desired.frontends {
-            if w.vip && self.frontends.contains_key(key) {
-                want.insert(AddrKey { addr: key.addr }, class(ADDR_VIP));
-            }
-        }
-        for (k, v) in &want {
-            if self.addrs.get(k) == Some(v) {
+    /// Re-derives the class of the addresses a sync touched: a VIP while a
+    /// programmed frontend uses it (a VIP wins over a node address), a node
+    /// address while NodePorts answer on it, nothing otherwise.
+    fn sync_addrs(&mut self, touched: &BTreeSet<[u8; 4]>, report: &mut SyncReport) {
+        for addr in touched {
+            let k = AddrKey { addr: *addr };
+            let want = if self.vips.contains_key(addr) {
+                Some(class(ADDR_VIP))
+            } else if self.node_addrs.contains(addr) {
+                Some(class(ADDR_NODE))
+            } else {
+                None
+            };
+            if self.addrs.get(&k) == want.as_ref() {
                 continue;
             }
-            match self.maps.put(&Entry::Addr(*k, *v)) {
+            let result = match want {
+                Some(v) => self.maps.put(&Entry::Addr(k, v)),
+                None => self.maps.delete(&Key::Addr(k)),
+            };
+            match result {
                 Ok(()) => {
                     report.writes += 1;
-                    self.addrs.insert(*k, *v);
+                    match want {
+                        Some(v) => self.addrs.insert(k, v),
+                        None => self.addrs.remove(&k),
+                    };
                 }
                 Err(e) => report
                     .failed
-                    .push((format!("address {}", std::net::Ipv4Addr::from(k.addr)), e)),
-            }
-        }
-        let stale: Vec<AddrKey> = self
-            .addrs
-            .keys()
-            .filter(|k| !want.contains_key(k))
-            .copied()
-            .collect();
-        for k in stale {
-            if self.maps.delete(&Key::Addr(k)).is_ok() {
-                report.writes += 1;
-                self.addrs.remove(&k);
+                    .push((format!("address {}", std::net::Ipv4Addr::from(*addr)), e)),
             }
         }
     }
@@ -453,11 +549,10 @@ impl<M: LbMaps> Syncer<M> {
                 *writes += 1;
             }
         }
-        let unused: Vec<u32> = self
-            .refs
-            .iter()
-            .filter(|(_, r)| **r == 0)
-            .map(|(id, _)| *id)
+        let candidates = std::mem::take(&mut self.unreferenced);
+        let unused: Vec<u32> = candidates
+            .into_iter()
+            .filter(|id| self.refs.get(id) == Some(&0))
             .collect();
         for id in unused {
             if self
@@ -514,7 +609,6 @@ mod tests {
             name: name.into(),
             flags: 0,
             backends: backends.to_vec(),
-            vip: true,
         }
     }
 
@@ -696,7 +790,6 @@ mod tests {
                 },
                 FrontendWant {
                     flags: SVC_F_EXTERNAL,
-                    vip: false,
                     ..want("a", &[be(1, 8080)])
                 },
             ),
@@ -755,6 +848,56 @@ mod tests {
             .position(|l| *l == format!("reset_stats {a_id}"));
         let switch = m.log.iter().position(|l| l.starts_with("put Service"));
         assert!(reset.unwrap() < switch.unwrap(), "{:?}", m.log);
+    }
+
+    #[test]
+    fn apply_touches_only_the_changes_and_retries_what_failed() {
+        let mut maps = MemLbMaps::default();
+        maps.capacity.insert(proxy_common::BACKEND_MAP, 2);
+        let mut s = Syncer::adopt(maps).unwrap();
+        s.sync(&desired(&[(key(1, 80), want("a", &[be(1, 80)]))]));
+        s.maps_mut().log.clear();
+        // b needs two new backends but only one fits: it fails, a is untouched.
+        let r = s.apply(
+            &[(key(2, 80), Some(want("b", &[be(2, 80), be(3, 80)])))],
+            None,
+        );
+        assert_eq!(r.failed.len(), 1);
+        assert!(s.maps().log.iter().all(|l| !l.contains("10, 96, 0, 1]")));
+        assert!(!s.maps().state.addrs.contains_key(&AddrKey {
+            addr: [10, 96, 0, 2]
+        }));
+        // Removing a frees room; the failed frontend is retried by the next
+        // apply even though it did not change.
+        let r = s.apply(&[(key(1, 80), None)], None);
+        assert_eq!(
+            (r.frontends_removed, r.frontends_written),
+            (1, 1),
+            "{:?}",
+            r.failed
+        );
+        assert_eq!(
+            datapath_view(s.maps(), &key(2, 80)).unwrap(),
+            vec![be(2, 80), be(3, 80)]
+        );
+        let addrs = &s.maps().state.addrs;
+        assert!(!addrs.contains_key(&AddrKey {
+            addr: [10, 96, 0, 1]
+        }));
+        assert_eq!(
+            addrs[&AddrKey {
+                addr: [10, 96, 0, 2]
+            }]
+                .class,
+            ADDR_VIP
+        );
+        assert_eq!(
+            addrs[&AddrKey {
+                addr: [192, 168, 200, 11]
+            }]
+                .class,
+            ADDR_NODE
+        );
     }
 
     #[test]

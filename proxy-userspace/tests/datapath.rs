@@ -118,7 +118,6 @@ impl Fixture {
                     name: "default/web:http".into(),
                     flags: 0,
                     backends: bes.clone(),
-                    vip: true,
                 },
             );
             d.frontends.insert(
@@ -127,7 +126,6 @@ impl Fixture {
                     name: "default/web:http".into(),
                     flags: SVC_F_EXTERNAL,
                     backends: bes,
-                    vip: false,
                 },
             );
         }

@@ -67,7 +67,6 @@ fn desired(services: usize) -> Desired {
                 name: format!("bench/svc-{i}:http"),
                 flags: 0,
                 backends,
-                vip: true,
             },
         );
     }

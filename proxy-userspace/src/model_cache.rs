@@ -1,0 +1,401 @@
+//! The model, redone only where something changed.
+//!
+//! [`model::service_state`] computes what one Service produces from its
+//! EndpointSlices. The cache keeps that per Service, recomputes it only for
+//! Services whose object or slices changed (or all of them when the node
+//! changes), and resolves frontends claimed by two Services (the first by
+//! namespace/name keeps it) per frontend. At 10,000 Services a changed slice
+//! costs one Service's computation instead of ten thousand.
+//!
+//! [`model::desired_state`] is this cache run once, so the scenario tests of
+//! the model test this code.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    hash::{DefaultHasher, Hash, Hasher},
+};
+
+use k8s_openapi::{
+    api::{core::v1::Service, discovery::v1::EndpointSlice},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use serde::Serialize;
+
+use crate::model::{
+    self, DesiredState, Frontend, FrontendKey, LABEL_HEADLESS, LABEL_SERVICE_NAME, NodeInfo,
+    Options, Problem, ProblemKind, obj_key,
+};
+
+/// (namespace, name)
+pub type ObjKey = (String, String);
+
+/// What identifies a version of an object: its resourceVersion when an API
+/// server gave it one, its content otherwise (manifests).
+fn fingerprint<T: Serialize>(meta: &ObjectMeta, obj: &T) -> u64 {
+    let mut h = DefaultHasher::new();
+    match &meta.resource_version {
+        Some(rv) if !rv.is_empty() => ("rv", rv).hash(&mut h),
+        _ => serde_json::to_string(obj).unwrap_or_default().hash(&mut h),
+    }
+    h.finish()
+}
+
+struct SliceEntry {
+    fingerprint: u64,
+    /// The Service it belongs to (its namespace, its service-name label).
+    owner: ObjKey,
+    slice: EndpointSlice,
+}
+
+pub struct ModelCache {
+    node: NodeInfo,
+    opts: Options,
+    services: BTreeMap<ObjKey, (u64, Service)>,
+    slices: BTreeMap<ObjKey, SliceEntry>,
+    /// Slice names of each Service, in name order.
+    by_service: BTreeMap<ObjKey, BTreeSet<String>>,
+    /// The result of each Service on its own.
+    parts: BTreeMap<ObjKey, DesiredState>,
+    /// Services claiming each frontend; the first one has it.
+    claims: BTreeMap<FrontendKey, BTreeSet<ObjKey>>,
+    /// The frontends in force (the first claimant's).
+    winners: BTreeMap<FrontendKey, Frontend>,
+    /// Problems of the input as a whole (duplicate objects).
+    input_problems: Vec<Problem>,
+    dirty: BTreeSet<ObjKey>,
+}
+
+impl ModelCache {
+    pub fn new(node: NodeInfo, opts: Options) -> ModelCache {
+        ModelCache {
+            node,
+            opts,
+            services: BTreeMap::new(),
+            slices: BTreeMap::new(),
+            by_service: BTreeMap::new(),
+            parts: BTreeMap::new(),
+            claims: BTreeMap::new(),
+            winners: BTreeMap::new(),
+            input_problems: Vec::new(),
+            dirty: BTreeSet::new(),
+        }
+    }
+
+    /// A new node name or zone changes every Service's local and topology
+    /// sets.
+    pub fn set_node(&mut self, node: NodeInfo) {
+        if node != self.node {
+            self.node = node;
+            self.dirty.extend(self.services.keys().cloned());
+        }
+    }
+
+    pub fn node(&self) -> &NodeInfo {
+        &self.node
+    }
+
+    /// Replaces every object; Services whose object or slices differ from
+    /// the last call are marked for recomputation. Objects are cloned only
+    /// when they changed.
+    pub fn replace(&mut self, services: &[Service], slices: &[EndpointSlice]) {
+        self.input_problems.clear();
+
+        let mut sorted: Vec<&Service> = services.iter().collect();
+        sorted.sort_by_key(|s| obj_key(&s.metadata));
+        let mut next: BTreeMap<ObjKey, (u64, Service)> = BTreeMap::new();
+        for svc in sorted {
+            let key = obj_key(&svc.metadata);
+            if next.contains_key(&key) {
+                self.input_problems.push(model::object_problem(
+                    ProblemKind::DuplicateObject,
+                    "Service",
+                    &key.0,
+                    &key.1,
+                    "a second Service with this namespace and name; skipped".to_string(),
+                ));
+                continue;
+            }
+            let fp = fingerprint(&svc.metadata, svc);
+            let entry = match self.services.remove(&key) {
+                Some((old_fp, old)) if old_fp == fp => (old_fp, old),
+                _ => {
+                    self.dirty.insert(key.clone());
+                    (fp, svc.clone())
+                }
+            };
+            next.insert(key, entry);
+        }
+        // What is left was deleted.
+        self.dirty
+            .extend(std::mem::take(&mut self.services).into_keys());
+        self.services = next;
+
+        let mut sorted: Vec<&EndpointSlice> = slices.iter().collect();
+        sorted.sort_by_key(|s| obj_key(&s.metadata));
+        let mut next: BTreeMap<ObjKey, SliceEntry> = BTreeMap::new();
+        for slice in sorted {
+            let key = obj_key(&slice.metadata);
+            let labels = slice.metadata.labels.as_ref();
+            if labels.is_some_and(|l| l.contains_key(LABEL_HEADLESS)) {
+                continue;
+            }
+            let Some(svc) = labels.and_then(|l| l.get(LABEL_SERVICE_NAME)) else {
+                tracing::debug!(slice = %format!("{}/{}", key.0, key.1), "EndpointSlice without {LABEL_SERVICE_NAME} label ignored");
+                continue;
+            };
+            if next.contains_key(&key) {
+                self.input_problems.push(model::object_problem(
+                    ProblemKind::DuplicateObject,
+                    "EndpointSlice",
+                    &key.0,
+                    &key.1,
+                    "a second EndpointSlice with this namespace and name; skipped".to_string(),
+                ));
+                continue;
+            }
+            let owner = (key.0.clone(), svc.clone());
+            let fp = fingerprint(&slice.metadata, slice);
+            let entry = match self.slices.remove(&key) {
+                Some(old) if old.fingerprint == fp && old.owner == owner => old,
+                old => {
+                    if let Some(old) = old {
+                        self.unlink_slice(&key, &old.owner);
+                    }
+                    self.link_slice(&key, &owner);
+                    SliceEntry {
+                        fingerprint: fp,
+                        owner,
+                        slice: slice.clone(),
+                    }
+                }
+            };
+            next.insert(key, entry);
+        }
+        for (key, old) in std::mem::take(&mut self.slices) {
+            self.unlink_slice(&key, &old.owner);
+        }
+        self.slices = next;
+    }
+
+    fn link_slice(&mut self, key: &ObjKey, owner: &ObjKey) {
+        self.by_service
+            .entry(owner.clone())
+            .or_default()
+            .insert(key.1.clone());
+        self.dirty.insert(owner.clone());
+    }
+
+    fn unlink_slice(&mut self, key: &ObjKey, owner: &ObjKey) {
+        if let Some(names) = self.by_service.get_mut(owner) {
+            names.remove(&key.1);
+            if names.is_empty() {
+                self.by_service.remove(owner);
+            }
+        }
+        self.dirty.insert(owner.clone());
+    }
+
+    /// Recomputes what changed; returns the frontends whose winning state
+    /// changed (added, modified or removed).
+    pub fn update(&mut self) -> BTreeSet<FrontendKey> {
+        let mut touched: BTreeSet<FrontendKey> = BTreeSet::new();
+        for svc_key in std::mem::take(&mut self.dirty) {
+            if let Some(old) = self.parts.remove(&svc_key) {
+                for fk in old.frontends.keys() {
+                    if let Some(c) = self.claims.get_mut(fk) {
+                        c.remove(&svc_key);
+                    }
+                    touched.insert(*fk);
+                }
+            }
+            let Some((_, svc)) = self.services.get(&svc_key) else {
+                continue;
+            };
+            let slices: Vec<&EndpointSlice> = self
+                .by_service
+                .get(&svc_key)
+                .into_iter()
+                .flatten()
+                .filter_map(|name| self.slices.get(&(svc_key.0.clone(), name.clone())))
+                .map(|e| &e.slice)
+                .collect();
+            let part = model::service_state(svc, &slices, &self.node, &self.opts);
+            for fk in part.frontends.keys() {
+                self.claims.entry(*fk).or_default().insert(svc_key.clone());
+                touched.insert(*fk);
+            }
+            self.parts.insert(svc_key, part);
+        }
+        let mut changed = BTreeSet::new();
+        for fk in touched {
+            let winner = self
+                .claims
+                .get(&fk)
+                .and_then(|c| c.first())
+                .and_then(|owner| self.parts.get(owner))
+                .and_then(|p| p.frontends.get(&fk));
+            if self.winners.get(&fk) != winner {
+                match winner {
+                    Some(w) => self.winners.insert(fk, w.clone()),
+                    None => self.winners.remove(&fk),
+                };
+                changed.insert(fk);
+            }
+            if self.claims.get(&fk).is_some_and(BTreeSet::is_empty) {
+                self.claims.remove(&fk);
+            }
+        }
+        changed
+    }
+
+    pub fn frontends(&self) -> &BTreeMap<FrontendKey, Frontend> {
+        &self.winners
+    }
+
+    /// Everything skipped, in namespace/name order.
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut out = self.input_problems.clone();
+        for (key, part) in &self.parts {
+            out.extend(part.problems.iter().cloned());
+            for (fk, fe) in &part.frontends {
+                let Some(owner) = self.claims.get(fk).and_then(|c| c.first()) else {
+                    continue;
+                };
+                if owner != key {
+                    let other = &self.winners[fk];
+                    out.push(model::object_problem(
+                        ProblemKind::DuplicateFrontend,
+                        "Service",
+                        &key.0,
+                        &key.1,
+                        format!(
+                            "port {:?}: {} frontend {fk} is taken by {} ({}); skipped",
+                            fe.service.port, fe.kind, other.service, other.kind
+                        ),
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    /// The whole desired state (as [`model::desired_state`] returns it).
+    pub fn state(&self) -> DesiredState {
+        let mut endpoints = BTreeMap::new();
+        for part in self.parts.values() {
+            endpoints.extend(part.endpoints.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        DesiredState {
+            frontends: self.winners.clone(),
+            endpoints,
+            problems: self.problems(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(name: &str, ip: &str) -> Service {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "ns"},
+            "spec": {"clusterIP": ip, "ports": [{"port": 80, "targetPort": 8080}]}
+        }))
+        .unwrap()
+    }
+
+    fn slice(svc: &str, name: &str, ips: &[&str]) -> EndpointSlice {
+        let eps: Vec<_> = ips
+            .iter()
+            .map(|ip| serde_json::json!({"addresses": [ip]}))
+            .collect();
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "ns",
+                         "labels": {LABEL_SERVICE_NAME: svc}},
+            "addressType": "IPv4",
+            "ports": [{"port": 8080}],
+            "endpoints": eps
+        }))
+        .unwrap()
+    }
+
+    fn key(ip: &str) -> FrontendKey {
+        FrontendKey {
+            ip: ip.parse().unwrap(),
+            port: 80,
+            protocol: model::Protocol::Tcp,
+        }
+    }
+
+    #[test]
+    fn only_changed_services_are_recomputed() {
+        let mut c = ModelCache::new(NodeInfo::default(), Options::default());
+        let services = vec![svc("a", "10.96.0.1"), svc("b", "10.96.0.2")];
+        let mut slices = vec![
+            slice("a", "a-1", &["10.0.0.1"]),
+            slice("b", "b-1", &["10.0.0.2"]),
+        ];
+        c.replace(&services, &slices);
+        assert_eq!(c.update().len(), 2);
+        c.replace(&services, &slices);
+        assert!(c.dirty.is_empty(), "nothing changed");
+        assert!(c.update().is_empty());
+
+        slices[1] = slice("b", "b-1", &["10.0.0.2", "10.0.0.3"]);
+        c.replace(&services, &slices);
+        assert_eq!(
+            c.dirty,
+            BTreeSet::from([("ns".to_string(), "b".to_string())])
+        );
+        assert_eq!(c.update(), BTreeSet::from([key("10.96.0.2")]));
+        assert_eq!(c.frontends()[&key("10.96.0.2")].backends.len(), 2);
+
+        // A slice moving to another Service dirties both.
+        slices[1] = slice("a", "b-1", &["10.0.0.2"]);
+        c.replace(&services, &slices);
+        assert_eq!(c.dirty.len(), 2);
+        c.update();
+        assert_eq!(c.frontends()[&key("10.96.0.1")].backends.len(), 2);
+        assert!(c.frontends()[&key("10.96.0.2")].backends.is_empty());
+    }
+
+    #[test]
+    fn a_frontend_passes_to_the_next_claimant_when_its_owner_goes() {
+        let mut c = ModelCache::new(NodeInfo::default(), Options::default());
+        let both = vec![svc("a", "10.96.0.9"), svc("b", "10.96.0.9")];
+        let slices = vec![
+            slice("a", "a-1", &["10.0.0.1"]),
+            slice("b", "b-1", &["10.0.0.2"]),
+        ];
+        c.replace(&both, &slices);
+        c.update();
+        assert_eq!(c.frontends()[&key("10.96.0.9")].service.name, "a");
+        let problems = c.problems();
+        assert_eq!(problems.len(), 1);
+        assert_eq!(
+            (problems[0].name.as_str(), problems[0].kind),
+            ("b", ProblemKind::DuplicateFrontend)
+        );
+
+        c.replace(&both[1..], &slices);
+        assert_eq!(c.update(), BTreeSet::from([key("10.96.0.9")]));
+        assert_eq!(c.frontends()[&key("10.96.0.9")].service.name, "b");
+        assert!(c.problems().is_empty());
+    }
+
+    #[test]
+    fn a_new_node_recomputes_everything() {
+        let mut c = ModelCache::new(NodeInfo::default(), Options::default());
+        c.replace(
+            &[svc("a", "10.96.0.1")],
+            &[slice("a", "a-1", &["10.0.0.1"])],
+        );
+        c.update();
+        c.set_node(NodeInfo {
+            name: "n1".into(),
+            zone: None,
+        });
+        assert_eq!(c.dirty.len(), 1);
+    }
+}
