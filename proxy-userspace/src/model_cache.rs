@@ -63,6 +63,8 @@ pub struct ModelCache {
     /// Problems of the input as a whole (duplicate objects).
     input_problems: Vec<Problem>,
     dirty: BTreeSet<ObjKey>,
+    /// Services and slices that changed since [`ModelCache::take_changes`].
+    changes: (u64, u64),
 }
 
 impl ModelCache {
@@ -78,6 +80,7 @@ impl ModelCache {
             winners: BTreeMap::new(),
             input_problems: Vec::new(),
             dirty: BTreeSet::new(),
+            changes: (0, 0),
         }
     }
 
@@ -94,18 +97,18 @@ impl ModelCache {
         &self.node
     }
 
-    /// Replaces every object; Services whose object or slices differ from
-    /// the last call are marked for recomputation. Objects are cloned only
-    /// when they changed.
+    /// Replaces every object (a manifest directory read again); only
+    /// Services whose object or slices differ are marked for recomputation,
+    /// and only changed objects are copied.
     pub fn replace(&mut self, services: &[Service], slices: &[EndpointSlice]) {
         self.input_problems.clear();
 
         let mut sorted: Vec<&Service> = services.iter().collect();
         sorted.sort_by_key(|s| obj_key(&s.metadata));
-        let mut next: BTreeMap<ObjKey, (u64, Service)> = BTreeMap::new();
+        let mut seen: BTreeSet<ObjKey> = BTreeSet::new();
         for svc in sorted {
             let key = obj_key(&svc.metadata);
-            if next.contains_key(&key) {
+            if !seen.insert(key.clone()) {
                 self.input_problems.push(model::object_problem(
                     ProblemKind::DuplicateObject,
                     "Service",
@@ -115,35 +118,24 @@ impl ModelCache {
                 ));
                 continue;
             }
-            let fp = fingerprint(&svc.metadata, svc);
-            let entry = match self.services.remove(&key) {
-                Some((old_fp, old)) if old_fp == fp => (old_fp, old),
-                _ => {
-                    self.dirty.insert(key.clone());
-                    (fp, svc.clone())
-                }
-            };
-            next.insert(key, entry);
+            self.put_service(key, svc);
         }
-        // What is left was deleted.
-        self.dirty
-            .extend(std::mem::take(&mut self.services).into_keys());
-        self.services = next;
+        let gone: Vec<ObjKey> = self
+            .services
+            .keys()
+            .filter(|k| !seen.contains(*k))
+            .cloned()
+            .collect();
+        for (ns, name) in gone {
+            self.delete_service(&ns, &name);
+        }
 
         let mut sorted: Vec<&EndpointSlice> = slices.iter().collect();
         sorted.sort_by_key(|s| obj_key(&s.metadata));
-        let mut next: BTreeMap<ObjKey, SliceEntry> = BTreeMap::new();
+        let mut seen: BTreeSet<ObjKey> = BTreeSet::new();
         for slice in sorted {
             let key = obj_key(&slice.metadata);
-            let labels = slice.metadata.labels.as_ref();
-            if labels.is_some_and(|l| l.contains_key(LABEL_HEADLESS)) {
-                continue;
-            }
-            let Some(svc) = labels.and_then(|l| l.get(LABEL_SERVICE_NAME)) else {
-                tracing::debug!(slice = %format!("{}/{}", key.0, key.1), "EndpointSlice without {LABEL_SERVICE_NAME} label ignored");
-                continue;
-            };
-            if next.contains_key(&key) {
+            if !seen.insert(key.clone()) {
                 self.input_problems.push(model::object_problem(
                     ProblemKind::DuplicateObject,
                     "EndpointSlice",
@@ -153,28 +145,92 @@ impl ModelCache {
                 ));
                 continue;
             }
-            let owner = (key.0.clone(), svc.clone());
-            let fp = fingerprint(&slice.metadata, slice);
-            let entry = match self.slices.remove(&key) {
-                Some(old) if old.fingerprint == fp && old.owner == owner => old,
-                old => {
-                    if let Some(old) = old {
-                        self.unlink_slice(&key, &old.owner);
-                    }
-                    self.link_slice(&key, &owner);
-                    SliceEntry {
-                        fingerprint: fp,
-                        owner,
-                        slice: slice.clone(),
-                    }
-                }
-            };
-            next.insert(key, entry);
+            self.put_slice(key, slice);
         }
-        for (key, old) in std::mem::take(&mut self.slices) {
+        let gone: Vec<ObjKey> = self
+            .slices
+            .keys()
+            .filter(|k| !seen.contains(*k))
+            .cloned()
+            .collect();
+        for (ns, name) in gone {
+            self.delete_slice(&ns, &name);
+        }
+    }
+
+    /// A Service was added or changed (a watch event).
+    pub fn upsert_service(&mut self, svc: &Service) {
+        self.put_service(obj_key(&svc.metadata), svc);
+    }
+
+    pub fn delete_service(&mut self, ns: &str, name: &str) {
+        let key = (ns.to_string(), name.to_string());
+        if self.services.remove(&key).is_some() {
+            self.dirty.insert(key);
+            self.changes.0 += 1;
+        }
+    }
+
+    /// An EndpointSlice was added or changed (a watch event).
+    pub fn upsert_slice(&mut self, slice: &EndpointSlice) {
+        self.put_slice(obj_key(&slice.metadata), slice);
+    }
+
+    pub fn delete_slice(&mut self, ns: &str, name: &str) {
+        let key = (ns.to_string(), name.to_string());
+        if let Some(old) = self.slices.remove(&key) {
             self.unlink_slice(&key, &old.owner);
+            self.changes.1 += 1;
         }
-        self.slices = next;
+    }
+
+    /// How many Services and EndpointSlices changed (added, modified,
+    /// deleted) since the last call.
+    pub fn take_changes(&mut self) -> (u64, u64) {
+        std::mem::take(&mut self.changes)
+    }
+
+    fn put_service(&mut self, key: ObjKey, svc: &Service) {
+        let fp = fingerprint(&svc.metadata, svc);
+        if self.services.get(&key).is_some_and(|(old, _)| *old == fp) {
+            return;
+        }
+        self.dirty.insert(key.clone());
+        self.changes.0 += 1;
+        self.services.insert(key, (fp, svc.clone()));
+    }
+
+    fn put_slice(&mut self, key: ObjKey, slice: &EndpointSlice) {
+        let labels = slice.metadata.labels.as_ref();
+        let owner = labels
+            .filter(|l| !l.contains_key(LABEL_HEADLESS))
+            .and_then(|l| l.get(LABEL_SERVICE_NAME))
+            .map(|svc| (key.0.clone(), svc.clone()));
+        let Some(owner) = owner else {
+            // Headless, or no service-name label: not ours (any earlier
+            // version of it is dropped).
+            tracing::debug!(slice = %format!("{}/{}", key.0, key.1), "EndpointSlice ignored");
+            self.delete_slice(&key.0, &key.1);
+            return;
+        };
+        let fp = fingerprint(&slice.metadata, slice);
+        if let Some(old) = self.slices.get(&key) {
+            if old.fingerprint == fp && old.owner == owner {
+                return;
+            }
+            let old_owner = old.owner.clone();
+            self.unlink_slice(&key, &old_owner);
+        }
+        self.link_slice(&key, &owner);
+        self.changes.1 += 1;
+        self.slices.insert(
+            key,
+            SliceEntry {
+                fingerprint: fp,
+                owner,
+                slice: slice.clone(),
+            },
+        );
     }
 
     fn link_slice(&mut self, key: &ObjKey, owner: &ObjKey) {

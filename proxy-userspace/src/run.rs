@@ -8,7 +8,6 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
-    hash::{DefaultHasher, Hash, Hasher},
     net::Ipv4Addr,
     path::{Path, PathBuf},
     sync::Arc,
@@ -48,13 +47,12 @@ struct Context {
     retry: BTreeMap<Device, (Instant, Duration)>,
     node_addrs: BTreeSet<Ipv4Addr>,
     manifests: ManifestDir,
-    objects: manifests::Objects,
+    /// Parts of the manifests that could not be read, at the last load.
+    manifest_problems: usize,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     /// When the oldest change not yet programmed was seen.
     pending_since: Option<Instant>,
-    /// Fingerprints of the objects last seen, to count changes.
-    seen: BTreeMap<(&'static str, String), u64>,
     model: ModelCache,
     synced_once: bool,
     problems_logged: BTreeSet<String>,
@@ -96,7 +94,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
         metrics,
         health,
         pending_since: Some(Instant::now()),
-        seen: BTreeMap::new(),
         model: ModelCache::new(
             NodeInfo {
                 name: node_name.clone(),
@@ -115,7 +112,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         retry: BTreeMap::new(),
         node_addrs: BTreeSet::new(),
         manifests: ManifestDir::new(dir),
-        objects: Default::default(),
+        manifest_problems: 0,
         args,
     };
     // Program the maps before attaching, so the first packet the programs
@@ -162,6 +159,16 @@ pub async fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
+/// Parsing a large manifest directory leaves freed heap that glibc keeps;
+/// hand it back so the daemon's resident size reflects what it holds.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 fn write_config(dp: &mut Datapath, args: &RunArgs) -> Result<()> {
     let mut cfg: Array<_, Config> = Array::try_from(dp.take_map(CONFIG_MAP)?)?;
     let value = Config {
@@ -186,8 +193,11 @@ impl Context {
                     endpoint_slices = objects.slices.len(),
                     "manifests loaded"
                 );
-                self.count_changes(&objects);
-                self.objects = objects;
+                // The model keeps what it needs; the parsed manifests go.
+                self.model.replace(&objects.services, &objects.slices);
+                self.manifest_problems = objects.problems.len();
+                drop(objects);
+                release_freed_memory();
                 true
             }
             Ok(None) => false,
@@ -270,48 +280,12 @@ impl Context {
         self.health.queued(now);
     }
 
-    /// Counts changed Services and EndpointSlices against the last load.
-    fn count_changes(&mut self, objects: &manifests::Objects) {
-        fn fingerprint<T: serde::Serialize>(o: &T) -> u64 {
-            let mut h = DefaultHasher::new();
-            serde_json::to_string(o).unwrap_or_default().hash(&mut h);
-            h.finish()
-        }
-        fn id(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
-            format!(
-                "{}/{}",
-                meta.namespace.as_deref().unwrap_or("default"),
-                meta.name.as_deref().unwrap_or("")
-            )
-        }
-        let mut now = BTreeMap::new();
-        for s in &objects.services {
-            now.insert(("service", id(&s.metadata)), fingerprint(s));
-        }
-        for s in &objects.slices {
-            now.insert(("slice", id(&s.metadata)), fingerprint(s));
-        }
-        let changed = |kind: &str| {
-            let keys: BTreeSet<_> = now
-                .keys()
-                .chain(self.seen.keys())
-                .filter(|k| k.0 == kind)
-                .collect();
-            keys.into_iter()
-                .filter(|k| now.get(*k) != self.seen.get(*k))
-                .count() as u64
-        };
-        let (services, slices) = (changed("service"), changed("slice"));
-        self.metrics.sync.service_changes.inc_by(services);
-        self.metrics.sync.endpoint_changes.inc_by(slices);
-        self.seen = now;
-    }
-
     fn sync(&mut self) {
         let started = Instant::now();
-        self.model
-            .replace(&self.objects.services, &self.objects.slices);
         let changed = self.model.update();
+        let (services, slices) = self.model.take_changes();
+        self.metrics.sync.service_changes.inc_by(services);
+        self.metrics.sync.endpoint_changes.inc_by(slices);
         let problems = self.model.problems();
         let shown: BTreeSet<String> = problems.iter().map(|p| p.to_string()).collect();
         for p in shown.difference(&self.problems_logged) {
@@ -345,7 +319,7 @@ impl Context {
         for p in &problems {
             *skipped.entry(p.kind.label().to_string()).or_default() += 1;
         }
-        *skipped.entry("manifest".to_string()).or_default() += self.objects.problems.len() as i64;
+        *skipped.entry("manifest".to_string()).or_default() += self.manifest_problems as i64;
         m.skipped_objects.clear();
         for (kind, n) in skipped {
             m.skipped_objects.get_or_create(&KindLabels { kind }).set(n);

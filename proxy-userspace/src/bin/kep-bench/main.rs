@@ -16,6 +16,8 @@ use std::{
     time::Instant,
 };
 
+mod control_plane;
+
 use anyhow::{Context as _, Result, ensure};
 use aya::programs::{TestRun, TestRunOptions};
 use proxy_common::*;
@@ -174,6 +176,21 @@ fn main() -> Result<()> {
     println!();
     println!("Cells: median ns (added over the trivial program). Programming time: the syncer");
     println!("writing the services added since the previous row, from userspace.");
+
+    // Fresh maps for the control-plane figures.
+    drop(syncer);
+    let mut dp = Datapath::load_private()?;
+    control_plane::run(&mut dp)?;
+    let scratch = std::env::temp_dir().join(format!("kep-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch)?;
+    for n in [10_000, 50_000] {
+        let rss = control_plane::daemon_rss(n, &scratch)?;
+        println!(
+            "| daemon RSS with {n} Services programmed (manifests) | {:.0} MiB |",
+            rss as f64 / 1024.0
+        );
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
     Ok(())
 }
 
