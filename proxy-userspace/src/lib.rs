@@ -8,6 +8,7 @@ pub mod frontends;
 pub mod health;
 pub mod http;
 pub mod inspect;
+pub mod kube_source;
 pub mod lbmap;
 pub mod manifests;
 pub mod metrics;

@@ -37,6 +37,7 @@
 //! ```
 
 pub mod addr;
+pub mod apiserver;
 mod daemon;
 mod instance;
 mod lab;

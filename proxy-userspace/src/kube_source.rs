@@ -1,0 +1,770 @@
+//! Services, EndpointSlices and this node's Node object from the API server.
+//!
+//! Three kube-runtime watchers (list, then watch from the list's
+//! resourceVersion, resume after a dropped stream, re-list after 410 Gone)
+//! each feed a reflector store, as client-go's informers feed kube-proxy.
+//! They run as tokio tasks; the daemon's one sync loop waits on
+//! [`KubeSource::changed`] and takes a [`KubeSource::snapshot`].
+//!
+//! While the API server is unreachable the stores keep the last state they
+//! had (so the datapath keeps serving it) and every watcher retries with
+//! kube-runtime's default backoff (0.8 s doubling to 30 s, with jitter):
+//! no busy loop, whatever the failure.
+//!
+//! Filtering: as kube-proxy, slices labelled `service.kubernetes.io/headless`
+//! are dropped by the server. Services (and slices) labelled
+//! `service.kubernetes.io/service-proxy-name` are dropped by the server only
+//! when no `--service-proxy-name` is set; otherwise the model filters them
+//! (a label selector cannot say "unset or equal to X").
+
+use std::{
+    collections::BTreeMap,
+    fmt::Debug,
+    hash::Hash,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client, Config, Resource, ResourceExt,
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{
+        WatchStreamExt,
+        reflector::{Store, store::Writer},
+        watcher,
+    },
+};
+use serde::de::DeserializeOwned;
+use tokio::{sync::Notify, task::JoinHandle};
+use tracing::{info, warn};
+
+use crate::model::{LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME};
+
+/// How long a watch lasts before the server ends it and the watcher resumes
+/// it. kube-runtime treats a watch silent for this long plus 5 s as a dead
+/// connection, so this also bounds how long a half-open connection (a
+/// crashed server, a dropped route) goes unnoticed: about a minute, as
+/// client-go's HTTP/2 health checks give kube-proxy.
+pub const WATCH_TIMEOUT_S: u32 = 60;
+
+/// The longest the client waits for bytes on a connection before failing
+/// the request. kube leaves it unset, so a list sent to a server that
+/// accepted the connection and then hung would wait forever; the API server
+/// itself ends requests after 60 s, so nothing legitimate is cut. Longer
+/// than [`WATCH_TIMEOUT_S`], so a quiet watch is never cut by it.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Where the API server is and how to authenticate to it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KubeOptions {
+    /// A kubeconfig file (its current context).
+    pub kubeconfig: Option<PathBuf>,
+    /// The API server's URL; overrides the kubeconfig's server. Without a
+    /// kubeconfig, requests are sent without credentials (for a local or
+    /// test server). `host:port` without a scheme means https.
+    pub master: Option<String>,
+    /// This node's name: its Node object gives addresses and topology labels.
+    pub node_name: String,
+}
+
+/// The client configuration `opts` asks for: the kubeconfig file, `--master`
+/// overriding its server (or alone), or, when neither is given, in-cluster
+/// (the pod's service account), falling back to kube's inference
+/// (`$KUBECONFIG`, `~/.kube/config`).
+pub async fn config(opts: &KubeOptions) -> Result<Config> {
+    let master = opts.master.as_deref().map(parse_master).transpose()?;
+    let mut config = match (&opts.kubeconfig, master) {
+        (Some(path), master) => {
+            let kubeconfig = Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            let mut config =
+                Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                    .await
+                    .with_context(|| format!("using kubeconfig {}", path.display()))?;
+            if let Some(url) = master {
+                config.cluster_url = url;
+            }
+            config
+        }
+        (None, Some(url)) => Config::new(url),
+        (None, None) => match Config::incluster() {
+            Ok(config) => config,
+            Err(in_cluster) => Config::infer().await.with_context(|| {
+                format!("no --kubeconfig or --master, and not in a cluster ({in_cluster})")
+            })?,
+        },
+    };
+    config.read_timeout = Some(READ_TIMEOUT);
+    // Count the read timeout from when a request is sent, not from when its
+    // pooled connection went idle.
+    config.reset_reader_on_write = true;
+    Ok(config)
+}
+
+/// A client for the API server `opts` names (see [`config`]).
+pub async fn client(opts: &KubeOptions) -> Result<Client> {
+    let config = config(opts).await?;
+    let url = config.cluster_url.clone();
+    Client::try_from(config).with_context(|| format!("building a client for {url}"))
+}
+
+fn parse_master(master: &str) -> Result<hyper::Uri> {
+    let with_scheme = if master.contains("://") {
+        master.to_string()
+    } else {
+        format!("https://{master}")
+    };
+    let uri: hyper::Uri = with_scheme
+        .parse()
+        .with_context(|| format!("--master {master:?} is not a URL"))?;
+    match uri.scheme_str() {
+        Some("http" | "https") if uri.host().is_some() => Ok(uri),
+        _ => bail!("--master {master:?}: expected http://HOST[:PORT] or https://HOST[:PORT]"),
+    }
+}
+
+/// Label selectors sent to the server, as kube-proxy's informers send them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Selectors {
+    pub services: Option<String>,
+    pub slices: String,
+}
+
+impl Selectors {
+    pub fn new(service_proxy_name: Option<&str>) -> Selectors {
+        match service_proxy_name {
+            None => Selectors {
+                services: Some(format!("!{LABEL_SERVICE_PROXY_NAME}")),
+                slices: format!("!{LABEL_HEADLESS},!{LABEL_SERVICE_PROXY_NAME}"),
+            },
+            // Services labelled for us, and unlabelled ones: the model picks.
+            Some(_) => Selectors {
+                services: None,
+                slices: format!("!{LABEL_HEADLESS}"),
+            },
+        }
+    }
+}
+
+/// What the sync loop works from.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    /// Sorted by namespace and name.
+    pub services: Vec<Service>,
+    /// Sorted by namespace and name.
+    pub slices: Vec<EndpointSlice>,
+    /// This node's Node object; `None` until it is seen (or if it does not
+    /// exist).
+    pub node: Option<Node>,
+    /// Every watcher has completed its initial list. Until then the stores
+    /// are empty or partial, and programming them would wipe the maps a
+    /// previous run left.
+    pub ready: bool,
+}
+
+/// Counters of one watcher, for logs and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WatchCounters {
+    /// Lists started: the initial one and every re-list (after 410 Gone, or
+    /// after an error while listing).
+    pub lists: u64,
+    /// Errors: failed lists, failed watch starts, broken streams, ERROR
+    /// events. Each is followed by a backoff.
+    pub errors: u64,
+    /// Objects added, modified or deleted after the initial list.
+    pub events: u64,
+    /// The initial list has completed.
+    pub ready: bool,
+}
+
+/// The resources watched, in the order [`KubeSource::counters`] gives them.
+pub const RESOURCES: [&str; 3] = ["services", "endpointslices", "node"];
+
+/// Three reflectors running as tokio tasks (on whatever runtime `start` is
+/// called from, current-thread included); dropping this stops them.
+pub struct KubeSource {
+    node_name: String,
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+    nodes: Store<Node>,
+    shared: Arc<Shared>,
+    counters: [Arc<Counters>; 3],
+    /// The change generation the last snapshot saw.
+    seen: AtomicU64,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Wakes the sync loop: bumped (then notified) after every store change.
+#[derive(Default)]
+struct Shared {
+    generation: AtomicU64,
+    notify: Notify,
+}
+
+impl Shared {
+    fn bump(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.notify.notify_waiters();
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    lists: AtomicU64,
+    errors: AtomicU64,
+    events: AtomicU64,
+    ready: AtomicBool,
+}
+
+impl Counters {
+    fn get(&self) -> WatchCounters {
+        WatchCounters {
+            lists: self.lists.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            events: self.events.load(Ordering::Relaxed),
+            ready: self.ready.load(Ordering::Acquire),
+        }
+    }
+}
+
+impl KubeSource {
+    /// Starts watching. `service_proxy_name` is the daemon's
+    /// `--service-proxy-name`; it only decides what the server filters.
+    pub fn start(client: Client, node_name: &str, service_proxy_name: Option<&str>) -> KubeSource {
+        let selectors = Selectors::new(service_proxy_name);
+        let config = || watcher::Config::default().timeout(WATCH_TIMEOUT_S);
+        let mut services = config();
+        services.label_selector = selectors.services;
+        let slices = config().labels(&selectors.slices);
+        let node = config().fields(&format!("metadata.name={node_name}"));
+        KubeSource::from_streams(
+            node_name,
+            watcher(Api::<Service>::all(client.clone()), services)
+                .modify(slim_service)
+                .default_backoff(),
+            watcher(Api::<EndpointSlice>::all(client.clone()), slices)
+                .modify(|s: &mut EndpointSlice| s.managed_fields_mut().clear())
+                .default_backoff(),
+            watcher(Api::<Node>::all(client), node)
+                .modify(slim_node)
+                .default_backoff(),
+        )
+    }
+
+    /// The reflectors over any event streams (the tests feed their own).
+    fn from_streams(
+        node_name: &str,
+        services: impl WatchStream<Service>,
+        slices: impl WatchStream<EndpointSlice>,
+        nodes: impl WatchStream<Node>,
+    ) -> KubeSource {
+        let shared = Arc::new(Shared::default());
+        let counters: [Arc<Counters>; 3] = Default::default();
+        let (svc_writer, slice_writer, node_writer) =
+            (Writer::default(), Writer::default(), Writer::default());
+        let mut source = KubeSource {
+            node_name: node_name.to_string(),
+            services: svc_writer.as_reader(),
+            slices: slice_writer.as_reader(),
+            nodes: node_writer.as_reader(),
+            shared: shared.clone(),
+            counters: counters.clone(),
+            seen: AtomicU64::new(0),
+            tasks: Vec::new(),
+        };
+        let [c_svc, c_slice, c_node] = counters;
+        source.tasks = vec![
+            tokio::spawn(reflect(
+                RESOURCES[0],
+                services,
+                svc_writer,
+                c_svc,
+                shared.clone(),
+            )),
+            tokio::spawn(reflect(
+                RESOURCES[1],
+                slices,
+                slice_writer,
+                c_slice,
+                shared.clone(),
+            )),
+            tokio::spawn(reflect(RESOURCES[2], nodes, node_writer, c_node, shared)),
+        ];
+        source
+    }
+
+    /// Resolves when a store changed (or a watcher became ready) since the
+    /// last [`snapshot`](Self::snapshot); at once if one did. Cancel-safe.
+    pub async fn changed(&mut self) {
+        loop {
+            let notified = self.shared.notify.notified();
+            let mut notified = std::pin::pin!(notified);
+            // Registered before the check, so a bump in between still wakes us.
+            notified.as_mut().enable();
+            if self.shared.generation.load(Ordering::Acquire) != self.seen.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// The stores as they are now. A change that lands while this runs
+    /// makes the next [`changed`](Self::changed) resolve, so none is missed.
+    pub fn snapshot(&self) -> Snapshot {
+        // Read the generation first: whatever is written after it bumps it
+        // again.
+        self.seen.store(
+            self.shared.generation.load(Ordering::Acquire),
+            Ordering::Release,
+        );
+        let ready = self
+            .counters
+            .iter()
+            .all(|c| c.ready.load(Ordering::Acquire));
+        Snapshot {
+            services: sorted(&self.services),
+            slices: sorted(&self.slices),
+            node: self
+                .nodes
+                .state()
+                .into_iter()
+                .find(|n| n.metadata.name.as_deref() == Some(&self.node_name))
+                .map(|n| (*n).clone()),
+            ready,
+        }
+    }
+
+    /// Every watcher has completed its initial list.
+    pub fn ready(&self) -> bool {
+        self.counters
+            .iter()
+            .all(|c| c.ready.load(Ordering::Acquire))
+    }
+
+    /// Counters per resource, named as in [`RESOURCES`].
+    pub fn counters(&self) -> BTreeMap<&'static str, WatchCounters> {
+        RESOURCES
+            .iter()
+            .zip(&self.counters)
+            .map(|(name, c)| (*name, c.get()))
+            .collect()
+    }
+}
+
+impl Drop for KubeSource {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// A watcher's output, as [`watcher`] gives it.
+trait WatchStream<K>: Stream<Item = watcher::Result<watcher::Event<K>>> + Send + 'static {}
+impl<K, S: Stream<Item = watcher::Result<watcher::Event<K>>> + Send + 'static> WatchStream<K>
+    for S
+{
+}
+
+/// Applies a watcher's events to its store, counting them and waking the
+/// sync loop when the store changed. Runs as long as the stream does
+/// (forever: errors are followed by a backoff, never by the end).
+async fn reflect<K>(
+    resource: &'static str,
+    stream: impl WatchStream<K>,
+    mut writer: Writer<K>,
+    counters: Arc<Counters>,
+    shared: Arc<Shared>,
+) where
+    K: Resource + Clone + Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + Hash + Clone,
+{
+    let mut stream = std::pin::pin!(stream);
+    let mut listed = 0usize;
+    while let Some(item) = stream.next().await {
+        let event = match item {
+            Ok(event) => event,
+            Err(e) => {
+                counters.errors.fetch_add(1, Ordering::Relaxed);
+                warn!(
+                    resource,
+                    error = %e,
+                    "watch failed; keeping the last state, retrying with backoff"
+                );
+                continue;
+            }
+        };
+        // A re-list buffers in the writer and swaps at InitDone, so the store
+        // never shows a half-listed state.
+        writer.apply_watcher_event(&event);
+        match event {
+            watcher::Event::Init => {
+                counters.lists.fetch_add(1, Ordering::Relaxed);
+                listed = 0;
+            }
+            watcher::Event::InitApply(_) => listed += 1,
+            watcher::Event::InitDone => {
+                let first = !counters.ready.swap(true, Ordering::AcqRel);
+                info!(
+                    resource,
+                    objects = listed,
+                    relist = !first,
+                    "listed; watching"
+                );
+                shared.bump();
+            }
+            watcher::Event::Apply(_) | watcher::Event::Delete(_) => {
+                counters.events.fetch_add(1, Ordering::Relaxed);
+                shared.bump();
+            }
+        }
+    }
+}
+
+fn sorted<K>(store: &Store<K>) -> Vec<K>
+where
+    K: Resource + Clone + DeserializeOwned + 'static,
+    K::DynamicType: Eq + Hash + Clone,
+{
+    let mut all = store.state();
+    all.sort_by(|a, b| {
+        (a.meta().namespace.as_deref(), a.meta().name.as_deref())
+            .cmp(&(b.meta().namespace.as_deref(), b.meta().name.as_deref()))
+    });
+    all.into_iter().map(|o| (*o).clone()).collect()
+}
+
+/// Drops what the proxy never reads and can be large, to keep the stores
+/// small: managed fields, and the copy `kubectl apply` keeps of the object.
+fn slim_service(svc: &mut Service) {
+    svc.managed_fields_mut().clear();
+    svc.annotations_mut()
+        .remove("kubectl.kubernetes.io/last-applied-configuration");
+}
+
+/// A Node's status lists every image on the node (often hundreds of
+/// entries); only labels and addresses matter here.
+fn slim_node(node: &mut Node) {
+    node.managed_fields_mut().clear();
+    if let Some(status) = node.status.as_mut() {
+        status.images = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{io::Write as _, time::Duration};
+
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use tokio::sync::mpsc;
+
+    use super::*;
+
+    fn meta(ns: Option<&str>, name: &str) -> ObjectMeta {
+        ObjectMeta {
+            namespace: ns.map(str::to_string),
+            name: Some(name.to_string()),
+            resource_version: Some("1".to_string()),
+            ..Default::default()
+        }
+    }
+
+    fn svc(ns: &str, name: &str) -> Service {
+        Service {
+            metadata: meta(Some(ns), name),
+            ..Default::default()
+        }
+    }
+
+    fn slice(ns: &str, name: &str) -> EndpointSlice {
+        EndpointSlice {
+            metadata: meta(Some(ns), name),
+            address_type: "IPv4".to_string(),
+            ..Default::default()
+        }
+    }
+
+    fn node(name: &str) -> Node {
+        Node {
+            metadata: meta(None, name),
+            ..Default::default()
+        }
+    }
+
+    type Tx<K> = mpsc::UnboundedSender<watcher::Result<watcher::Event<K>>>;
+
+    fn channel<K: Send + 'static>() -> (Tx<K>, impl WatchStream<K>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let stream = futures::stream::unfold(rx, |mut rx| async {
+            rx.recv().await.map(|item| (item, rx))
+        });
+        (tx, stream)
+    }
+
+    struct Fixture {
+        source: KubeSource,
+        svc: Tx<Service>,
+        slices: Tx<EndpointSlice>,
+        nodes: Tx<Node>,
+    }
+
+    fn fixture() -> Fixture {
+        let (svc, s1) = channel();
+        let (slices, s2) = channel();
+        let (nodes, s3) = channel();
+        Fixture {
+            source: KubeSource::from_streams("node-a", s1, s2, s3),
+            svc,
+            slices,
+            nodes,
+        }
+    }
+
+    fn list<K>(tx: &Tx<K>, objects: Vec<K>) {
+        tx.send(Ok(watcher::Event::Init)).unwrap();
+        for o in objects {
+            tx.send(Ok(watcher::Event::InitApply(o))).unwrap();
+        }
+        tx.send(Ok(watcher::Event::InitDone)).unwrap();
+    }
+
+    async fn changed(source: &mut KubeSource) {
+        tokio::time::timeout(Duration::from_secs(5), source.changed())
+            .await
+            .expect("a change");
+    }
+
+    async fn quiet(source: &mut KubeSource) -> bool {
+        tokio::time::timeout(Duration::from_millis(50), source.changed())
+            .await
+            .is_err()
+    }
+
+    fn names<K: Resource>(objects: &[K]) -> Vec<String> {
+        objects
+            .iter()
+            .map(|o| o.meta().name.clone().unwrap())
+            .collect()
+    }
+
+    // The daemon's runtime is current-thread; so is #[tokio::test]'s.
+    #[tokio::test]
+    async fn ready_only_after_every_initial_list() {
+        let mut f = fixture();
+        assert!(quiet(&mut f.source).await);
+        assert!(!f.source.snapshot().ready);
+        list(&f.svc, vec![svc("default", "web")]);
+        list(&f.slices, vec![]);
+        changed(&mut f.source).await;
+        let snap = f.source.snapshot();
+        assert!(!snap.ready, "the node list has not completed");
+        assert!(!f.source.ready());
+        list(&f.nodes, vec![node("node-a")]);
+        changed(&mut f.source).await;
+        // The node's InitDone may land after the wake-up of the slices'.
+        while !f.source.snapshot().ready {
+            changed(&mut f.source).await;
+        }
+        let snap = f.source.snapshot();
+        assert_eq!(names(&snap.services), ["web"]);
+        assert_eq!(snap.node.unwrap().metadata.name.unwrap(), "node-a");
+        assert!(
+            f.source
+                .counters()
+                .values()
+                .all(|c| c.ready && c.lists == 1)
+        );
+    }
+
+    #[tokio::test]
+    async fn changed_fires_once_per_batch_of_changes() {
+        let mut f = fixture();
+        list(&f.svc, vec![]);
+        list(&f.slices, vec![]);
+        list(&f.nodes, vec![]);
+        while !f.source.snapshot().ready {
+            changed(&mut f.source).await;
+        }
+        assert!(
+            quiet(&mut f.source).await,
+            "nothing changed since the snapshot"
+        );
+
+        f.svc
+            .send(Ok(watcher::Event::Apply(svc("b", "two"))))
+            .unwrap();
+        f.svc
+            .send(Ok(watcher::Event::Apply(svc("a", "one"))))
+            .unwrap();
+        f.slices
+            .send(Ok(watcher::Event::Apply(slice("a", "one-x"))))
+            .unwrap();
+        changed(&mut f.source).await;
+        // changed() resolves until a snapshot is taken.
+        changed(&mut f.source).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let snap = f.source.snapshot();
+        assert_eq!(names(&snap.services), ["one", "two"], "sorted by namespace");
+        assert_eq!(names(&snap.slices), ["one-x"]);
+        assert!(snap.node.is_none(), "node-a does not exist");
+        assert!(quiet(&mut f.source).await);
+
+        f.svc
+            .send(Ok(watcher::Event::Delete(svc("b", "two"))))
+            .unwrap();
+        changed(&mut f.source).await;
+        assert_eq!(names(&f.source.snapshot().services), ["one"]);
+        assert_eq!(f.source.counters()["services"].events, 3);
+    }
+
+    #[tokio::test]
+    async fn a_relist_replaces_the_store_at_once_and_errors_keep_it() {
+        let mut f = fixture();
+        list(&f.svc, vec![svc("a", "old"), svc("a", "kept")]);
+        list(&f.slices, vec![]);
+        list(&f.nodes, vec![node("node-a"), node("node-b")]);
+        while !f.source.snapshot().ready {
+            changed(&mut f.source).await;
+        }
+        assert_eq!(
+            f.source.snapshot().node.unwrap().metadata.name.unwrap(),
+            "node-a",
+            "only this node counts"
+        );
+
+        // The server goes away: errors, and the state stays.
+        let gone =
+            kube::core::Status::failure("too old resource version", "Expired").with_code(410);
+        f.svc
+            .send(Err(watcher::Error::WatchError(Box::new(gone))))
+            .unwrap();
+        // A re-list in progress is invisible until it completes.
+        f.svc.send(Ok(watcher::Event::Init)).unwrap();
+        f.svc
+            .send(Ok(watcher::Event::InitApply(svc("a", "kept"))))
+            .unwrap();
+        f.svc
+            .send(Ok(watcher::Event::InitApply(svc("a", "new"))))
+            .unwrap();
+        assert!(quiet(&mut f.source).await);
+        assert_eq!(names(&f.source.snapshot().services), ["kept", "old"]);
+        let c = f.source.counters()["services"];
+        assert_eq!((c.lists, c.errors), (2, 1));
+
+        f.svc.send(Ok(watcher::Event::InitDone)).unwrap();
+        changed(&mut f.source).await;
+        let snap = f.source.snapshot();
+        assert_eq!(names(&snap.services), ["kept", "new"]);
+        assert!(snap.ready, "still ready during and after a re-list");
+    }
+
+    #[test]
+    fn selectors_follow_kube_proxy() {
+        let plain = Selectors::new(None);
+        assert_eq!(
+            plain.services.as_deref(),
+            Some("!service.kubernetes.io/service-proxy-name")
+        );
+        assert_eq!(
+            plain.slices,
+            "!service.kubernetes.io/headless,!service.kubernetes.io/service-proxy-name"
+        );
+        let named = Selectors::new(Some("ebpf"));
+        assert_eq!(named.services, None);
+        assert_eq!(named.slices, "!service.kubernetes.io/headless");
+    }
+
+    #[test]
+    fn slimming_keeps_what_the_model_reads() {
+        let mut s = svc("a", "web");
+        s.metadata.annotations = Some(
+            [
+                ("kubectl.kubernetes.io/last-applied-configuration", "{...}"),
+                ("service.kubernetes.io/topology-mode", "Auto"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        );
+        slim_service(&mut s);
+        assert_eq!(
+            s.annotations().keys().collect::<Vec<_>>(),
+            ["service.kubernetes.io/topology-mode"]
+        );
+    }
+
+    fn opts(kubeconfig: Option<PathBuf>, master: Option<&str>) -> KubeOptions {
+        KubeOptions {
+            kubeconfig,
+            master: master.map(str::to_string),
+            node_name: "node-a".to_string(),
+        }
+    }
+
+    #[tokio::test]
+    async fn master_alone_is_the_server() {
+        let c = config(&opts(None, Some("http://127.0.0.1:8080")))
+            .await
+            .unwrap();
+        assert_eq!(c.cluster_url.to_string(), "http://127.0.0.1:8080/");
+        assert_eq!(c.read_timeout, Some(READ_TIMEOUT));
+        let c = config(&opts(None, Some("10.0.0.1:6443"))).await.unwrap();
+        assert_eq!(c.cluster_url.to_string(), "https://10.0.0.1:6443/");
+        for bad in ["ftp://x", "http://", "not a url"] {
+            assert!(config(&opts(None, Some(bad))).await.is_err(), "{bad}");
+        }
+        // A client for a plain-http server can be built.
+        client(&opts(None, Some("http://127.0.0.1:8080")))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn kubeconfig_and_master_override() {
+        let path = std::env::temp_dir().join(format!("kep-kubeconfig-{}", std::process::id()));
+        let mut f = std::fs::File::create(&path).unwrap();
+        write!(
+            f,
+            "apiVersion: v1
+kind: Config
+clusters:
+- name: lab
+  cluster:
+    server: http://127.0.0.1:6443
+users:
+- name: proxy
+  user:
+    token: secret
+contexts:
+- name: lab
+  context:
+    cluster: lab
+    user: proxy
+current-context: lab
+"
+        )
+        .unwrap();
+        let c = config(&opts(Some(path.clone()), None)).await.unwrap();
+        assert_eq!(c.cluster_url.to_string(), "http://127.0.0.1:6443/");
+        let c = config(&opts(Some(path.clone()), Some("http://127.0.0.2:7000")))
+            .await
+            .unwrap();
+        assert_eq!(c.cluster_url.to_string(), "http://127.0.0.2:7000/");
+        assert!(
+            config(&opts(Some(path.with_extension("missing")), None))
+                .await
+                .is_err()
+        );
+        std::fs::remove_file(&path).unwrap();
+    }
+}
