@@ -34,8 +34,28 @@ pub enum Command {
 pub struct RunArgs {
     /// Read Service and EndpointSlice manifests (YAML or JSON) from this
     /// directory instead of an API server; reloaded when files change.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["kubeconfig", "master"])]
     pub manifests: Option<PathBuf>,
+
+    /// Kubeconfig file for the API server (default: in-cluster config,
+    /// then kube's usual lookup).
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// API server URL, overriding the kubeconfig's (http:// works, for
+    /// tests and local API servers).
+    #[arg(long)]
+    pub master: Option<String>,
+
+    /// Handle Services labelled service.kubernetes.io/service-proxy-name
+    /// with this value (unlabelled Services are always handled).
+    #[arg(long)]
+    pub service_proxy_name: Option<String>,
+
+    /// Changes from the API server that arrive within this time of the
+    /// last sync are coalesced into the next one.
+    #[arg(long, default_value = "50", value_name = "MILLISECONDS")]
+    pub min_sync_period_ms: u64,
 
     /// Name of this node (default: the hostname); endpoints with this
     /// nodeName are local.

@@ -344,6 +344,33 @@ impl KubeSource {
         }
     }
 
+    /// Hands the stores to the model: only objects whose resourceVersion
+    /// changed are copied, nothing is cloned wholesale (unlike
+    /// [`snapshot`](Self::snapshot)). Returns whether every watcher has
+    /// completed its initial list; the caller must not program anything
+    /// before that, or a restart would wipe what is pinned.
+    pub fn feed(&self, cache: &mut crate::model_cache::ModelCache) -> bool {
+        self.seen.store(
+            self.shared.generation.load(Ordering::Acquire),
+            Ordering::Release,
+        );
+        let services = self.services.state();
+        let slices = self.slices.state();
+        cache.replace(
+            services.iter().map(|s| s.as_ref()),
+            slices.iter().map(|s| s.as_ref()),
+        );
+        if let Some(node) = self
+            .nodes
+            .state()
+            .into_iter()
+            .find(|n| n.metadata.name.as_deref() == Some(&self.node_name))
+        {
+            cache.set_node(crate::model::NodeInfo::from_node(&node));
+        }
+        self.ready()
+    }
+
     /// Every watcher has completed its initial list.
     pub fn ready(&self) -> bool {
         self.counters

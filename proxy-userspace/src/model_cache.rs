@@ -100,10 +100,14 @@ impl ModelCache {
     /// Replaces every object (a manifest directory read again); only
     /// Services whose object or slices differ are marked for recomputation,
     /// and only changed objects are copied.
-    pub fn replace(&mut self, services: &[Service], slices: &[EndpointSlice]) {
+    pub fn replace<'a>(
+        &mut self,
+        services: impl IntoIterator<Item = &'a Service>,
+        slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    ) {
         self.input_problems.clear();
 
-        let mut sorted: Vec<&Service> = services.iter().collect();
+        let mut sorted: Vec<&Service> = services.into_iter().collect();
         sorted.sort_by_key(|s| obj_key(&s.metadata));
         let mut seen: BTreeSet<ObjKey> = BTreeSet::new();
         for svc in sorted {
@@ -130,7 +134,7 @@ impl ModelCache {
             self.delete_service(&ns, &name);
         }
 
-        let mut sorted: Vec<&EndpointSlice> = slices.iter().collect();
+        let mut sorted: Vec<&EndpointSlice> = slices.into_iter().collect();
         sorted.sort_by_key(|s| obj_key(&s.metadata));
         let mut seen: BTreeSet<ObjKey> = BTreeSet::new();
         for slice in sorted {

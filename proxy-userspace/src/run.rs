@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 use aya::maps::Array;
 use proxy_common::{CONFIG_MAP, Config, HAIRPIN_ADDR};
 use tokio::signal::unix::{SignalKind, signal};
@@ -28,6 +28,7 @@ use crate::{
     frontends,
     health::{self, Health},
     http::{self, Endpoints},
+    kube_source::{self, KubeOptions, KubeSource},
     lbmap::BpfLbMaps,
     manifests,
     metrics::{KindLabels, MapLabels, Metrics, PolicyLabels},
@@ -46,9 +47,12 @@ struct Context {
     /// Devices whose attach failed: when to try again, and the delay after.
     retry: BTreeMap<Device, (Instant, Duration)>,
     node_addrs: BTreeSet<Ipv4Addr>,
-    manifests: ManifestDir,
+    source: Source,
     /// Parts of the manifests that could not be read, at the last load.
     manifest_problems: usize,
+    /// The API server sent changes not yet synced.
+    kube_pending: bool,
+    last_sync: Instant,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     /// When the oldest change not yet programmed was seen.
@@ -58,10 +62,15 @@ struct Context {
     problems_logged: BTreeSet<String>,
 }
 
+/// Where Services and EndpointSlices come from.
+enum Source {
+    /// The embedded default: a directory of manifests.
+    Manifests(ManifestDir),
+    /// An API server, watched.
+    Kube(KubeSource),
+}
+
 pub async fn run(args: RunArgs) -> Result<()> {
-    let Some(dir) = args.manifests.clone() else {
-        bail!("no --manifests directory given (watching an API server is not supported yet)");
-    };
     let node_name = match &args.hostname_override {
         Some(n) => n.clone(),
         None => fs::read_to_string("/proc/sys/kernel/hostname")
@@ -80,6 +89,23 @@ pub async fn run(args: RunArgs) -> Result<()> {
         adopted_frontends = syncer.frontend_count(),
         "datapath loaded"
     );
+    let source = match &args.manifests {
+        Some(dir) => Source::Manifests(ManifestDir::new(dir.clone())),
+        None => {
+            let opts = KubeOptions {
+                kubeconfig: args.kubeconfig.clone(),
+                master: args.master.clone(),
+                node_name: node_name.clone(),
+            };
+            let client = kube_source::client(&opts).await?;
+            info!("watching the API server");
+            Source::Kube(KubeSource::start(
+                client,
+                &node_name,
+                args.service_proxy_name.as_deref(),
+            ))
+        }
+    };
     let metrics = Arc::new(Metrics::new(&args.bpffs));
     let health = Arc::new(Health::new(health::DEFAULT_TIMEOUT, Instant::now()));
     let at = http::serve(
@@ -99,7 +125,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 name: node_name.clone(),
                 zone: None,
             },
-            model::Options::default(),
+            model::Options {
+                service_proxy_name: args.service_proxy_name.clone(),
+            },
         ),
         synced_once: false,
         problems_logged: BTreeSet::new(),
@@ -111,15 +139,20 @@ pub async fn run(args: RunArgs) -> Result<()> {
         attached: BTreeSet::new(),
         retry: BTreeMap::new(),
         node_addrs: BTreeSet::new(),
-        manifests: ManifestDir::new(dir),
+        source,
         manifest_problems: 0,
+        kube_pending: false,
+        last_sync: Instant::now(),
         args,
     };
     // Program the maps before attaching, so the first packet the programs
-    // see already finds its service.
+    // see already finds its service. From an API server that waits for the
+    // first complete lists: until then the pinned state keeps serving.
     ctx.poll_manifests();
     ctx.refresh_addresses();
-    ctx.sync();
+    if matches!(ctx.source, Source::Manifests(_)) {
+        ctx.sync();
+    }
     // Links pinned by an earlier run: those of devices still here get the
     // new programs swapped in by refresh_devices (atomically, through the
     // link); those of vanished devices are dropped.
@@ -130,17 +163,23 @@ pub async fn run(args: RunArgs) -> Result<()> {
         }
     }
     ctx.refresh_devices();
-    info!(
-        frontends = ctx.syncer.frontend_count(),
-        devices = ctx.attached.len(),
-        "ready"
-    );
+    if ctx.synced_once {
+        ctx.log_ready();
+    }
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(Duration::from_millis(ctx.args.poll_interval_ms.max(10)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let min_sync = Duration::from_millis(ctx.args.min_sync_period_ms);
     loop {
+        let kube_changed = async {
+            match &mut ctx.source {
+                Source::Kube(k) => k.changed().await,
+                Source::Manifests(_) => std::future::pending().await,
+            }
+        };
+        let coalesce_until = tokio::time::Instant::from_std(ctx.last_sync + min_sync);
         tokio::select! {
             _ = tick.tick() => {
                 let objects_changed = ctx.poll_manifests();
@@ -150,6 +189,16 @@ pub async fn run(args: RunArgs) -> Result<()> {
                     ctx.queued();
                     ctx.sync();
                 }
+            }
+            // Until the pending changes are synced there is no need to
+            // hear of more (changed() would resolve at once, again).
+            _ = kube_changed, if !ctx.kube_pending => {
+                ctx.kube_pending = true;
+                ctx.queued();
+            }
+            // A burst of API changes: one sync at most every min_sync.
+            _ = tokio::time::sleep_until(coalesce_until), if ctx.kube_pending => {
+                ctx.sync_kube();
             }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
@@ -181,9 +230,38 @@ fn write_config(dp: &mut Datapath, args: &RunArgs) -> Result<()> {
 }
 
 impl Context {
+    fn log_ready(&self) {
+        info!(
+            frontends = self.syncer.frontend_count(),
+            devices = self.attached.len(),
+            "ready"
+        );
+    }
+
+    /// Hands the API server's objects to the model and syncs, once every
+    /// initial list is complete.
+    fn sync_kube(&mut self) {
+        self.kube_pending = false;
+        let Source::Kube(source) = &self.source else {
+            return;
+        };
+        if !source.feed(&mut self.model) {
+            debug!("waiting for the initial lists");
+            return;
+        }
+        let first = !self.synced_once;
+        self.sync();
+        if first {
+            self.log_ready();
+        }
+    }
+
     /// Reloads the manifests when the directory changed; true if it did.
     fn poll_manifests(&mut self) -> bool {
-        match self.manifests.load_if_changed() {
+        let Source::Manifests(dir) = &mut self.source else {
+            return false;
+        };
+        match dir.load_if_changed() {
             Ok(Some(objects)) => {
                 for p in &objects.problems {
                     warn!(problem = %p, "skipped part of a manifest");
@@ -282,6 +360,7 @@ impl Context {
 
     fn sync(&mut self) {
         let started = Instant::now();
+        self.last_sync = started;
         let changed = self.model.update();
         let (services, slices) = self.model.take_changes();
         self.metrics.sync.service_changes.inc_by(services);

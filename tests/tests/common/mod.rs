@@ -114,6 +114,8 @@ endpoints:
 pub struct Cluster {
     pub lab: Lab,
     pub manifests: PathBuf,
+    /// Where the daemons read objects: `--manifests DIR` or `--master URL`.
+    pub source_args: Vec<String>,
     /// Extra `run` arguments for every daemon start.
     pub extra_args: Vec<String>,
     _tcp: Vec<TcpServer>,
@@ -148,6 +150,16 @@ impl Cluster {
     }
 
     pub fn start_with(test: &str, manifests: &str, extra_args: &[&str]) -> Option<Cluster> {
+        let mut c = Cluster::build(test)?;
+        c.extra_args = extra_args.iter().map(|s| s.to_string()).collect();
+        c.write_manifests(manifests);
+        c.start_daemons();
+        Some(c)
+    }
+
+    /// The lab with pods and servers, no daemon yet; the daemons will read
+    /// the manifest directory unless `source_args` says otherwise.
+    pub fn build(test: &str) -> Option<Cluster> {
         if !require_root_or_skip(test) {
             return None;
         }
@@ -165,18 +177,20 @@ impl Cluster {
             .unwrap();
         let dir = lab.dir().join("manifests");
         fs::create_dir(&dir).unwrap();
-        let mut c = Cluster {
+        Some(Cluster {
+            source_args: vec!["--manifests".into(), dir.display().to_string()],
             lab,
             manifests: dir,
-            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            extra_args: Vec::new(),
             _tcp: tcp,
             _udp: udp,
-        };
-        c.write_manifests(manifests);
+        })
+    }
+
+    pub fn start_daemons(&mut self) {
         for node in addr::NODES {
-            c.start_daemon(node);
+            self.start_daemon(node);
         }
-        Some(c)
     }
 
     pub fn bpffs(&self, node: &str) -> PathBuf {
@@ -186,8 +200,6 @@ impl Cluster {
     pub fn start_daemon(&mut self, node: &str) {
         let args = [
             "run".to_string(),
-            "--manifests".into(),
-            self.manifests.display().to_string(),
             "--hostname-override".into(),
             node.into(),
             "--bpffs".into(),
@@ -197,6 +209,7 @@ impl Cluster {
         ];
         let args: Vec<String> = args
             .into_iter()
+            .chain(self.source_args.iter().cloned())
             .chain(self.extra_args.iter().cloned())
             .collect();
         // The log is appended across restarts: wait for one more "ready".

@@ -1,0 +1,205 @@
+//! kube-ebpf-proxy watching an API server: the stand-in API server (lab's
+//! `apiserver`, the real list/watch protocol) runs in the underlay
+//! namespace, the daemons on both nodes talk to it with the real kube
+//! client, and real traffic shows what reached the datapath: creates,
+//! updates, deletes, and recovery from dropped watches, 410 Gone and an
+//! outage, with traffic flowing during the outage.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddrV4,
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+use common::*;
+use lab::{
+    addr,
+    apiserver::{ApiServer, Kind},
+    servers::tcp_request_timeout,
+    tcp_request,
+};
+use serde::Deserialize;
+
+mod common;
+
+/// Every document of a manifest string, to the API server.
+fn apply_yaml(api: &ApiServer, yaml: &str) {
+    for doc in serde_yaml::Deserializer::from_str(yaml) {
+        let value = serde_json::Value::deserialize(doc).expect("valid YAML");
+        if !value.is_null() {
+            api.apply_json(value).expect("apply");
+        }
+    }
+}
+
+/// The lab with daemons watching a stand-in API server that holds `yaml`.
+fn start(test: &str, yaml: &str) -> Option<(Cluster, ApiServer)> {
+    let mut c = Cluster::build(test)?;
+    let at = SocketAddrV4::new(addr::UNDERLAY_GATEWAY, 6443);
+    let api = ApiServer::start_in(c.lab.ns(addr::UNDERLAY), at).expect("API server");
+    apply_yaml(&api, yaml);
+    c.source_args = vec!["--master".into(), api.url()];
+    c.start_daemons();
+    Some((c, api))
+}
+
+fn reaches(c: &Cluster, target: &str) -> Option<String> {
+    tcp_request_timeout(c.lab.ns(CLIENT_POD), sa(target), Duration::from_millis(300))
+        .ok()
+        .map(|r| r.identity)
+}
+
+/// Waits until `f` holds, returns how long it took.
+fn converges(c: &Cluster, what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let t0 = Instant::now();
+    if let Err(e) = c.lab.wait_for(what, timeout, &mut f) {
+        panic!("{e:#}\n{}", c.logs());
+    }
+    t0.elapsed()
+}
+
+#[test]
+fn creates_updates_and_deletes_reach_the_datapath() -> Result<()> {
+    let Some((c, api)) = start("kube_crud", &placement_manifests()) else {
+        return Ok(());
+    };
+    let pod = c.lab.ns(CLIENT_POD);
+    assert_eq!(tcp_request(pod, sa("10.96.0.11:80"))?.identity, "web-a");
+    assert_eq!(tcp_request(pod, sa("10.96.0.12:80"))?.identity, "web-b1");
+
+    // Create.
+    let t = Instant::now();
+    apply_yaml(&api, &web(vec![(&WEB_B2, true)], "10.96.0.30", None));
+    let took = converges(&c, "new Service served", Duration::from_secs(2), || {
+        reaches(&c, "10.96.0.30:80").as_deref() == Some("web-b2")
+    });
+    eprintln!("create: served after {took:?}");
+
+    // Update: an endpoint turned not ready is no longer chosen.
+    let vip = sa("10.96.0.10:80");
+    apply_yaml(
+        &api,
+        &web(
+            vec![(&WEB_A, true), (&WEB_B1, true), (&WEB_B2, false)],
+            "10.96.0.10",
+            Some(30010),
+        ),
+    );
+    converges(&c, "web-b2 not chosen", Duration::from_secs(2), || {
+        !backends_hit(pod, vip, 15).contains_key("web-b2")
+    });
+    assert!(!backends_hit(pod, vip, 60).contains_key("web-b2"));
+
+    // Update: an endpoint removed from the slice.
+    apply_yaml(&api, &web(vec![(&WEB_A, true)], "10.96.0.10", Some(30010)));
+    converges(&c, "only web-a", Duration::from_secs(2), || {
+        backends_hit(pod, vip, 15).keys().eq(["web-a"].iter())
+    });
+
+    // Update: the port renamed in Service and slice together.
+    let renamed = web(vec![(&WEB_B1, true)], "10.96.0.12", Some(30012)).replace("main", "web");
+    apply_yaml(&api, &renamed);
+    converges(
+        &c,
+        "renamed port still served",
+        Duration::from_secs(2),
+        || {
+            reaches(&c, "10.96.0.12:80").as_deref() == Some("web-b1")
+                && c.cli(addr::NODE_A, &["inspect", "services"])
+                    .is_ok_and(|o| o.contains("lab/web-12-tcp:web"))
+        },
+    );
+
+    // Delete the slice: no endpoint, refused.
+    api.delete(Kind::EndpointSlice, "lab", "web-30-tcp-1");
+    converges(
+        &c,
+        "refused without endpoints",
+        Duration::from_secs(2),
+        || {
+            tcp_request_timeout(pod, sa("10.96.0.30:80"), Duration::from_millis(300))
+                .err()
+                .and_then(|e| lab::error_kind(&e))
+                == Some(std::io::ErrorKind::ConnectionRefused)
+        },
+    );
+    // Delete the Service: its address is no service any more.
+    api.delete(Kind::Service, "lab", "web-30-tcp");
+    converges(&c, "frontend removed", Duration::from_secs(2), || {
+        c.cli(addr::NODE_A, &["inspect", "services"])
+            .is_ok_and(|o| !o.contains("lab/web-30-tcp") && o.contains("lab/web-30-udp"))
+    });
+    assert_eq!(reaches(&c, "10.96.0.11:80").as_deref(), Some("web-a"));
+    eprintln!("all changes converged {:?} after the first", t.elapsed());
+    Ok(())
+}
+
+#[test]
+fn dropped_watches_410_and_an_outage_are_survived() -> Result<()> {
+    let Some((c, api)) = start("kube_faults", &placement_manifests()) else {
+        return Ok(());
+    };
+    let pod = c.lab.ns(CLIENT_POD);
+    let vip = sa("10.96.0.10:80");
+
+    // Dropped watches: resumed, and the next change arrives.
+    api.drop_watches();
+    apply_yaml(&api, &web(vec![(&WEB_A, true)], "10.96.0.10", Some(30010)));
+    let took = converges(
+        &c,
+        "change after dropped watches",
+        Duration::from_secs(5),
+        || backends_hit(pod, vip, 10).keys().eq(["web-a"].iter()),
+    );
+    eprintln!("after dropped watches: converged in {took:?}");
+
+    // 410 Gone: the watchers are cut off, a change is made, and history is
+    // compacted past their resourceVersion before they can come back.
+    let before = api.counters();
+    api.set_down(true);
+    apply_yaml(&api, &web(vec![(&WEB_B1, true)], "10.96.0.10", Some(30010)));
+    api.compact();
+    std::thread::sleep(Duration::from_millis(200));
+    api.set_down(false);
+    let took = converges(&c, "change after 410", Duration::from_secs(60), || {
+        backends_hit(pod, vip, 10).keys().eq(["web-b1"].iter())
+    });
+    let after = api.counters();
+    eprintln!(
+        "after 410: converged in {took:?}; 410s sent: {}, relists: {}",
+        after.gone(Kind::Service) + after.gone(Kind::EndpointSlice)
+            - before.gone(Kind::Service)
+            - before.gone(Kind::EndpointSlice),
+        after.lists(Kind::EndpointSlice) - before.lists(Kind::EndpointSlice)
+    );
+    assert!(after.lists(Kind::EndpointSlice) > before.lists(Kind::EndpointSlice));
+
+    // An outage: traffic keeps flowing on the last known state, the
+    // daemons do not busy-loop, and they converge once it is back.
+    api.set_down(true);
+    let down = Instant::now();
+    let attempts_before = api.counters().attempts();
+    let mut served = BTreeMap::new();
+    while down.elapsed() < Duration::from_secs(5) {
+        let r = tcp_request(pod, vip)?;
+        *served.entry(r.identity).or_insert(0) += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let attempts = api.counters().attempts() - attempts_before;
+    eprintln!("5 s outage: {served:?} served, {attempts} connection attempts by 2 daemons");
+    assert!(served.keys().eq(["web-b1"].iter()));
+    assert!(attempts < 60, "backoff, not a busy loop: {attempts}");
+    apply_yaml(&api, &web(vec![(&WEB_B2, true)], "10.96.0.10", Some(30010)));
+    api.set_down(false);
+    let took = converges(
+        &c,
+        "change made during the outage",
+        Duration::from_secs(90),
+        || backends_hit(pod, vip, 10).keys().eq(["web-b2"].iter()),
+    );
+    eprintln!("after the outage: converged in {took:?}");
+    // The daemons are healthy again.
+    assert!(c.lab.daemon_log(addr::NODE_A).contains(" ready "));
+    Ok(())
+}
