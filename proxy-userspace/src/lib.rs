@@ -2,6 +2,7 @@ pub mod allocate;
 pub mod bpffs;
 pub mod cidr;
 pub mod cli;
+pub mod config;
 pub mod datapath;
 pub mod devices;
 pub mod frontends;
