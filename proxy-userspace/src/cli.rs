@@ -32,6 +32,12 @@ pub enum Command {
 
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
+    /// A YAML configuration file with the same settings as these flags
+    /// (KubeProxyConfiguration's field names where the meaning matches);
+    /// flags given on the command line win.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+
     /// Read Service and EndpointSlice manifests (YAML or JSON) from this
     /// directory instead of an API server; reloaded when files change.
     #[arg(long, conflicts_with_all = ["kubeconfig", "master"])]

@@ -1,9 +1,9 @@
 use anyhow::Result;
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use proxy_userspace::{
     bpffs,
     cli::{Cli, Command, LogFormat},
-    datapath, inspect, run,
+    config, datapath, inspect, run,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -21,9 +21,17 @@ fn init_logging(format: LogFormat) {
 }
 
 fn main() -> Result<()> {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches)?;
     match cli.command {
-        Command::Run(args) => {
+        Command::Run(mut args) => {
+            if let Some(path) = args.config.clone() {
+                let file = config::load(&path)?;
+                let given = matches
+                    .subcommand_matches("run")
+                    .expect("the run subcommand was parsed");
+                args = config::merge(&file, args, &config::given_on_command_line(given));
+            }
             init_logging(args.log_format);
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
