@@ -10,7 +10,7 @@
 //! | a ClusterIP        | class, conntrack, then service + slot + backend |
 //! | a node address     | class, reverse NAT, conntrack, then NodePort    |
 
-use aya_ebpf::{bindings::TC_ACT_OK, helpers::generated::bpf_get_prandom_u32, programs::TcContext};
+use aya_ebpf::{helpers::generated::bpf_get_prandom_u32, programs::TcContext};
 use proxy_common::*;
 
 use crate::{
@@ -21,15 +21,27 @@ use crate::{
     },
     nat,
     packet::{Frag, Ipv4, Ports, PortsError, ports, remember_fragment},
-    reject, route,
+    route,
 };
 
 /// Attempts at finding a free SNAT source port before giving up.
 const SNAT_TRIES: u32 = 16;
 
-#[inline(always)]
-pub fn handle(ctx: &TcContext, hook: Hook, ip: &Ipv4) -> Result<i32, i32> {
-    let pass = Ok(TC_ACT_OK as i32);
+/// What to do with the packet once the flow is handled. Forwarding and
+/// rejecting are done by the caller so that their stack frames do not stack
+/// on this function's: a chain of BPF calls shares 512 bytes of stack.
+pub enum Action {
+    Pass,
+    /// The packet was rewritten to this tuple: send it on its way.
+    Forward(NatEntry),
+    /// Answer ICMP port unreachable, counted under this reason.
+    Reject(Counter),
+}
+
+// A BPF function of its own, as is the ICMP path.
+#[inline(never)]
+pub fn handle(ctx: &TcContext, hook: Hook, ip: &Ipv4) -> Result<Action, i32> {
+    let pass = Ok(Action::Pass);
     let class = addr_class(ip.daddr);
     // On egress only local processes' packets to a ClusterIP are ours:
     // everything else was translated at ingress already, or is not
@@ -97,24 +109,14 @@ pub fn handle(ctx: &TcContext, hook: Hook, ip: &Ipv4) -> Result<i32, i32> {
     // SAFETY: copied out at once.
     let Some(svc) = (unsafe { KEP_SVC_V1.get(svc_key) }).copied() else {
         return if class == ADDR_VIP {
-            Ok(reject::port_unreachable(
-                ctx,
-                ip,
-                hook,
-                Counter::DropUnknownPort,
-            ))
+            Ok(Action::Reject(Counter::DropUnknownPort))
         } else {
             // Traffic for the node itself, not a NodePort.
             pass
         };
     };
     if svc.count == 0 {
-        return Ok(reject::port_unreachable(
-            ctx,
-            ip,
-            hook,
-            Counter::DropNoEndpoint,
-        ));
+        return Ok(Action::Reject(Counter::DropNoEndpoint));
     }
     new_flow(ctx, hook, ip, &ports, &key, &svc)
 }
@@ -153,7 +155,7 @@ fn new_flow(
     ports: &Ports,
     key: &FlowKey,
     svc: &SvcValue,
-) -> Result<i32, i32> {
+) -> Result<Action, i32> {
     // SAFETY: plain helper call.
     let random = unsafe { bpf_get_prandom_u32() };
     let slot = SlotKey {
@@ -230,6 +232,17 @@ fn new_flow(
         .map_err(|_| drop_packet(Counter::DropMapError))?;
     count(Counter::NewFlow);
     count_service(svc.svc_id, 0, true);
+    // Compiled in, but the verifier removes it unless the daemon was started
+    // with --bpf-debug (AYA_LOG_LEVEL is a read-only global set at load).
+    aya_log_ebpf::debug!(
+        ctx,
+        "new flow {:i}:{} -> service port {} backend {:i}:{}",
+        key.saddr,
+        u16::from_be_bytes(key.sport),
+        svc.svc_id,
+        be.addr,
+        u16::from_be_bytes(be.port)
+    );
     translate(ctx, ip, ports, &fwd, Counter::Forward)
 }
 
@@ -267,12 +280,12 @@ fn translate(
     ports: &Ports,
     to: &NatEntry,
     counter: Counter,
-) -> Result<i32, i32> {
+) -> Result<Action, i32> {
     if ip.frag == Frag::First {
         remember_fragment(ip, ports);
     }
     nat::rewrite(ctx, ip, ports, to)?;
     count(counter);
     count_service(to.svc_id, ctx.len(), false);
-    Ok(route::forward(ctx, to, ip.proto))
+    Ok(Action::Forward(*to))
 }

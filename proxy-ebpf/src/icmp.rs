@@ -20,7 +20,8 @@ const ICMP_PARAMETERPROB: u8 = 12;
 /// Inner IPv4 header (without options) plus the 8 quoted L4 bytes.
 const QUOTE: usize = 28;
 
-#[inline(always)]
+// Its own BPF function, to keep its buffers off the main stack frame.
+#[inline(never)]
 pub fn translate_error(ctx: &TcContext, ip: &Ipv4) -> Result<i32, i32> {
     let pass = Ok(TC_ACT_OK as i32);
     let Some(icmp) = bytes::<8>(ctx, ip.l4) else {

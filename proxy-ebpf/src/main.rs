@@ -55,7 +55,11 @@ fn try_handle(ctx: &TcContext, hook: Hook) -> Result<i32, i32> {
         return Ok(TC_ACT_OK as i32);
     };
     match ip.proto {
-        IPPROTO_TCP | IPPROTO_UDP => flow::handle(ctx, hook, &ip),
+        IPPROTO_TCP | IPPROTO_UDP => Ok(match flow::handle(ctx, hook, &ip)? {
+            flow::Action::Pass => TC_ACT_OK as i32,
+            flow::Action::Forward(to) => route::forward(ctx, &to, ip.proto),
+            flow::Action::Reject(reason) => reject::port_unreachable(ctx, &ip, hook, reason),
+        }),
         IPPROTO_ICMP if hook == Hook::Ingress => icmp::translate_error(ctx, &ip),
         _ => Ok(TC_ACT_OK as i32),
     }

@@ -37,13 +37,22 @@ const NEW_HDRS: usize = 20 + 8;
 #[inline(always)]
 pub fn port_unreachable(ctx: &TcContext, ip: &Ipv4, hook: Hook, reason: Counter) -> i32 {
     count(reason);
+    aya_log_ebpf::debug!(
+        ctx,
+        "reject ({}) {:i} -> {:i}",
+        reason.name(),
+        ip.saddr,
+        ip.daddr
+    );
     if ip.frag == Frag::Later {
         return TC_ACT_SHOT as i32;
     }
     build(ctx, ip, hook).unwrap_or_else(|| crate::drop_packet(Counter::DropHelperError))
 }
 
-#[inline(always)]
+// A function of its own (a BPF-to-BPF call): its buffers would otherwise
+// add to the stack frame of the whole program, which has 512 bytes.
+#[inline(never)]
 fn build(ctx: &TcContext, ip: &Ipv4, hook: Hook) -> Option<i32> {
     let ihl = ip.l4 - IP_OFF;
     if !(20..=60).contains(&ihl) {

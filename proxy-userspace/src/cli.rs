@@ -94,6 +94,11 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
 
+    /// Log the datapath's debug events (new flows, rejects) through aya-log.
+    /// Off, they cost nothing: the verifier removes them.
+    #[arg(long)]
+    pub bpf_debug: bool,
+
     /// Where Prometheus metrics are served (/metrics).
     #[arg(long, default_value = "127.0.0.1:10249")]
     pub metrics_bind_address: std::net::SocketAddr,

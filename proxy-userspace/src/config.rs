@@ -21,6 +21,7 @@
 //! pollIntervalMs: 200                   # --poll-interval-ms
 //! minSyncPeriodMs: 50                   # --min-sync-period-ms
 //! serviceProxyName: ebpf                # --service-proxy-name
+//! bpfDebug: false                       # --bpf-debug
 //! ```
 //!
 //! * Field names are those of kube-proxy's `KubeProxyConfiguration`
@@ -105,6 +106,8 @@ pub struct FileConfig {
     /// `--service-proxy-name`: serve the Services labelled
     /// `service.kubernetes.io/service-proxy-name` with this value.
     pub service_proxy_name: Option<String>,
+    /// `--bpf-debug`: the datapath's debug events in the log.
+    pub bpf_debug: Option<bool>,
 }
 
 /// The file as written: every field a known name and a YAML type (serde
@@ -132,6 +135,7 @@ struct Raw {
     poll_interval_ms: Option<u64>,
     min_sync_period_ms: Option<u64>,
     service_proxy_name: Option<String>,
+    bpf_debug: Option<bool>,
 }
 
 /// kube-proxy's `clientConnection`; only `kubeconfig` has a meaning here.
@@ -186,6 +190,7 @@ impl TryFrom<Raw> for FileConfig {
             poll_interval_ms: raw.poll_interval_ms,
             min_sync_period_ms: raw.min_sync_period_ms,
             service_proxy_name: non_empty(raw.service_proxy_name),
+            bpf_debug: raw.bpf_debug,
         };
         if config.manifests.is_some() && (config.kubeconfig.is_some() || config.master.is_some()) {
             errors.0.push(
@@ -292,6 +297,7 @@ pub fn merge(file: &FileConfig, mut args: RunArgs, explicit: &dyn Fn(&str) -> bo
     }
     take!(service_proxy_name, f.service_proxy_name.clone().map(Some));
     take!(min_sync_period_ms, f.min_sync_period_ms);
+    take!(bpf_debug, f.bpf_debug);
     take!(hostname_override, f.hostname_override.clone().map(Some));
     take!(bpffs, f.bpffs.clone());
     take!(devices, f.devices.clone());

@@ -101,8 +101,9 @@ fn decode_name(pinned: &str) -> String {
 
 impl Datapath {
     /// Loads the programs, reusing the maps pinned under `root` (so state
-    /// survives restarts) or creating and pinning them.
-    pub fn load(root: &Path) -> Result<Datapath> {
+    /// survives restarts) or creating and pinning them. `debug` turns on the
+    /// programs' debug events (aya-log); off, the verifier removes them.
+    pub fn load(root: &Path, debug: bool) -> Result<Datapath> {
         fs::create_dir_all(maps_dir(root))?;
         fs::create_dir_all(links_dir(root))?;
         let pins: Vec<(&str, PathBuf)> = ALL_MAPS
@@ -113,30 +114,34 @@ impl Datapath {
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
         }
-        let mut ebpf = loader
-            .load(EBPF_OBJECT)
-            .context("loading the eBPF object (are the pinned maps of another version?)")?;
-        for dir in Direction::BOTH {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(dir.program())
-                .with_context(|| format!("program {} missing", dir.program()))?
-                .try_into()?;
-            prog.load()
-                .with_context(|| format!("verifier rejected {}", dir.program()))?;
-        }
-        Ok(Datapath {
-            ebpf,
-            root: root.to_path_buf(),
-        })
+        Datapath::finish(loader, debug, &[PROG_INGRESS, PROG_EGRESS], root)
+            .context("loading the eBPF object (are the pinned maps of another version?)")
     }
 
     /// Loads the programs with private, unpinned maps: for datapath tests
     /// and benchmarks, which must not touch a running daemon's state.
-    pub fn load_private() -> Result<Datapath> {
-        let mut ebpf = EbpfLoader::new()
-            .load(EBPF_OBJECT)
-            .context("loading the eBPF object")?;
-        for name in [PROG_INGRESS, PROG_EGRESS, PROG_NOOP] {
+    pub fn load_private(debug: bool) -> Result<Datapath> {
+        Datapath::finish(
+            EbpfLoader::new(),
+            debug,
+            &[PROG_INGRESS, PROG_EGRESS, PROG_NOOP],
+            Path::new(""),
+        )
+    }
+
+    fn finish(
+        mut loader: EbpfLoader,
+        debug: bool,
+        programs: &[&str],
+        root: &Path,
+    ) -> Result<Datapath> {
+        // aya-log-ebpf's level is a read-only global the verifier sees as a
+        // constant: at 0 every log statement is dead code and removed.
+        static DEBUG: u8 = aya_log::Level::Debug as u8;
+        static OFF: u8 = 0;
+        loader.override_global(aya_log::LEVEL, if debug { &DEBUG } else { &OFF }, false);
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
+        for name in programs {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing"))?
@@ -146,8 +151,16 @@ impl Datapath {
         }
         Ok(Datapath {
             ebpf,
-            root: PathBuf::new(),
+            root: root.to_path_buf(),
         })
+    }
+
+    /// The reader of the programs' debug events (when loaded with `debug`).
+    pub fn logger<L: log::Log>(&mut self, logger: L) -> Result<aya_log::EbpfLogger<L>> {
+        Ok(aya_log::EbpfLogger::init_with_logger(
+            &mut self.ebpf,
+            logger,
+        )?)
     }
 
     pub fn root(&self) -> &Path {

@@ -79,7 +79,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
             .to_string(),
     };
     bpffs::ensure(&args.bpffs)?;
-    let mut dp = Datapath::load(&args.bpffs)?;
+    let mut dp = Datapath::load(&args.bpffs, args.bpf_debug)?;
+    if args.bpf_debug {
+        forward_bpf_events(&mut dp)?;
+    }
     write_config(&mut dp, &args)?;
     let maps = BpfLbMaps::new(&mut dp)?;
     let syncer = Syncer::adopt(maps).context("reading the pinned maps")?;
@@ -216,6 +219,28 @@ fn release_freed_memory() {
     unsafe {
         libc::malloc_trim(0);
     }
+}
+
+/// Copies the programs' aya-log events into our log as they come.
+fn forward_bpf_events(dp: &mut Datapath) -> Result<()> {
+    let logger = dp.logger(log::logger())?;
+    // SAFETY: the logger owns its ring buffer's fd, which stays open and the
+    // same for as long as the AsyncFd holds the logger.
+    let mut logger = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| anyhow::anyhow!("watching the debug-event ring buffer: {e}"))?;
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = logger.readable_mut().await else {
+                break;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+    info!("forwarding datapath debug events (--bpf-debug)");
+    Ok(())
 }
 
 fn write_config(dp: &mut Datapath, args: &RunArgs) -> Result<()> {

@@ -80,11 +80,15 @@ const NODE_IP: [u8; 4] = [192, 168, 200, 11];
 
 impl Fixture {
     fn new(test: &str) -> Option<Fixture> {
+        Fixture::with_debug(test, false)
+    }
+
+    fn with_debug(test: &str, debug: bool) -> Option<Fixture> {
         if !privileged(test) {
             return None;
         }
         let ns = NetNsGuard::new().expect("test namespace");
-        let mut dp = Datapath::load_private().expect("load datapath");
+        let mut dp = Datapath::load_private(debug).expect("load datapath");
         let maps = BpfLbMaps::new(&mut dp).unwrap();
         let syncer = Syncer::adopt(maps).unwrap();
         let ct = HashMap::try_from(dp.take_map(CT_MAP).unwrap()).unwrap();
@@ -605,4 +609,51 @@ fn a_removed_backend_is_not_reused_by_new_connections_on_an_old_tuple() {
         "SYN after FIN is a new flow"
     );
     assert!(f.rnat.iter().count() >= 2);
+}
+
+/// A log::Log that keeps the messages.
+#[derive(Clone, Default)]
+struct Collect(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl log::Log for Collect {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record) {
+        self.0.lock().unwrap().push(record.args().to_string());
+    }
+    fn flush(&self) {}
+}
+
+#[test]
+fn debug_events_are_emitted_only_when_asked_for() {
+    for debug in [false, true] {
+        let Some(mut f) = Fixture::with_debug("debug_events", debug) else {
+            return;
+        };
+        f.services(&[("10.244.2.11:8080", false)]);
+        let seen = Collect::default();
+        let mut logger = f.dp.logger(seen.clone()).unwrap();
+        f.ingress(&Pkt::tcp(sa(CLIENT), sa(VIP), TCP_SYN).build());
+        f.ingress(&Pkt::tcp(sa(CLIENT), sa("10.96.0.10:81"), TCP_SYN).build());
+        logger.flush();
+        let lines = seen.0.lock().unwrap().clone();
+        if debug {
+            assert!(
+                lines
+                    .iter()
+                    .any(|l| l.contains("new flow 10.244.1.5:40000 -> service port")
+                        && l.contains("backend 10.244.2.11:8080")),
+                "{lines:?}"
+            );
+            assert!(
+                lines
+                    .iter()
+                    .any(|l| l.contains("reject (unknown_port) 10.244.1.5 -> 10.96.0.10")),
+                "{lines:?}"
+            );
+        } else {
+            assert!(lines.is_empty(), "events while off: {lines:?}");
+        }
+    }
 }

@@ -106,7 +106,7 @@ fn main() -> Result<()> {
     );
     let _ns = NetNsGuard::new()?;
     let mut bench = Bench {
-        dp: Datapath::load_private()?,
+        dp: Datapath::load_private(false)?,
     };
     let maps = BpfLbMaps::new(&mut bench.dp)?;
     let mut syncer = Syncer::adopt(maps)?;
@@ -179,7 +179,7 @@ fn main() -> Result<()> {
 
     // Fresh maps for the control-plane figures.
     drop(syncer);
-    let mut dp = Datapath::load_private()?;
+    let mut dp = Datapath::load_private(false)?;
     control_plane::run(&mut dp)?;
     let scratch = std::env::temp_dir().join(format!("kep-bench-{}", std::process::id()));
     std::fs::create_dir_all(&scratch)?;
