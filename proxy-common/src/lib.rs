@@ -269,6 +269,17 @@ pub struct SvcStats {
     pub new_flows: u64,
 }
 
+impl SvcStats {
+    /// The sum of per-CPU (or per-frontend) counters.
+    pub fn sum<'a>(all: impl IntoIterator<Item = &'a SvcStats>) -> SvcStats {
+        all.into_iter().fold(SvcStats::default(), |a, s| SvcStats {
+            packets: a.packets + s.packets,
+            bytes: a.bytes + s.bytes,
+            new_flows: a.new_flows + s.new_flows,
+        })
+    }
+}
+
 /// Longest `namespace/name:port` kept (63 + 1 + 63 + 1 + 15 fits).
 pub const SVC_NAME_LEN: usize = 160;
 

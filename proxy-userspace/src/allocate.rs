@@ -118,16 +118,8 @@ impl FromStr for ServiceCidr {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let (addr, prefix) = s
-            .split_once('/')
-            .ok_or_else(|| format!("{s:?} is not a CIDR (address/prefix)"))?;
-        let addr: IpAddr = addr
-            .parse()
-            .map_err(|_| format!("{s:?}: {addr:?} is not an IP address"))?;
-        let prefix: u8 = prefix
-            .parse()
-            .map_err(|_| format!("{s:?}: {prefix:?} is not a prefix length"))?;
-        ServiceCidr::new(addr, prefix).map_err(|e| format!("{s:?}: {e}"))
+        let c: crate::cidr::Cidr = s.parse()?;
+        ServiceCidr::new(c.addr, c.prefix).map_err(|e| format!("{s:?}: {e}"))
     }
 }
 

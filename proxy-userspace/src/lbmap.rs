@@ -130,15 +130,7 @@ impl BpfLbMaps {
 
     /// Traffic counters of a service port, summed over CPUs.
     pub fn service_stats(&self, svc_id: u32) -> anyhow::Result<SvcStats> {
-        Ok(self
-            .stats
-            .get(&svc_id, 0)?
-            .iter()
-            .fold(SvcStats::default(), |a, s| SvcStats {
-                packets: a.packets + s.packets,
-                bytes: a.bytes + s.bytes,
-                new_flows: a.new_flows + s.new_flows,
-            }))
+        Ok(SvcStats::sum(self.stats.get(&svc_id, 0)?.iter()))
     }
 }
 

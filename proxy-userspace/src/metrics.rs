@@ -282,20 +282,11 @@ impl DatapathCollector {
         let mut per_service: BTreeMap<String, SvcStats> = BTreeMap::new();
         for item in names.iter() {
             let (id, name) = item?;
-            let total = stats
-                .get(&id, 0)?
-                .iter()
-                .fold(SvcStats::default(), |a, s| SvcStats {
-                    packets: a.packets + s.packets,
-                    bytes: a.bytes + s.bytes,
-                    new_flows: a.new_flows + s.new_flows,
-                });
+            let total = SvcStats::sum(stats.get(&id, 0)?.iter());
             // A service port has several frontends (ClusterIP, NodePort):
             // one series per service port.
             let e = per_service.entry(name.as_str().to_string()).or_default();
-            e.packets += total.packets;
-            e.bytes += total.bytes;
-            e.new_flows += total.new_flows;
+            *e = SvcStats::sum([&*e, &total]);
         }
         let global: PerCpuArray<MapData, u64> =
             PerCpuArray::try_from(Map::from_map_data(open_pinned(root, STATS_MAP)?)?)?;
