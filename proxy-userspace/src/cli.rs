@@ -20,7 +20,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Load the datapath and keep it in sync with Services and EndpointSlices.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Remove every link, program and pin the daemon made.
     Cleanup {
         #[arg(long, default_value = DEFAULT_BPFFS)]

@@ -418,7 +418,7 @@ mod tests {
             panic!("not run")
         };
         let (_, run) = matches.subcommand().unwrap();
-        merge(file, args, &given_on_command_line(run))
+        merge(file, *args, &given_on_command_line(run))
     }
 
     fn err(text: &str) -> String {
@@ -631,7 +631,7 @@ minSyncPeriodMs: 1000
         let Command::Run(args) = Cli::from_arg_matches(&matches).unwrap().command else {
             panic!()
         };
-        merge(&FileConfig::default(), args, &record);
+        merge(&FileConfig::default(), *args, &record);
         let cli = Cli::command();
         let run = cli.find_subcommand("run").unwrap();
         let ids: BTreeSet<String> = run

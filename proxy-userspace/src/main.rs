@@ -30,13 +30,13 @@ fn main() -> Result<()> {
                 let given = matches
                     .subcommand_matches("run")
                     .expect("the run subcommand was parsed");
-                args = config::merge(&file, args, &config::given_on_command_line(given));
+                *args = config::merge(&file, *args, &config::given_on_command_line(given));
             }
             init_logging(args.log_format);
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?
-                .block_on(run::run(args))
+                .block_on(run::run(*args))
         }
         Command::Cleanup { bpffs: root } => {
             init_logging(LogFormat::Text);

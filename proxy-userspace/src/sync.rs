@@ -360,11 +360,11 @@ impl<M: LbMaps> Syncer<M> {
                 }
             },
         };
-        if old.is_none() {
-            if let Err(e) = self.maps.reset_stats(svc_id) {
-                self.undo(&created, &[], writes);
-                return Err(e);
-            }
+        if old.is_none()
+            && let Err(e) = self.maps.reset_stats(svc_id)
+        {
+            self.undo(&created, &[], writes);
+            return Err(e);
         }
         let mut slots = Vec::with_capacity(ids.len());
         for (i, id) in ids.iter().enumerate() {
@@ -472,12 +472,12 @@ impl<M: LbMaps> Syncer<M> {
         let Some(old) = self.frontends.remove(key) else {
             return;
         };
-        if is_vip(key) {
-            if let Some(n) = self.vips.get_mut(&key.addr) {
-                *n -= 1;
-                if *n == 0 {
-                    self.vips.remove(&key.addr);
-                }
+        if is_vip(key)
+            && let Some(n) = self.vips.get_mut(&key.addr)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.vips.remove(&key.addr);
             }
         }
         // The service entry first: no new flow may pick a slot being
