@@ -94,6 +94,11 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
 
+    /// Log level or filter (`info`, `debug`, `proxy_userspace=debug`...);
+    /// RUST_LOG, when set, wins.
+    #[arg(long)]
+    pub log_level: Option<String>,
+
     /// Log the datapath's debug events (new flows, rejects) through aya-log.
     /// Off, they cost nothing: the verifier removes them.
     #[arg(long)]

@@ -13,6 +13,7 @@
 //!   kubeconfig: /etc/kube/config        # --kubeconfig
 //! logging:
 //!   format: json                        # --log-format
+//!   level: info                         # --log-level (RUST_LOG wins)
 //! master: https://10.0.0.1:6443         # --master
 //! bpffs: /sys/fs/bpf/kube-ebpf-proxy    # --bpffs
 //! devices: [eth0]                       # --devices
@@ -88,6 +89,9 @@ pub struct FileConfig {
     pub kubeconfig: Option<PathBuf>,
     /// `logging.format`: `--log-format`.
     pub log_format: Option<LogFormat>,
+    /// `logging.level`: `--log-level` (ours; kube-proxy's `verbosity` is a
+    /// klog number).
+    pub log_level: Option<String>,
     /// `--master`: the API server's URL (a flag only, in kube-proxy).
     pub master: Option<String>,
     /// `--bpffs`: where maps and links are pinned.
@@ -150,6 +154,7 @@ struct RawClientConnection {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawLogging {
     format: Option<String>,
+    level: Option<String>,
 }
 
 impl TryFrom<Raw> for FileConfig {
@@ -158,7 +163,7 @@ impl TryFrom<Raw> for FileConfig {
 
     fn try_from(raw: Raw) -> Result<FileConfig, String> {
         let mut errors = Errors(Vec::new());
-        let format = raw.logging.and_then(|l| l.format);
+        let (format, level) = raw.logging.map_or((None, None), |l| (l.format, l.level));
         let config = FileConfig {
             hostname_override: non_empty(raw.hostname_override),
             healthz_bind_address: errors.parse(
@@ -182,6 +187,7 @@ impl TryFrom<Raw> for FileConfig {
             kubeconfig: non_empty(raw.client_connection.and_then(|c| c.kubeconfig))
                 .map(PathBuf::from),
             log_format: errors.parse("logging.format", format, parse_log_format),
+            log_level: non_empty(level),
             master: non_empty(raw.master),
             bpffs: non_empty(raw.bpffs).map(PathBuf::from),
             devices: raw.devices,
@@ -305,6 +311,7 @@ pub fn merge(file: &FileConfig, mut args: RunArgs, explicit: &dyn Fn(&str) -> bo
     take!(snat_port_range, f.snat_port_range);
     take!(poll_interval_ms, f.poll_interval_ms);
     take!(log_format, f.log_format);
+    take!(log_level, f.log_level.clone().map(Some));
     take!(metrics_bind_address, f.metrics_bind_address);
     take!(healthz_bind_address, f.healthz_bind_address);
     args

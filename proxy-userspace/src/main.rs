@@ -7,8 +7,9 @@ use proxy_userspace::{
 };
 use tracing_subscriber::EnvFilter;
 
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+fn init_logging(format: LogFormat, level: Option<&str>) {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(level.unwrap_or("info")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -32,14 +33,14 @@ fn main() -> Result<()> {
                     .expect("the run subcommand was parsed");
                 *args = config::merge(&file, *args, &config::given_on_command_line(given));
             }
-            init_logging(args.log_format);
+            init_logging(args.log_format, args.log_level.as_deref());
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?
                 .block_on(run::run(*args))
         }
         Command::Cleanup { bpffs: root } => {
-            init_logging(LogFormat::Text);
+            init_logging(LogFormat::Text, None);
             datapath::cleanup(&root)?;
             bpffs::release(&root)?;
             tracing::info!(path = %root.display(), "removed every link and pin");
