@@ -40,7 +40,7 @@ use kube::{
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{
         WatchStreamExt,
-        reflector::{Store, store::Writer},
+        reflector::{ObjectRef, Store, store::Writer},
         watcher,
     },
 };
@@ -209,6 +209,17 @@ pub struct KubeSource {
 struct Shared {
     generation: AtomicU64,
     notify: Notify,
+    /// What changed since the last feed, per resource (Services, slices):
+    /// so the model is handed the changed objects, not all of them.
+    dirty: std::sync::Mutex<[Dirty; 2]>,
+}
+
+/// Changed objects of one resource since the last feed.
+#[derive(Default)]
+struct Dirty {
+    keys: std::collections::BTreeSet<(String, String)>,
+    /// A (re)list completed: anything may have changed.
+    all: bool,
 }
 
 impl Shared {
@@ -286,6 +297,7 @@ impl KubeSource {
         source.tasks = vec![
             tokio::spawn(reflect(
                 RESOURCES[0],
+                Some(0),
                 services,
                 svc_writer,
                 c_svc,
@@ -293,12 +305,20 @@ impl KubeSource {
             )),
             tokio::spawn(reflect(
                 RESOURCES[1],
+                Some(1),
                 slices,
                 slice_writer,
                 c_slice,
                 shared.clone(),
             )),
-            tokio::spawn(reflect(RESOURCES[2], nodes, node_writer, c_node, shared)),
+            tokio::spawn(reflect(
+                RESOURCES[2],
+                None,
+                nodes,
+                node_writer,
+                c_node,
+                shared,
+            )),
         ];
         source
     }
@@ -354,12 +374,29 @@ impl KubeSource {
             self.shared.generation.load(Ordering::Acquire),
             Ordering::Release,
         );
-        let services = self.services.state();
-        let slices = self.slices.state();
-        cache.replace(
-            services.iter().map(|s| s.as_ref()),
-            slices.iter().map(|s| s.as_ref()),
-        );
+        let [services, slices] = std::mem::take(&mut *self.shared.dirty.lock().unwrap());
+        // After a (re)list, everything; otherwise the objects the watch
+        // events named, as the stores have them now (gone: deleted).
+        if services.all {
+            cache.replace_services(self.services.state().iter().map(|s| s.as_ref()));
+        } else {
+            for (ns, name) in &services.keys {
+                match self.services.get(&ObjectRef::new(name).within(ns)) {
+                    Some(svc) => cache.upsert_service(&svc),
+                    None => cache.delete_service(ns, name),
+                }
+            }
+        }
+        if slices.all {
+            cache.replace_slices(self.slices.state().iter().map(|s| s.as_ref()));
+        } else {
+            for (ns, name) in &slices.keys {
+                match self.slices.get(&ObjectRef::new(name).within(ns)) {
+                    Some(slice) => cache.upsert_slice(&slice),
+                    None => cache.delete_slice(ns, name),
+                }
+            }
+        }
         if let Some(node) = self
             .nodes
             .state()
@@ -408,6 +445,8 @@ impl<K, S: Stream<Item = watcher::Result<watcher::Event<K>>> + Send + 'static> W
 /// (forever: errors are followed by a backoff, never by the end).
 async fn reflect<K>(
     resource: &'static str,
+    // Which Dirty set records this resource's changes (None: the Node).
+    dirty: Option<usize>,
     stream: impl WatchStream<K>,
     mut writer: Writer<K>,
     counters: Arc<Counters>,
@@ -441,6 +480,9 @@ async fn reflect<K>(
             }
             watcher::Event::InitApply(_) => listed += 1,
             watcher::Event::InitDone => {
+                if let Some(i) = dirty {
+                    shared.dirty.lock().unwrap()[i].all = true;
+                }
                 let first = !counters.ready.swap(true, Ordering::AcqRel);
                 info!(
                     resource,
@@ -450,7 +492,11 @@ async fn reflect<K>(
                 );
                 shared.bump();
             }
-            watcher::Event::Apply(_) | watcher::Event::Delete(_) => {
+            watcher::Event::Apply(obj) | watcher::Event::Delete(obj) => {
+                if let Some(i) = dirty {
+                    let key = crate::model::obj_key(obj.meta());
+                    shared.dirty.lock().unwrap()[i].keys.insert(key);
+                }
                 counters.events.fetch_add(1, Ordering::Relaxed);
                 shared.bump();
             }

@@ -61,7 +61,8 @@ pub struct ModelCache {
     /// The frontends in force (the first claimant's).
     winners: BTreeMap<FrontendKey, Frontend>,
     /// Problems of the input as a whole (duplicate objects).
-    input_problems: Vec<Problem>,
+    service_problems: Vec<Problem>,
+    slice_problems: Vec<Problem>,
     dirty: BTreeSet<ObjKey>,
     /// Services and slices that changed since [`ModelCache::take_changes`].
     changes: (u64, u64),
@@ -78,7 +79,8 @@ impl ModelCache {
             parts: BTreeMap::new(),
             claims: BTreeMap::new(),
             winners: BTreeMap::new(),
-            input_problems: Vec::new(),
+            service_problems: Vec::new(),
+            slice_problems: Vec::new(),
             dirty: BTreeSet::new(),
             changes: (0, 0),
         }
@@ -105,15 +107,24 @@ impl ModelCache {
         services: impl IntoIterator<Item = &'a Service>,
         slices: impl IntoIterator<Item = &'a EndpointSlice>,
     ) {
-        self.input_problems.clear();
+        self.replace_services(services);
+        self.replace_slices(slices);
+    }
 
-        let mut sorted: Vec<&Service> = services.into_iter().collect();
-        sorted.sort_by_key(|s| obj_key(&s.metadata));
-        let mut seen: BTreeSet<ObjKey> = BTreeSet::new();
-        for svc in sorted {
-            let key = obj_key(&svc.metadata);
-            if !seen.insert(key.clone()) {
-                self.input_problems.push(model::object_problem(
+    /// Replaces every Service (see [`ModelCache::replace`]).
+    pub fn replace_services<'a>(&mut self, services: impl IntoIterator<Item = &'a Service>) {
+        self.service_problems.clear();
+        // Keys computed once; sorted so that of two objects with one name
+        // the first in namespace/name order is kept, deterministically.
+        let mut sorted: Vec<(ObjKey, &Service)> = services
+            .into_iter()
+            .map(|s| (obj_key(&s.metadata), s))
+            .collect();
+        sorted.sort_by(|a, b| a.0.cmp(&b.0));
+        for i in 0..sorted.len() {
+            let (key, svc) = &sorted[i];
+            if i > 0 && sorted[i - 1].0 == *key {
+                self.service_problems.push(model::object_problem(
                     ProblemKind::DuplicateObject,
                     "Service",
                     &key.0,
@@ -122,25 +133,31 @@ impl ModelCache {
                 ));
                 continue;
             }
-            self.put_service(key, svc);
+            self.put_service(key.clone(), svc);
         }
         let gone: Vec<ObjKey> = self
             .services
             .keys()
-            .filter(|k| !seen.contains(*k))
+            .filter(|k| sorted.binary_search_by(|(s, _)| s.cmp(k)).is_err())
             .cloned()
             .collect();
         for (ns, name) in gone {
             self.delete_service(&ns, &name);
         }
+    }
 
-        let mut sorted: Vec<&EndpointSlice> = slices.into_iter().collect();
-        sorted.sort_by_key(|s| obj_key(&s.metadata));
-        let mut seen: BTreeSet<ObjKey> = BTreeSet::new();
-        for slice in sorted {
-            let key = obj_key(&slice.metadata);
-            if !seen.insert(key.clone()) {
-                self.input_problems.push(model::object_problem(
+    /// Replaces every EndpointSlice (see [`ModelCache::replace`]).
+    pub fn replace_slices<'a>(&mut self, slices: impl IntoIterator<Item = &'a EndpointSlice>) {
+        self.slice_problems.clear();
+        let mut sorted: Vec<(ObjKey, &EndpointSlice)> = slices
+            .into_iter()
+            .map(|s| (obj_key(&s.metadata), s))
+            .collect();
+        sorted.sort_by(|a, b| a.0.cmp(&b.0));
+        for i in 0..sorted.len() {
+            let (key, slice) = &sorted[i];
+            if i > 0 && sorted[i - 1].0 == *key {
+                self.slice_problems.push(model::object_problem(
                     ProblemKind::DuplicateObject,
                     "EndpointSlice",
                     &key.0,
@@ -149,12 +166,12 @@ impl ModelCache {
                 ));
                 continue;
             }
-            self.put_slice(key, slice);
+            self.put_slice(key.clone(), slice);
         }
         let gone: Vec<ObjKey> = self
             .slices
             .keys()
-            .filter(|k| !seen.contains(*k))
+            .filter(|k| sorted.binary_search_by(|(s, _)| s.cmp(k)).is_err())
             .cloned()
             .collect();
         for (ns, name) in gone {
@@ -314,7 +331,8 @@ impl ModelCache {
 
     /// Everything skipped, in namespace/name order.
     pub fn problems(&self) -> Vec<Problem> {
-        let mut out = self.input_problems.clone();
+        let mut out = self.service_problems.clone();
+        out.extend(self.slice_problems.iter().cloned());
         for (key, part) in &self.parts {
             out.extend(part.problems.iter().cloned());
             for (fk, fe) in &part.frontends {

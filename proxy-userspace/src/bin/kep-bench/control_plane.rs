@@ -77,6 +77,8 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 pub fn run(dp: &mut Datapath) -> Result<()> {
     let n = 10_000;
     let (services, slices) = objects(n)?;
+    // Watch events reach the model as upserts of the objects they name
+    // (KubeSource::feed), which is what is timed below.
     let node_addrs = BTreeSet::from([Ipv4Addr::new(192, 168, 200, 11)]);
     let mut model = ModelCache::new(
         NodeInfo {
@@ -119,6 +121,7 @@ pub fn run(dp: &mut Datapath) -> Result<()> {
         writes += report.writes;
     }
     took.sort();
+
     println!();
     println!("Control plane ({n} Services x {ENDPOINTS} endpoints, one ClusterIP port each):");
     println!();
