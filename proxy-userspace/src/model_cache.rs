@@ -114,34 +114,13 @@ impl ModelCache {
     /// Replaces every Service (see [`ModelCache::replace`]).
     pub fn replace_services<'a>(&mut self, services: impl IntoIterator<Item = &'a Service>) {
         self.service_problems.clear();
-        // Keys computed once; sorted so that of two objects with one name
-        // the first in namespace/name order is kept, deterministically.
-        let mut sorted: Vec<(ObjKey, &Service)> = services
-            .into_iter()
-            .map(|s| (obj_key(&s.metadata), s))
-            .collect();
-        sorted.sort_by(|a, b| a.0.cmp(&b.0));
-        for i in 0..sorted.len() {
-            let (key, svc) = &sorted[i];
-            if i > 0 && sorted[i - 1].0 == *key {
-                self.service_problems.push(model::object_problem(
-                    ProblemKind::DuplicateObject,
-                    "Service",
-                    &key.0,
-                    &key.1,
-                    "a second Service with this namespace and name; skipped".to_string(),
-                ));
-                continue;
-            }
+        let sorted = sorted_unique(services, "Service", &mut self.service_problems, |s| {
+            &s.metadata
+        });
+        for (key, svc) in &sorted {
             self.put_service(key.clone(), svc);
         }
-        let gone: Vec<ObjKey> = self
-            .services
-            .keys()
-            .filter(|k| sorted.binary_search_by(|(s, _)| s.cmp(k)).is_err())
-            .cloned()
-            .collect();
-        for (ns, name) in gone {
+        for (ns, name) in absent(&self.services, &sorted) {
             self.delete_service(&ns, &name);
         }
     }
@@ -149,32 +128,13 @@ impl ModelCache {
     /// Replaces every EndpointSlice (see [`ModelCache::replace`]).
     pub fn replace_slices<'a>(&mut self, slices: impl IntoIterator<Item = &'a EndpointSlice>) {
         self.slice_problems.clear();
-        let mut sorted: Vec<(ObjKey, &EndpointSlice)> = slices
-            .into_iter()
-            .map(|s| (obj_key(&s.metadata), s))
-            .collect();
-        sorted.sort_by(|a, b| a.0.cmp(&b.0));
-        for i in 0..sorted.len() {
-            let (key, slice) = &sorted[i];
-            if i > 0 && sorted[i - 1].0 == *key {
-                self.slice_problems.push(model::object_problem(
-                    ProblemKind::DuplicateObject,
-                    "EndpointSlice",
-                    &key.0,
-                    &key.1,
-                    "a second EndpointSlice with this namespace and name; skipped".to_string(),
-                ));
-                continue;
-            }
+        let sorted = sorted_unique(slices, "EndpointSlice", &mut self.slice_problems, |s| {
+            &s.metadata
+        });
+        for (key, slice) in &sorted {
             self.put_slice(key.clone(), slice);
         }
-        let gone: Vec<ObjKey> = self
-            .slices
-            .keys()
-            .filter(|k| sorted.binary_search_by(|(s, _)| s.cmp(k)).is_err())
-            .cloned()
-            .collect();
-        for (ns, name) in gone {
+        for (ns, name) in absent(&self.slices, &sorted) {
             self.delete_slice(&ns, &name);
         }
     }
@@ -369,6 +329,42 @@ impl ModelCache {
             problems: self.problems(),
         }
     }
+}
+
+/// The objects by key, sorted, each key once: of two objects with one name
+/// the first in input order is kept (deterministic for sorted input) and the
+/// other reported. Keys are computed once.
+fn sorted_unique<'a, T>(
+    objects: impl IntoIterator<Item = &'a T>,
+    kind: &'static str,
+    problems: &mut Vec<Problem>,
+    meta: fn(&T) -> &ObjectMeta,
+) -> Vec<(ObjKey, &'a T)> {
+    let mut sorted: Vec<(ObjKey, &T)> =
+        objects.into_iter().map(|o| (obj_key(meta(o)), o)).collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    sorted.dedup_by(|later, first| {
+        let dup = later.0 == first.0;
+        if dup {
+            problems.push(model::object_problem(
+                ProblemKind::DuplicateObject,
+                kind,
+                &later.0.0,
+                &later.0.1,
+                format!("a second {kind} with this namespace and name; skipped"),
+            ));
+        }
+        dup
+    });
+    sorted
+}
+
+/// Keys held that the new objects no longer have.
+fn absent<V, T>(held: &BTreeMap<ObjKey, V>, sorted: &[(ObjKey, &T)]) -> Vec<ObjKey> {
+    held.keys()
+        .filter(|k| sorted.binary_search_by(|(s, _)| s.cmp(k)).is_err())
+        .cloned()
+        .collect()
 }
 
 #[cfg(test)]
