@@ -5,7 +5,7 @@
 //! Layout under the bpffs directory (default /sys/fs/bpf/kube-ebpf-proxy):
 //!
 //! ```text
-//! maps/KEP_SVC_V1 ...              one pin per map (proxy_common::ALL_MAPS)
+//! maps/KEP_SVC_V2 ...              one pin per map (proxy_common::ALL_MAPS)
 //! links/<ifname>@<ifindex>-ingress one pin per attached device and direction
 //! links/<ifname>@<ifindex>-egress
 //! ```

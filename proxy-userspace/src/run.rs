@@ -249,6 +249,7 @@ fn write_config(dp: &mut Datapath, args: &RunArgs) -> Result<()> {
         snat_port_min: args.snat_port_range.0,
         snat_port_max: args.snat_port_range.1,
         hairpin_addr: HAIRPIN_ADDR,
+        ..Config::default()
     };
     cfg.set(0, value, 0)?;
     Ok(())

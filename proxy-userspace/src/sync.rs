@@ -14,8 +14,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use proxy_common::{
-    ADDR_NODE, ADDR_VIP, AddrKey, AddrValue, Backend, BackendKey, SVC_ID_LIMIT, SlotKey, SlotValue,
-    SvcKey, SvcName, SvcValue,
+    ADDR_CLUSTER_IP, ADDR_HOST, ADDR_NODEPORT, AddrKey, AddrValue, Backend, BackendKey,
+    SVC_ID_LIMIT, SlotKey, SlotValue, SvcKey, SvcName, SvcValue,
 };
 
 use crate::lbmap::{Entry, Key, LbMaps, WriteError};
@@ -387,8 +387,9 @@ impl<M: LbMaps> Syncer<M> {
             svc_id,
             generation,
             count: ids.len() as u16,
+            local_count: 0,
             flags: want.flags,
-            _pad: [0; 2],
+            affinity_timeout: 0,
         };
         // The switch: from here on packets use the new slots.
         if let Err(e) = self.maps.put(&Entry::Service(*key, value)) {
@@ -515,9 +516,9 @@ impl<M: LbMaps> Syncer<M> {
         for addr in touched {
             let k = AddrKey { addr: *addr };
             let want = if self.vips.contains_key(addr) {
-                Some(class(ADDR_VIP))
+                Some(class(ADDR_CLUSTER_IP))
             } else if self.node_addrs.contains(addr) {
-                Some(class(ADDR_NODE))
+                Some(class(ADDR_NODEPORT | ADDR_HOST))
             } else {
                 None
             };
@@ -660,14 +661,14 @@ mod tests {
                 addr: [10, 96, 0, 1]
             }]
                 .class,
-            ADDR_VIP
+            ADDR_CLUSTER_IP
         );
         assert_eq!(
             m.state.addrs[&AddrKey {
                 addr: [192, 168, 200, 11]
             }]
                 .class,
-            ADDR_NODE
+            ADDR_NODEPORT | ADDR_HOST
         );
         let r = s.sync(&d);
         assert_eq!(r.writes, 0, "an unchanged state must not be rewritten");
@@ -889,14 +890,14 @@ mod tests {
                 addr: [10, 96, 0, 2]
             }]
                 .class,
-            ADDR_VIP
+            ADDR_CLUSTER_IP
         );
         assert_eq!(
             addrs[&AddrKey {
                 addr: [192, 168, 200, 11]
             }]
                 .class,
-            ADDR_NODE
+            ADDR_NODEPORT | ADDR_HOST
         );
     }
 
