@@ -47,6 +47,8 @@ struct Context {
     /// Devices whose attach failed: when to try again, and the delay after.
     retry: BTreeMap<Device, (Instant, Duration)>,
     node_addrs: BTreeSet<Ipv4Addr>,
+    /// Every address of the node (hostNetwork backends answer from them).
+    host_addrs: BTreeSet<Ipv4Addr>,
     source: Source,
     /// Parts of the manifests that could not be read, at the last load.
     manifest_problems: usize,
@@ -142,6 +144,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         attached: BTreeSet::new(),
         retry: BTreeMap::new(),
         node_addrs: BTreeSet::new(),
+        host_addrs: BTreeSet::new(),
         source,
         manifest_problems: 0,
         kube_pending: false,
@@ -313,10 +316,13 @@ impl Context {
     }
 
     fn refresh_addresses(&mut self) -> bool {
-        match devices::nodeport_addresses(&self.args.nodeport_addresses) {
-            Ok(addrs) if addrs != self.node_addrs => {
-                info!(addresses = ?addrs, "NodePort addresses");
-                self.node_addrs = addrs;
+        let listed = devices::nodeport_addresses(&self.args.nodeport_addresses)
+            .and_then(|np| Ok((np, devices::nodeport_addresses(&[])?)));
+        match listed {
+            Ok((np, host)) if np != self.node_addrs || host != self.host_addrs => {
+                info!(addresses = ?np, "NodePort addresses");
+                self.node_addrs = np;
+                self.host_addrs = host;
                 true
             }
             Ok(_) => false,
@@ -397,7 +403,7 @@ impl Context {
             warn!(problem = %p, "skipped");
         }
         self.problems_logged = shown;
-        let node_addrs: BTreeSet<[u8; 4]> = self.node_addrs.iter().map(|a| a.octets()).collect();
+        let node_addrs = frontends::to_node_addrs(&self.node_addrs, &self.host_addrs);
         // The first sync compares everything with what a previous run left
         // pinned; later ones only hand over what the model changed.
         let report = if self.synced_once {
@@ -408,6 +414,7 @@ impl Context {
             self.syncer.sync(&frontends::to_desired(
                 self.model.frontends(),
                 &self.node_addrs,
+                &self.host_addrs,
             ))
         };
         let m = &self.metrics.sync;
@@ -431,6 +438,7 @@ impl Context {
         }
         let (mut internal, mut external) = (0, 0);
         for fe in self.model.frontends().values() {
+            // A Local policy with no local endpoint (kube-proxy's gauge).
             if fe.local_only && fe.backends.is_empty() {
                 match fe.kind {
                     FrontendKind::ClusterIp => internal += 1,

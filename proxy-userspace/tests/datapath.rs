@@ -14,16 +14,13 @@ use std::{
 };
 
 use aya::{
-    maps::{
-        Array, HashMap, MapData, PerCpuArray,
-        lpm_trie::{Key as LpmKey, LpmTrie},
-    },
+    maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{TestRun, TestRunOptions},
 };
 use proxy_common::*;
 use proxy_userspace::{
     datapath::Datapath,
-    lbmap::{BpfLbMaps, Entry, LbMaps},
+    lbmap::{BpfLbMaps, Entry, Key, LbMaps},
     pktgen::{self, Pkt, TCP_ACK, TCP_FIN, TCP_SYN},
     sync::{Desired, FrontendWant, Syncer},
     testns::{BACKEND_MAC, NetNsGuard},
@@ -57,8 +54,6 @@ struct Fixture {
     stats: PerCpuArray<MapData, u64>,
     config: Array<MapData, Config>,
     aff: HashMap<MapData, AffKey, AffValue>,
-    aff_members: HashMap<MapData, AffMemberKey, u8>,
-    src_ranges: LpmTrie<MapData, SrcRangeKey, u8>,
     // Last: the namespace goes after the maps and programs.
     _ns: NetNsGuard,
 }
@@ -103,8 +98,6 @@ impl Fixture {
         let stats = PerCpuArray::try_from(dp.take_map(STATS_MAP).unwrap()).unwrap();
         let config = Array::try_from(dp.take_map(CONFIG_MAP).unwrap()).unwrap();
         let aff = HashMap::try_from(dp.take_map(AFF_MAP).unwrap()).unwrap();
-        let aff_members = HashMap::try_from(dp.take_map(AFFMEM_MAP).unwrap()).unwrap();
-        let src_ranges = LpmTrie::try_from(dp.take_map(SRCRNG_MAP).unwrap()).unwrap();
         Some(Fixture {
             dp,
             syncer,
@@ -113,8 +106,6 @@ impl Fixture {
             stats,
             config,
             aff,
-            aff_members,
-            src_ranges,
             _ns: ns,
         })
     }
@@ -137,6 +128,7 @@ impl Fixture {
                     name: "default/web:http".into(),
                     flags: 0,
                     backends: bes.clone(),
+                    ..Default::default()
                 },
             );
             d.frontends.insert(
@@ -145,6 +137,7 @@ impl Fixture {
                     name: "default/web:http".into(),
                     flags: SVC_F_EXTERNAL,
                     backends: bes,
+                    ..Default::default()
                 },
             );
         }
@@ -761,9 +754,9 @@ impl Fixture {
     fn member(&mut self, svc_id: u32, backend_id: u32, present: bool) {
         let k = AffMemberKey { svc_id, backend_id };
         if present {
-            self.aff_members.insert(k, 1, 0).unwrap();
+            self.put(Entry::AffMember(k));
         } else {
-            self.aff_members.remove(&k).unwrap();
+            self.syncer.maps_mut().delete(&Key::AffMember(k)).unwrap();
         }
     }
 
@@ -1145,14 +1138,11 @@ fn load_balancer_source_ranges_drop_other_sources() {
     fe.flags = SVC_F_EXTERNAL | SVC_F_SRC_RANGES;
     f.frontend(&fe);
     for (net, len) in [([192, 168, 200, 0], 24), ([203, 0, 113, 7], 32)] {
-        let key = LpmKey::new(
-            SrcRangeKey::prefix_len(len),
-            SrcRangeKey {
-                svc_id: 7u32.to_be_bytes(),
-                addr: net,
-            },
-        );
-        f.src_ranges.insert(&key, 1, 0).unwrap();
+        let key = SrcRangeKey {
+            svc_id: 7u32.to_be_bytes(),
+            addr: net,
+        };
+        f.put(Entry::SrcRange(key, len));
     }
     for allowed in ["192.168.200.100:50000", "203.0.113.7:50000"] {
         let (_, p) = f.syn_to(sa(allowed), sa(LB_IP));

@@ -98,6 +98,8 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
+use crate::cidr::Cidr;
+
 use k8s_openapi::api::{
     core::v1::{Node, Service, ServiceSpec},
     discovery::v1::{Endpoint, EndpointSlice},
@@ -249,7 +251,25 @@ pub struct Frontend {
     /// Local` (ClusterIP frontends) or `externalTrafficPolicy: Local` (the
     /// others).
     pub local_only: bool,
+    /// `externalTrafficPolicy: Local` on an external frontend: the cluster
+    /// set, which pods and processes of the node use (no external load
+    /// balancer is involved for them, as kube-proxy's short-circuit).
+    /// `backends` is the local set, for everyone else.
+    pub internal_backends: Option<Vec<Backend>>,
+    /// `internalTrafficPolicy: Local` with no local endpoint but endpoints
+    /// on other nodes: connections are dropped rather than rejected, as
+    /// kube-proxy does.
+    pub drop_when_empty: bool,
+    /// `sessionAffinity: ClientIP`: seconds a client keeps its backend
+    /// without a new connection (`timeoutSeconds`, default 10800).
+    pub affinity_timeout: Option<u32>,
+    /// `loadBalancerSourceRanges`, on load-balancer IP frontends only (of
+    /// the frontend's family): other sources are dropped.
+    pub source_ranges: Vec<Cidr>,
 }
+
+/// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds`.
+pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Backend {
@@ -322,12 +342,15 @@ pub enum ProblemKind {
     InvalidSlice,
     /// A frontend claimed by an earlier Service (or port).
     DuplicateFrontend,
+    /// A loadBalancerSourceRanges entry that is not a CIDR.
+    InvalidSourceRange,
 }
 
 impl ProblemKind {
     pub fn label(self) -> &'static str {
         match self {
             ProblemKind::DuplicateObject => "duplicate_object",
+            ProblemKind::InvalidSourceRange => "invalid_source_range",
             ProblemKind::MissingSpec => "missing_spec",
             ProblemKind::MissingClusterIp => "missing_cluster_ip",
             ProblemKind::InvalidClusterIp => "invalid_cluster_ip",
@@ -567,6 +590,8 @@ impl Builder<'_> {
         let etp_local =
             externally_accessible && spec.external_traffic_policy.as_deref() == Some("Local");
         let topology = topology_mode(svc, spec);
+        let affinity_timeout = affinity_timeout(spec);
+        let source_ranges = self.source_ranges(spec, ns, name);
 
         let checked: Vec<CheckedSlice> =
             slices.iter().filter_map(|s| self.check_slice(s)).collect();
@@ -621,13 +646,31 @@ impl Builder<'_> {
                     FrontendKind::ClusterIp => itp_local,
                     _ => etp_local,
                 };
-                let set = if local_only { &eps.local } else { &eps.cluster };
                 let key = FrontendKey { ip, port, protocol };
-                let backends: Vec<Backend> = set
-                    .iter()
-                    .filter(|be| be.ip.is_ipv4() == ip.is_ipv4())
-                    .copied()
-                    .collect();
+                let of_family = |set: &[Backend]| -> Vec<Backend> {
+                    set.iter()
+                        .filter(|be| be.ip.is_ipv4() == ip.is_ipv4())
+                        .copied()
+                        .collect()
+                };
+                let cluster = of_family(&eps.cluster);
+                let backends = if local_only {
+                    of_family(&eps.local)
+                } else {
+                    cluster.clone()
+                };
+                let is_cluster_ip = kind == FrontendKind::ClusterIp;
+                let drop_when_empty =
+                    local_only && is_cluster_ip && backends.is_empty() && !cluster.is_empty();
+                let internal_backends = (local_only && !is_cluster_ip).then_some(cluster);
+                let source_ranges = match kind {
+                    FrontendKind::LoadBalancerIp => source_ranges
+                        .iter()
+                        .filter(|c| c.addr.is_ipv4() == ip.is_ipv4())
+                        .copied()
+                        .collect(),
+                    _ => Vec::new(),
+                };
                 if let Some(other) = b.state.frontends.get(&key) {
                     let reason = format!(
                         "{what}: {kind} frontend {key} is taken by {} ({}); skipped",
@@ -643,6 +686,10 @@ impl Builder<'_> {
                         kind,
                         backends,
                         local_only,
+                        internal_backends,
+                        drop_when_empty,
+                        affinity_timeout,
+                        source_ranges,
                     },
                 );
             };
@@ -732,6 +779,26 @@ impl Builder<'_> {
             );
         }
         Some(ips)
+    }
+
+    /// `loadBalancerSourceRanges` that parse; the others are reported (the
+    /// valid ones still apply: a range left out only narrows who may
+    /// connect).
+    fn source_ranges(&mut self, spec: &ServiceSpec, ns: &str, name: &str) -> Vec<Cidr> {
+        let mut out = Vec::new();
+        for raw in spec.load_balancer_source_ranges.iter().flatten() {
+            match raw.trim().parse::<Cidr>() {
+                Ok(c) => out.push(c),
+                Err(e) => self.problem(
+                    ProblemKind::InvalidSourceRange,
+                    "Service",
+                    ns,
+                    name,
+                    format!("loadBalancerSourceRanges: {e}; skipped"),
+                ),
+            }
+        }
+        out
     }
 
     /// externalIPs and load-balancer IPs, checked.
@@ -898,6 +965,22 @@ impl Builder<'_> {
             nodes,
         })
     }
+}
+
+/// `sessionAffinity: ClientIP` and its timeout (kube-proxy's default when
+/// unset; the API server keeps it within 1..=86400).
+fn affinity_timeout(spec: &ServiceSpec) -> Option<u32> {
+    if spec.session_affinity.as_deref() != Some("ClientIP") {
+        return None;
+    }
+    let seconds = spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|c| c.client_ip.as_ref())
+        .and_then(|c| c.timeout_seconds)
+        .filter(|s| *s > 0)
+        .map_or(DEFAULT_AFFINITY_TIMEOUT, |s| s as u32);
+    Some(seconds)
 }
 
 fn valid_port(n: i32) -> Option<u16> {

@@ -17,21 +17,57 @@ pub mod lbmap;
 use std::collections::{BTreeMap, BTreeSet};
 
 use proxy_common::{
-    ADDR_CLUSTER_IP, ADDR_HOST, ADDR_NODEPORT, AddrKey, AddrValue, Backend, BackendKey,
-    SVC_ID_LIMIT, SlotKey, SlotValue, SvcKey, SvcName, SvcValue,
+    ADDR_CLUSTER_IP, ADDR_EXTERNAL, ADDR_HOST, ADDR_NODEPORT, AddrKey, AddrValue, AffMemberKey,
+    Backend, BackendKey, SVC_F_AFFINITY, SVC_F_SRC_RANGES, SVC_ID_LIMIT, SlotKey, SlotValue,
+    SrcRangeKey, SvcKey, SvcName, SvcValue,
 };
 
 use crate::lbmap::{Entry, Key, LbMaps, WriteError};
 
 /// What one frontend should do.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FrontendWant {
     /// `namespace/name:port` (for logs, metrics and inspection).
     pub name: String,
     /// `SVC_F_*`.
     pub flags: u16,
-    /// Backends in slot order (each gets one slot).
+    /// The primary set, in slot order (each backend gets one slot).
     pub backends: Vec<Backend>,
+    /// The local set (`SVC_F_ETP_LOCAL`), in the slots after the primary set.
+    pub local_backends: Vec<Backend>,
+    /// Seconds (`SVC_F_AFFINITY`).
+    pub affinity_timeout: u32,
+    /// Source prefixes allowed, address and length (`SVC_F_SRC_RANGES`).
+    pub source_ranges: Vec<([u8; 4], u8)>,
+    /// The address is an externalIP or load-balancer IP (`ADDR_EXTERNAL`:
+    /// only its frontends are ours), not a ClusterIP.
+    pub external_addr: bool,
+}
+
+impl FrontendWant {
+    /// Both sets as they go into slots, capped at [`MAX_BACKENDS`] in all.
+    fn slotted(&self) -> (&[Backend], &[Backend]) {
+        let primary = &self.backends[..self.backends.len().min(MAX_BACKENDS)];
+        let room = MAX_BACKENDS - primary.len();
+        let local = &self.local_backends[..self.local_backends.len().min(room)];
+        (primary, local)
+    }
+
+    fn ranges(&self) -> BTreeSet<([u8; 4], u8)> {
+        if self.flags & SVC_F_SRC_RANGES == 0 {
+            return BTreeSet::new();
+        }
+        self.source_ranges.iter().copied().collect()
+    }
+}
+
+/// The addresses of this node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeAddrs {
+    /// Those NodePorts answer on (`--nodeport-addresses`).
+    pub nodeport: BTreeSet<[u8; 4]>,
+    /// Every address of the node (a NodePort address is one too).
+    pub host: BTreeSet<[u8; 4]>,
 }
 
 /// A frontend's address is a VIP (a ClusterIP, externalIP or LB IP) unless
@@ -45,14 +81,34 @@ pub struct Desired {
     pub frontends: BTreeMap<SvcKey, FrontendWant>,
     /// Addresses NodePorts answer on.
     pub node_addrs: BTreeSet<[u8; 4]>,
+    /// Other addresses of this node (hostNetwork backends answer from
+    /// them).
+    pub host_addrs: BTreeSet<[u8; 4]>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+impl Desired {
+    fn addrs(&self) -> NodeAddrs {
+        NodeAddrs {
+            nodeport: self.node_addrs.clone(),
+            host: self.host_addrs.union(&self.node_addrs).copied().collect(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Programmed {
     svc_id: u32,
     generation: u16,
     flags: u16,
+    /// Primary set, then local set.
     backend_ids: Vec<u32>,
+    local_count: u16,
+    affinity_timeout: u32,
+    /// Affinity membership entries written (backend ids).
+    members: BTreeSet<u32>,
+    /// Source range entries written.
+    ranges: BTreeSet<([u8; 4], u8)>,
+    external_addr: bool,
 }
 
 /// What a sync did.
@@ -82,11 +138,11 @@ pub struct Syncer<M: LbMaps> {
     free_svc_ids: BTreeSet<u32>,
     /// The desired state last asked for; a sync is a diff against it.
     wanted: BTreeMap<SvcKey, FrontendWant>,
-    node_addrs: BTreeSet<[u8; 4]>,
+    node_addrs: NodeAddrs,
     /// Frontends whose last write failed: retried at every sync.
     failed: BTreeSet<SvcKey>,
-    /// Programmed frontends per VIP address.
-    vips: BTreeMap<[u8; 4], usize>,
+    /// Programmed frontends per VIP address and kind (true: external).
+    vips: BTreeMap<([u8; 4], bool), usize>,
     /// Backends whose last reference went away during this sync.
     unreferenced: BTreeSet<u32>,
     /// Addresses found in the pins, checked at the next sync.
@@ -113,7 +169,7 @@ impl<M: LbMaps> Syncer<M> {
             garbage: Vec::new(),
             free_svc_ids: BTreeSet::new(),
             wanted: BTreeMap::new(),
-            node_addrs: BTreeSet::new(),
+            node_addrs: NodeAddrs::default(),
             failed: BTreeSet::new(),
             vips: BTreeMap::new(),
             unreferenced: BTreeSet::new(),
@@ -135,8 +191,9 @@ impl<M: LbMaps> Syncer<M> {
             // A hole (missing slot or backend) becomes u32::MAX, which never
             // matches a wanted backend: the frontend is rewritten at the next
             // sync, and its old slots are deleted then.
-            let mut ids = Vec::with_capacity(v.count as usize);
-            for slot in 0..v.count {
+            let slot_count = v.count.saturating_add(v.local_count);
+            let mut ids = Vec::with_capacity(slot_count as usize);
+            for slot in 0..slot_count {
                 let sk = SlotKey {
                     svc_id: v.svc_id,
                     generation: v.generation,
@@ -151,6 +208,7 @@ impl<M: LbMaps> Syncer<M> {
                     _ => ids.push(u32::MAX),
                 }
             }
+            let pinned_class = snap.addrs.get(&AddrKey { addr: key.addr });
             s.frontends.insert(
                 *key,
                 Programmed {
@@ -158,17 +216,24 @@ impl<M: LbMaps> Syncer<M> {
                     generation: v.generation,
                     flags: v.flags,
                     backend_ids: ids,
+                    local_count: v.local_count,
+                    affinity_timeout: v.affinity_timeout,
+                    external_addr: pinned_class.is_some_and(|c| {
+                        c.class & (ADDR_EXTERNAL | ADDR_CLUSTER_IP) == ADDR_EXTERNAL
+                    }),
+                    ..Programmed::default()
                 },
             );
         }
+        s.adopt_extras(&snap);
         for sk in snap.slots.keys() {
             if !live_slots.contains(sk) {
                 s.garbage.push(Key::Slot(*sk));
             }
         }
-        for key in s.frontends.keys() {
+        for (key, p) in &s.frontends {
             if is_vip(key) {
-                *s.vips.entry(key.addr).or_default() += 1;
+                *s.vips.entry((key.addr, p.external_addr)).or_default() += 1;
             }
         }
         s.unreferenced = s
@@ -189,6 +254,37 @@ impl<M: LbMaps> Syncer<M> {
             }
         }
         Ok(s)
+    }
+
+    /// Affinity members and source ranges found in the pins: kept with
+    /// their frontend, garbage without one.
+    fn adopt_extras(&mut self, snap: &crate::lbmap::Snapshot) {
+        let by_id: BTreeMap<u32, SvcKey> =
+            self.frontends.iter().map(|(k, p)| (p.svc_id, *k)).collect();
+        for m in &snap.members {
+            match by_id.get(&m.svc_id) {
+                Some(k) => {
+                    self.frontends
+                        .get_mut(k)
+                        .unwrap()
+                        .members
+                        .insert(m.backend_id);
+                }
+                None => self.garbage.push(Key::AffMember(*m)),
+            }
+        }
+        for (r, len) in &snap.ranges {
+            match by_id.get(&u32::from_be_bytes(r.svc_id)) {
+                Some(k) => {
+                    self.frontends
+                        .get_mut(k)
+                        .unwrap()
+                        .ranges
+                        .insert((r.addr, *len));
+                }
+                None => self.garbage.push(Key::SrcRange(*r, *len)),
+            }
+        }
     }
 
     pub fn maps(&self) -> &M {
@@ -241,7 +337,7 @@ impl<M: LbMaps> Syncer<M> {
                 .into_iter()
                 .map(|k| (*k, None)),
         );
-        self.apply(&changes, Some(&desired.node_addrs))
+        self.apply(&changes, Some(&desired.addrs()))
     }
 
     /// Applies changed frontends (None: removed) and, if given, the new set
@@ -250,7 +346,7 @@ impl<M: LbMaps> Syncer<M> {
     pub fn apply(
         &mut self,
         changes: &[(SvcKey, Option<FrontendWant>)],
-        node_addrs: Option<&BTreeSet<[u8; 4]>>,
+        node_addrs: Option<&NodeAddrs>,
     ) -> SyncReport {
         let mut report = SyncReport::default();
         let mut touched: BTreeSet<SvcKey> = std::mem::take(&mut self.failed);
@@ -263,7 +359,9 @@ impl<M: LbMaps> Syncer<M> {
         }
         let mut addrs: BTreeSet<[u8; 4]> = BTreeSet::new();
         if let Some(node_addrs) = node_addrs {
-            addrs.extend(self.node_addrs.symmetric_difference(node_addrs));
+            let old = &self.node_addrs;
+            addrs.extend(old.nodeport.symmetric_difference(&node_addrs.nodeport));
+            addrs.extend(old.host.symmetric_difference(&node_addrs.host));
             self.node_addrs = node_addrs.clone();
         }
         // Removals first: their ids are free for the frontends added below.
@@ -309,11 +407,16 @@ impl<M: LbMaps> Syncer<M> {
         let Some(p) = self.frontends.get(key) else {
             return false;
         };
+        let (primary, local) = want.slotted();
         p.flags == want.flags
-            && p.backend_ids.len() == want.backends.len()
+            && p.external_addr == want.external_addr
+            && p.affinity_timeout == want.affinity_timeout
+            && p.ranges == want.ranges()
+            && p.local_count as usize == local.len()
+            && p.backend_ids.len() == primary.len() + local.len()
             && p.backend_ids
                 .iter()
-                .zip(&want.backends)
+                .zip(primary.iter().chain(local))
                 .all(|(id, b)| self.backends.get(id) == Some(b))
     }
 
@@ -323,125 +426,230 @@ impl<M: LbMaps> Syncer<M> {
         want: &FrontendWant,
         writes: &mut usize,
     ) -> Result<(), WriteError> {
-        let backends = &want.backends[..want.backends.len().min(MAX_BACKENDS)];
+        let (primary, local) = want.slotted();
         // Backends first: a slot must never point at a missing backend.
         let mut created = Vec::new();
-        let mut ids = Vec::with_capacity(backends.len());
-        for b in backends {
-            let id = match self.backend_ids.get(b) {
-                Some(id) => *id,
-                None => {
-                    let id = self.next_backend_id;
-                    let entry = Entry::Backend(BackendKey { backend_id: id }, *b);
-                    if let Err(e) = self.maps.put(&entry) {
-                        self.undo(&created, &[], writes);
-                        return Err(e);
-                    }
-                    *writes += 1;
-                    self.next_backend_id += 1;
-                    self.backend_ids.insert(*b, id);
-                    self.backends.insert(id, *b);
-                    self.refs.insert(id, 0);
-                    created.push(id);
-                    id
-                }
-            };
-            ids.push(id);
-        }
-
+        let ids = self.backend_ids_for(primary.iter().chain(local), &mut created, writes)?;
         let old = self.frontends.get(key).cloned();
-        let (svc_id, generation) = match &old {
-            Some(p) => (p.svc_id, p.generation.wrapping_add(1)),
-            None => match self.free_svc_ids.first().copied() {
-                Some(id) => (id, 0),
-                None if self.next_svc_id < SVC_ID_LIMIT => (self.next_svc_id, 0),
-                None => {
-                    self.undo(&created, &[], writes);
-                    return Err(WriteError::Full {
-                        map: proxy_common::SVC_MAP,
-                    });
-                }
-            },
+        let (svc_id, generation) = match self.svc_id_for(old.as_ref()) {
+            Ok(v) => v,
+            Err(e) => {
+                self.undo(&created, &[], writes);
+                return Err(e);
+            }
         };
-        if old.is_none()
-            && let Err(e) = self.maps.reset_stats(svc_id)
-        {
-            self.undo(&created, &[], writes);
+        let mut written = Vec::new();
+        let result = self.write_generation(svc_id, generation, &ids, old.is_none(), &mut written);
+        let members: BTreeSet<u32> = if want.flags & SVC_F_AFFINITY != 0 {
+            ids.iter().copied().collect()
+        } else {
+            BTreeSet::new()
+        };
+        let ranges = want.ranges();
+        let old_extras = old.as_ref().map(|o| (&o.members, &o.ranges));
+        let result = result
+            .and_then(|()| self.write_extras(svc_id, &members, &ranges, old_extras, &mut written));
+        *writes += written.len();
+        let value = SvcValue {
+            svc_id,
+            generation,
+            count: primary.len() as u16,
+            local_count: local.len() as u16,
+            flags: want.flags,
+            affinity_timeout: want.affinity_timeout,
+        };
+        // The switch: from here on packets use the new slots.
+        let result = result.and_then(|()| self.maps.put(&Entry::Service(*key, value)));
+        if let Err(e) = result {
+            self.undo(&created, &written, writes);
             return Err(e);
         }
-        let mut slots = Vec::with_capacity(ids.len());
+        *writes += 1;
+        let programmed = Programmed {
+            svc_id,
+            generation,
+            flags: want.flags,
+            backend_ids: ids,
+            local_count: local.len() as u16,
+            affinity_timeout: want.affinity_timeout,
+            members,
+            ranges,
+            external_addr: want.external_addr,
+        };
+        self.switched(key, old, programmed, writes);
+        let _ = self.write_name(svc_id, &want.name, writes);
+        Ok(())
+    }
+
+    /// The backend id of each backend, creating the missing ones (listed
+    /// in `created`); on failure those are removed again.
+    fn backend_ids_for<'a>(
+        &mut self,
+        backends: impl Iterator<Item = &'a Backend>,
+        created: &mut Vec<u32>,
+        writes: &mut usize,
+    ) -> Result<Vec<u32>, WriteError> {
+        let mut ids = Vec::new();
+        for b in backends {
+            if let Some(id) = self.backend_ids.get(b) {
+                ids.push(*id);
+                continue;
+            }
+            let id = self.next_backend_id;
+            let entry = Entry::Backend(BackendKey { backend_id: id }, *b);
+            if let Err(e) = self.maps.put(&entry) {
+                self.undo(created, &[], writes);
+                return Err(e);
+            }
+            *writes += 1;
+            self.next_backend_id += 1;
+            self.backend_ids.insert(*b, id);
+            self.backends.insert(id, *b);
+            self.refs.insert(id, 0);
+            created.push(id);
+            ids.push(id);
+        }
+        Ok(ids)
+    }
+
+    /// The frontend's id and the generation its new slots go in.
+    fn svc_id_for(&self, old: Option<&Programmed>) -> Result<(u32, u16), WriteError> {
+        match old {
+            Some(p) => Ok((p.svc_id, p.generation.wrapping_add(1))),
+            None => match self.free_svc_ids.first().copied() {
+                Some(id) => Ok((id, 0)),
+                None if self.next_svc_id < SVC_ID_LIMIT => Ok((self.next_svc_id, 0)),
+                None => Err(WriteError::Full {
+                    map: proxy_common::SVC_MAP,
+                }),
+            },
+        }
+    }
+
+    /// The slots of a new generation (and fresh counters for a new id);
+    /// every key written is listed in `written`.
+    fn write_generation(
+        &mut self,
+        svc_id: u32,
+        generation: u16,
+        ids: &[u32],
+        new_id: bool,
+        written: &mut Vec<Key>,
+    ) -> Result<(), WriteError> {
+        if new_id {
+            self.maps.reset_stats(svc_id)?;
+        }
         for (i, id) in ids.iter().enumerate() {
             let sk = SlotKey {
                 svc_id,
                 generation,
                 slot: i as u16,
             };
-            if let Err(e) = self
-                .maps
-                .put(&Entry::Slot(sk, SlotValue { backend_id: *id }))
-            {
-                self.undo(&created, &slots, writes);
-                return Err(e);
-            }
-            *writes += 1;
-            slots.push(sk);
+            self.maps
+                .put(&Entry::Slot(sk, SlotValue { backend_id: *id }))?;
+            written.push(Key::Slot(sk));
         }
-        let value = SvcValue {
-            svc_id,
-            generation,
-            count: ids.len() as u16,
-            local_count: 0,
-            flags: want.flags,
-            affinity_timeout: 0,
-        };
-        // The switch: from here on packets use the new slots.
-        if let Err(e) = self.maps.put(&Entry::Service(*key, value)) {
-            self.undo(&created, &slots, writes);
-            return Err(e);
+        Ok(())
+    }
+
+    /// Affinity members and source ranges the frontend did not have yet,
+    /// written before the switch; those it loses go after it.
+    fn write_extras(
+        &mut self,
+        svc_id: u32,
+        members: &BTreeSet<u32>,
+        ranges: &BTreeSet<([u8; 4], u8)>,
+        old: Option<(&BTreeSet<u32>, &BTreeSet<([u8; 4], u8)>)>,
+        written: &mut Vec<Key>,
+    ) -> Result<(), WriteError> {
+        let none = (&BTreeSet::new(), &BTreeSet::new());
+        let (old_members, old_ranges) = old.unwrap_or(none);
+        for backend_id in members.difference(old_members) {
+            let k = AffMemberKey {
+                svc_id,
+                backend_id: *backend_id,
+            };
+            self.maps.put(&Entry::AffMember(k))?;
+            written.push(Key::AffMember(k));
         }
-        *writes += 1;
-        if old.is_none() {
-            if !self.free_svc_ids.remove(&svc_id) {
-                self.next_svc_id += 1;
-            }
-            if is_vip(key) {
-                *self.vips.entry(key.addr).or_default() += 1;
-            }
+        for (addr, len) in ranges.difference(old_ranges) {
+            let k = range_key(svc_id, *addr);
+            self.maps.put(&Entry::SrcRange(k, *len))?;
+            written.push(Key::SrcRange(k, *len));
         }
-        for id in &ids {
+        Ok(())
+    }
+
+    /// Bookkeeping once a frontend's new state is live: ids, address
+    /// users, references; then the old generation and extras go.
+    fn switched(
+        &mut self,
+        key: &SvcKey,
+        old: Option<Programmed>,
+        new: Programmed,
+        writes: &mut usize,
+    ) {
+        match &old {
+            None => {
+                if !self.free_svc_ids.remove(&new.svc_id) {
+                    self.next_svc_id += 1;
+                }
+                self.count_vip(key, new.external_addr, true);
+            }
+            Some(o) if o.external_addr != new.external_addr => {
+                self.count_vip(key, o.external_addr, false);
+                self.count_vip(key, new.external_addr, true);
+            }
+            Some(_) => {}
+        }
+        for id in &new.backend_ids {
             *self.refs.entry(*id).or_default() += 1;
         }
         if let Some(old) = old {
             self.release(&old, writes);
+            for id in old.members.difference(&new.members) {
+                let k = AffMemberKey {
+                    svc_id: old.svc_id,
+                    backend_id: *id,
+                };
+                self.delete_counted(&Key::AffMember(k), writes);
+            }
+            for (addr, len) in old.ranges.difference(&new.ranges) {
+                let k = range_key(old.svc_id, *addr);
+                self.delete_counted(&Key::SrcRange(k, *len), writes);
+            }
         }
-        let _ = self.write_name(svc_id, &want.name, writes);
-        self.frontends.insert(
-            *key,
-            Programmed {
-                svc_id,
-                generation,
-                flags: want.flags,
-                backend_ids: ids,
-            },
-        );
-        Ok(())
+        self.frontends.insert(*key, new);
+    }
+
+    fn count_vip(&mut self, key: &SvcKey, external: bool, up: bool) {
+        if !is_vip(key) {
+            return;
+        }
+        let k = (key.addr, external);
+        if up {
+            *self.vips.entry(k).or_default() += 1;
+        } else if let Some(n) = self.vips.get_mut(&k) {
+            *n -= 1;
+            if *n == 0 {
+                self.vips.remove(&k);
+            }
+        }
+    }
+
+    fn delete_counted(&mut self, key: &Key, writes: &mut usize) {
+        if self.maps.delete(key).is_ok() {
+            *writes += 1;
+        }
     }
 
     /// Rolls back a frontend write that failed before its switch.
-    fn undo(&mut self, created: &[u32], slots: &[SlotKey], writes: &mut usize) {
-        for sk in slots {
-            if self.maps.delete(&Key::Slot(*sk)).is_ok() {
-                *writes += 1;
-            }
+    fn undo(&mut self, created: &[u32], written: &[Key], writes: &mut usize) {
+        for key in written {
+            self.delete_counted(key, writes);
         }
         for id in created {
-            if self
-                .maps
-                .delete(&Key::Backend(BackendKey { backend_id: *id }))
-                .is_ok()
-            {
-                *writes += 1;
-            }
+            self.delete_counted(&Key::Backend(BackendKey { backend_id: *id }), writes);
             if let Some(b) = self.backends.remove(id) {
                 self.backend_ids.remove(&b);
             }
@@ -458,9 +666,7 @@ impl<M: LbMaps> Syncer<M> {
                 generation: old.generation,
                 slot: slot as u16,
             };
-            if self.maps.delete(&Key::Slot(sk)).is_ok() {
-                *writes += 1;
-            }
+            self.delete_counted(&Key::Slot(sk), writes);
         }
         for id in &old.backend_ids {
             if let Some(r) = self.refs.get_mut(id) {
@@ -476,23 +682,23 @@ impl<M: LbMaps> Syncer<M> {
         let Some(old) = self.frontends.remove(key) else {
             return;
         };
-        if is_vip(key)
-            && let Some(n) = self.vips.get_mut(&key.addr)
-        {
-            *n -= 1;
-            if *n == 0 {
-                self.vips.remove(&key.addr);
-            }
-        }
+        self.count_vip(key, old.external_addr, false);
         // The service entry first: no new flow may pick a slot being
         // deleted.
-        if self.maps.delete(&Key::Service(*key)).is_ok() {
-            *writes += 1;
-        }
+        self.delete_counted(&Key::Service(*key), writes);
         self.release(&old, writes);
-        if self.maps.delete(&Key::Name(old.svc_id)).is_ok() {
-            *writes += 1;
+        for id in &old.members {
+            let k = AffMemberKey {
+                svc_id: old.svc_id,
+                backend_id: *id,
+            };
+            self.delete_counted(&Key::AffMember(k), writes);
         }
+        for (addr, len) in &old.ranges {
+            let k = range_key(old.svc_id, *addr);
+            self.delete_counted(&Key::SrcRange(k, *len), writes);
+        }
+        self.delete_counted(&Key::Name(old.svc_id), writes);
         self.names.remove(&old.svc_id);
         self.free_svc_ids.insert(old.svc_id);
     }
@@ -512,19 +718,31 @@ impl<M: LbMaps> Syncer<M> {
         Ok(())
     }
 
-    /// Re-derives the class of the addresses a sync touched: a VIP while a
-    /// programmed frontend uses it (a VIP wins over a node address), a node
-    /// address while NodePorts answer on it, nothing otherwise.
+    /// The class bits of an address: ClusterIP or external IP while a
+    /// programmed frontend of that kind uses it, NodePort address, address
+    /// of this node.
+    fn class_of(&self, addr: &[u8; 4]) -> u8 {
+        let mut c = 0;
+        if self.vips.contains_key(&(*addr, false)) {
+            c |= ADDR_CLUSTER_IP;
+        }
+        if self.vips.contains_key(&(*addr, true)) {
+            c |= ADDR_EXTERNAL;
+        }
+        if self.node_addrs.nodeport.contains(addr) {
+            c |= ADDR_NODEPORT;
+        }
+        if self.node_addrs.host.contains(addr) {
+            c |= ADDR_HOST;
+        }
+        c
+    }
+
+    /// Re-derives the class of the addresses a sync touched.
     fn sync_addrs(&mut self, touched: &BTreeSet<[u8; 4]>, report: &mut SyncReport) {
         for addr in touched {
             let k = AddrKey { addr: *addr };
-            let want = if self.vips.contains_key(addr) {
-                Some(class(ADDR_CLUSTER_IP))
-            } else if self.node_addrs.contains(addr) {
-                Some(class(ADDR_NODEPORT | ADDR_HOST))
-            } else {
-                None
-            };
+            let want = Some(self.class_of(addr)).filter(|c| *c != 0).map(class);
             if self.addrs.get(&k) == want.as_ref() {
                 continue;
             }
@@ -576,6 +794,13 @@ impl<M: LbMaps> Syncer<M> {
     }
 }
 
+fn range_key(svc_id: u32, addr: [u8; 4]) -> SrcRangeKey {
+    SrcRangeKey {
+        svc_id: svc_id.to_be_bytes(),
+        addr,
+    }
+}
+
 fn class(class: u8) -> AddrValue {
     AddrValue {
         class,
@@ -613,6 +838,7 @@ mod tests {
             name: name.into(),
             flags: 0,
             backends: backends.to_vec(),
+            ..Default::default()
         }
     }
 
@@ -620,6 +846,7 @@ mod tests {
         Desired {
             frontends: items.iter().cloned().collect(),
             node_addrs: BTreeSet::from([[192, 168, 200, 11]]),
+            ..Default::default()
         }
     }
 
