@@ -8,20 +8,23 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use aya::maps::Array;
-use proxy_common::{CONFIG_MAP, Config, HAIRPIN_ADDR};
+use proxy_common::{
+    CFG_F_CLUSTER_CIDR, CFG_F_MASQUERADE_ALL, CONFIG_MAP, Config, HAIRPIN_ADDR, SERVICE_CIDRS,
+};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, info, warn};
 
 use crate::{
     allocate, bpffs,
+    cidr::Cidr,
     cli::RunArgs,
     datapath::{Datapath, Device},
     devices::{self, DeviceFilter},
@@ -248,14 +251,50 @@ fn forward_bpf_events(dp: &mut Datapath) -> Result<()> {
 
 fn write_config(dp: &mut Datapath, args: &RunArgs) -> Result<()> {
     let mut cfg: Array<_, Config> = Array::try_from(dp.take_map(CONFIG_MAP)?)?;
-    let value = Config {
+    cfg.set(0, datapath_config(args)?, 0)?;
+    Ok(())
+}
+
+/// The datapath's configuration from the flags: IPv4 CIDRs only (IPv6 ones
+/// are for the IPv6 datapath).
+pub fn datapath_config(args: &RunArgs) -> Result<Config> {
+    let v4 = |c: &Cidr| match c.addr {
+        IpAddr::V4(a) => Some((a.octets(), c.prefix)),
+        IpAddr::V6(_) => None,
+    };
+    let mut value = Config {
         snat_port_min: args.snat_port_range.0,
         snat_port_max: args.snat_port_range.1,
         hairpin_addr: HAIRPIN_ADDR,
         ..Config::default()
     };
-    cfg.set(0, value, 0)?;
-    Ok(())
+    if let Some((addr, len)) = args.cluster_cidr.iter().find_map(v4) {
+        value.cluster_cidr = addr;
+        value.cluster_cidr_len = len;
+        value.flags |= CFG_F_CLUSTER_CIDR;
+    }
+    if args.masquerade_all {
+        value.flags |= CFG_F_MASQUERADE_ALL;
+    }
+    let ranges: Vec<([u8; 4], u8)> = args
+        .service_cluster_ip_range
+        .iter()
+        .filter_map(v4)
+        .collect();
+    if ranges.len() > SERVICE_CIDRS {
+        bail!(
+            "--service-cluster-ip-range: at most {SERVICE_CIDRS} IPv4 CIDRs, got {}",
+            ranges.len()
+        );
+    }
+    if ranges.iter().any(|(_, len)| *len == 0) {
+        bail!("--service-cluster-ip-range: a /0 would drop all traffic");
+    }
+    for (i, (addr, len)) in ranges.into_iter().enumerate() {
+        value.service_cidrs[i] = addr;
+        value.service_cidr_lens[i] = len;
+    }
+    Ok(value)
 }
 
 impl Context {

@@ -50,6 +50,19 @@ pub enum Direction {
 impl Direction {
     pub const BOTH: [Direction; 2] = [Direction::Ingress, Direction::Egress];
 
+    /// The hooks a device gets. lo only gets egress: what leaves a node
+    /// process for one of the node's own addresses passes there (a
+    /// NodePort on the node's address, the replies of hostNetwork
+    /// backends to node processes), and everything arriving on lo's
+    /// ingress has passed its egress or was put there translated already.
+    pub fn for_device(dev: &Device) -> &'static [Direction] {
+        if dev.name == "lo" {
+            &[Direction::Egress]
+        } else {
+            &Direction::BOTH
+        }
+    }
+
     fn suffix(self) -> &'static str {
         match self {
             Direction::Ingress => "ingress",
@@ -188,7 +201,7 @@ impl Datapath {
     /// Attaches both programs to `dev`; a pinned link from an earlier run is
     /// updated to the new program in place (no moment without a program).
     pub fn attach(&mut self, dev: &Device) -> Result<()> {
-        for dir in Direction::BOTH {
+        for dir in Direction::for_device(dev).iter().copied() {
             let pin = link_pin(&self.root, dev, dir);
             let prog: &mut SchedClassifier = self
                 .ebpf

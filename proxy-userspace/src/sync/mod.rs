@@ -1137,4 +1137,98 @@ mod tests {
         s.sync(&desired(&[(key(1, 80), want("a", &[]))]));
         assert_eq!(s.maps().state.services[&key(1, 80)].count, 0);
     }
+
+    /// An externalIP frontend with every extra: local set, affinity,
+    /// source ranges.
+    fn rich(backends: &[Backend], local: &[Backend], ranges: &[([u8; 4], u8)]) -> FrontendWant {
+        FrontendWant {
+            name: "x".into(),
+            flags: proxy_common::SVC_F_EXTERNAL
+                | proxy_common::SVC_F_ETP_LOCAL
+                | SVC_F_AFFINITY
+                | SVC_F_SRC_RANGES,
+            backends: backends.to_vec(),
+            local_backends: local.to_vec(),
+            affinity_timeout: 30,
+            source_ranges: ranges.to_vec(),
+            external_addr: true,
+        }
+    }
+
+    #[test]
+    fn local_sets_affinity_members_and_source_ranges_follow_the_frontend() {
+        let mut s = Syncer::adopt(MemLbMaps::default()).unwrap();
+        let lb = SvcKey {
+            addr: [192, 168, 200, 11],
+            ..key(0, 443)
+        };
+        let r1 = ([10, 0, 0, 0], 8);
+        let mut d = desired(&[(lb, rich(&[be(1, 80), be(2, 80)], &[be(2, 80)], &[r1]))]);
+        d.host_addrs = BTreeSet::from([[192, 168, 200, 12]]);
+        assert!(s.sync(&d).failed.is_empty());
+        let st = &s.maps().state;
+        let v = st.services[&lb];
+        assert_eq!((v.count, v.local_count, v.affinity_timeout), (2, 1, 30));
+        let local_slot = SlotKey {
+            svc_id: v.svc_id,
+            generation: v.generation,
+            slot: 2,
+        };
+        let local_id = st.slots[&local_slot].backend_id;
+        assert_eq!(
+            st.backends[&BackendKey {
+                backend_id: local_id
+            }],
+            be(2, 80)
+        );
+        assert_eq!(st.members.len(), 2, "one member per distinct backend");
+        assert_eq!(
+            st.ranges
+                .iter()
+                .map(|(k, l)| (k.addr, *l))
+                .collect::<Vec<_>>(),
+            [r1]
+        );
+        // An LB IP that is a node address, and another node address.
+        let class_of = |a: [u8; 4]| st.addrs[&AddrKey { addr: a }].class;
+        assert_eq!(
+            class_of([192, 168, 200, 11]),
+            ADDR_EXTERNAL | ADDR_NODEPORT | ADDR_HOST
+        );
+        assert_eq!(class_of([192, 168, 200, 12]), ADDR_HOST);
+
+        // Backend 1 leaves, a range changes: members and ranges follow.
+        let r2 = ([172, 16, 0, 0], 12);
+        d.frontends
+            .insert(lb, rich(&[be(2, 80)], &[be(2, 80)], &[r2]));
+        assert!(s.sync(&d).failed.is_empty());
+        let st = &s.maps().state;
+        assert_eq!(st.members.len(), 1);
+        assert_eq!(
+            st.ranges
+                .iter()
+                .map(|(k, l)| (k.addr, *l))
+                .collect::<Vec<_>>(),
+            [r2]
+        );
+        assert_eq!(s.sync(&d).writes, 0, "unchanged: nothing rewritten");
+
+        // A restart adopts all of it without a write.
+        let maps = s.maps().clone();
+        let mut again = Syncer::adopt(maps).unwrap();
+        assert_eq!(again.sync(&d).writes, 0);
+
+        // Gone: everything of it goes.
+        d.frontends.clear();
+        again.sync(&d);
+        let st = &again.maps().state;
+        assert!(st.members.is_empty() && st.ranges.is_empty() && st.services.is_empty());
+        assert_eq!(
+            st.addrs[&AddrKey {
+                addr: [192, 168, 200, 11]
+            }]
+                .class,
+            ADDR_NODEPORT | ADDR_HOST
+        );
+    }
 }
