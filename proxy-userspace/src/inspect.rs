@@ -69,8 +69,7 @@ pub struct CounterRow {
 }
 
 fn hash<K: aya::Pod + Ord, V: aya::Pod>(root: &Path, name: &str) -> Result<Vec<(K, V)>> {
-    let map: HashMap<MapData, K, V> =
-        HashMap::try_from(aya::maps::Map::from_map_data(open_pinned(root, name)?)?)?;
+    let map: HashMap<MapData, K, V> = open_pinned(root, name)?;
     let mut rows: Vec<(K, V)> = map.iter().collect::<Result<_, _>>()?;
     rows.sort_by_key(|a| a.0);
     Ok(rows)
@@ -174,9 +173,7 @@ pub fn conntrack(root: &Path) -> Result<Vec<FlowRow>> {
 }
 
 pub fn counters(root: &Path) -> Result<Vec<CounterRow>> {
-    let stats: PerCpuArray<MapData, u64> = PerCpuArray::try_from(aya::maps::Map::from_map_data(
-        open_pinned(root, STATS_MAP)?,
-    )?)?;
+    let stats: PerCpuArray<MapData, u64> = open_pinned(root, STATS_MAP)?;
     Counter::ALL
         .iter()
         .map(|c| {

@@ -23,13 +23,16 @@
 //!   the same identity is reported and skipped (the first one read, in file
 //!   name order, is kept).
 //!
-//! Nothing here fills in cluster IPs or node ports: see
-//! [`crate::allocate::fill_in`].
+//! [`ManifestDir`] reloads a directory when a file in it changes, and fills
+//! in the cluster IPs and node ports no API server allocated
+//! ([`super::allocate::fill_in`]); [`load_dir`] and [`parse_str`] leave them
+//! as written.
 
 use std::{
     collections::HashMap,
     fmt, fs, io,
     path::{Path, PathBuf},
+    time::SystemTime,
 };
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
@@ -613,6 +616,54 @@ fn is_blank_yaml(text: &str) -> bool {
         let t = l.trim();
         t.is_empty() || t.starts_with('#') || l.starts_with('%')
     })
+}
+
+/// A manifest directory, reloaded when any file in it changes.
+pub struct ManifestDir {
+    dir: PathBuf,
+    fingerprint: Option<Vec<(PathBuf, u64, SystemTime)>>,
+}
+
+impl ManifestDir {
+    pub fn new(dir: PathBuf) -> Self {
+        ManifestDir {
+            dir,
+            fingerprint: None,
+        }
+    }
+
+    fn fingerprint(dir: &Path) -> anyhow::Result<Vec<(PathBuf, u64, SystemTime)>> {
+        use anyhow::Context as _;
+        let mut out = Vec::new();
+        for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+            let entry = entry?;
+            let meta = entry.metadata()?;
+            out.push((entry.path(), meta.len(), meta.modified()?));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// The objects, if any file changed since the last call (the first call
+    /// always loads).
+    pub fn load_if_changed(&mut self) -> anyhow::Result<Option<Objects>> {
+        let fp = Self::fingerprint(&self.dir)?;
+        if self.fingerprint.as_ref() == Some(&fp) {
+            return Ok(None);
+        }
+        let mut objects = load_dir(&self.dir)?;
+        // No API server allocates for us: Services without clusterIP or
+        // nodePort get deterministic ones (logged).
+        let report = super::allocate::fill_in(
+            &mut objects.services,
+            &super::allocate::AllocConfig::default(),
+        );
+        for failure in report.failures {
+            tracing::warn!(%failure, "allocation failed");
+        }
+        self.fingerprint = Some(fp);
+        Ok(Some(objects))
+    }
 }
 
 #[cfg(test)]

@@ -23,10 +23,11 @@ use aya::programs::{TestRun, TestRunOptions};
 use proxy_common::*;
 use proxy_userspace::{
     datapath::Datapath,
-    lbmap::BpfLbMaps,
-    pktgen::{Pkt, TCP_ACK, TCP_SYN},
-    sync::{Desired, FrontendWant, Syncer},
-    testns::NetNsGuard,
+    sync::{Desired, FrontendWant, Syncer, lbmap::BpfLbMaps},
+    testkit::{
+        pktgen::{Pkt, TCP_ACK, TCP_SYN},
+        testns::NetNsGuard,
+    },
 };
 
 const CALLS: usize = 20_000;
