@@ -315,18 +315,7 @@ impl Loader {
             .unwrap_or("")
             .to_string();
         if is_list_kind(&kind) {
-            if at.item.is_some() {
-                self.problem_at(at, format!("{kind} nested in a list"));
-                return;
-            }
-            match value {
-                serde_json::Value::Object(mut obj) => match obj.remove("items") {
-                    Some(serde_json::Value::Array(items)) => self.items(items, at),
-                    None | Some(serde_json::Value::Null) => {}
-                    Some(_) => self.problem_at(at, format!("{kind}: items is not a list")),
-                },
-                _ => unreachable!("checked to be an object"),
-            }
+            self.list(&kind, value, at);
             return;
         }
         let wanted = wanted(&api_version, &kind);
@@ -348,26 +337,53 @@ impl Loader {
             value
         };
         match wanted {
-            Some(Wanted::Service) => match serde_json::from_value::<Service>(value) {
-                Ok(mut svc) => {
-                    default_namespace(&mut svc.metadata);
-                    if self.first_of_its_name("Service", &svc.metadata, at) {
-                        self.objects.services.push(svc);
-                    }
-                }
-                Err(e) => self.problem_at(at, format!("invalid Service: {e}")),
-            },
-            Some(Wanted::EndpointSlice) => match serde_json::from_value::<EndpointSlice>(value) {
-                Ok(mut slice) => {
-                    default_namespace(&mut slice.metadata);
-                    if self.first_of_its_name("EndpointSlice", &slice.metadata, at) {
-                        self.objects.slices.push(slice);
-                    }
-                }
-                Err(e) => self.problem_at(at, format!("invalid EndpointSlice: {e}")),
-            },
+            Some(Wanted::Service) => self.keep_service(value, at),
+            Some(Wanted::EndpointSlice) => self.keep_slice(value, at),
             Some(Wanted::Unsupported(why)) => self.problem_at(at, why),
             None => self.ignore(&api_version, &kind, &name, at),
+        }
+    }
+
+    /// The items of a `List` document.
+    fn list(&mut self, kind: &str, value: serde_json::Value, at: Place<'_>) {
+        if at.item.is_some() {
+            self.problem_at(at, format!("{kind} nested in a list"));
+            return;
+        }
+        match value {
+            serde_json::Value::Object(mut obj) => match obj.remove("items") {
+                Some(serde_json::Value::Array(items)) => self.items(items, at),
+                None | Some(serde_json::Value::Null) => {}
+                Some(_) => self.problem_at(at, format!("{kind}: items is not a list")),
+            },
+            _ => unreachable!("checked to be an object"),
+        }
+    }
+
+    /// A Service, kept unless it is invalid or a second one of its name.
+    fn keep_service(&mut self, value: serde_json::Value, at: Place<'_>) {
+        match serde_json::from_value::<Service>(value) {
+            Ok(mut svc) => {
+                default_namespace(&mut svc.metadata);
+                if self.first_of_its_name("Service", &svc.metadata, at) {
+                    self.objects.services.push(svc);
+                }
+            }
+            Err(e) => self.problem_at(at, format!("invalid Service: {e}")),
+        }
+    }
+
+    /// An EndpointSlice, kept unless it is invalid or a second one of its
+    /// name.
+    fn keep_slice(&mut self, value: serde_json::Value, at: Place<'_>) {
+        match serde_json::from_value::<EndpointSlice>(value) {
+            Ok(mut slice) => {
+                default_namespace(&mut slice.metadata);
+                if self.first_of_its_name("EndpointSlice", &slice.metadata, at) {
+                    self.objects.slices.push(slice);
+                }
+            }
+            Err(e) => self.problem_at(at, format!("invalid EndpointSlice: {e}")),
         }
     }
 

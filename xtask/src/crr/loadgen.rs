@@ -223,18 +223,16 @@ pub(super) fn crr_loop(
         if now >= deadline {
             break;
         }
-        let wait_ms = (deadline - now).as_millis().clamp(1, 50) as i32;
-        // SAFETY: the buffer holds `concurrency` events.
-        let n = unsafe { libc::epoll_wait(ep, events.as_mut_ptr(), concurrency as i32, wait_ms) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == ErrorKind::Interrupted {
-                continue;
-            }
-            bail!("epoll_wait: {e}");
-        }
+        let Some(n) = wait(
+            ep,
+            &mut events,
+            (deadline - now).as_millis().clamp(1, 50) as i32,
+        )?
+        else {
+            continue;
+        };
         let mut reopen = Vec::new();
-        for ev in &events[..n as usize] {
+        for ev in &events[..n] {
             let slot = ev.u64 as usize;
             if let Some(conn) = slots[slot].as_mut()
                 && advance(ep, conn, ev.events, slot, &mut buf, deadline, &mut stats)
@@ -269,6 +267,20 @@ pub(super) fn crr_loop(
     drop(slots);
     drop(ep_owned);
     Ok(stats)
+}
+
+/// Waits up to `timeout_ms` for events; None when a signal interrupted.
+fn wait(ep: RawFd, events: &mut [libc::epoll_event], timeout_ms: i32) -> Result<Option<usize>> {
+    // SAFETY: epoll_wait writes at most `events.len()` events.
+    let n = unsafe { libc::epoll_wait(ep, events.as_mut_ptr(), events.len() as i32, timeout_ms) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == ErrorKind::Interrupted {
+            return Ok(None);
+        }
+        bail!("epoll_wait: {e}");
+    }
+    Ok(Some(n as usize))
 }
 
 /// Advances a connection epoll reported `events` for; true when it is
