@@ -531,6 +531,15 @@ serviceProxyName: ebpf
         assert_eq!(c.manifests, None);
     }
 
+    fn dp_config(args: &RunArgs) -> anyhow::Result<proxy_common::Config> {
+        crate::datapath::datapath_config(
+            args.snat_port_range,
+            &args.cluster_cidr,
+            args.masquerade_all,
+            &args.service_cluster_ip_range,
+        )
+    }
+
     #[test]
     fn service_semantics_settings_from_the_file_and_flags() {
         let file = parse_str(&format!(
@@ -541,7 +550,7 @@ serviceProxyName: ebpf
         let args = run_with(&[], &file);
         assert_eq!(args.cluster_cidr.len(), 2);
         assert!(args.masquerade_all);
-        let cfg = crate::daemon::datapath_config(&args).unwrap();
+        let cfg = dp_config(&args).unwrap();
         assert_eq!(
             (cfg.cluster_cidr, cfg.cluster_cidr_len),
             ([10, 244, 0, 0], 16)
@@ -556,7 +565,7 @@ serviceProxyName: ebpf
         let args = run_with(&["--cluster-cidr", "10.1.0.0/16"], &file);
         assert_eq!(args.cluster_cidr, ["10.1.0.0/16".parse().unwrap()]);
         // Without any: no cluster CIDR, no masquerade, nothing dropped.
-        let cfg = crate::daemon::datapath_config(&run_with(&[], &FileConfig::default())).unwrap();
+        let cfg = dp_config(&run_with(&[], &FileConfig::default())).unwrap();
         assert_eq!((cfg.flags, cfg.service_cidr_lens), (0, [0; 4]));
         // Bad values name their field; too many service CIDRs are refused.
         assert!(err(&format!("{HEAD}clusterCIDR: 10.244.0.0\n")).contains("clusterCIDR"));
@@ -565,7 +574,7 @@ serviceProxyName: ebpf
             &["--service-cluster-ip-range", five],
             &FileConfig::default(),
         );
-        assert!(crate::daemon::datapath_config(&args).is_err());
+        assert!(dp_config(&args).is_err());
     }
 
     #[test]

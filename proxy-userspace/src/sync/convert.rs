@@ -11,12 +11,10 @@ use proxy_common::{
     SVC_F_SRC_RANGES, SvcKey,
 };
 
-use crate::{
-    model::{self, Frontend, FrontendKey, FrontendKind},
-    sync::{Desired, FrontendWant, NodeAddrs},
-};
+use super::{Desired, FrontendWant, NodeAddrs};
+use crate::model::{self, Frontend, FrontendKey, FrontendKind};
 
-fn v4_backends(backends: &[model::Backend], proto: u8) -> Vec<Backend> {
+fn v4_backends(backends: &[model::Endpoint], proto: u8) -> Vec<Backend> {
     backends
         .iter()
         .filter_map(|b| match b.ip {
@@ -70,8 +68,8 @@ pub fn to_want(key: &FrontendKey, fe: &Frontend) -> Option<(SvcKey, FrontendWant
     let source_ranges = fe
         .source_ranges
         .iter()
-        .filter_map(|c| match c.addr {
-            IpAddr::V4(a) => Some((a.octets(), c.prefix)),
+        .filter_map(|c| match c.network() {
+            IpAddr::V4(a) => Some((a.octets(), c.prefix())),
             IpAddr::V6(_) => None,
         })
         .collect();

@@ -7,10 +7,16 @@
 //! (a full map) is rolled back for that frontend, which keeps its previous
 //! state, and is reported; other frontends are unaffected.
 //!
-//! On start the syncer adopts what a previous run left in the pinned maps
-//! ([`Syncer::adopt`]): entries that are still right stay untouched, so a
-//! restart does not disturb traffic; stale ones are removed.
+//! * [`convert`]: the model's frontends as [`FrontendWant`]s;
+//! * [`lbmap`]: the one interface through which entries reach the maps;
+//! * [`backends`]: backend ids and their references, service port ids;
+//! * [`adopt`]: on start the syncer adopts what a previous run left in the
+//!   pinned maps ([`Syncer::adopt`]): entries that are still right stay
+//!   untouched, so a restart does not disturb traffic; stale ones are
+//!   removed.
 
+pub mod adopt;
+pub mod backends;
 pub mod convert;
 pub mod lbmap;
 
@@ -18,11 +24,14 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use proxy_common::{
     ADDR_CLUSTER_IP, ADDR_EXTERNAL, ADDR_HOST, ADDR_NODEPORT, AddrKey, AddrValue, AffMemberKey,
-    Backend, BackendKey, SVC_F_AFFINITY, SVC_F_SRC_RANGES, SVC_ID_LIMIT, SlotKey, SlotValue,
-    SrcRangeKey, SvcKey, SvcName, SvcValue,
+    Backend, BackendKey, SVC_F_AFFINITY, SVC_F_SRC_RANGES, SlotKey, SlotValue, SrcRangeKey, SvcKey,
+    SvcName, SvcValue,
 };
 
-use crate::lbmap::{Entry, Key, LbMaps, WriteError};
+use self::{
+    backends::{Backends, ServicePortIds},
+    lbmap::{Entry, Key, LbMaps, WriteError},
+};
 
 /// What one frontend should do.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -51,6 +60,14 @@ impl FrontendWant {
         let room = MAX_BACKENDS - primary.len();
         let local = &self.local_backends[..self.local_backends.len().min(room)];
         (primary, local)
+    }
+
+    /// Affinity members: every backend id in the slots.
+    fn members(&self, ids: &[u32]) -> BTreeSet<u32> {
+        if self.flags & SVC_F_AFFINITY == 0 {
+            return BTreeSet::new();
+        }
+        ids.iter().copied().collect()
     }
 
     fn ranges(&self) -> BTreeSet<([u8; 4], u8)> {
@@ -95,6 +112,7 @@ impl Desired {
     }
 }
 
+/// A frontend as it is in the maps.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Programmed {
     svc_id: u32,
@@ -127,15 +145,11 @@ pub struct Syncer<M: LbMaps> {
     maps: M,
     frontends: BTreeMap<SvcKey, Programmed>,
     names: BTreeMap<u32, String>,
-    backend_ids: BTreeMap<Backend, u32>,
-    backends: BTreeMap<u32, Backend>,
-    refs: BTreeMap<u32, usize>,
+    backends: Backends,
     addrs: BTreeMap<AddrKey, AddrValue>,
     /// Entries found at adoption that nothing refers to.
     garbage: Vec<Key>,
-    /// Service port ids are reused (lowest first), so they stay below
-    /// SVC_ID_LIMIT, the size of the per-service counter array.
-    free_svc_ids: BTreeSet<u32>,
+    svc_ids: ServicePortIds,
     /// The desired state last asked for; a sync is a diff against it.
     wanted: BTreeMap<SvcKey, FrontendWant>,
     node_addrs: NodeAddrs,
@@ -143,147 +157,38 @@ pub struct Syncer<M: LbMaps> {
     failed: BTreeSet<SvcKey>,
     /// Programmed frontends per VIP address and kind (true: external).
     vips: BTreeMap<([u8; 4], bool), usize>,
-    /// Backends whose last reference went away during this sync.
-    unreferenced: BTreeSet<u32>,
     /// Addresses found in the pins, checked at the next sync.
     stale_addrs: BTreeSet<[u8; 4]>,
-    next_svc_id: u32,
-    next_backend_id: u32,
 }
 
 /// Most slots a frontend can have (the slot index is a u16).
 pub const MAX_BACKENDS: usize = u16::MAX as usize;
 
+/// What a frontend write created before its switch, to roll back if a
+/// later write fails.
+#[derive(Default)]
+struct Created {
+    backends: Vec<u32>,
+    slots: Vec<SlotKey>,
+    /// Affinity members and source ranges.
+    extras: Vec<Key>,
+}
+
 impl<M: LbMaps> Syncer<M> {
-    /// Starts from what is in the maps already.
-    pub fn adopt(maps: M) -> anyhow::Result<Self> {
-        let snap = maps.snapshot()?;
-        let mut s = Syncer {
+    fn empty(maps: M) -> Self {
+        Syncer {
             maps,
             frontends: BTreeMap::new(),
             names: BTreeMap::new(),
-            backend_ids: BTreeMap::new(),
-            backends: BTreeMap::new(),
-            refs: BTreeMap::new(),
-            addrs: snap.addrs.clone(),
+            backends: Backends::default(),
+            addrs: BTreeMap::new(),
             garbage: Vec::new(),
-            free_svc_ids: BTreeSet::new(),
+            svc_ids: ServicePortIds::default(),
             wanted: BTreeMap::new(),
             node_addrs: NodeAddrs::default(),
             failed: BTreeSet::new(),
             vips: BTreeMap::new(),
-            unreferenced: BTreeSet::new(),
             stale_addrs: BTreeSet::new(),
-            next_svc_id: 1,
-            next_backend_id: 1,
-        };
-        for (k, b) in &snap.backends {
-            s.backends.insert(k.backend_id, *b);
-            s.refs.insert(k.backend_id, 0);
-            // Two ids for one backend (should not happen): the later one is
-            // garbage once unreferenced.
-            s.backend_ids.entry(*b).or_insert(k.backend_id);
-            s.next_backend_id = s.next_backend_id.max(k.backend_id + 1);
-        }
-        let mut live_slots = BTreeSet::new();
-        for (key, v) in &snap.services {
-            s.next_svc_id = s.next_svc_id.max(v.svc_id + 1);
-            // A hole (missing slot or backend) becomes u32::MAX, which never
-            // matches a wanted backend: the frontend is rewritten at the next
-            // sync, and its old slots are deleted then.
-            let slot_count = v.count.saturating_add(v.local_count);
-            let mut ids = Vec::with_capacity(slot_count as usize);
-            for slot in 0..slot_count {
-                let sk = SlotKey {
-                    svc_id: v.svc_id,
-                    generation: v.generation,
-                    slot,
-                };
-                match snap.slots.get(&sk) {
-                    Some(sv) if s.backends.contains_key(&sv.backend_id) => {
-                        ids.push(sv.backend_id);
-                        *s.refs.entry(sv.backend_id).or_default() += 1;
-                        live_slots.insert(sk);
-                    }
-                    _ => ids.push(u32::MAX),
-                }
-            }
-            let pinned_class = snap.addrs.get(&AddrKey { addr: key.addr });
-            s.frontends.insert(
-                *key,
-                Programmed {
-                    svc_id: v.svc_id,
-                    generation: v.generation,
-                    flags: v.flags,
-                    backend_ids: ids,
-                    local_count: v.local_count,
-                    affinity_timeout: v.affinity_timeout,
-                    external_addr: pinned_class.is_some_and(|c| {
-                        c.class & (ADDR_EXTERNAL | ADDR_CLUSTER_IP) == ADDR_EXTERNAL
-                    }),
-                    ..Programmed::default()
-                },
-            );
-        }
-        s.adopt_extras(&snap);
-        for sk in snap.slots.keys() {
-            if !live_slots.contains(sk) {
-                s.garbage.push(Key::Slot(*sk));
-            }
-        }
-        for (key, p) in &s.frontends {
-            if is_vip(key) {
-                *s.vips.entry((key.addr, p.external_addr)).or_default() += 1;
-            }
-        }
-        s.unreferenced = s
-            .refs
-            .iter()
-            .filter(|(_, r)| **r == 0)
-            .map(|(id, _)| *id)
-            .collect();
-        // Every pinned address is re-derived at the first sync.
-        s.stale_addrs = s.addrs.keys().map(|k| k.addr).collect();
-        let used: BTreeSet<u32> = s.frontends.values().map(|p| p.svc_id).collect();
-        s.free_svc_ids = (1..s.next_svc_id).filter(|id| !used.contains(id)).collect();
-        for (id, name) in snap.names {
-            if used.contains(&id) {
-                s.names.insert(id, name);
-            } else {
-                s.garbage.push(Key::Name(id));
-            }
-        }
-        Ok(s)
-    }
-
-    /// Affinity members and source ranges found in the pins: kept with
-    /// their frontend, garbage without one.
-    fn adopt_extras(&mut self, snap: &crate::lbmap::Snapshot) {
-        let by_id: BTreeMap<u32, SvcKey> =
-            self.frontends.iter().map(|(k, p)| (p.svc_id, *k)).collect();
-        for m in &snap.members {
-            match by_id.get(&m.svc_id) {
-                Some(k) => {
-                    self.frontends
-                        .get_mut(k)
-                        .unwrap()
-                        .members
-                        .insert(m.backend_id);
-                }
-                None => self.garbage.push(Key::AffMember(*m)),
-            }
-        }
-        for (r, len) in &snap.ranges {
-            match by_id.get(&u32::from_be_bytes(r.svc_id)) {
-                Some(k) => {
-                    self.frontends
-                        .get_mut(k)
-                        .unwrap()
-                        .ranges
-                        .insert((r.addr, *len));
-                }
-                None => self.garbage.push(Key::SrcRange(*r, *len)),
-            }
         }
     }
 
@@ -417,7 +322,7 @@ impl<M: LbMaps> Syncer<M> {
             && p.backend_ids
                 .iter()
                 .zip(primary.iter().chain(local))
-                .all(|(id, b)| self.backends.get(id) == Some(b))
+                .all(|(id, b)| self.backends.get(*id) == Some(b))
     }
 
     fn write_frontend(
@@ -427,156 +332,41 @@ impl<M: LbMaps> Syncer<M> {
         writes: &mut usize,
     ) -> Result<(), WriteError> {
         let (primary, local) = want.slotted();
+        let slotted: Vec<Backend> = primary.iter().chain(local).copied().collect();
+        let mut created = Created::default();
         // Backends first: a slot must never point at a missing backend.
-        let mut created = Vec::new();
-        let ids = self.backend_ids_for(primary.iter().chain(local), &mut created, writes)?;
-        let old = self.frontends.get(key).cloned();
-        let (svc_id, generation) = match self.svc_id_for(old.as_ref()) {
-            Ok(v) => v,
+        let ids = match self.write_backends(&slotted, &mut created, writes) {
+            Ok(ids) => ids,
             Err(e) => {
-                self.undo(&created, &[], writes);
+                self.undo(&created, writes);
                 return Err(e);
             }
         };
-        let mut written = Vec::new();
-        let result = self.write_generation(svc_id, generation, &ids, old.is_none(), &mut written);
-        let members: BTreeSet<u32> = if want.flags & SVC_F_AFFINITY != 0 {
-            ids.iter().copied().collect()
-        } else {
-            BTreeSet::new()
-        };
-        let ranges = want.ranges();
-        let old_extras = old.as_ref().map(|o| (&o.members, &o.ranges));
-        let result = result
-            .and_then(|()| self.write_extras(svc_id, &members, &ranges, old_extras, &mut written));
-        *writes += written.len();
-        let value = SvcValue {
-            svc_id,
-            generation,
-            count: primary.len() as u16,
-            local_count: local.len() as u16,
+        let old = self.frontends.get(key).cloned();
+        let new = Programmed {
             flags: want.flags,
-            affinity_timeout: want.affinity_timeout,
-        };
-        // The switch: from here on packets use the new slots.
-        let result = result.and_then(|()| self.maps.put(&Entry::Service(*key, value)));
-        if let Err(e) = result {
-            self.undo(&created, &written, writes);
-            return Err(e);
-        }
-        *writes += 1;
-        let programmed = Programmed {
-            svc_id,
-            generation,
-            flags: want.flags,
-            backend_ids: ids,
             local_count: local.len() as u16,
             affinity_timeout: want.affinity_timeout,
-            members,
-            ranges,
+            members: want.members(&ids),
+            ranges: want.ranges(),
             external_addr: want.external_addr,
+            backend_ids: ids,
+            ..Programmed::default()
         };
-        self.switched(key, old, programmed, writes);
+        let result = self
+            .switch_to(key, old.as_ref(), &new, &mut created, writes)
+            .inspect_err(|_| self.undo(&created, writes));
+        let (svc_id, generation) = result?;
+        self.switched(key, old, &new, writes);
         let _ = self.write_name(svc_id, &want.name, writes);
-        Ok(())
-    }
-
-    /// The backend id of each backend, creating the missing ones (listed
-    /// in `created`); on failure those are removed again.
-    fn backend_ids_for<'a>(
-        &mut self,
-        backends: impl Iterator<Item = &'a Backend>,
-        created: &mut Vec<u32>,
-        writes: &mut usize,
-    ) -> Result<Vec<u32>, WriteError> {
-        let mut ids = Vec::new();
-        for b in backends {
-            if let Some(id) = self.backend_ids.get(b) {
-                ids.push(*id);
-                continue;
-            }
-            let id = self.next_backend_id;
-            let entry = Entry::Backend(BackendKey { backend_id: id }, *b);
-            if let Err(e) = self.maps.put(&entry) {
-                self.undo(created, &[], writes);
-                return Err(e);
-            }
-            *writes += 1;
-            self.next_backend_id += 1;
-            self.backend_ids.insert(*b, id);
-            self.backends.insert(id, *b);
-            self.refs.insert(id, 0);
-            created.push(id);
-            ids.push(id);
-        }
-        Ok(ids)
-    }
-
-    /// The frontend's id and the generation its new slots go in.
-    fn svc_id_for(&self, old: Option<&Programmed>) -> Result<(u32, u16), WriteError> {
-        match old {
-            Some(p) => Ok((p.svc_id, p.generation.wrapping_add(1))),
-            None => match self.free_svc_ids.first().copied() {
-                Some(id) => Ok((id, 0)),
-                None if self.next_svc_id < SVC_ID_LIMIT => Ok((self.next_svc_id, 0)),
-                None => Err(WriteError::Full {
-                    map: proxy_common::SVC_MAP,
-                }),
-            },
-        }
-    }
-
-    /// The slots of a new generation (and fresh counters for a new id);
-    /// every key written is listed in `written`.
-    fn write_generation(
-        &mut self,
-        svc_id: u32,
-        generation: u16,
-        ids: &[u32],
-        new_id: bool,
-        written: &mut Vec<Key>,
-    ) -> Result<(), WriteError> {
-        if new_id {
-            self.maps.reset_stats(svc_id)?;
-        }
-        for (i, id) in ids.iter().enumerate() {
-            let sk = SlotKey {
+        self.frontends.insert(
+            *key,
+            Programmed {
                 svc_id,
                 generation,
-                slot: i as u16,
-            };
-            self.maps
-                .put(&Entry::Slot(sk, SlotValue { backend_id: *id }))?;
-            written.push(Key::Slot(sk));
-        }
-        Ok(())
-    }
-
-    /// Affinity members and source ranges the frontend did not have yet,
-    /// written before the switch; those it loses go after it.
-    fn write_extras(
-        &mut self,
-        svc_id: u32,
-        members: &BTreeSet<u32>,
-        ranges: &BTreeSet<([u8; 4], u8)>,
-        old: Option<(&BTreeSet<u32>, &BTreeSet<([u8; 4], u8)>)>,
-        written: &mut Vec<Key>,
-    ) -> Result<(), WriteError> {
-        let none = (&BTreeSet::new(), &BTreeSet::new());
-        let (old_members, old_ranges) = old.unwrap_or(none);
-        for backend_id in members.difference(old_members) {
-            let k = AffMemberKey {
-                svc_id,
-                backend_id: *backend_id,
-            };
-            self.maps.put(&Entry::AffMember(k))?;
-            written.push(Key::AffMember(k));
-        }
-        for (addr, len) in ranges.difference(old_ranges) {
-            let k = range_key(svc_id, *addr);
-            self.maps.put(&Entry::SrcRange(k, *len))?;
-            written.push(Key::SrcRange(k, *len));
-        }
+                ..new
+            },
+        );
         Ok(())
     }
 
@@ -586,16 +376,11 @@ impl<M: LbMaps> Syncer<M> {
         &mut self,
         key: &SvcKey,
         old: Option<Programmed>,
-        new: Programmed,
+        new: &Programmed,
         writes: &mut usize,
     ) {
         match &old {
-            None => {
-                if !self.free_svc_ids.remove(&new.svc_id) {
-                    self.next_svc_id += 1;
-                }
-                self.count_vip(key, new.external_addr, true);
-            }
+            None => self.count_vip(key, new.external_addr, true),
             Some(o) if o.external_addr != new.external_addr => {
                 self.count_vip(key, o.external_addr, false);
                 self.count_vip(key, new.external_addr, true);
@@ -603,23 +388,17 @@ impl<M: LbMaps> Syncer<M> {
             Some(_) => {}
         }
         for id in &new.backend_ids {
-            *self.refs.entry(*id).or_default() += 1;
+            self.backends.add_ref(*id);
         }
         if let Some(old) = old {
             self.release(&old, writes);
-            for id in old.members.difference(&new.members) {
-                let k = AffMemberKey {
-                    svc_id: old.svc_id,
-                    backend_id: *id,
-                };
-                self.delete_counted(&Key::AffMember(k), writes);
-            }
-            for (addr, len) in old.ranges.difference(&new.ranges) {
-                let k = range_key(old.svc_id, *addr);
-                self.delete_counted(&Key::SrcRange(k, *len), writes);
-            }
+            let gone = Programmed {
+                members: &old.members - &new.members,
+                ranges: &old.ranges - &new.ranges,
+                ..old
+            };
+            self.delete_extras(&gone, writes);
         }
-        self.frontends.insert(*key, new);
     }
 
     fn count_vip(&mut self, key: &SvcKey, external: bool, up: bool) {
@@ -637,23 +416,137 @@ impl<M: LbMaps> Syncer<M> {
         }
     }
 
-    fn delete_counted(&mut self, key: &Key, writes: &mut usize) {
-        if self.maps.delete(key).is_ok() {
-            *writes += 1;
+    /// Deletes the affinity members and source ranges listed in `p`.
+    fn delete_extras(&mut self, p: &Programmed, writes: &mut usize) {
+        let keys = extra_keys(p.svc_id, &p.members, &p.ranges);
+        for key in keys {
+            if self.maps.delete(&key).is_ok() {
+                *writes += 1;
+            }
         }
     }
 
-    /// Rolls back a frontend write that failed before its switch.
-    fn undo(&mut self, created: &[u32], written: &[Key], writes: &mut usize) {
-        for key in written {
-            self.delete_counted(key, writes);
+    /// The ids of `backends`, writing those not in the map yet.
+    fn write_backends(
+        &mut self,
+        backends: &[Backend],
+        created: &mut Created,
+        writes: &mut usize,
+    ) -> Result<Vec<u32>, WriteError> {
+        let mut ids = Vec::with_capacity(backends.len());
+        for b in backends {
+            let id = match self.backends.id_of(b) {
+                Some(id) => id,
+                None => {
+                    let entry = Entry::Backend(
+                        BackendKey {
+                            backend_id: self.backends.next_id(),
+                        },
+                        *b,
+                    );
+                    self.maps.put(&entry)?;
+                    *writes += 1;
+                    let id = self.backends.insert_new(*b);
+                    created.backends.push(id);
+                    id
+                }
+            };
+            ids.push(id);
         }
-        for id in created {
-            self.delete_counted(&Key::Backend(BackendKey { backend_id: *id }), writes);
-            if let Some(b) = self.backends.remove(id) {
-                self.backend_ids.remove(&b);
+        Ok(ids)
+    }
+
+    /// Writes the slots of a new generation of the frontend (or of a new
+    /// frontend), then its service entry: the switch, from which on packets
+    /// use the new slots. Returns its id and generation.
+    fn switch_to(
+        &mut self,
+        key: &SvcKey,
+        old: Option<&Programmed>,
+        new: &Programmed,
+        created: &mut Created,
+        writes: &mut usize,
+    ) -> Result<(u32, u16), WriteError> {
+        let (svc_id, generation) = match old {
+            Some(p) => (p.svc_id, p.generation.wrapping_add(1)),
+            None => {
+                let id = self.svc_ids.peek().ok_or(WriteError::Full {
+                    map: proxy_common::SVC_MAP,
+                })?;
+                // A new service must not inherit an old one's counts.
+                self.maps.reset_stats(id)?;
+                (id, 0)
             }
-            self.refs.remove(id);
+        };
+        let ids = &new.backend_ids;
+        for (i, id) in ids.iter().enumerate() {
+            let sk = SlotKey {
+                svc_id,
+                generation,
+                slot: i as u16,
+            };
+            self.maps
+                .put(&Entry::Slot(sk, SlotValue { backend_id: *id }))?;
+            *writes += 1;
+            created.slots.push(sk);
+        }
+        // Members and ranges the frontend gains, before the switch (those it
+        // loses go after it).
+        let none = Programmed::default();
+        let (old_members, old_ranges) =
+            old.map_or((&none.members, &none.ranges), |o| (&o.members, &o.ranges));
+        let added = extra_keys(
+            svc_id,
+            &(&new.members - old_members),
+            &(&new.ranges - old_ranges),
+        );
+        for key in added {
+            let entry = match key {
+                Key::AffMember(k) => Entry::AffMember(k),
+                Key::SrcRange(k, len) => Entry::SrcRange(k, len),
+                _ => unreachable!("extra_keys makes members and ranges only"),
+            };
+            self.maps.put(&entry)?;
+            *writes += 1;
+            created.extras.push(key);
+        }
+        let value = SvcValue {
+            svc_id,
+            generation,
+            count: ids.len() as u16 - new.local_count,
+            local_count: new.local_count,
+            flags: new.flags,
+            affinity_timeout: new.affinity_timeout,
+        };
+        self.maps.put(&Entry::Service(*key, value))?;
+        *writes += 1;
+        if old.is_none() {
+            self.svc_ids.take(svc_id);
+        }
+        Ok((svc_id, generation))
+    }
+
+    /// Rolls back a frontend write that failed before its switch.
+    fn undo(&mut self, created: &Created, writes: &mut usize) {
+        for key in &created.extras {
+            if self.maps.delete(key).is_ok() {
+                *writes += 1;
+            }
+        }
+        for sk in &created.slots {
+            if self.maps.delete(&Key::Slot(*sk)).is_ok() {
+                *writes += 1;
+            }
+        }
+        for id in &created.backends {
+            if self
+                .maps
+                .delete(&Key::Backend(BackendKey { backend_id: *id }))
+                .is_ok()
+            {
+                *writes += 1;
+            }
+            self.backends.forget(*id);
         }
     }
 
@@ -666,15 +559,12 @@ impl<M: LbMaps> Syncer<M> {
                 generation: old.generation,
                 slot: slot as u16,
             };
-            self.delete_counted(&Key::Slot(sk), writes);
+            if self.maps.delete(&Key::Slot(sk)).is_ok() {
+                *writes += 1;
+            }
         }
         for id in &old.backend_ids {
-            if let Some(r) = self.refs.get_mut(id) {
-                *r = r.saturating_sub(1);
-                if *r == 0 {
-                    self.unreferenced.insert(*id);
-                }
-            }
+            self.backends.release(*id);
         }
     }
 
@@ -685,22 +575,16 @@ impl<M: LbMaps> Syncer<M> {
         self.count_vip(key, old.external_addr, false);
         // The service entry first: no new flow may pick a slot being
         // deleted.
-        self.delete_counted(&Key::Service(*key), writes);
+        if self.maps.delete(&Key::Service(*key)).is_ok() {
+            *writes += 1;
+        }
         self.release(&old, writes);
-        for id in &old.members {
-            let k = AffMemberKey {
-                svc_id: old.svc_id,
-                backend_id: *id,
-            };
-            self.delete_counted(&Key::AffMember(k), writes);
+        self.delete_extras(&old, writes);
+        if self.maps.delete(&Key::Name(old.svc_id)).is_ok() {
+            *writes += 1;
         }
-        for (addr, len) in &old.ranges {
-            let k = range_key(old.svc_id, *addr);
-            self.delete_counted(&Key::SrcRange(k, *len), writes);
-        }
-        self.delete_counted(&Key::Name(old.svc_id), writes);
         self.names.remove(&old.svc_id);
-        self.free_svc_ids.insert(old.svc_id);
+        self.svc_ids.release(old.svc_id);
     }
 
     fn write_name(
@@ -771,34 +655,35 @@ impl<M: LbMaps> Syncer<M> {
                 *writes += 1;
             }
         }
-        let candidates = std::mem::take(&mut self.unreferenced);
-        let unused: Vec<u32> = candidates
-            .into_iter()
-            .filter(|id| self.refs.get(id) == Some(&0))
-            .collect();
-        for id in unused {
+        for id in self.backends.take_unused() {
             if self
                 .maps
                 .delete(&Key::Backend(BackendKey { backend_id: id }))
                 .is_ok()
             {
                 *writes += 1;
-                self.refs.remove(&id);
-                if let Some(b) = self.backends.remove(&id)
-                    && self.backend_ids.get(&b) == Some(&id)
-                {
-                    self.backend_ids.remove(&b);
-                }
+                self.backends.remove(id);
             }
         }
     }
 }
 
-fn range_key(svc_id: u32, addr: [u8; 4]) -> SrcRangeKey {
-    SrcRangeKey {
-        svc_id: svc_id.to_be_bytes(),
-        addr,
-    }
+/// The map keys of a frontend's affinity members and source ranges.
+fn extra_keys(svc_id: u32, members: &BTreeSet<u32>, ranges: &BTreeSet<([u8; 4], u8)>) -> Vec<Key> {
+    let members = members.iter().map(|backend_id| {
+        Key::AffMember(AffMemberKey {
+            svc_id,
+            backend_id: *backend_id,
+        })
+    });
+    let ranges = ranges.iter().map(|(addr, len)| {
+        let k = SrcRangeKey {
+            svc_id: svc_id.to_be_bytes(),
+            addr: *addr,
+        };
+        Key::SrcRange(k, *len)
+    });
+    members.chain(ranges).collect()
 }
 
 fn class(class: u8) -> AddrValue {
@@ -813,7 +698,7 @@ mod tests {
     use proxy_common::{IPPROTO_TCP, SVC_F_EXTERNAL};
 
     use super::*;
-    use crate::lbmap::MemLbMaps;
+    use lbmap::MemLbMaps;
 
     fn be(last: u8, port: u16) -> Backend {
         Backend {
@@ -1137,7 +1022,6 @@ mod tests {
         s.sync(&desired(&[(key(1, 80), want("a", &[]))]));
         assert_eq!(s.maps().state.services[&key(1, 80)].count, 0);
     }
-
     /// An externalIP frontend with every extra: local set, affinity,
     /// source ranges.
     fn rich(backends: &[Backend], local: &[Backend], ranges: &[([u8; 4], u8)]) -> FrontendWant {
