@@ -260,7 +260,12 @@ fn external_traffic_policy_local_and_session_affinity() {
         ),
     ]
     .concat();
-    let Some(c) = Cluster::start("etp_local", &manifests) else {
+    // Pods count as internal (all endpoints) when the cluster CIDR is known.
+    let Some(c) = Cluster::start_with(
+        "etp_local",
+        &manifests,
+        &["--cluster-cidr", "10.244.0.0/16"],
+    ) else {
         return;
     };
     let client = c.lab.ns(addr::CLIENT);
