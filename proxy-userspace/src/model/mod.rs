@@ -210,6 +210,8 @@ pub struct Frontend {
 /// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds`.
 pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
 
+/// An endpoint a frontend balances to, as the model sees it (kube-proxy's
+/// `Endpoint`); the syncer turns it into a `proxy_common::Backend` entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Endpoint {
     pub ip: IpAddr,
