@@ -13,8 +13,11 @@
 //!
 //! Then the security stance of the shipped DaemonSet and ClusterRole is
 //! asserted: not privileged, named capabilities each explained in a
-//! comment, host network, every taint tolerated, system-node-critical,
-//! read-only access to services, endpointslices and nodes.
+//! comment, a seccomp profile and a read-only root filesystem for every
+//! container of our image, host network, every taint tolerated,
+//! system-node-critical, read-only access to services, endpointslices and
+//! nodes; and the admission policy of deploy/admission/ refuses what
+//! docs/security.md says it refuses.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -24,6 +27,7 @@ use std::{
 
 use k8s_openapi::{
     api::{
+        admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding},
         apps::v1::{DaemonSet, Deployment},
         batch::v1::Job,
         core::v1::{ConfigMap, Container, PodSpec, Service, ServiceAccount},
@@ -191,6 +195,12 @@ fn check_at(doc: &Value, prefix: &str) -> Result<(), String> {
         (Some("discovery.k8s.io/v1"), Some("EndpointSlice")) => {
             round_trip::<EndpointSlice>(doc, prefix)
         }
+        (Some("admissionregistration.k8s.io/v1"), Some("ValidatingAdmissionPolicy")) => {
+            round_trip::<ValidatingAdmissionPolicy>(doc, prefix)
+        }
+        (Some("admissionregistration.k8s.io/v1"), Some("ValidatingAdmissionPolicyBinding")) => {
+            round_trip::<ValidatingAdmissionPolicyBinding>(doc, prefix)
+        }
         // A mixed list (kubectl's `kind: List`): each item by its own kind.
         (Some("v1"), Some("List")) => {
             let fields = doc.as_object().ok_or("a List is a mapping")?;
@@ -319,6 +329,8 @@ fn every_manifest_in_deploy_is_its_kubernetes_type_with_no_unknown_field() {
         "Service",
         "EndpointSlice",
         "Deployment",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
     ] {
         assert!(
             kinds.contains(kind),
@@ -551,6 +563,45 @@ fn containers_of_our_image_are_never_privileged() {
         }
     }
     assert!(seen >= 2, "the DaemonSet and the cleanup Job");
+}
+
+/// The seccomp profile a container runs with: its own, else its pod's.
+fn seccomp_type<'a>(pod: &'a PodSpec, c: &'a Container) -> Option<&'a str> {
+    let own = c.security_context.as_ref().and_then(|s| s.seccomp_profile.as_ref());
+    let pods = pod.security_context.as_ref().and_then(|s| s.seccomp_profile.as_ref());
+    own.or(pods).map(|p| p.type_.as_str())
+}
+
+#[test]
+fn containers_of_our_image_have_seccomp_and_a_read_only_root() {
+    let mut seen = 0;
+    for (origin, pod) in pod_specs(&all_documents()) {
+        for c in all_containers(&pod) {
+            if !c.image.as_deref().unwrap_or("").contains("/kube-ebpf-proxy:") {
+                continue;
+            }
+            seen += 1;
+            let what = format!("{origin} {}", c.name);
+            // RuntimeDefault at least: never Unconfined, never unset (which
+            // some runtimes take as Unconfined).
+            assert_eq!(seccomp_type(&pod, c), Some("RuntimeDefault"), "{what}");
+            let sc = c.security_context.as_ref().unwrap();
+            assert_eq!(sc.read_only_root_filesystem, Some(true), "{what}");
+            assert_eq!(sc.allow_privilege_escalation, Some(false), "{what}");
+        }
+    }
+    assert!(seen >= 2, "the DaemonSet and the cleanup Job");
+
+    // Not vacuous: a container-level Unconfined overrides the pod's.
+    let docs = all_documents();
+    let (ds, _): (DaemonSet, _) = find(&docs, "DaemonSet", Some(NAMESPACE), NAME);
+    let mut pod = ds.spec.unwrap().template.spec.unwrap();
+    let sc = pod.containers[0].security_context.as_mut().unwrap();
+    sc.seccomp_profile = Some(k8s_openapi::api::core::v1::SeccompProfile {
+        type_: "Unconfined".into(),
+        ..Default::default()
+    });
+    assert_eq!(seccomp_type(&pod, &pod.containers[0]), Some("Unconfined"));
 }
 
 #[test]
