@@ -4,8 +4,8 @@
 #
 #   docker build -t registry.example.com/kube-ebpf-proxy:0.1.0 .
 #
-# One statically linked binary (musl) in an empty image: no shell, no libc,
-# no package manager, nothing else to patch or exploit.
+# One statically linked binary (musl) and a CA bundle in an otherwise empty
+# image: no shell, no libc, no package manager.
 #
 # `cargo xtask image` builds the same image on machines without a registry
 # (xtask/src/image.rs): the daemon with the very cargo command of the build
@@ -71,13 +71,15 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     install -D -m 0755 target/x86_64-unknown-linux-musl/release/kube-ebpf-proxy /out/kube-ebpf-proxy
 
 # The runtime stage (`cargo xtask image` builds exactly this part). The
-# binary needs no file of the image: TLS is rustls with its own roots, the
-# in-cluster CA and token come from the ServiceAccount mount, and the
-# DaemonSet's readOnlyRootFilesystem holds (it writes only to the bpffs).
+# daemon reads one file of the image: the CA bundle, which kube's TLS setup
+# loads when a kubeconfig names no CA (in-cluster, the ServiceAccount's CA
+# is used). It writes nothing: the DaemonSet's readOnlyRootFilesystem
+# holds (pins go to the mounted bpffs).
 FROM scratch
 LABEL org.opencontainers.image.title="kube-ebpf-proxy" \
       org.opencontainers.image.description="A kube-proxy replacement with an eBPF datapath" \
       org.opencontainers.image.licenses="Apache-2.0"
+COPY --from=builder /etc/ssl/certs/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
 COPY --from=builder /out/kube-ebpf-proxy /usr/local/bin/kube-ebpf-proxy
 # Root, with only the capabilities the DaemonSet adds (see
 # deploy/kube-ebpf-proxy.yaml): added capabilities are not effective for

@@ -567,8 +567,14 @@ fn containers_of_our_image_are_never_privileged() {
 
 /// The seccomp profile a container runs with: its own, else its pod's.
 fn seccomp_type<'a>(pod: &'a PodSpec, c: &'a Container) -> Option<&'a str> {
-    let own = c.security_context.as_ref().and_then(|s| s.seccomp_profile.as_ref());
-    let pods = pod.security_context.as_ref().and_then(|s| s.seccomp_profile.as_ref());
+    let own = c
+        .security_context
+        .as_ref()
+        .and_then(|s| s.seccomp_profile.as_ref());
+    let pods = pod
+        .security_context
+        .as_ref()
+        .and_then(|s| s.seccomp_profile.as_ref());
     own.or(pods).map(|p| p.type_.as_str())
 }
 
@@ -577,7 +583,12 @@ fn containers_of_our_image_have_seccomp_and_a_read_only_root() {
     let mut seen = 0;
     for (origin, pod) in pod_specs(&all_documents()) {
         for c in all_containers(&pod) {
-            if !c.image.as_deref().unwrap_or("").contains("/kube-ebpf-proxy:") {
+            if !c
+                .image
+                .as_deref()
+                .unwrap_or("")
+                .contains("/kube-ebpf-proxy:")
+            {
                 continue;
             }
             seen += 1;

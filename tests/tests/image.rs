@@ -168,8 +168,8 @@ fn runtime_default_with_cap_bpf() -> Value {
     // The existing rules keep their meaning for CAP_SYS_ADMIN; the EPERM
     // rule for everyone else must not shadow the new allowance.
     for rule in rules.iter_mut() {
-        let names = rule["names"].as_array_mut().unwrap();
         let errno = rule["action"] == "SCMP_ACT_ERRNO";
+        let names = rule["names"].as_array_mut().unwrap();
         names.retain(|n| !(errno && gated.iter().any(|(s, _)| n == *s)));
     }
     rules.retain(|r| !r["names"].as_array().unwrap().is_empty());
@@ -396,9 +396,10 @@ fn the_image_runs_as_the_daemonset_does_and_serves_a_cluster_ip() -> Result<()> 
             "type=bind,src={},dst=/etc/kubernetes/kubeconfig,ro=true",
             kubeconfig.display()
         ),
-        // Everything the HTTP client logs, to look for the token in.
+        // Everything the API client and its HTTP and TLS layers log, to
+        // look for the token in.
         "--env".into(),
-        "RUST_LOG=trace".into(),
+        "RUST_LOG=info,kube_client=trace,kube_runtime=trace,hyper=trace,hyper_util=trace,tower=trace,tower_http=trace,rustls=trace,h2=trace".into(),
     ]);
     args.push("--kubeconfig=/etc/kubernetes/kubeconfig".into());
 
@@ -411,6 +412,8 @@ fn the_image_runs_as_the_daemonset_does_and_serves_a_cluster_ip() -> Result<()> 
     ports_reachable_as_documented(&c);
     pins_are_on_the_hosts_bpffs(&c);
     let log = c.lab.daemon_log(NODE);
+    // Not vacuous: the API client's trace output is there.
+    assert!(log.contains("\"target\":\"kube_client::client\""), "{log}");
     assert!(
         !log.contains(TOKEN),
         "the bearer token is in the daemon's log"

@@ -4,8 +4,9 @@
 //! The daemon is built statically for musl with the same cargo command as
 //! the Dockerfile's build stage, and the image is the Dockerfile's runtime
 //! stage (everything from its last `FROM`, which is `FROM scratch`) built by
-//! buildah with that binary in the build context instead of the build
-//! stage's output. Nothing is pulled: a scratch image holds only the binary.
+//! buildah with the files that stage copies from the build stage taken from
+//! here instead: that binary, and Debian's CA bundle (the build stage is
+//! Debian bookworm too). Nothing is pulled.
 //!
 //! buildah keeps its images in a private storage under target/image, which
 //! is removed after each build; the archive is rebuilt only when the binary
@@ -33,11 +34,17 @@ pub const BUILD_ARGS: &[&str] = &[
     "--target",
     MUSL_TARGET,
 ];
-/// Where the build stage leaves the binary and the runtime stage copies it
-/// from.
-const STAGE_COPY: &str = "COPY --from=builder /out/kube-ebpf-proxy ";
-/// The binary's name in the build context here.
-const CONTEXT_BINARY: &str = "kube-ebpf-proxy";
+/// What the runtime stage copies from the build stage: its path there, and
+/// the name of the same file in the build context here.
+const STAGE_COPIES: [(&str, &str); 2] = [
+    ("/out/kube-ebpf-proxy", "kube-ebpf-proxy"),
+    // Roots for an API server whose kubeconfig names no CA, and for plain
+    // HTTP (kube's TLS setup wants some roots even then).
+    (CA_BUNDLE, "ca-certificates.crt"),
+];
+/// Debian's bundle of the ca-certificates package, in the build stage and
+/// on this machine.
+const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 /// The image's name in the archive (and after `podman load`).
 pub const IMAGE_NAME: &str = concat!("localhost/kube-ebpf-proxy:", env!("CARGO_PKG_VERSION"));
 
@@ -63,7 +70,9 @@ pub fn build() -> Result<PathBuf> {
         fs::remove_dir_all(&context)?;
     }
     fs::create_dir_all(&context)?;
-    fs::copy(&binary, context.join(CONTEXT_BINARY))?;
+    fs::copy(&binary, context.join(STAGE_COPIES[0].1))?;
+    fs::copy(CA_BUNDLE, context.join(STAGE_COPIES[1].1))
+        .with_context(|| format!("copying {CA_BUNDLE} (Debian's ca-certificates)"))?;
     fs::write(context.join("Containerfile"), &containerfile)?;
 
     let archive = archive_path();
@@ -79,8 +88,8 @@ pub fn build() -> Result<PathBuf> {
     Ok(archive)
 }
 
-/// The Dockerfile's last stage, copying the binary from the build context
-/// instead of the build stage.
+/// The Dockerfile's last stage, copying from the build context instead of
+/// the build stage.
 pub fn runtime_stage(dockerfile: &str) -> Result<String> {
     let start = dockerfile
         .lines()
@@ -98,11 +107,20 @@ pub fn runtime_stage(dockerfile: &str) -> Result<String> {
         stage.starts_with("FROM scratch\n"),
         "the Dockerfile's runtime stage must be FROM scratch (nothing can be pulled here)"
     );
+    let mut stage = stage.to_string();
+    for (from, name) in STAGE_COPIES {
+        let copy = format!("COPY --from=builder {from} ");
+        ensure!(
+            stage.matches(&copy).count() == 1,
+            "the runtime stage must copy {from} once, with {copy:?}"
+        );
+        stage = stage.replacen(&copy, &format!("COPY {name} "), 1);
+    }
     ensure!(
-        stage.matches(STAGE_COPY).count() == 1,
-        "the runtime stage must copy the binary once with {STAGE_COPY:?}"
+        !stage.contains("--from="),
+        "the runtime stage copies something from elsewhere that is not built here"
     );
-    Ok(stage.replacen(STAGE_COPY, &format!("COPY {CONTEXT_BINARY} "), 1))
+    Ok(stage)
 }
 
 /// A scratch image has no dynamic loader: the binary must not ask for one.
@@ -231,6 +249,7 @@ mod tests {
         // ...and its runtime stage is what buildah builds here.
         let stage = runtime_stage(&text).unwrap();
         assert!(stage.contains("\nCOPY kube-ebpf-proxy /usr/local/bin/kube-ebpf-proxy\n"));
+        assert!(stage.contains(&format!("\nCOPY ca-certificates.crt {CA_BUNDLE}\n")));
         assert!(stage.contains("\nENTRYPOINT [\"/usr/local/bin/kube-ebpf-proxy\"]\n"));
         assert!(!stage.contains("--from="), "{stage}");
     }
@@ -240,8 +259,16 @@ mod tests {
         let text = dockerfile();
         let pulled = text.replace("FROM scratch", "FROM debian:bookworm-slim");
         assert!(runtime_stage(&pulled).is_err());
-        let no_copy = text.replace(STAGE_COPY, "COPY ./kube-ebpf-proxy ");
+        let no_copy = text.replace(
+            "COPY --from=builder /out/kube-ebpf-proxy ",
+            "COPY ./kube-ebpf-proxy ",
+        );
         assert!(runtime_stage(&no_copy).is_err());
+        let more = text.replace(
+            "\nUSER 0\n",
+            "\nCOPY --from=builder /bin/sh /bin/sh\nUSER 0\n",
+        );
+        assert!(runtime_stage(&more).is_err());
     }
 
     #[test]

@@ -41,6 +41,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("podman", "podman"),
     ("runc", "runc"),
     ("musl-tools", "musl-gcc"),
+    // The image's CA bundle (/etc/ssl/certs/ca-certificates.crt).
+    ("ca-certificates", "update-ca-certificates"),
 ];
 
 /// The target of the image's static binary.
