@@ -690,3 +690,95 @@ fn the_cluster_role_only_reads_services_slices_and_nodes() {
     assert_eq!(subjects[0].name, NAME);
     assert_eq!(subjects[0].namespace.as_deref(), Some(NAMESPACE));
 }
+
+/// The shipped policy's one validation, evaluated as the API server would:
+/// `object` is the Service after the change, `oldObject` before it (null on
+/// CREATE). True admits.
+struct ExternalIpPolicy {
+    program: cel::Program,
+    env: std::sync::Arc<cel::Env>,
+}
+
+impl ExternalIpPolicy {
+    fn shipped() -> ExternalIpPolicy {
+        let docs = all_documents();
+        let name = "kube-ebpf-proxy-deny-service-external-ips";
+        let (policy, _): (ValidatingAdmissionPolicy, _) =
+            find(&docs, "ValidatingAdmissionPolicy", None, name);
+        let spec = policy.spec.unwrap();
+        assert_eq!(spec.failure_policy.as_deref(), Some("Fail"));
+        let rules = spec.match_constraints.unwrap().resource_rules.unwrap();
+        assert_eq!(rules.len(), 1);
+        assert_eq!(
+            rules[0].resources.as_deref(),
+            Some(&["services".to_string()][..])
+        );
+        let ops: BTreeSet<&str> = rules[0]
+            .operations
+            .iter()
+            .flatten()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(ops, BTreeSet::from(["CREATE", "UPDATE"]));
+        let validations = spec.validations.unwrap();
+        assert_eq!(validations.len(), 1);
+
+        let (binding, _): (ValidatingAdmissionPolicyBinding, _) =
+            find(&docs, "ValidatingAdmissionPolicyBinding", None, name);
+        let binding = binding.spec.unwrap();
+        assert_eq!(binding.policy_name.as_deref(), Some(name));
+        assert_eq!(
+            binding.validation_actions.as_deref(),
+            Some(&["Deny".to_string()][..])
+        );
+
+        let env = std::sync::Arc::new(cel::Env::stdlib());
+        let program = env
+            .compile(&validations[0].expression)
+            .unwrap_or_else(|e| panic!("the policy's CEL does not parse: {e}"));
+        ExternalIpPolicy { program, env }
+    }
+
+    fn admits(&self, object: &Value, old_object: Option<&Value>) -> bool {
+        let mut ctx = cel::Context::with_env(self.env.clone());
+        ctx.add_variable("object", object).unwrap();
+        ctx.add_variable("oldObject", old_object.unwrap_or(&Value::Null))
+            .unwrap();
+        match self.program.execute(&ctx) {
+            Ok(cel::Value::Bool(b)) => b,
+            other => panic!("the policy evaluated to {other:?} for {object}"),
+        }
+    }
+}
+
+fn service_with_external_ips(ips: Option<&[&str]>) -> Value {
+    let mut spec = serde_json::json!({"type": "ClusterIP", "ports": [{"port": 80}]});
+    if let Some(ips) = ips {
+        spec["externalIPs"] = serde_json::json!(ips);
+    }
+    serde_json::json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web", "namespace": "team-a"}, "spec": spec})
+}
+
+#[test]
+fn the_external_ip_policy_refuses_new_addresses() {
+    let policy = ExternalIpPolicy::shipped();
+    let none = service_with_external_ips(None);
+    let empty = service_with_external_ips(Some(&[]));
+    let one = service_with_external_ips(Some(&["203.0.113.7"]));
+    let two = service_with_external_ips(Some(&["203.0.113.7", "8.8.8.8"]));
+    let other = service_with_external_ips(Some(&["8.8.8.8"]));
+
+    // CREATE: without externalIPs (or with an empty list) only.
+    assert!(policy.admits(&none, None));
+    assert!(policy.admits(&empty, None));
+    assert!(!policy.admits(&one, None));
+    // UPDATE: keeping or dropping addresses is fine, adding is not.
+    assert!(policy.admits(&one, Some(&one)));
+    assert!(policy.admits(&one, Some(&two)));
+    assert!(policy.admits(&none, Some(&one)));
+    assert!(policy.admits(&none, Some(&none)));
+    assert!(!policy.admits(&two, Some(&one)));
+    assert!(!policy.admits(&other, Some(&one)));
+    assert!(!policy.admits(&one, Some(&none)));
+}
