@@ -1,22 +1,26 @@
-pub mod allocate;
-pub mod bpffs;
+//! kube-ebpf-proxy's daemon as a library. Modules follow the data:
+//!
+//! ```text
+//! source (API server, manifests) -> model (pure) -> sync (diff, maps) -> datapath (BPF)
+//! ```
+//!
+//! [`daemon`] runs the loop that connects them; [`metrics`], [`health`] and
+//! [`http`] report on it; [`inspect`] decodes the pinned maps. `testkit`
+//! (the `testkit` feature) holds what tests and benchmarks use only.
+
 pub mod cidr;
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod datapath;
-pub mod devices;
-pub mod frontends;
 pub mod health;
 pub mod http;
 pub mod inspect;
-pub mod kube_source;
-pub mod lbmap;
-pub mod manifests;
 pub mod metrics;
 pub mod model;
-pub mod model_cache;
-pub mod pktgen;
-pub mod run;
+pub mod source;
 pub mod sync;
-pub mod testns;
+#[cfg(feature = "testkit")]
+pub mod testkit;
+
 pub use datapath::EBPF_OBJECT;

@@ -1,0 +1,307 @@
+//! The daemon: one loop that watches its sources (the manifest directory or
+//! the API server, the node's devices and addresses), computes the desired
+//! state with the model, and hands it to the syncer.
+//!
+//! On exit (SIGTERM, SIGINT) the datapath stays attached and pinned: traffic
+//! keeps flowing, and the next start adopts it. `cleanup` removes it.
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    net::Ipv4Addr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{debug, info, warn};
+
+use crate::{
+    cli::RunArgs,
+    datapath::{
+        Datapath, bpffs,
+        devices::{self, Attachments, DeviceFilter},
+    },
+    health::{self, Health},
+    http::{self, Endpoints},
+    metrics::Metrics,
+    model::{FrontendKey, ModelCache, NodeInfo, Options, Problem},
+    source::Source,
+    sync::{SyncReport, Syncer, convert, lbmap::BpfLbMaps},
+};
+
+/// Everything the loop works with.
+struct Context {
+    args: RunArgs,
+    dp: Datapath,
+    syncer: Syncer<BpfLbMaps>,
+    devices: Attachments,
+    node_addrs: BTreeSet<Ipv4Addr>,
+    source: Source,
+    /// The API server sent changes not yet synced.
+    kube_pending: bool,
+    last_sync: Instant,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    /// When the oldest change not yet programmed was seen.
+    pending_since: Option<Instant>,
+    model: ModelCache,
+    synced_once: bool,
+    problems_logged: BTreeSet<String>,
+}
+
+pub async fn run(args: RunArgs) -> Result<()> {
+    let mut ctx = Context::start(args).await?;
+    ctx.program_then_attach()?;
+    ctx.serve_until_signal().await?;
+    info!("exiting; the datapath stays attached and pinned (run `cleanup` to remove it)");
+    Ok(())
+}
+
+fn node_name(args: &RunArgs) -> Result<String> {
+    Ok(match &args.hostname_override {
+        Some(n) => n.clone(),
+        None => fs::read_to_string("/proc/sys/kernel/hostname")
+            .context("reading the hostname")?
+            .trim()
+            .to_string(),
+    })
+}
+
+/// Loads the datapath (adopting what a previous run pinned) and configures
+/// it.
+fn load_datapath(args: &RunArgs, node_name: &str) -> Result<(Datapath, Syncer<BpfLbMaps>)> {
+    bpffs::ensure(&args.bpffs)?;
+    let mut dp = Datapath::load(&args.bpffs, args.bpf_debug)?;
+    if args.bpf_debug {
+        dp.forward_debug_events()?;
+    }
+    dp.write_config(args.snat_port_range)?;
+    let maps = BpfLbMaps::new(&mut dp)?;
+    let syncer = Syncer::adopt(maps).context("reading the pinned maps")?;
+    info!(
+        node = %node_name,
+        bpffs = %args.bpffs.display(),
+        adopted_frontends = syncer.frontend_count(),
+        "datapath loaded"
+    );
+    Ok((dp, syncer))
+}
+
+/// Serves /metrics and /healthz.
+async fn serve_endpoints(args: &RunArgs) -> Result<(Arc<Metrics>, Arc<Health>)> {
+    let metrics = Arc::new(Metrics::new(&args.bpffs));
+    let health = Arc::new(Health::new(health::DEFAULT_TIMEOUT, Instant::now()));
+    let at = http::serve(
+        args.metrics_bind_address,
+        Endpoints::Metrics(metrics.clone()),
+    )
+    .await?;
+    info!(address = %at, "serving /metrics");
+    let at = http::serve(args.healthz_bind_address, Endpoints::Health(health.clone())).await?;
+    info!(address = %at, "serving /healthz and /livez");
+    Ok((metrics, health))
+}
+
+impl Context {
+    async fn start(args: RunArgs) -> Result<Context> {
+        let node_name = node_name(&args)?;
+        let (dp, syncer) = load_datapath(&args, &node_name)?;
+        let source = Source::start(&args, &node_name).await?;
+        let (metrics, health) = serve_endpoints(&args).await?;
+        let node = NodeInfo {
+            name: node_name,
+            zone: None,
+        };
+        let opts = Options {
+            service_proxy_name: args.service_proxy_name.clone(),
+        };
+        Ok(Context {
+            metrics,
+            health,
+            pending_since: Some(Instant::now()),
+            model: ModelCache::new(node, opts),
+            synced_once: false,
+            problems_logged: BTreeSet::new(),
+            devices: Attachments::new(DeviceFilter {
+                only: args.devices.clone(),
+            }),
+            dp,
+            syncer,
+            node_addrs: BTreeSet::new(),
+            source,
+            kube_pending: false,
+            last_sync: Instant::now(),
+            args,
+        })
+    }
+
+    /// Programs the maps before attaching, so the first packet the programs
+    /// see already finds its service. From an API server that waits for the
+    /// first complete lists: until then the pinned state keeps serving.
+    fn program_then_attach(&mut self) -> Result<()> {
+        self.poll_source();
+        self.refresh_addresses();
+        if self.source.is_polled() {
+            self.sync();
+        }
+        self.devices.drop_vanished_pins(&mut self.dp)?;
+        self.devices.refresh(&mut self.dp);
+        if self.synced_once {
+            self.log_ready();
+        }
+        Ok(())
+    }
+
+    /// The loop: polls manifests, devices and addresses at every tick,
+    /// coalesces the API server's changes into at most one sync per
+    /// `--min-sync-period-ms`, and returns on SIGTERM or SIGINT.
+    async fn serve_until_signal(&mut self) -> Result<()> {
+        let mut sigterm = signal(SignalKind::terminate())?;
+        let mut sigint = signal(SignalKind::interrupt())?;
+        let poll = Duration::from_millis(self.args.poll_interval_ms.max(10));
+        let mut tick = tokio::time::interval(poll);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let min_sync = Duration::from_millis(self.args.min_sync_period_ms);
+        loop {
+            let coalesce_until = tokio::time::Instant::from_std(self.last_sync + min_sync);
+            tokio::select! {
+                _ = tick.tick() => self.on_tick(),
+                // Until the pending changes are synced there is no need to
+                // hear of more (changed() would resolve at once, again).
+                _ = self.source.changed(), if !self.kube_pending => {
+                    self.kube_pending = true;
+                    self.queued();
+                }
+                // A burst of API changes: one sync at most every min_sync.
+                _ = tokio::time::sleep_until(coalesce_until), if self.kube_pending => {
+                    self.sync_kube();
+                }
+                _ = sigterm.recv() => return Ok(()),
+                _ = sigint.recv() => return Ok(()),
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let objects_changed = self.poll_source();
+        let addrs_changed = self.refresh_addresses();
+        self.devices.refresh(&mut self.dp);
+        if objects_changed || addrs_changed {
+            self.queued();
+            self.sync();
+        }
+    }
+
+    fn log_ready(&self) {
+        info!(
+            frontends = self.syncer.frontend_count(),
+            devices = self.devices.len(),
+            "ready"
+        );
+    }
+
+    /// Hands the API server's objects to the model and syncs, once every
+    /// initial list is complete.
+    fn sync_kube(&mut self) {
+        self.kube_pending = false;
+        if !self.source.feed(&mut self.model).ready {
+            debug!("waiting for the initial lists");
+            return;
+        }
+        let first = !self.synced_once;
+        self.sync();
+        if first {
+            self.log_ready();
+        }
+    }
+
+    /// Feeds the model from a polled source (manifests); true if it got
+    /// new objects. An API server is fed by [`Context::sync_kube`].
+    fn poll_source(&mut self) -> bool {
+        self.source.is_polled() && self.source.feed(&mut self.model).changed
+    }
+
+    fn refresh_addresses(&mut self) -> bool {
+        match devices::nodeport_addresses(&self.args.nodeport_addresses) {
+            Ok(addrs) if addrs != self.node_addrs => {
+                info!(addresses = ?addrs, "NodePort addresses");
+                self.node_addrs = addrs;
+                true
+            }
+            Ok(_) => false,
+            Err(e) => {
+                warn!(error = %e, "listing node addresses failed");
+                false
+            }
+        }
+    }
+
+    /// A change was seen: it counts for health and programming latency.
+    fn queued(&mut self) {
+        let now = Instant::now();
+        self.pending_since.get_or_insert(now);
+        self.health.queued(now);
+    }
+
+    /// Brings the maps to the model, and records how it went.
+    fn sync(&mut self) {
+        let started = Instant::now();
+        self.last_sync = started;
+        let changed = self.model.update();
+        self.metrics.sync.record_changes(self.model.take_changes());
+        let problems = self.model.problems();
+        self.log_new_problems(&problems);
+        let report = self.program(&changed);
+        for (name, e) in &report.failed {
+            warn!(frontend = %name, error = %e, "frontend not programmed; it keeps its previous state");
+        }
+        let m = &self.metrics.sync;
+        m.record_write_failures(&report.failed);
+        m.record_skipped(&problems, self.source.unreadable());
+        m.record_no_local_endpoints(self.model.frontends());
+        m.set_map_entries(&self.syncer.entry_counts());
+        let wall = m.record_sync(started, self.pending_since.take());
+        if report.failed.is_empty() {
+            self.health.synced(started, wall);
+        }
+        if report.writes > 0 {
+            info!(
+                frontends = self.syncer.frontend_count(),
+                written = report.frontends_written,
+                removed = report.frontends_removed,
+                map_writes = report.writes,
+                took_us = started.elapsed().as_micros() as u64,
+                "synced"
+            );
+        }
+    }
+
+    /// The first sync compares everything with what a previous run left
+    /// pinned; later ones only hand over what the model changed.
+    fn program(&mut self, changed: &BTreeSet<FrontendKey>) -> SyncReport {
+        if self.synced_once {
+            let node_addrs: BTreeSet<[u8; 4]> =
+                self.node_addrs.iter().map(|a| a.octets()).collect();
+            let changes = convert::to_changes(self.model.frontends(), changed);
+            self.syncer.apply(&changes, Some(&node_addrs))
+        } else {
+            self.synced_once = true;
+            self.syncer.sync(&convert::to_desired(
+                self.model.frontends(),
+                &self.node_addrs,
+            ))
+        }
+    }
+
+    /// Problems not logged at the last sync (each is logged once while it
+    /// lasts).
+    fn log_new_problems(&mut self, problems: &[Problem]) {
+        let shown: BTreeSet<String> = problems.iter().map(|p| p.to_string()).collect();
+        for p in shown.difference(&self.problems_logged) {
+            warn!(problem = %p, "skipped");
+        }
+        self.problems_logged = shown;
+    }
+}

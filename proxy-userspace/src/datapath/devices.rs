@@ -1,0 +1,177 @@
+//! The node's network devices and addresses, read through netlink-backed
+//! libc calls so they are those of the daemon's network namespace, and
+//! [`Attachments`]: the programs attached to every selected device as
+//! devices come and go.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr},
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+use tracing::{debug, info, warn};
+
+use super::{Datapath, Device};
+use crate::cidr::Cidr;
+
+/// Which devices get our programs: every device but loopback, or the ones
+/// named with `--devices`.
+#[derive(Clone, Debug, Default)]
+pub struct DeviceFilter {
+    pub only: Vec<String>,
+}
+
+impl DeviceFilter {
+    pub fn wants(&self, name: &str) -> bool {
+        if self.only.is_empty() {
+            name != "lo"
+        } else {
+            self.only.iter().any(|n| n == name)
+        }
+    }
+}
+
+/// Devices of this network namespace that `filter` selects.
+pub fn list(filter: &DeviceFilter) -> Result<BTreeSet<Device>> {
+    Ok(nix::net::if_::if_nameindex()?
+        .iter()
+        .filter_map(|i| {
+            let name = i.name().to_str().ok()?.to_string();
+            filter.wants(&name).then_some(Device {
+                name,
+                index: i.index(),
+            })
+        })
+        .collect())
+}
+
+/// IPv4 addresses NodePorts answer on: every address of the node except
+/// loopback ones, or those within `--nodeport-addresses` when given.
+pub fn nodeport_addresses(cidrs: &[Cidr]) -> Result<BTreeSet<Ipv4Addr>> {
+    let mut out = BTreeSet::new();
+    for ifa in nix::ifaddrs::getifaddrs()? {
+        let Some(addr) = ifa.address.as_ref().and_then(|a| a.as_sockaddr_in()) else {
+            continue;
+        };
+        let ip = addr.ip();
+        if ip.is_loopback() {
+            continue;
+        }
+        if cidrs.is_empty() || cidrs.iter().any(|c| c.contains(IpAddr::V4(ip))) {
+            out.insert(ip);
+        }
+    }
+    Ok(out)
+}
+
+/// The devices our programs are attached to, kept in step with the
+/// devices of the namespace.
+pub struct Attachments {
+    filter: DeviceFilter,
+    attached: BTreeSet<Device>,
+    /// Devices whose attach failed: when to try again, and the delay after.
+    retry: BTreeMap<Device, (Instant, Duration)>,
+}
+
+impl Attachments {
+    pub fn new(filter: DeviceFilter) -> Attachments {
+        Attachments {
+            filter,
+            attached: BTreeSet::new(),
+            retry: BTreeMap::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.attached.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.attached.is_empty()
+    }
+
+    /// Links pinned by an earlier run: those of devices still here get the
+    /// new programs swapped in by [`Attachments::refresh`] (atomically,
+    /// through the link); those of vanished devices are dropped now.
+    pub fn drop_vanished_pins(&self, dp: &mut Datapath) -> Result<()> {
+        let current = list(&self.filter)?;
+        for dev in dp.attached()? {
+            if !current.contains(&dev) {
+                dp.detach(&dev)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Attaches to new devices and forgets vanished ones.
+    pub fn refresh(&mut self, dp: &mut Datapath) {
+        let current = match list(&self.filter) {
+            Ok(d) => d,
+            Err(e) => {
+                warn!(error = %e, "listing devices failed");
+                return;
+            }
+        };
+        let now = Instant::now();
+        self.retry.retain(|dev, _| current.contains(dev));
+        for dev in current.difference(&self.attached.clone()) {
+            if self.retry.get(dev).is_some_and(|(at, _)| now < *at) {
+                continue;
+            }
+            self.attach(dp, dev, now);
+        }
+        for dev in self
+            .attached
+            .difference(&current)
+            .cloned()
+            .collect::<Vec<_>>()
+        {
+            if let Err(e) = dp.detach(&dev) {
+                warn!(device = %dev.name, error = %format!("{e:#}"), "detach failed");
+            }
+            debug!(device = %dev.name, "device gone");
+            self.attached.remove(&dev);
+        }
+    }
+
+    fn attach(&mut self, dp: &mut Datapath, dev: &Device, now: Instant) {
+        match dp.attach(dev) {
+            Ok(()) => {
+                info!(device = %dev.name, ifindex = dev.index, "attached");
+                self.attached.insert(dev.clone());
+                self.retry.remove(dev);
+            }
+            // A device can vanish between listing and attaching (a pod
+            // being deleted); the next round sees it gone. Otherwise try
+            // again later, backing off to once a minute.
+            Err(e) => {
+                let delay = self
+                    .retry
+                    .get(dev)
+                    .map_or(Duration::from_secs(1), |(_, d)| {
+                        (*d * 2).min(Duration::from_secs(60))
+                    });
+                warn!(device = %dev.name, error = %format!("{e:#}"), retry_in_s = delay.as_secs(), "attach failed");
+                self.retry.insert(dev.clone(), (now + delay, delay));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_filter_skips_loopback_only() {
+        let f = DeviceFilter::default();
+        assert!(!f.wants("lo"));
+        assert!(f.wants("eth0"));
+        let f = DeviceFilter {
+            only: vec!["eth1".into()],
+        };
+        assert!(f.wants("eth1"));
+        assert!(!f.wants("eth0"));
+    }
+}
