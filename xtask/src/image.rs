@@ -10,7 +10,10 @@
 //!
 //! buildah keeps its images in a private storage under target/image, which
 //! is removed after each build; the archive is rebuilt only when the binary
-//! or the runtime stage changed (a digest of both is kept next to it).
+//! or the runtime stage changed (a digest of the build context is kept next
+//! to it). One file outside stays: buildah records layer digests in the
+//! machine's blob-info cache (/var/lib/containers/cache), whatever its
+//! storage root; it holds digests only, no image.
 
 use std::{
     fs,
