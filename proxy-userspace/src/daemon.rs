@@ -188,7 +188,9 @@ impl Context {
         let objects_changed = self.poll_source();
         let addrs_changed = self.refresh_addresses();
         self.devices.refresh(&mut self.dp);
-        if objects_changed || addrs_changed {
+        // Before the first sync from an API server the model is empty: a
+        // sync then would remove every frontend a previous run pinned.
+        if objects_changed || (addrs_changed && self.synced_once) {
             self.queued();
             self.sync();
         }

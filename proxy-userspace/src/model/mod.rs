@@ -190,6 +190,8 @@ pub struct Frontend {
     pub local_only: bool,
 }
 
+/// An endpoint a frontend balances to, as the model sees it (kube-proxy's
+/// `Endpoint`); the syncer turns it into a `proxy_common::Backend` entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Endpoint {
     pub ip: IpAddr,
