@@ -261,6 +261,10 @@ pub enum ProblemKind {
     InvalidSlice,
     /// A frontend claimed by an earlier Service (or port).
     DuplicateFrontend,
+    /// A healthCheckNodePort outside 1-65535.
+    InvalidHealthCheckNodePort,
+    /// A healthCheckNodePort an earlier Service has.
+    DuplicateHealthCheckNodePort,
 }
 
 impl ProblemKind {
@@ -279,6 +283,8 @@ impl ProblemKind {
             ProblemKind::SliceTooLarge => "slice_too_large",
             ProblemKind::InvalidSlice => "invalid_slice",
             ProblemKind::DuplicateFrontend => "duplicate_frontend",
+            ProblemKind::InvalidHealthCheckNodePort => "invalid_health_check_node_port",
+            ProblemKind::DuplicateHealthCheckNodePort => "duplicate_health_check_node_port",
         }
     }
 }
@@ -310,7 +316,23 @@ pub struct DesiredState {
     pub frontends: BTreeMap<FrontendKey, Frontend>,
     /// The endpoint sets of every service port that has frontends.
     pub endpoints: BTreeMap<ServicePortName, ServicePortEndpoints>,
+    /// The health checks this node serves, by Service.
+    pub health_checks: BTreeMap<NamespacedName, HealthCheck>,
     pub problems: Vec<Problem>,
+}
+
+/// A Service's `healthCheckNodePort`, which every node serves over HTTP
+/// for the load balancer (kube-proxy's service health server). Only
+/// Services of type LoadBalancer with `externalTrafficPolicy: Local` have
+/// one, as in kube-proxy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub node_port: u16,
+    /// This node's ready endpoints of the Service, counted by address over
+    /// all its ports (kube-proxy's `LocalReadyEndpoints`: an endpoint
+    /// serving ports 80 and 443 counts once; terminating ones never count,
+    /// so a node with only terminating endpoints fails the check).
+    pub local_endpoints: usize,
 }
 
 /// An object's namespace and name; an empty or missing namespace is
