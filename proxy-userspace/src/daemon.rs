@@ -8,7 +8,7 @@
 use std::{
     collections::BTreeSet,
     fs,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -27,6 +27,7 @@ use crate::{
     http::{self, Endpoints},
     metrics::Metrics,
     model::{FrontendKey, ModelCache, NodeInfo, Options, Problem},
+    service_health::{Bind, ServiceHealthServer},
     source::Source,
     sync::{SyncReport, Syncer, convert, lbmap::BpfLbMaps},
 };
@@ -49,6 +50,8 @@ struct Context {
     model: ModelCache,
     synced_once: bool,
     problems_logged: BTreeSet<String>,
+    /// The Services' health checks (healthCheckNodePort listeners).
+    service_health: ServiceHealthServer,
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {
@@ -118,6 +121,7 @@ impl Context {
             service_proxy_name: args.service_proxy_name.clone(),
         };
         Ok(Context {
+            service_health: ServiceHealthServer::new(health.clone()),
             metrics,
             health,
             pending_since: Some(Instant::now()),
@@ -191,6 +195,9 @@ impl Context {
         if objects_changed || addrs_changed {
             self.queued();
             self.sync();
+        } else if self.service_health.failing() > 0 {
+            let done = self.service_health.reconcile(Instant::now());
+            self.record_health_checks(done.bind_failures);
         }
     }
 
@@ -206,7 +213,9 @@ impl Context {
     /// initial list is complete.
     fn sync_kube(&mut self) {
         self.kube_pending = false;
-        if !self.source.feed(&mut self.model).ready {
+        let fed = self.source.feed(&mut self.model);
+        self.health.set_node_eligible(self.source.node_eligible());
+        if !fed.ready {
             debug!("waiting for the initial lists");
             return;
         }
@@ -257,6 +266,7 @@ impl Context {
         for (name, e) in &report.failed {
             warn!(frontend = %name, error = %e, "frontend not programmed; it keeps its previous state");
         }
+        self.update_health_checks();
         let m = &self.metrics.sync;
         m.record_write_failures(&report.failed);
         m.record_skipped(&problems, self.source.unreadable());
@@ -276,6 +286,28 @@ impl Context {
                 "synced"
             );
         }
+    }
+
+    /// Opens and closes the Services' health checks and updates their
+    /// counts: on the addresses NodePorts answer on, or all of them (one
+    /// wildcard listener) without `--nodeport-addresses`, as kube-proxy.
+    fn update_health_checks(&mut self) {
+        let bind = if self.args.nodeport_addresses.is_empty() {
+            Bind::Any
+        } else {
+            Bind::Addresses(self.node_addrs.iter().map(|a| IpAddr::V4(*a)).collect())
+        };
+        let done = self
+            .service_health
+            .update(self.model.health_checks(), bind, Instant::now());
+        self.record_health_checks(done.bind_failures);
+    }
+
+    fn record_health_checks(&self, new_failures: usize) {
+        let (serving, failing) = self.service_health.listener_counts();
+        self.metrics
+            .sync
+            .record_health_checks(serving, failing, new_failures);
     }
 
     /// The first sync compares everything with what a previous run left

@@ -227,11 +227,16 @@ impl ServiceHealthServer {
 
     /// Listeners wanted but not bound (waiting for a retry).
     pub fn failing(&self) -> usize {
-        self.instances
-            .values()
-            .flat_map(|i| i.listeners.values())
-            .filter(|l| matches!(l, Listener::Failed { .. }))
-            .count()
+        self.listener_counts().1
+    }
+
+    /// Listeners serving, and waiting for a retry.
+    pub fn listener_counts(&self) -> (usize, usize) {
+        let all = self.instances.values().flat_map(|i| i.listeners.values());
+        all.fold((0, 0), |(ok, failed), l| match l {
+            Listener::Serving(_) => (ok + 1, failed),
+            Listener::Failed { .. } => (ok, failed + 1),
+        })
     }
 }
 

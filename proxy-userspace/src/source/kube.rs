@@ -50,8 +50,9 @@ use serde::de::DeserializeOwned;
 use tokio::{sync::Notify, task::JoinHandle};
 use tracing::{info, warn};
 
-use crate::model::{
-    LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, ModelCache, NamespacedName, NodeInfo,
+use crate::{
+    health,
+    model::{LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, ModelCache, NamespacedName, NodeInfo},
 };
 
 /// How long a watch lasts before the server ends it and the watcher resumes
@@ -229,6 +230,8 @@ pub struct KubeSource {
     counters: [Arc<Counters>; 3],
     /// The change generation the last feed or snapshot saw.
     seen: AtomicU64,
+    /// This node's Node has been seen: if it vanishes, it was deleted.
+    node_seen: AtomicBool,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -343,6 +346,7 @@ impl KubeSource {
             shared: shared.clone(),
             counters: counters.clone(),
             seen: AtomicU64::new(0),
+            node_seen: AtomicBool::new(false),
             tasks: Vec::new(),
         };
         let [c_svc, c_slice, c_node] = counters;
@@ -441,15 +445,31 @@ impl KubeSource {
                 }
             }
         }
-        if let Some(node) = self
-            .nodes
-            .state()
-            .into_iter()
-            .find(|n| n.metadata.name.as_deref() == Some(&self.node_name))
-        {
+        if let Some(node) = self.this_node() {
             cache.set_node(NodeInfo::from_node(&node));
         }
         self.ready()
+    }
+
+    /// Whether load balancers may keep sending to this node (kube-proxy's
+    /// node eligibility, see [`health::node_eligible`]): eligible until
+    /// this node's Node is seen (kube-proxy before 1.31 does the same);
+    /// not once it is being deleted, marked for deletion, or gone.
+    pub fn node_eligible(&self) -> bool {
+        match self.this_node() {
+            Some(node) => {
+                self.node_seen.store(true, Ordering::Relaxed);
+                health::node_eligible(&node)
+            }
+            None => !self.node_seen.load(Ordering::Relaxed),
+        }
+    }
+
+    fn this_node(&self) -> Option<Arc<Node>> {
+        self.nodes
+            .state()
+            .into_iter()
+            .find(|n| n.metadata.name.as_deref() == Some(&self.node_name))
     }
 
     /// Every watcher has completed its initial list.
@@ -705,6 +725,47 @@ mod tests {
                 .values()
                 .all(|c| c.ready && c.lists == 1)
         );
+    }
+
+    #[tokio::test]
+    async fn node_eligibility_follows_this_nodes_node() {
+        let mut f = fixture();
+        assert!(f.source.node_eligible(), "eligible before the Node is seen");
+        let mut marked = node("node-a");
+        marked.spec = Some(k8s_openapi::api::core::v1::NodeSpec {
+            taints: Some(vec![k8s_openapi::api::core::v1::Taint {
+                key: health::TO_BE_DELETED_TAINT.into(),
+                effect: "NoSchedule".into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        });
+        list(&f.nodes, vec![marked, node("node-b")]);
+        while f.source.this_node().is_none() {
+            changed(&mut f.source).await;
+            f.source.snapshot();
+        }
+        assert!(!f.source.node_eligible(), "marked by the autoscaler");
+        f.source.snapshot();
+        f.nodes
+            .send(Ok(watcher::Event::Apply(node("node-a"))))
+            .unwrap();
+        changed(&mut f.source).await;
+        assert!(f.source.node_eligible(), "taint removed");
+        let mut deleting = node("node-a");
+        deleting.metadata.deletion_timestamp = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Default::default()),
+        );
+        f.source.snapshot();
+        f.nodes.send(Ok(watcher::Event::Apply(deleting))).unwrap();
+        changed(&mut f.source).await;
+        assert!(!f.source.node_eligible(), "being deleted");
+        f.source.snapshot();
+        f.nodes
+            .send(Ok(watcher::Event::Delete(node("node-a"))))
+            .unwrap();
+        changed(&mut f.source).await;
+        assert!(!f.source.node_eligible(), "gone after being seen");
     }
 
     #[tokio::test]

@@ -93,6 +93,15 @@ impl Source {
         }
     }
 
+    /// Whether this node is eligible for load balancers' traffic (see
+    /// [`crate::health`]): always without an API server (no Node).
+    pub fn node_eligible(&self) -> bool {
+        match self {
+            Source::Kube(k) => k.node_eligible(),
+            Source::Manifests { .. } => true,
+        }
+    }
+
     /// Parts of the manifests that could not be read at the last load
     /// (always 0 from an API server).
     pub fn unreadable(&self) -> usize {
