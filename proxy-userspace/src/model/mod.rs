@@ -6,7 +6,9 @@
 //! * [`endpoints`]: the endpoints of a service port (conditions, the
 //!   terminating fallback, topology);
 //! * [`cache`]: the [`ModelCache`], which keeps each Service's result and
-//!   redoes only what changed; [`desired_state`] runs it once.
+//!   redoes only what changed; [`desired_state`] runs it once;
+//! * [`service_cidrs`]: the service CIDRs in force (flags and ServiceCIDR
+//!   objects).
 //!
 //! This module holds the types they share. Nothing here does I/O.
 //!
@@ -34,6 +36,7 @@
 pub mod cache;
 pub mod endpoints;
 pub mod service;
+pub mod service_cidrs;
 
 use std::{collections::BTreeMap, fmt, net::IpAddr};
 
@@ -265,6 +268,8 @@ pub enum ProblemKind {
     InvalidHealthCheckNodePort,
     /// A healthCheckNodePort an earlier Service has.
     DuplicateHealthCheckNodePort,
+    /// A ServiceCIDR's `spec.cidrs` entry that is not a CIDR.
+    InvalidServiceCidr,
 }
 
 impl ProblemKind {
@@ -285,6 +290,7 @@ impl ProblemKind {
             ProblemKind::DuplicateFrontend => "duplicate_frontend",
             ProblemKind::InvalidHealthCheckNodePort => "invalid_health_check_node_port",
             ProblemKind::DuplicateHealthCheckNodePort => "duplicate_health_check_node_port",
+            ProblemKind::InvalidServiceCidr => "invalid_service_cidr",
         }
     }
 }
@@ -302,11 +308,11 @@ pub struct Problem {
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} {}/{}: {}",
-            self.object_kind, self.namespace, self.name, self.reason
-        )
+        // Cluster-scoped objects (ServiceCIDRs) have no namespace.
+        match self.namespace.as_str() {
+            "" => write!(f, "{} {}: {}", self.object_kind, self.name, self.reason),
+            ns => write!(f, "{} {ns}/{}: {}", self.object_kind, self.name, self.reason),
+        }
     }
 }
 
