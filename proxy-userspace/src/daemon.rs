@@ -14,19 +14,23 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
+use aya::maps::{Array, MapData};
+use proxy_common::{CONFIG_MAP, Config, SERVICE_CIDRS};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, info, warn};
 
 use crate::{
+    cidr::Cidr,
     cli::RunArgs,
     datapath::{
-        Datapath, bpffs,
+        Datapath, bpffs, datapath_config,
         devices::{self, Attachments, DeviceFilter},
+        open_pinned,
     },
     health::{self, Health},
     http::{self, Endpoints},
     metrics::Metrics,
-    model::{FrontendKey, ModelCache, NodeInfo, Options, Problem},
+    model::{FrontendKey, ModelCache, NodeInfo, Options, Problem, service_cidrs::service_cidrs},
     service_health::{Bind, ServiceHealthServer},
     source::Source,
     sync::{SyncReport, Syncer, convert, lbmap::BpfLbMaps},
@@ -39,6 +43,8 @@ struct Context {
     syncer: Syncer<BpfLbMaps>,
     devices: Attachments,
     node_addrs: BTreeSet<Ipv4Addr>,
+    /// Every address of the node (hostNetwork backends answer from them).
+    host_addrs: BTreeSet<Ipv4Addr>,
     source: Source,
     /// The API server sent changes not yet synced.
     kube_pending: bool,
@@ -52,6 +58,8 @@ struct Context {
     problems_logged: BTreeSet<String>,
     /// The Services' health checks (healthCheckNodePort listeners).
     service_health: ServiceHealthServer,
+    /// The service CIDRs the datapath's configuration holds.
+    service_cidrs: Vec<Cidr>,
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {
@@ -80,7 +88,12 @@ fn load_datapath(args: &RunArgs, node_name: &str) -> Result<(Datapath, Syncer<Bp
     if args.bpf_debug {
         dp.forward_debug_events()?;
     }
-    dp.write_config(args.snat_port_range)?;
+    dp.write_config(crate::datapath::datapath_config(
+        args.snat_port_range,
+        &args.cluster_cidr,
+        args.masquerade_all,
+        &args.service_cluster_ip_range,
+    )?)?;
     let maps = BpfLbMaps::new(&mut dp)?;
     let syncer = Syncer::adopt(maps).context("reading the pinned maps")?;
     info!(
@@ -122,6 +135,8 @@ impl Context {
         };
         Ok(Context {
             service_health: ServiceHealthServer::new(health.clone()),
+            // What load_datapath wrote.
+            service_cidrs: args.service_cluster_ip_range.clone(),
             metrics,
             health,
             pending_since: Some(Instant::now()),
@@ -134,6 +149,7 @@ impl Context {
             dp,
             syncer,
             node_addrs: BTreeSet::new(),
+            host_addrs: BTreeSet::new(),
             source,
             kube_pending: false,
             last_sync: Instant::now(),
@@ -233,10 +249,13 @@ impl Context {
     }
 
     fn refresh_addresses(&mut self) -> bool {
-        match devices::nodeport_addresses(&self.args.nodeport_addresses) {
-            Ok(addrs) if addrs != self.node_addrs => {
-                info!(addresses = ?addrs, "NodePort addresses");
-                self.node_addrs = addrs;
+        let listed = devices::nodeport_addresses(&self.args.nodeport_addresses)
+            .and_then(|np| Ok((np, devices::nodeport_addresses(&[])?)));
+        match listed {
+            Ok((np, host)) if np != self.node_addrs || host != self.host_addrs => {
+                info!(addresses = ?np, "NodePort addresses");
+                self.node_addrs = np;
+                self.host_addrs = host;
                 true
             }
             Ok(_) => false,
@@ -260,12 +279,19 @@ impl Context {
         self.last_sync = started;
         let changed = self.model.update();
         self.metrics.sync.record_changes(self.model.take_changes());
-        let problems = self.model.problems();
+        let mut problems = self.model.problems();
+        let (service_cidrs, cidr_problems) = service_cidrs(
+            &self.args.service_cluster_ip_range,
+            &self.source.service_cidrs(),
+            SERVICE_CIDRS,
+        );
+        problems.extend(cidr_problems);
         self.log_new_problems(&problems);
         let report = self.program(&changed);
         for (name, e) in &report.failed {
             warn!(frontend = %name, error = %e, "frontend not programmed; it keeps its previous state");
         }
+        self.apply_service_cidrs(service_cidrs);
         self.update_health_checks();
         let m = &self.metrics.sync;
         m.record_write_failures(&report.failed);
@@ -285,6 +311,35 @@ impl Context {
                 took_us = started.elapsed().as_micros() as u64,
                 "synced"
             );
+        }
+    }
+
+    /// Writes the service CIDRs in force (flags and ServiceCIDR objects)
+    /// into the datapath's configuration when they change. Called after the
+    /// frontends are programmed, so a new Service in a new range is never
+    /// dropped as unallocated in between. A failed write is logged and tried
+    /// again at the next sync.
+    fn apply_service_cidrs(&mut self, cidrs: Vec<Cidr>) {
+        if cidrs == self.service_cidrs {
+            return;
+        }
+        let written = datapath_config(
+            self.args.snat_port_range,
+            &self.args.cluster_cidr,
+            self.args.masquerade_all,
+            &cidrs,
+        )
+        .and_then(|cfg| {
+            let mut map: Array<MapData, Config> = open_pinned(self.dp.root(), CONFIG_MAP)?;
+            Ok(map.set(0, cfg, 0)?)
+        });
+        match written {
+            Ok(()) => {
+                let shown: Vec<String> = cidrs.iter().map(|c| c.to_string()).collect();
+                info!(service_cidrs = ?shown, "service CIDRs");
+                self.service_cidrs = cidrs;
+            }
+            Err(e) => warn!(error = %format!("{e:#}"), "writing the service CIDRs failed"),
         }
     }
 
@@ -314,8 +369,7 @@ impl Context {
     /// pinned; later ones only hand over what the model changed.
     fn program(&mut self, changed: &BTreeSet<FrontendKey>) -> SyncReport {
         if self.synced_once {
-            let node_addrs: BTreeSet<[u8; 4]> =
-                self.node_addrs.iter().map(|a| a.octets()).collect();
+            let node_addrs = convert::to_node_addrs(&self.node_addrs, &self.host_addrs);
             let changes = convert::to_changes(self.model.frontends(), changed);
             self.syncer.apply(&changes, Some(&node_addrs))
         } else {
@@ -323,6 +377,7 @@ impl Context {
             self.syncer.sync(&convert::to_desired(
                 self.model.frontends(),
                 &self.node_addrs,
+                &self.host_addrs,
             ))
         }
     }

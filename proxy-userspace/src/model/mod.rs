@@ -40,6 +40,8 @@ pub mod service_cidrs;
 
 use std::{collections::BTreeMap, fmt, net::IpAddr};
 
+use crate::cidr::Cidr;
+
 use k8s_openapi::{api::core::v1::Node, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 
 pub use cache::{ModelCache, ObjectChanges, desired_state};
@@ -191,7 +193,25 @@ pub struct Frontend {
     /// Local` (ClusterIP frontends) or `externalTrafficPolicy: Local` (the
     /// others).
     pub local_only: bool,
+    /// `externalTrafficPolicy: Local` on an external frontend: the cluster
+    /// set, which pods and processes of the node use (no external load
+    /// balancer is involved for them, as kube-proxy's short-circuit).
+    /// `backends` is the local set, for everyone else.
+    pub internal_backends: Option<Vec<Endpoint>>,
+    /// `internalTrafficPolicy: Local` with no local endpoint but endpoints
+    /// on other nodes: connections are dropped rather than rejected, as
+    /// kube-proxy does.
+    pub drop_when_empty: bool,
+    /// `sessionAffinity: ClientIP`: seconds a client keeps its backend
+    /// without a new connection (`timeoutSeconds`, default 10800).
+    pub affinity_timeout: Option<u32>,
+    /// `loadBalancerSourceRanges`, on load-balancer IP frontends only (of
+    /// the frontend's family): other sources are dropped.
+    pub source_ranges: Vec<Cidr>,
 }
+
+/// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds`.
+pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Endpoint {
@@ -270,6 +290,8 @@ pub enum ProblemKind {
     DuplicateHealthCheckNodePort,
     /// A ServiceCIDR's `spec.cidrs` entry that is not a CIDR.
     InvalidServiceCidr,
+    /// A loadBalancerSourceRanges entry that is not a CIDR.
+    InvalidSourceRange,
 }
 
 impl ProblemKind {
@@ -291,6 +313,7 @@ impl ProblemKind {
             ProblemKind::InvalidHealthCheckNodePort => "invalid_health_check_node_port",
             ProblemKind::DuplicateHealthCheckNodePort => "duplicate_health_check_node_port",
             ProblemKind::InvalidServiceCidr => "invalid_service_cidr",
+            ProblemKind::InvalidSourceRange => "invalid_source_range",
         }
     }
 }
@@ -311,7 +334,11 @@ impl fmt::Display for Problem {
         // Cluster-scoped objects (ServiceCIDRs) have no namespace.
         match self.namespace.as_str() {
             "" => write!(f, "{} {}: {}", self.object_kind, self.name, self.reason),
-            ns => write!(f, "{} {ns}/{}: {}", self.object_kind, self.name, self.reason),
+            ns => write!(
+                f,
+                "{} {ns}/{}: {}",
+                self.object_kind, self.name, self.reason
+            ),
         }
     }
 }

@@ -851,7 +851,11 @@ mod tests {
         list(&f.slices, vec![]);
         list(&f.nodes, vec![]);
         // An older server: no such resource. Ready anyway, with none.
-        let not_found = kube::core::Status::failure("the server could not find the requested resource", "NotFound").with_code(404);
+        let not_found = kube::core::Status::failure(
+            "the server could not find the requested resource",
+            "NotFound",
+        )
+        .with_code(404);
         f.cidrs
             .send(Err(watcher::Error::InitialListFailed(kube::Error::Api(
                 Box::new(not_found),

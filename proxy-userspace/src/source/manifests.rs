@@ -328,7 +328,11 @@ impl Loader {
         // k8s-openapi fills a missing required field with its default; the
         // fields the proxy cannot do without are checked here, where the
         // file and document can be named.
-        if wanted.as_ref().is_some_and(|w| !matches!(w, Wanted::Unsupported(_))) && name.is_empty() {
+        if wanted
+            .as_ref()
+            .is_some_and(|w| !matches!(w, Wanted::Unsupported(_)))
+            && name.is_empty()
+        {
             self.problem_at(at, format!("{kind} without metadata.name"));
             return;
         }
