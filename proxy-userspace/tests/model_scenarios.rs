@@ -534,7 +534,7 @@ fn health_checks() {
                     ep("10.0.0.2", "node-b", ""),
                 ]),
             ]),
-            "fe 0.0.0.0:30080/TCP node-port default/web:http local-only -> 10.0.0.1:8080 local
+            "fe 0.0.0.0:30080/TCP node-port default/web:http local-only -> 10.0.0.1:8080 local | internal: 10.0.0.1:8080 local, 10.0.0.2:8080
              fe 10.96.0.10:80/TCP cluster-ip default/web:http -> 10.0.0.1:8080 local, 10.0.0.2:8080
              hc default/web port 32100 local 1",
         ),
@@ -544,7 +544,7 @@ fn health_checks() {
                 web_lb_local("32100"),
                 web_slice(&[ep("10.0.0.4", "node-a", "term"), ep("10.0.0.2", "node-b", "")]),
             ]),
-            "fe 0.0.0.0:30080/TCP node-port default/web:http local-only -> 10.0.0.4:8080 local terminating
+            "fe 0.0.0.0:30080/TCP node-port default/web:http local-only -> 10.0.0.4:8080 local terminating | internal: 10.0.0.2:8080
              fe 10.96.0.10:80/TCP cluster-ip default/web:http -> 10.0.0.2:8080
              hc default/web port 32100 local 0",
         ),
@@ -580,8 +580,8 @@ fn health_checks() {
                 ),
             ]),
             "fe 0.0.0.0:30080/TCP node-port default/web:http -> none
-             fe 0.0.0.0:30081/TCP node-port default/np local-only -> none
-             fe 0.0.0.0:30082/TCP node-port default/lb local-only -> none
+             fe 0.0.0.0:30081/TCP node-port default/np local-only -> none | internal: none
+             fe 0.0.0.0:30082/TCP node-port default/lb local-only -> none | internal: none
              fe 10.96.0.10:80/TCP cluster-ip default/web:http -> none
              fe 10.96.0.11:80/TCP cluster-ip default/np -> none
              fe 10.96.0.12:80/TCP cluster-ip default/lb -> none",
@@ -600,9 +600,9 @@ fn health_checks() {
                     "type: LoadBalancer, externalTrafficPolicy: Local, healthCheckNodePort: 32200,                      clusterIP: 10.96.0.12, ports: [{port: 80, nodePort: 30082}]",
                 ),
             ]),
-            "fe 0.0.0.0:30080/TCP node-port default/web:http local-only -> 10.0.0.1:8080 local
-             fe 0.0.0.0:30081/TCP node-port default/a local-only -> none
-             fe 0.0.0.0:30082/TCP node-port default/b local-only -> none
+            "fe 0.0.0.0:30080/TCP node-port default/web:http local-only -> 10.0.0.1:8080 local | internal: 10.0.0.1:8080 local
+             fe 0.0.0.0:30081/TCP node-port default/a local-only -> none | internal: none
+             fe 0.0.0.0:30082/TCP node-port default/b local-only -> none | internal: none
              fe 10.96.0.10:80/TCP cluster-ip default/web:http -> 10.0.0.1:8080 local
              fe 10.96.0.11:80/TCP cluster-ip default/a -> none
              fe 10.96.0.12:80/TCP cluster-ip default/b -> none
