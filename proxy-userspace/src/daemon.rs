@@ -88,6 +88,17 @@ fn load_datapath(args: &RunArgs, node_name: &str) -> Result<(Datapath, Syncer<Bp
     if args.bpf_debug {
         dp.forward_debug_events()?;
     }
+    match crate::datapath::enable_local_delivery() {
+        Ok(true) => info!(
+            "set net.ipv4.conf.lo.accept_local=1 (node processes to this node's own backends)"
+        ),
+        Ok(false) => {}
+        Err(e) => warn!(
+            error = %e,
+            "node processes cannot reach hostNetwork backends of this node through a Service, \
+             nor NodePorts on its own addresses: set net.ipv4.conf.lo.accept_local=1"
+        ),
+    }
     dp.write_config(crate::datapath::datapath_config(
         args.snat_port_range,
         &args.cluster_cidr,

@@ -89,6 +89,26 @@ pub fn datapath_config(
     Ok(value)
 }
 
+/// Where the kernel keeps lo's `accept_local`.
+const LO_ACCEPT_LOCAL: &str = "/proc/sys/net/ipv4/conf/lo/accept_local";
+
+/// Lets lo take the packets the datapath delivers into the node's own stack
+/// with a source that is one of the node's addresses (a node process's
+/// flow to a hostNetwork backend on this node, the replies to a node
+/// process that dialed a NodePort on its own address). Without it the
+/// kernel drops them as martians: only these paths fail, and the error
+/// says so. Only lo's setting changes; lo carries nothing else that lacks
+/// a route already.
+pub fn enable_local_delivery() -> std::result::Result<bool, String> {
+    match fs::read_to_string(LO_ACCEPT_LOCAL) {
+        Ok(v) if v.trim() == "1" => Ok(false),
+        Ok(_) => fs::write(LO_ACCEPT_LOCAL, "1")
+            .map(|()| true)
+            .map_err(|e| format!("writing {LO_ACCEPT_LOCAL}: {e}")),
+        Err(e) => Err(format!("reading {LO_ACCEPT_LOCAL}: {e}")),
+    }
+}
+
 /// The datapath object, built by build.rs from proxy-ebpf.
 pub static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
