@@ -8,25 +8,30 @@
 use std::{
     collections::BTreeSet,
     fs,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
+use aya::maps::{Array, MapData};
+use proxy_common::{CONFIG_MAP, Config, SERVICE_CIDRS};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, info, warn};
 
 use crate::{
+    cidr::Cidr,
     cli::RunArgs,
     datapath::{
-        Datapath, bpffs,
+        Datapath, bpffs, datapath_config,
         devices::{self, Attachments, DeviceFilter},
+        open_pinned,
     },
     health::{self, Health},
     http::{self, Endpoints},
     metrics::Metrics,
-    model::{FrontendKey, ModelCache, NodeInfo, Options, Problem},
+    model::{FrontendKey, ModelCache, NodeInfo, Options, Problem, service_cidrs::service_cidrs},
+    service_health::{Bind, ServiceHealthServer},
     source::Source,
     sync::{SyncReport, Syncer, convert, lbmap::BpfLbMaps},
 };
@@ -51,6 +56,10 @@ struct Context {
     model: ModelCache,
     synced_once: bool,
     problems_logged: BTreeSet<String>,
+    /// The Services' health checks (healthCheckNodePort listeners).
+    service_health: ServiceHealthServer,
+    /// The service CIDRs the datapath's configuration holds.
+    service_cidrs: Vec<Cidr>,
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {
@@ -136,6 +145,9 @@ impl Context {
             service_proxy_name: args.service_proxy_name.clone(),
         };
         Ok(Context {
+            service_health: ServiceHealthServer::new(health.clone()),
+            // What load_datapath wrote.
+            service_cidrs: args.service_cluster_ip_range.clone(),
             metrics,
             health,
             pending_since: Some(Instant::now()),
@@ -212,6 +224,9 @@ impl Context {
         if objects_changed || (addrs_changed && self.synced_once) {
             self.queued();
             self.sync();
+        } else if self.service_health.failing() > 0 {
+            let done = self.service_health.reconcile(Instant::now());
+            self.record_health_checks(done.bind_failures);
         }
     }
 
@@ -227,7 +242,9 @@ impl Context {
     /// initial list is complete.
     fn sync_kube(&mut self) {
         self.kube_pending = false;
-        if !self.source.feed(&mut self.model).ready {
+        let fed = self.source.feed(&mut self.model);
+        self.health.set_node_eligible(self.source.node_eligible());
+        if !fed.ready {
             debug!("waiting for the initial lists");
             return;
         }
@@ -275,12 +292,20 @@ impl Context {
         self.last_sync = started;
         let changed = self.model.update();
         self.metrics.sync.record_changes(self.model.take_changes());
-        let problems = self.model.problems();
+        let mut problems = self.model.problems();
+        let (service_cidrs, cidr_problems) = service_cidrs(
+            &self.args.service_cluster_ip_range,
+            &self.source.service_cidrs(),
+            SERVICE_CIDRS,
+        );
+        problems.extend(cidr_problems);
         self.log_new_problems(&problems);
         let report = self.program(&changed);
         for (name, e) in &report.failed {
             warn!(frontend = %name, error = %e, "frontend not programmed; it keeps its previous state");
         }
+        self.apply_service_cidrs(service_cidrs);
+        self.update_health_checks();
         let m = &self.metrics.sync;
         m.record_write_failures(&report.failed);
         m.record_skipped(&problems, self.source.unreadable());
@@ -300,6 +325,57 @@ impl Context {
                 "synced"
             );
         }
+    }
+
+    /// Writes the service CIDRs in force (flags and ServiceCIDR objects)
+    /// into the datapath's configuration when they change. Called after the
+    /// frontends are programmed, so a new Service in a new range is never
+    /// dropped as unallocated in between. A failed write is logged and tried
+    /// again at the next sync.
+    fn apply_service_cidrs(&mut self, cidrs: Vec<Cidr>) {
+        if cidrs == self.service_cidrs {
+            return;
+        }
+        let written = datapath_config(
+            self.args.snat_port_range,
+            &self.args.cluster_cidr,
+            self.args.masquerade_all,
+            &cidrs,
+        )
+        .and_then(|cfg| {
+            let mut map: Array<MapData, Config> = open_pinned(self.dp.root(), CONFIG_MAP)?;
+            Ok(map.set(0, cfg, 0)?)
+        });
+        match written {
+            Ok(()) => {
+                let shown: Vec<String> = cidrs.iter().map(|c| c.to_string()).collect();
+                info!(service_cidrs = ?shown, "service CIDRs");
+                self.service_cidrs = cidrs;
+            }
+            Err(e) => warn!(error = %format!("{e:#}"), "writing the service CIDRs failed"),
+        }
+    }
+
+    /// Opens and closes the Services' health checks and updates their
+    /// counts: on the addresses NodePorts answer on, or all of them (one
+    /// wildcard listener) without `--nodeport-addresses`, as kube-proxy.
+    fn update_health_checks(&mut self) {
+        let bind = if self.args.nodeport_addresses.is_empty() {
+            Bind::Any
+        } else {
+            Bind::Addresses(self.node_addrs.iter().map(|a| IpAddr::V4(*a)).collect())
+        };
+        let done = self
+            .service_health
+            .update(self.model.health_checks(), bind, Instant::now());
+        self.record_health_checks(done.bind_failures);
+    }
+
+    fn record_health_checks(&self, new_failures: usize) {
+        let (serving, failing) = self.service_health.listener_counts();
+        self.metrics
+            .sync
+            .record_health_checks(serving, failing, new_failures);
     }
 
     /// The first sync compares everything with what a previous run left

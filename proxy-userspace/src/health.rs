@@ -3,11 +3,22 @@
 //! has stalled), healthy otherwise. Before the first sync the start counts as
 //! the pending change, so a daemon that never manages to program anything
 //! turns unhealthy too.
+//!
+//! Apart from that, the node is *eligible* unless its Node object is being
+//! deleted (`deletionTimestamp`) or tainted `ToBeDeletedByClusterAutoscaler`:
+//! /healthz fails on an ineligible node so that load balancers drain it
+//! before it goes, while /livez and the Services' health checks ignore
+//! eligibility (as kube-proxy's).
 
 use std::{
-    sync::Mutex,
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant, SystemTime},
 };
+
+use k8s_openapi::api::core::v1::Node;
 
 /// kube-proxy's default: twice its 30 s sync period.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -23,6 +34,22 @@ struct State {
 pub struct Health {
     timeout: Duration,
     state: Mutex<State>,
+    node_eligible: AtomicBool,
+}
+
+/// The taint the cluster autoscaler puts on a node it is about to delete.
+pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+
+/// Whether load balancers may keep sending to this node: not when its Node
+/// is being deleted or the cluster autoscaler has marked it for deletion.
+pub fn node_eligible(node: &Node) -> bool {
+    let deleting = node.metadata.deletion_timestamp.is_some();
+    let marked = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| t.iter().any(|t| t.key == TO_BE_DELETED_TAINT));
+    !deleting && !marked
 }
 
 /// What /healthz answers.
@@ -40,7 +67,19 @@ impl Health {
                 pending_since: Some(now),
                 last_synced: None,
             }),
+            // Eligible until the Node says otherwise (and always without
+            // an API server).
+            node_eligible: AtomicBool::new(true),
         }
+    }
+
+    /// What the watched Node says (see [`node_eligible`]).
+    pub fn set_node_eligible(&self, eligible: bool) {
+        self.node_eligible.store(eligible, Ordering::Relaxed);
+    }
+
+    pub fn node_eligible(&self) -> bool {
+        self.node_eligible.load(Ordering::Relaxed)
     }
 
     /// A change was seen (objects, devices, addresses).
@@ -72,6 +111,28 @@ impl Health {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn node(yaml: &str) -> Node {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn nodes_being_deleted_or_marked_for_deletion_are_not_eligible() {
+        assert!(node_eligible(&node("metadata: {name: n1}")));
+        assert!(node_eligible(&node(
+            "metadata: {name: n1}\nspec: {taints: [{key: node.kubernetes.io/unschedulable, effect: NoSchedule}]}"
+        )));
+        assert!(!node_eligible(&node(
+            "metadata: {name: n1}\nspec: {taints: [{key: ToBeDeletedByClusterAutoscaler, value: '1700000000', effect: NoSchedule}]}"
+        )));
+        assert!(!node_eligible(&node(
+            "metadata: {name: n1, deletionTimestamp: '2026-01-02T03:04:05Z'}"
+        )));
+        let h = Health::new(Duration::from_secs(60), Instant::now());
+        assert!(h.node_eligible(), "eligible until told otherwise");
+        h.set_node_eligible(false);
+        assert!(!h.node_eligible());
+    }
 
     #[test]
     fn stalled_syncing_turns_unhealthy_and_a_sync_heals() {

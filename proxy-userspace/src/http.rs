@@ -14,7 +14,7 @@ use http_body_util::Full;
 use hyper::{
     Request, Response, StatusCode,
     body::{Bytes, Incoming},
-    header::CONTENT_TYPE,
+    header::{CONTENT_TYPE, HeaderValue},
     server::conn::http1,
     service::service_fn,
 };
@@ -22,7 +22,10 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{info, warn};
 
-use crate::{health::Health, metrics::Metrics};
+use crate::{
+    health::{Health, Verdict},
+    metrics::Metrics,
+};
 
 /// What one listener serves.
 #[derive(Clone)]
@@ -31,11 +34,11 @@ pub enum Endpoints {
     Health(Arc<Health>),
 }
 
+/// Go's RFC 3339 with nanoseconds (`time.RFC3339Nano`, trailing zeros of
+/// the fraction dropped), in UTC: how kube-proxy's JSON writes times.
 fn rfc3339(t: SystemTime) -> String {
-    let secs = t
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
     // Civil date from days since the epoch (Howard Hinnant's algorithm),
     // to avoid a date crate for one timestamp.
     let days = (secs / 86_400) as i64;
@@ -49,12 +52,47 @@ fn rfc3339(t: SystemTime) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
+    let fraction = match since.subsec_nanos() {
+        0 => String::new(),
+        n => format!(".{n:09}").trim_end_matches('0').to_string(),
+    };
     format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}{fraction}Z",
         rem / 3600,
         rem % 3600 / 60,
         rem % 60
     )
+}
+
+/// Go's zero `time.Time`, which kube-proxy writes before its first sync.
+const ZERO_TIME: &str = "0001-01-01T00:00:00Z";
+
+/// kube-proxy's /healthz (`node_eligible` given) or /livez answer: whether
+/// it is 200, and the JSON (its `ProxyHealth`, field for field). As
+/// kube-proxy does for compatibility, a healthy answer's `lastUpdated` is
+/// the current time; `status` has the (IPv4) proxier's own last update.
+fn health_json(v: &Verdict, now: SystemTime, node_eligible: Option<bool>) -> (bool, String) {
+    let healthy = v.healthy && node_eligible != Some(false);
+    let time = |t: Option<SystemTime>| t.map_or(ZERO_TIME.to_string(), rfc3339);
+    let last_updated = if healthy { Some(now) } else { v.last_updated };
+    let mut body = format!(
+        "{{\"lastUpdated\":\"{}\",\"currentTime\":\"{}\"",
+        time(last_updated),
+        time(Some(now))
+    );
+    if let Some(eligible) = node_eligible {
+        body.push_str(&format!(",\"nodeEligible\":{eligible}"));
+    }
+    body.push_str(&format!(",\"healthy\":{}", v.healthy));
+    if let Some(synced) = v.last_updated {
+        body.push_str(&format!(
+            ",\"status\":{{\"IPv4\":{{\"lastUpdated\":\"{}\",\"healthy\":{}}}}}",
+            rfc3339(synced),
+            v.healthy
+        ));
+    }
+    body.push('}');
+    (healthy, body)
 }
 
 fn respond(endpoints: &Endpoints, path: &str) -> Response<Full<Bytes>> {
@@ -79,19 +117,17 @@ fn respond(endpoints: &Endpoints, path: &str) -> Response<Full<Bytes>> {
             ),
         },
         (Endpoints::Health(h), "/healthz" | "/livez") => {
-            let v = h.verdict(Instant::now());
-            let body = format!(
-                "{{\"lastUpdated\": {}, \"currentTime\": \"{}\", \"nodeEligible\": true}}\n",
-                v.last_updated
-                    .map_or("null".to_string(), |t| format!("\"{}\"", rfc3339(t))),
-                rfc3339(SystemTime::now())
+            // /livez ignores the node's eligibility: a node being drained
+            // still has a live proxy.
+            let eligible = (path == "/healthz").then(|| h.node_eligible());
+            let (healthy, body) =
+                health_json(&h.verdict(Instant::now()), SystemTime::now(), eligible);
+            let mut resp = text(status_of(healthy), "application/json", body);
+            resp.headers_mut().insert(
+                "x-content-type-options",
+                HeaderValue::from_static("nosniff"),
             );
-            let status = if v.healthy {
-                StatusCode::OK
-            } else {
-                StatusCode::SERVICE_UNAVAILABLE
-            };
-            text(status, "application/json", body)
+            resp
         }
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }
@@ -100,10 +136,19 @@ fn respond(endpoints: &Endpoints, path: &str) -> Response<Full<Bytes>> {
 /// How long one connection may stay open: ample for a request and its
 /// answer, short enough that connections opened and left idle cannot pile
 /// up (the health port answers every pod of the cluster).
-const CONNECTION_LIFETIME: Duration = Duration::from_secs(10);
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(10);
 /// After a failed accept (out of file descriptors, typically): pause
 /// rather than retry at once, which would keep a core busy.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// 200 when healthy, 503 otherwise.
+pub fn status_of(healthy: bool) -> StatusCode {
+    if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+}
 
 /// Binds now (so a taken port is a start-up error) and serves in the
 /// background on the current runtime.
@@ -166,6 +211,52 @@ mod tests {
         let t = UNIX_EPOCH + std::time::Duration::from_secs(1_795_000_000);
         assert_eq!(rfc3339(t), "2026-11-18T11:06:40Z");
         assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        let t = t + std::time::Duration::from_nanos(120_000_000);
+        assert_eq!(rfc3339(t), "2026-11-18T11:06:40.12Z");
+    }
+
+    #[test]
+    fn health_json_is_kube_proxys() {
+        let now = UNIX_EPOCH + std::time::Duration::from_secs(1_795_000_000);
+        let synced = now - std::time::Duration::from_secs(5);
+        let v = Verdict {
+            healthy: true,
+            last_updated: Some(synced),
+        };
+        assert_eq!(
+            health_json(&v, now, Some(true)),
+            (
+                true,
+                "{\"lastUpdated\":\"2026-11-18T11:06:40Z\",\"currentTime\":\"2026-11-18T11:06:40Z\",\
+                 \"nodeEligible\":true,\"healthy\":true,\
+                 \"status\":{\"IPv4\":{\"lastUpdated\":\"2026-11-18T11:06:35Z\",\"healthy\":true}}}"
+                    .to_string()
+            )
+        );
+        // An ineligible node: /healthz fails, with the real last update;
+        // /livez has no nodeEligible and stays healthy.
+        let (ok, body) = health_json(&v, now, Some(false));
+        assert!(!ok);
+        assert!(
+            body.starts_with("{\"lastUpdated\":\"2026-11-18T11:06:35Z\""),
+            "{body}"
+        );
+        assert!(
+            body.contains("\"nodeEligible\":false,\"healthy\":true"),
+            "{body}"
+        );
+        let (ok, body) = health_json(&v, now, None);
+        assert!(ok && !body.contains("nodeEligible"), "{body}");
+        // Never synced and stalled: Go's zero time, no per-family status.
+        let stalled = Verdict {
+            healthy: false,
+            last_updated: None,
+        };
+        assert_eq!(
+            health_json(&stalled, now, Some(true)).1,
+            "{\"lastUpdated\":\"0001-01-01T00:00:00Z\",\"currentTime\":\"2026-11-18T11:06:40Z\",\
+             \"nodeEligible\":true,\"healthy\":false}"
+        );
     }
 
     #[test]
@@ -180,7 +271,16 @@ mod tests {
             StatusCode::SERVICE_UNAVAILABLE
         );
         h.synced(Instant::now(), SystemTime::now());
-        assert_eq!(respond(&e, "/healthz").status(), StatusCode::OK);
+        let r = respond(&e, "/healthz");
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()["x-content-type-options"], "nosniff");
+        assert_eq!(r.headers()[CONTENT_TYPE], "application/json");
+        assert_eq!(respond(&e, "/livez").status(), StatusCode::OK);
+        h.set_node_eligible(false);
+        assert_eq!(
+            respond(&e, "/healthz").status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
         assert_eq!(respond(&e, "/livez").status(), StatusCode::OK);
         assert_eq!(respond(&e, "/metrics").status(), StatusCode::NOT_FOUND);
     }

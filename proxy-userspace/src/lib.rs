@@ -5,7 +5,8 @@
 //! ```
 //!
 //! [`daemon`] runs the loop that connects them; [`metrics`], [`health`] and
-//! [`http`] report on it; [`inspect`] decodes the pinned maps. `testkit`
+//! [`http`] report on it; [`service_health`] serves the Services' health
+//! checks (`healthCheckNodePort`); [`inspect`] decodes the pinned maps. `testkit`
 //! (the `testkit` feature) holds what tests and benchmarks use only.
 
 pub mod cidr;
@@ -18,6 +19,7 @@ pub mod http;
 pub mod inspect;
 pub mod metrics;
 pub mod model;
+pub mod service_health;
 pub mod source;
 pub mod sync;
 #[cfg(feature = "testkit")]

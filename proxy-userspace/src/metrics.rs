@@ -70,6 +70,15 @@ pub struct SyncMetrics {
     /// of each map's capacity.
     pub map_entries: Family<NameLabels, Gauge>,
     pub map_fill: Family<NameLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// Health-check listeners (`healthCheckNodePort`) serving, and waiting
+    /// for a retry because the port could not be bound.
+    pub health_check_listeners: Family<StateLabels, Gauge>,
+    pub health_check_bind_failures: PromCounter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub state: &'static str,
 }
 
 fn seconds_buckets() -> impl Iterator<Item = f64> {
@@ -90,6 +99,8 @@ impl SyncMetrics {
             skipped_objects: Family::default(),
             map_entries: Family::default(),
             map_fill: Family::default(),
+            health_check_listeners: Family::default(),
+            health_check_bind_failures: PromCounter::default(),
         }
     }
 }
@@ -154,6 +165,16 @@ impl Metrics {
             "kube_ebpf_proxy_desired_map_fill_ratio",
             "Entries over capacity of each desired-state map",
             sync.map_fill.clone(),
+        );
+        r.register(
+            "kube_ebpf_proxy_health_check_listeners",
+            "Listeners of Services' health checks (healthCheckNodePort), serving or failing to bind",
+            sync.health_check_listeners.clone(),
+        );
+        r.register(
+            "kube_ebpf_proxy_health_check_bind_failures",
+            "Attempts to bind a health check port that failed (each is retried with a backoff)",
+            sync.health_check_bind_failures.clone(),
         );
         r.register_collector(Box::new(DatapathCollector {
             bpffs: bpffs.to_path_buf(),
@@ -472,6 +493,16 @@ impl SyncMetrics {
     }
 
     /// Records how full the desired-state maps are.
+    /// The health-check listeners after a reconcile.
+    pub fn record_health_checks(&self, serving: usize, failing: usize, new_failures: usize) {
+        for (state, n) in [("serving", serving), ("failing", failing)] {
+            self.health_check_listeners
+                .get_or_create(&StateLabels { state })
+                .set(n as i64);
+        }
+        self.health_check_bind_failures.inc_by(new_failures as u64);
+    }
+
     pub fn set_map_entries(&self, counts: &[(&'static str, usize)]) {
         for (map, n) in counts {
             let capacity = match *map {

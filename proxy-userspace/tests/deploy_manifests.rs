@@ -638,7 +638,7 @@ fn bidirectional_propagation_only_in_privileged_containers() {
 }
 
 #[test]
-fn the_cluster_role_only_reads_services_slices_and_nodes() {
+fn the_cluster_role_only_reads_services_slices_nodes_and_service_cidrs() {
     let docs = all_documents();
     let (role, _): (ClusterRole, _) = find(&docs, "ClusterRole", None, NAME);
     let read = ["get", "list", "watch"];
@@ -646,6 +646,7 @@ fn the_cluster_role_only_reads_services_slices_and_nodes() {
         (("", "services"), &read[..]),
         (("", "nodes"), &read[..]),
         (("discovery.k8s.io", "endpointslices"), &read[..]),
+        (("networking.k8s.io", "servicecidrs"), &read[..]),
         (("", "events"), &["create", "patch"][..]),
         (("events.k8s.io", "events"), &["create", "patch"][..]),
     ]);
@@ -670,6 +671,7 @@ fn the_cluster_role_only_reads_services_slices_and_nodes() {
         ("", "services", &read[..]),
         ("", "nodes", &read[..]),
         ("discovery.k8s.io", "endpointslices", &read[..]),
+        ("networking.k8s.io", "servicecidrs", &read[..]),
         ("", "events", &["create"][..]),
         ("events.k8s.io", "events", &["create"][..]),
     ] {

@@ -7,6 +7,7 @@
 //! fe <ip:port/proto> <kind> <ns/name:port> [local-only] -> <backends | none> [extras]
 //! ep <ns/name:port> cluster: <backends | none> | local: <backends | none>
 //! problem <label> <object kind> <ns/name>
+//! hc <ns/name> port <healthCheckNodePort> local <local ready endpoints>
 //! ```
 //!
 //! A backend is `ip:port`, followed by `local` and `terminating` when set.
@@ -184,6 +185,12 @@ fn render(state: &DesiredState) -> Vec<String> {
             "ep {spn} cluster: {} | local: {}",
             list(&eps.cluster),
             list(&eps.local)
+        ));
+    }
+    for (id, hc) in &state.health_checks {
+        out.push(format!(
+            "hc {id} port {} local {}",
+            hc.node_port, hc.local_endpoints
         ));
     }
     for p in &state.problems {
@@ -503,6 +510,105 @@ fn affinity_and_source_ranges() {
              fe 198.51.100.9:80/TCP load-balancer-ip default/web:http -> 10.0.0.1:8080 local \
                 | ranges 10.0.0.0/8,192.168.1.0/24
              problem invalid_source_range Service default/web",
+        ),
+    ]);
+}
+
+/// `web` of type LoadBalancer, ETP Local, with a healthCheckNodePort.
+fn web_lb_local(hc_port: &str) -> String {
+    web(&format!(
+        "type: LoadBalancer, externalTrafficPolicy: Local, healthCheckNodePort: {hc_port}"
+    ))
+}
+
+#[test]
+fn health_checks() {
+    run_all(vec![
+        case(
+            "LoadBalancer ETP Local: local ready endpoints counted, terminating and remote not",
+            cat(&[
+                web_lb_local("32100"),
+                web_slice(&[
+                    ep("10.0.0.1", "node-a", ""),
+                    ep("10.0.0.4", "node-a", "term"),
+                    ep("10.0.0.2", "node-b", ""),
+                ]),
+            ]),
+            "fe 0.0.0.0:30080/TCP node-port default/web:http local-only -> 10.0.0.1:8080 local | internal: 10.0.0.1:8080 local, 10.0.0.2:8080
+             fe 10.96.0.10:80/TCP cluster-ip default/web:http -> 10.0.0.1:8080 local, 10.0.0.2:8080
+             hc default/web port 32100 local 1",
+        ),
+        case(
+            "only terminating local endpoints: they serve, the check fails (0)",
+            cat(&[
+                web_lb_local("32100"),
+                web_slice(&[ep("10.0.0.4", "node-a", "term"), ep("10.0.0.2", "node-b", "")]),
+            ]),
+            "fe 0.0.0.0:30080/TCP node-port default/web:http local-only -> 10.0.0.4:8080 local terminating | internal: 10.0.0.2:8080
+             fe 10.96.0.10:80/TCP cluster-ip default/web:http -> 10.0.0.2:8080
+             hc default/web port 32100 local 0",
+        ),
+        case(
+            "one pod serving two ports counts once; two pods twice",
+            cat(&[
+                svc(
+                    "web",
+                    "type: LoadBalancer, externalTrafficPolicy: Local, healthCheckNodePort: 32100,                      clusterIP: 10.96.0.10, ports: [{name: http, port: 80}, {name: https, port: 443}]",
+                ),
+                slice(
+                    "web-1",
+                    "web",
+                    "[{name: http, port: 8080}, {name: https, port: 8443}]",
+                    &[ep("10.0.0.1", "node-a", ""), ep("10.0.0.3", "node-a", "")],
+                ),
+            ]),
+            "fe 10.96.0.10:80/TCP cluster-ip default/web:http -> 10.0.0.1:8080 local, 10.0.0.3:8080 local
+             fe 10.96.0.10:443/TCP cluster-ip default/web:https -> 10.0.0.1:8443 local, 10.0.0.3:8443 local
+             hc default/web port 32100 local 2",
+        ),
+        case(
+            "no health check: ETP Cluster, NodePort type, or no port",
+            cat(&[
+                web("type: LoadBalancer, externalTrafficPolicy: Cluster, healthCheckNodePort: 32100"),
+                svc(
+                    "np",
+                    "type: NodePort, externalTrafficPolicy: Local, healthCheckNodePort: 32101,                      clusterIP: 10.96.0.11, ports: [{port: 80, nodePort: 30081}]",
+                ),
+                svc(
+                    "lb",
+                    "type: LoadBalancer, externalTrafficPolicy: Local, clusterIP: 10.96.0.12,                      ports: [{port: 80, nodePort: 30082}]",
+                ),
+            ]),
+            "fe 0.0.0.0:30080/TCP node-port default/web:http -> none
+             fe 0.0.0.0:30081/TCP node-port default/np local-only -> none | internal: none
+             fe 0.0.0.0:30082/TCP node-port default/lb local-only -> none | internal: none
+             fe 10.96.0.10:80/TCP cluster-ip default/web:http -> none
+             fe 10.96.0.11:80/TCP cluster-ip default/np -> none
+             fe 10.96.0.12:80/TCP cluster-ip default/lb -> none",
+        ),
+        case(
+            "an invalid or taken healthCheckNodePort: no health check, frontends unaffected",
+            cat(&[
+                web_lb_local("70000"),
+                web_slice(&[ep("10.0.0.1", "node-a", "")]),
+                svc(
+                    "a",
+                    "type: LoadBalancer, externalTrafficPolicy: Local, healthCheckNodePort: 32200,                      clusterIP: 10.96.0.11, ports: [{port: 80, nodePort: 30081}]",
+                ),
+                svc(
+                    "b",
+                    "type: LoadBalancer, externalTrafficPolicy: Local, healthCheckNodePort: 32200,                      clusterIP: 10.96.0.12, ports: [{port: 80, nodePort: 30082}]",
+                ),
+            ]),
+            "fe 0.0.0.0:30080/TCP node-port default/web:http local-only -> 10.0.0.1:8080 local | internal: 10.0.0.1:8080 local
+             fe 0.0.0.0:30081/TCP node-port default/a local-only -> none | internal: none
+             fe 0.0.0.0:30082/TCP node-port default/b local-only -> none | internal: none
+             fe 10.96.0.10:80/TCP cluster-ip default/web:http -> 10.0.0.1:8080 local
+             fe 10.96.0.11:80/TCP cluster-ip default/a -> none
+             fe 10.96.0.12:80/TCP cluster-ip default/b -> none
+             hc default/a port 32200 local 0
+             problem invalid_health_check_node_port Service default/web
+             problem duplicate_health_check_node_port Service default/b",
         ),
     ]);
 }

@@ -1,10 +1,12 @@
-//! A stand-in Kubernetes API server for Services, EndpointSlices and Nodes,
+//! A stand-in Kubernetes API server for Services, EndpointSlices, Nodes and
+//! ServiceCIDRs,
 //! speaking the real list/watch protocol over plain HTTP/1.1, so the real
 //! kube client (and the daemon) can be tested against it, faults included.
 //!
 //! * `GET /api/v1/services`, `/api/v1/namespaces/{ns}/services`,
 //!   `/apis/discovery.k8s.io/v1/endpointslices` (and namespaced),
-//!   `/api/v1/nodes`, one object by name under each, and `/version`.
+//!   `/api/v1/nodes`, `/apis/networking.k8s.io/v1/servicecidrs`, one object
+//!   by name under each, and `/version`.
 //! * Lists are `ServiceList` (etc.) objects with `metadata.resourceVersion`,
 //!   paginated with `limit` and `continue`; `labelSelector` and
 //!   `fieldSelector` (see [`selector`]) are honoured.
@@ -36,6 +38,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::ServiceCIDR;
 use serde::Serialize;
 use serde_json::Value;
 use tokio::net::TcpListener;
@@ -51,10 +54,16 @@ pub enum Kind {
     Service,
     EndpointSlice,
     Node,
+    ServiceCidr,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 3] = [Kind::Service, Kind::EndpointSlice, Kind::Node];
+    pub const ALL: [Kind; 4] = [
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::Node,
+        Kind::ServiceCidr,
+    ];
 
     fn from_name(kind: &str) -> Option<Kind> {
         Kind::ALL.into_iter().find(|k| k.name() == kind)
@@ -65,12 +74,14 @@ impl Kind {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Node => "Node",
+            Kind::ServiceCidr => "ServiceCIDR",
         }
     }
 
     fn api_version(self) -> &'static str {
         match self {
             Kind::EndpointSlice => "discovery.k8s.io/v1",
+            Kind::ServiceCidr => "networking.k8s.io/v1",
             Kind::Service | Kind::Node => "v1",
         }
     }
@@ -80,11 +91,12 @@ impl Kind {
             Kind::Service => "services",
             Kind::EndpointSlice => "endpointslices",
             Kind::Node => "nodes",
+            Kind::ServiceCidr => "servicecidrs",
         }
     }
 
     fn namespaced(self) -> bool {
-        self != Kind::Node
+        !matches!(self, Kind::Node | Kind::ServiceCidr)
     }
 
     /// The kind at `prefix` (`api/v1` or `apis/GROUP/VERSION`) and `plural`.
@@ -110,6 +122,10 @@ impl Served for EndpointSlice {
 
 impl Served for Node {
     const KIND: Kind = Kind::Node;
+}
+
+impl Served for ServiceCIDR {
+    const KIND: Kind = Kind::ServiceCidr;
 }
 
 /// Requests of one kind.

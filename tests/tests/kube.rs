@@ -203,3 +203,66 @@ fn dropped_watches_410_and_an_outage_are_survived() -> Result<()> {
     assert!(c.lab.daemon_log(addr::NODE_A).contains(" ready "));
     Ok(())
 }
+
+/// The datapath's drops of traffic to unallocated service addresses, from
+/// node-a's metrics.
+fn unallocated_drops(c: &Cluster) -> u64 {
+    let (_, text) =
+        http_get(c.lab.ns(addr::NODE_A), sa("127.0.0.1:10249"), "/metrics").expect("metrics");
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(
+                "kube_ebpf_proxy_datapath_drops_total{reason=\"unallocated_service_ip\"} ",
+            )
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn service_cidr_objects_make_unallocated_addresses_drop() -> Result<()> {
+    // A Service in a range that no flag names.
+    let svc = web(vec![(&WEB_A, true)], "10.97.0.10", None);
+    let Some((c, api)) = start("kube_servicecidr", &[placement_manifests(), svc].concat()) else {
+        return Ok(());
+    };
+    let pod = c.lab.ns(CLIENT_POD);
+    let unallocated = sa("10.97.0.55:80");
+    let attempt = || tcp_request_timeout(pod, unallocated, Duration::from_millis(200)).is_ok();
+
+    // No ServiceCIDR yet: the datapath does not know the range.
+    assert!(!attempt());
+    assert_eq!(unallocated_drops(&c), 0, "{}", c.logs());
+
+    api.apply_json(serde_json::json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR",
+        "metadata": {"name": "extra"},
+        "spec": {"cidrs": ["10.97.0.0/16"]}
+    }))?;
+    converges(&c, "service CIDRs written", Duration::from_secs(5), || {
+        c.lab.daemon_log(addr::NODE_A).contains("10.97.0.0/16")
+    });
+    assert!(!attempt());
+    let drops = unallocated_drops(&c);
+    assert!(drops >= 1, "the SYN to {unallocated} is dropped: {drops}");
+    // The Service inside the range is served, and other traffic is untouched.
+    assert_eq!(reaches(&c, "10.97.0.10:80").as_deref(), Some("web-a"));
+    assert_eq!(reaches(&c, "10.96.0.11:80").as_deref(), Some("web-a"));
+    assert_eq!(
+        unallocated_drops(&c),
+        drops,
+        "served traffic is not dropped"
+    );
+
+    // The object goes: the range is no longer enforced.
+    api.delete(Kind::ServiceCidr, "", "extra");
+    converges(
+        &c,
+        "service CIDRs rewritten",
+        Duration::from_secs(5),
+        || c.lab.daemon_log(addr::NODE_A).contains("service_cidrs=[]"),
+    );
+    assert!(!attempt());
+    assert_eq!(unallocated_drops(&c), drops);
+    Ok(())
+}

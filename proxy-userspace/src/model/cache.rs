@@ -22,8 +22,8 @@ use k8s_openapi::{
 use serde::Serialize;
 
 use super::{
-    DesiredState, Frontend, FrontendKey, LABEL_HEADLESS, LABEL_SERVICE_NAME, NamespacedName,
-    NodeInfo, Options, Problem, ProblemKind, service::service_state,
+    DesiredState, Frontend, FrontendKey, HealthCheck, LABEL_HEADLESS, LABEL_SERVICE_NAME,
+    NamespacedName, NodeInfo, Options, Problem, ProblemKind, service::service_state,
 };
 
 /// Computes the desired state (see the [model](super) documentation): the
@@ -309,6 +309,39 @@ impl ModelCache {
         &self.winners
     }
 
+    /// The health checks this node serves. Of two Services with one
+    /// `healthCheckNodePort`, the first by namespace/name keeps it (the
+    /// other is in [`ModelCache::problems`]).
+    pub fn health_checks(&self) -> BTreeMap<NamespacedName, HealthCheck> {
+        self.resolve_health_checks().0
+    }
+
+    /// The health checks in force, and the Services whose port an earlier
+    /// Service has.
+    fn resolve_health_checks(&self) -> (BTreeMap<NamespacedName, HealthCheck>, Vec<Problem>) {
+        let mut by_port: BTreeMap<u16, &NamespacedName> = BTreeMap::new();
+        let mut checks = BTreeMap::new();
+        let mut problems = Vec::new();
+        for (id, hc) in self.parts.values().flat_map(|p| &p.health_checks) {
+            match by_port.get(&hc.node_port) {
+                Some(owner) => problems.push(Problem::new(
+                    ProblemKind::DuplicateHealthCheckNodePort,
+                    "Service",
+                    id,
+                    format!(
+                        "healthCheckNodePort {} is taken by {owner}; no health check",
+                        hc.node_port
+                    ),
+                )),
+                None => {
+                    by_port.insert(hc.node_port, id);
+                    checks.insert(id.clone(), *hc);
+                }
+            }
+        }
+        (checks, problems)
+    }
+
     /// Everything skipped, in namespace/name order.
     pub fn problems(&self) -> Vec<Problem> {
         let mut out = self.service_problems.clone();
@@ -333,6 +366,7 @@ impl ModelCache {
                 }
             }
         }
+        out.extend(self.resolve_health_checks().1);
         out
     }
 
@@ -345,6 +379,7 @@ impl ModelCache {
         DesiredState {
             frontends: self.winners.clone(),
             endpoints,
+            health_checks: self.health_checks(),
             problems: self.problems(),
         }
     }

@@ -6,7 +6,9 @@
 //! * [`endpoints`]: the endpoints of a service port (conditions, the
 //!   terminating fallback, topology);
 //! * [`cache`]: the [`ModelCache`], which keeps each Service's result and
-//!   redoes only what changed; [`desired_state`] runs it once.
+//!   redoes only what changed; [`desired_state`] runs it once;
+//! * [`service_cidrs`]: the service CIDRs in force (flags and ServiceCIDR
+//!   objects).
 //!
 //! This module holds the types they share. Nothing here does I/O.
 //!
@@ -34,6 +36,7 @@
 pub mod cache;
 pub mod endpoints;
 pub mod service;
+pub mod service_cidrs;
 
 use std::{collections::BTreeMap, fmt, net::IpAddr};
 
@@ -283,6 +286,12 @@ pub enum ProblemKind {
     InvalidSlice,
     /// A frontend claimed by an earlier Service (or port).
     DuplicateFrontend,
+    /// A healthCheckNodePort outside 1-65535.
+    InvalidHealthCheckNodePort,
+    /// A healthCheckNodePort an earlier Service has.
+    DuplicateHealthCheckNodePort,
+    /// A ServiceCIDR's `spec.cidrs` entry that is not a CIDR.
+    InvalidServiceCidr,
     /// A loadBalancerSourceRanges entry that is not a CIDR.
     InvalidSourceRange,
 }
@@ -303,6 +312,9 @@ impl ProblemKind {
             ProblemKind::SliceTooLarge => "slice_too_large",
             ProblemKind::InvalidSlice => "invalid_slice",
             ProblemKind::DuplicateFrontend => "duplicate_frontend",
+            ProblemKind::InvalidHealthCheckNodePort => "invalid_health_check_node_port",
+            ProblemKind::DuplicateHealthCheckNodePort => "duplicate_health_check_node_port",
+            ProblemKind::InvalidServiceCidr => "invalid_service_cidr",
             ProblemKind::InvalidSourceRange => "invalid_source_range",
         }
     }
@@ -321,11 +333,15 @@ pub struct Problem {
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} {}/{}: {}",
-            self.object_kind, self.namespace, self.name, self.reason
-        )
+        // Cluster-scoped objects (ServiceCIDRs) have no namespace.
+        match self.namespace.as_str() {
+            "" => write!(f, "{} {}: {}", self.object_kind, self.name, self.reason),
+            ns => write!(
+                f,
+                "{} {ns}/{}: {}",
+                self.object_kind, self.name, self.reason
+            ),
+        }
     }
 }
 
@@ -335,7 +351,23 @@ pub struct DesiredState {
     pub frontends: BTreeMap<FrontendKey, Frontend>,
     /// The endpoint sets of every service port that has frontends.
     pub endpoints: BTreeMap<ServicePortName, ServicePortEndpoints>,
+    /// The health checks this node serves, by Service.
+    pub health_checks: BTreeMap<NamespacedName, HealthCheck>,
     pub problems: Vec<Problem>,
+}
+
+/// A Service's `healthCheckNodePort`, which every node serves over HTTP
+/// for the load balancer (kube-proxy's service health server). Only
+/// Services of type LoadBalancer with `externalTrafficPolicy: Local` have
+/// one, as in kube-proxy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub node_port: u16,
+    /// This node's ready endpoints of the Service, counted by address over
+    /// all its ports (kube-proxy's `LocalReadyEndpoints`: an endpoint
+    /// serving ports 80 and 443 counts once; terminating ones never count,
+    /// so a node with only terminating endpoints fails the check).
+    pub local_endpoints: usize,
 }
 
 /// An object's namespace and name; an empty or missing namespace is

@@ -31,6 +31,10 @@
 //!
 //! A frontend whose set is empty is kept, with no backend: the datapath
 //! rejects its connections rather than letting them leak elsewhere.
+//!
+//! A LoadBalancer Service with `externalTrafficPolicy: Local` and a
+//! `healthCheckNodePort` also gets a [`HealthCheck`] with its count of
+//! local ready endpoints.
 
 use std::{collections::BTreeSet, net::IpAddr};
 
@@ -43,8 +47,8 @@ use k8s_openapi::api::{
 
 use super::{
     DEFAULT_AFFINITY_TIMEOUT, DesiredState, Endpoint, Frontend, FrontendKey, FrontendKind,
-    LABEL_SERVICE_PROXY_NAME, NamespacedName, NodeInfo, Options, ProblemKind, Protocol,
-    ServicePortEndpoints, ServicePortName,
+    HealthCheck, LABEL_SERVICE_PROXY_NAME, NamespacedName, NodeInfo, Options, ProblemKind,
+    Protocol, ServicePortEndpoints, ServicePortName,
     endpoints::{self, CheckedSlice, Family, Topology, valid_port},
 };
 
@@ -126,12 +130,43 @@ impl Builder<'_> {
             return;
         };
         let mut port_names = BTreeSet::new();
+        let mut local_ready = BTreeSet::new();
         for port in spec.ports.iter().flatten() {
             let Some(pf) = self.check_port(port, &mut port_names, &facts) else {
                 continue;
             };
             self.port_frontends(port, &pf, &facts);
+            local_ready.extend(pf.eps.local.iter().filter(|e| !e.terminating).map(|e| e.ip));
             self.state.endpoints.insert(pf.spn, pf.eps);
+        }
+        self.health_check(spec, &facts, local_ready.len());
+    }
+
+    /// kube-proxy serves a health check for a LoadBalancer Service with
+    /// `externalTrafficPolicy: Local` that has a `healthCheckNodePort` (the
+    /// API server allocates one to every such Service). An invalid port is
+    /// reported; the Service's frontends are not affected.
+    fn health_check(&mut self, spec: &ServiceSpec, facts: &ServiceFacts, local_endpoints: usize) {
+        if facts.svc_type != "LoadBalancer" || !facts.etp_local {
+            return;
+        }
+        let Some(raw) = spec.health_check_node_port.filter(|p| *p != 0) else {
+            return;
+        };
+        match valid_port(raw) {
+            Some(node_port) => {
+                self.state.health_checks.insert(
+                    self.id.clone(),
+                    HealthCheck {
+                        node_port,
+                        local_endpoints,
+                    },
+                );
+            }
+            None => self.problem(
+                ProblemKind::InvalidHealthCheckNodePort,
+                format!("healthCheckNodePort {raw} is not a port (1-65535); no health check"),
+            ),
         }
     }
 

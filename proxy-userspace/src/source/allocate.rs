@@ -15,6 +15,9 @@
 //!   sets `allocateLoadBalancerNodePorts: false`. Ports of one Service that
 //!   have the same number and different protocols (DNS on 53/TCP and 53/UDP)
 //!   get the same node port, as the API server gives them.
+//! * a health check node port (from the same range) to every LoadBalancer
+//!   Service with `externalTrafficPolicy: Local` that has none, as the API
+//!   server does, so that the node serves its health check.
 //!
 //! Allocation is deterministic: it depends on the set of Services, never on
 //! their order or the files they came from. Services are handled sorted by
@@ -73,6 +76,7 @@ pub enum Allocated {
         protocol: String,
         node_port: u16,
     },
+    HealthCheckNodePort(u16),
 }
 
 /// What [`fill_in`] did.
@@ -103,6 +107,9 @@ pub fn fill_in(services: &mut [Service], config: &AllocConfig) -> AllocReport {
         }
         if needs_node_ports(spec) {
             give_node_ports(spec, config, &owner, &mut taken.ports, &mut report);
+        }
+        if needs_health_check_port(spec) {
+            give_health_check_port(spec, config, &owner, &mut taken.ports, &mut report);
         }
     }
     report
@@ -178,6 +185,9 @@ impl Owner {
             } => tracing::info!(
                 service = %key, port, protocol, node_port, "allocated node port"
             ),
+            Allocated::HealthCheckNodePort(port) => {
+                tracing::info!(service = %key, port, "allocated health check node port")
+            }
         }
         report.allocated.push(Allocation {
             namespace: self.namespace.clone(),
@@ -291,6 +301,32 @@ fn explicit_cluster_ips(spec: &ServiceSpec) -> impl Iterator<Item = &str> {
 
 fn needs_cluster_ip(spec: &ServiceSpec) -> bool {
     spec.type_.as_deref() != Some("ExternalName") && explicit_cluster_ips(spec).all(str::is_empty)
+}
+
+/// A free port for the Service's health check.
+fn give_health_check_port(
+    spec: &mut ServiceSpec,
+    config: &AllocConfig,
+    owner: &Owner,
+    used_ports: &mut BTreeSet<u16>,
+    report: &mut AllocReport,
+) {
+    let key = owner.key();
+    let seed = fnv1a(format!("{key}/health").as_bytes());
+    match pick_port(&config.node_ports, seed, used_ports) {
+        Some(port) => {
+            used_ports.insert(port);
+            spec.health_check_node_port = Some(port.into());
+            owner.give(Allocated::HealthCheckNodePort(port), report);
+        }
+        None => fail(report, format!("{key}: no free health check node port")),
+    }
+}
+
+fn needs_health_check_port(spec: &ServiceSpec) -> bool {
+    spec.type_.as_deref() == Some("LoadBalancer")
+        && spec.external_traffic_policy.as_deref() == Some("Local")
+        && spec.health_check_node_port.is_none_or(|p| p == 0)
 }
 
 fn needs_node_ports(spec: &ServiceSpec) -> bool {
@@ -493,6 +529,38 @@ mod tests {
             .map(|n| cluster_ip(&svcs, n))
             .collect();
         assert_eq!(all_ips.len(), 6);
+    }
+
+    #[test]
+    fn a_local_load_balancer_gets_a_health_check_port() {
+        let mut svcs = services(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: lb, namespace: ns}\n\
+             spec: {type: LoadBalancer, externalTrafficPolicy: Local, ports: [{port: 80}]}\n\
+             ---\napiVersion: v1\nkind: Service\nmetadata: {name: fixed, namespace: ns}\n\
+             spec: {type: LoadBalancer, externalTrafficPolicy: Local, healthCheckNodePort: 32000, \
+             ports: [{port: 80}]}\n\
+             ---\napiVersion: v1\nkind: Service\nmetadata: {name: cluster, namespace: ns}\n\
+             spec: {type: LoadBalancer, ports: [{port: 80}]}\n",
+        );
+        let report = fill_in(&mut svcs, &AllocConfig::default());
+        let hc = |n| spec_of(&svcs, n).health_check_node_port;
+        let lb = hc("lb").expect("allocated");
+        assert!((30000..=32767).contains(&lb) && lb != 32000);
+        assert_ne!(
+            Some(lb),
+            node_ports(&svcs, "lb")[0],
+            "distinct from the node port"
+        );
+        assert_eq!(hc("fixed"), Some(32000));
+        assert_eq!(hc("cluster"), None, "ETP Cluster has none");
+        assert_eq!(
+            report
+                .allocated
+                .iter()
+                .filter(|a| matches!(a.value, Allocated::HealthCheckNodePort(_)))
+                .count(),
+            1
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! Services, EndpointSlices and this node's Node object from the API server.
+//! Services, EndpointSlices, this node's Node object and the ServiceCIDRs
+//! from the API server.
 //!
-//! Three kube-runtime watchers (list, then watch from the list's
+//! Four kube-runtime watchers (list, then watch from the list's
 //! resourceVersion, resume after a dropped stream, re-list after 410 Gone)
 //! each feed a reflector store, as client-go's informers feed kube-proxy.
 //! They run as tokio tasks; the daemon's one sync loop waits on
@@ -18,6 +19,11 @@
 //! `service.kubernetes.io/service-proxy-name` are dropped by the server only
 //! when no `--service-proxy-name` is set; otherwise the model filters them
 //! (a label selector cannot say "unset or equal to X").
+//!
+//! ServiceCIDRs (`networking.k8s.io/v1`, Kubernetes 1.33 and later) are
+//! optional: when the server does not serve them (404) or the proxy may not
+//! read them (403, an older ClusterRole), the watcher counts as listed with
+//! none, so the proxy still starts, and it keeps retrying with its backoff.
 
 use std::{
     collections::BTreeMap,
@@ -36,6 +42,7 @@ use futures::{Stream, StreamExt};
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
+    networking::v1::ServiceCIDR,
 };
 use kube::{
     Api, Client, Config, Resource, ResourceExt,
@@ -50,8 +57,9 @@ use serde::de::DeserializeOwned;
 use tokio::{sync::Notify, task::JoinHandle};
 use tracing::{info, warn};
 
-use crate::model::{
-    LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, ModelCache, NamespacedName, NodeInfo,
+use crate::{
+    health,
+    model::{LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, ModelCache, NamespacedName, NodeInfo},
 };
 
 /// How long a watch lasts before the server ends it and the watcher resumes
@@ -170,6 +178,8 @@ pub struct KubeObjects {
     /// This node's Node object; `None` until it is seen (or if it does not
     /// exist).
     pub node: Option<Node>,
+    /// Sorted by name.
+    pub service_cidrs: Vec<ServiceCIDR>,
     /// Every watcher has completed its initial list. Until then the stores
     /// are empty or partial, and programming them would wipe the maps a
     /// previous run left.
@@ -192,10 +202,11 @@ pub struct WatchCounters {
 }
 
 /// The resources watched, in the order [`KubeSource::counters`] gives them.
-pub const RESOURCES: [&str; 3] = [
+pub const RESOURCES: [&str; 4] = [
     Watched::Services.name(),
     Watched::EndpointSlices.name(),
     Watched::Node.name(),
+    Watched::ServiceCidrs.name(),
 ];
 
 /// One of the watched resources.
@@ -206,6 +217,9 @@ enum Watched {
     /// This node's Node object: read whole at every feed, so its changes
     /// are not recorded one by one.
     Node,
+    /// Read whole at every feed too; optional (see the module
+    /// documentation).
+    ServiceCidrs,
 }
 
 impl Watched {
@@ -214,21 +228,41 @@ impl Watched {
             Watched::Services => "services",
             Watched::EndpointSlices => "endpointslices",
             Watched::Node => "node",
+            Watched::ServiceCidrs => "servicecidrs",
         }
+    }
+
+    /// A resource the proxy can work without: a server that does not serve
+    /// it, or forbids it, must not keep the proxy from starting.
+    fn optional(self) -> bool {
+        self == Watched::ServiceCidrs
     }
 }
 
-/// Three reflectors running as tokio tasks (on whatever runtime `start` is
+/// The server does not serve the resource (404) or forbids listing it
+/// (403).
+fn unavailable(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s)) => matches!(s.code, 403 | 404),
+        _ => false,
+    }
+}
+
+/// Four reflectors running as tokio tasks (on whatever runtime `start` is
 /// called from, current-thread included); dropping this stops them.
 pub struct KubeSource {
     node_name: String,
     services: Store<Service>,
     slices: Store<EndpointSlice>,
     nodes: Store<Node>,
+    service_cidrs: Store<ServiceCIDR>,
     shared: Arc<Shared>,
-    counters: [Arc<Counters>; 3],
+    counters: [Arc<Counters>; 4],
     /// The change generation the last feed or snapshot saw.
     seen: AtomicU64,
+    /// This node's Node has been seen: if it vanishes, it was deleted.
+    node_seen: AtomicBool,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -255,7 +289,7 @@ impl PendingChanges {
         match resource {
             Watched::Services => Some(&mut self.services),
             Watched::EndpointSlices => Some(&mut self.slices),
-            Watched::Node => None,
+            Watched::Node | Watched::ServiceCidrs => None,
         }
     }
 }
@@ -318,8 +352,11 @@ impl KubeSource {
             watcher(Api::<EndpointSlice>::all(client.clone()), slices)
                 .modify(|s: &mut EndpointSlice| s.managed_fields_mut().clear())
                 .default_backoff(),
-            watcher(Api::<Node>::all(client), node)
+            watcher(Api::<Node>::all(client.clone()), node)
                 .modify(slim_node)
+                .default_backoff(),
+            watcher(Api::<ServiceCIDR>::all(client), config())
+                .modify(|c: &mut ServiceCIDR| c.managed_fields_mut().clear())
                 .default_backoff(),
         )
     }
@@ -330,22 +367,29 @@ impl KubeSource {
         services: impl WatchStream<Service>,
         slices: impl WatchStream<EndpointSlice>,
         nodes: impl WatchStream<Node>,
+        service_cidrs: impl WatchStream<ServiceCIDR>,
     ) -> KubeSource {
         let shared = Arc::new(Shared::default());
-        let counters: [Arc<Counters>; 3] = Default::default();
-        let (svc_writer, slice_writer, node_writer) =
-            (Writer::default(), Writer::default(), Writer::default());
+        let counters: [Arc<Counters>; 4] = Default::default();
+        let (svc_writer, slice_writer, node_writer, cidr_writer) = (
+            Writer::default(),
+            Writer::default(),
+            Writer::default(),
+            Writer::default(),
+        );
         let mut source = KubeSource {
             node_name: node_name.to_string(),
             services: svc_writer.as_reader(),
             slices: slice_writer.as_reader(),
             nodes: node_writer.as_reader(),
+            service_cidrs: cidr_writer.as_reader(),
             shared: shared.clone(),
             counters: counters.clone(),
             seen: AtomicU64::new(0),
+            node_seen: AtomicBool::new(false),
             tasks: Vec::new(),
         };
-        let [c_svc, c_slice, c_node] = counters;
+        let [c_svc, c_slice, c_node, c_cidr] = counters;
         source.tasks = vec![
             tokio::spawn(reflect(
                 Watched::Services,
@@ -361,7 +405,20 @@ impl KubeSource {
                 c_slice,
                 shared.clone(),
             )),
-            tokio::spawn(reflect(Watched::Node, nodes, node_writer, c_node, shared)),
+            tokio::spawn(reflect(
+                Watched::Node,
+                nodes,
+                node_writer,
+                c_node,
+                shared.clone(),
+            )),
+            tokio::spawn(reflect(
+                Watched::ServiceCidrs,
+                service_cidrs,
+                cidr_writer,
+                c_cidr,
+                shared,
+            )),
         ];
         source
     }
@@ -403,8 +460,15 @@ impl KubeSource {
                 .into_iter()
                 .find(|n| n.metadata.name.as_deref() == Some(&self.node_name))
                 .map(|n| (*n).clone()),
+            service_cidrs: sorted(&self.service_cidrs),
             ready,
         }
+    }
+
+    /// The ServiceCIDR objects, sorted by name (none while the server does
+    /// not serve them).
+    pub fn service_cidrs(&self) -> Vec<ServiceCIDR> {
+        sorted(&self.service_cidrs)
     }
 
     /// Hands the stores to the model: only objects whose resourceVersion
@@ -441,15 +505,31 @@ impl KubeSource {
                 }
             }
         }
-        if let Some(node) = self
-            .nodes
-            .state()
-            .into_iter()
-            .find(|n| n.metadata.name.as_deref() == Some(&self.node_name))
-        {
+        if let Some(node) = self.this_node() {
             cache.set_node(NodeInfo::from_node(&node));
         }
         self.ready()
+    }
+
+    /// Whether load balancers may keep sending to this node (kube-proxy's
+    /// node eligibility, see [`health::node_eligible`]): eligible until
+    /// this node's Node is seen (kube-proxy before 1.31 does the same);
+    /// not once it is being deleted, marked for deletion, or gone.
+    pub fn node_eligible(&self) -> bool {
+        match self.this_node() {
+            Some(node) => {
+                self.node_seen.store(true, Ordering::Relaxed);
+                health::node_eligible(&node)
+            }
+            None => !self.node_seen.load(Ordering::Relaxed),
+        }
+    }
+
+    fn this_node(&self) -> Option<Arc<Node>> {
+        self.nodes
+            .state()
+            .into_iter()
+            .find(|n| n.metadata.name.as_deref() == Some(&self.node_name))
     }
 
     /// Every watcher has completed its initial list.
@@ -503,6 +583,18 @@ async fn reflect<K>(
     while let Some(item) = stream.next().await {
         let event = match item {
             Ok(event) => event,
+            Err(e) if watched.optional() && unavailable(&e) => {
+                counters.errors.fetch_add(1, Ordering::Relaxed);
+                if !counters.ready.swap(true, Ordering::AcqRel) {
+                    warn!(
+                        resource,
+                        error = %e,
+                        "not served or not allowed; going on without, retrying with backoff"
+                    );
+                    shared.bump();
+                }
+                continue;
+            }
             Err(e) => {
                 counters.errors.fetch_add(1, Ordering::Relaxed);
                 warn!(
@@ -637,17 +729,20 @@ mod tests {
         svc: Tx<Service>,
         slices: Tx<EndpointSlice>,
         nodes: Tx<Node>,
+        cidrs: Tx<ServiceCIDR>,
     }
 
     fn fixture() -> Fixture {
         let (svc, s1) = channel();
         let (slices, s2) = channel();
         let (nodes, s3) = channel();
+        let (cidrs, s4) = channel();
         Fixture {
-            source: KubeSource::from_streams("node-a", s1, s2, s3),
+            source: KubeSource::from_streams("node-a", s1, s2, s3, s4),
             svc,
             slices,
             nodes,
+            cidrs,
         }
     }
 
@@ -691,6 +786,7 @@ mod tests {
         assert!(!snap.ready, "the node list has not completed");
         assert!(!f.source.ready());
         list(&f.nodes, vec![node("node-a")]);
+        list(&f.cidrs, vec![]);
         changed(&mut f.source).await;
         // The node's InitDone may land after the wake-up of the slices'.
         while !f.source.snapshot().ready {
@@ -708,11 +804,89 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn node_eligibility_follows_this_nodes_node() {
+        let mut f = fixture();
+        assert!(f.source.node_eligible(), "eligible before the Node is seen");
+        let mut marked = node("node-a");
+        marked.spec = Some(k8s_openapi::api::core::v1::NodeSpec {
+            taints: Some(vec![k8s_openapi::api::core::v1::Taint {
+                key: health::TO_BE_DELETED_TAINT.into(),
+                effect: "NoSchedule".into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        });
+        list(&f.nodes, vec![marked, node("node-b")]);
+        while f.source.this_node().is_none() {
+            changed(&mut f.source).await;
+            f.source.snapshot();
+        }
+        assert!(!f.source.node_eligible(), "marked by the autoscaler");
+        f.source.snapshot();
+        f.nodes
+            .send(Ok(watcher::Event::Apply(node("node-a"))))
+            .unwrap();
+        changed(&mut f.source).await;
+        assert!(f.source.node_eligible(), "taint removed");
+        let mut deleting = node("node-a");
+        deleting.metadata.deletion_timestamp = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Default::default()),
+        );
+        f.source.snapshot();
+        f.nodes.send(Ok(watcher::Event::Apply(deleting))).unwrap();
+        changed(&mut f.source).await;
+        assert!(!f.source.node_eligible(), "being deleted");
+        f.source.snapshot();
+        f.nodes
+            .send(Ok(watcher::Event::Delete(node("node-a"))))
+            .unwrap();
+        changed(&mut f.source).await;
+        assert!(!f.source.node_eligible(), "gone after being seen");
+    }
+
+    #[tokio::test]
+    async fn service_cidrs_are_optional() {
+        let mut f = fixture();
+        list(&f.svc, vec![]);
+        list(&f.slices, vec![]);
+        list(&f.nodes, vec![]);
+        // An older server: no such resource. Ready anyway, with none.
+        let not_found = kube::core::Status::failure(
+            "the server could not find the requested resource",
+            "NotFound",
+        )
+        .with_code(404);
+        f.cidrs
+            .send(Err(watcher::Error::InitialListFailed(kube::Error::Api(
+                Box::new(not_found),
+            ))))
+            .unwrap();
+        while !f.source.snapshot().ready {
+            changed(&mut f.source).await;
+        }
+        assert!(f.source.service_cidrs().is_empty());
+        // Served later (an upgrade): its objects arrive.
+        let cidr: ServiceCIDR = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "kubernetes", "resourceVersion": "1"},
+            "spec": {"cidrs": ["10.96.0.0/12"]}
+        }))
+        .unwrap();
+        list(&f.cidrs, vec![cidr]);
+        changed(&mut f.source).await;
+        while f.source.service_cidrs().is_empty() {
+            changed(&mut f.source).await;
+            f.source.snapshot();
+        }
+        assert_eq!(f.source.counters()["servicecidrs"].errors, 1);
+    }
+
+    #[tokio::test]
     async fn changed_fires_once_per_batch_of_changes() {
         let mut f = fixture();
         list(&f.svc, vec![]);
         list(&f.slices, vec![]);
         list(&f.nodes, vec![]);
+        list(&f.cidrs, vec![]);
         while !f.source.snapshot().ready {
             changed(&mut f.source).await;
         }
@@ -754,6 +928,7 @@ mod tests {
         list(&f.svc, vec![svc("a", "old"), svc("a", "kept")]);
         list(&f.slices, vec![]);
         list(&f.nodes, vec![node("node-a"), node("node-b")]);
+        list(&f.cidrs, vec![]);
         while !f.source.snapshot().ready {
             changed(&mut f.source).await;
         }

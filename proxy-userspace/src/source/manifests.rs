@@ -9,7 +9,8 @@
 //! * A file holds any number of documents: YAML documents separated by `---`
 //!   lines, or a stream of JSON values. A document may be a `kind: List` (or
 //!   `ServiceList`, `EndpointSliceList`, ...) whose `items` are read in turn.
-//! * Kept: `v1` Services and `discovery.k8s.io/v1` EndpointSlices. Every other
+//! * Kept: `v1` Services, `discovery.k8s.io/v1` EndpointSlices and
+//!   `networking.k8s.io/v1` ServiceCIDRs (cluster-scoped). Every other
 //!   kind (Deployment, Pod, Ingress, a Knative `Service` of another group,
 //!   ...) is ignored with a debug log.
 //! * A document that does not parse, or a Service or EndpointSlice that does
@@ -36,7 +37,9 @@ use std::{
 };
 
 use anyhow::Context as _;
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::Service, discovery::v1::EndpointSlice, networking::v1::ServiceCIDR,
+};
 
 /// The namespace of an object that names none.
 pub const DEFAULT_NAMESPACE: &str = "default";
@@ -46,6 +49,8 @@ pub const DEFAULT_NAMESPACE: &str = "default";
 pub struct Objects {
     pub services: Vec<Service>,
     pub slices: Vec<EndpointSlice>,
+    /// `networking.k8s.io/v1` ServiceCIDRs (cluster-scoped: no namespace).
+    pub service_cidrs: Vec<ServiceCIDR>,
     /// Documents and objects that were skipped, and why.
     pub problems: Vec<ManifestProblem>,
 }
@@ -323,7 +328,11 @@ impl Loader {
         // k8s-openapi fills a missing required field with its default; the
         // fields the proxy cannot do without are checked here, where the
         // file and document can be named.
-        if matches!(wanted, Some(Wanted::Service | Wanted::EndpointSlice)) && name.is_empty() {
+        if wanted
+            .as_ref()
+            .is_some_and(|w| !matches!(w, Wanted::Unsupported(_)))
+            && name.is_empty()
+        {
             self.problem_at(at, format!("{kind} without metadata.name"));
             return;
         }
@@ -340,6 +349,7 @@ impl Loader {
         match wanted {
             Some(Wanted::Service) => self.keep_service(value, at),
             Some(Wanted::EndpointSlice) => self.keep_slice(value, at),
+            Some(Wanted::ServiceCidr) => self.keep_service_cidr(value, at),
             Some(Wanted::Unsupported(why)) => self.problem_at(at, why),
             None => self.ignore(&api_version, &kind, &name, at),
         }
@@ -385,6 +395,20 @@ impl Loader {
                 }
             }
             Err(e) => self.problem_at(at, format!("invalid EndpointSlice: {e}")),
+        }
+    }
+
+    /// A ServiceCIDR, kept unless it is invalid or a second one of its name.
+    /// Cluster-scoped: a namespace written on it is dropped.
+    fn keep_service_cidr(&mut self, value: serde_json::Value, at: Place<'_>) {
+        match serde_json::from_value::<ServiceCIDR>(value) {
+            Ok(mut cidr) => {
+                cidr.metadata.namespace = None;
+                if self.first_of_its_name("ServiceCIDR", &cidr.metadata, at) {
+                    self.objects.service_cidrs.push(cidr);
+                }
+            }
+            Err(e) => self.problem_at(at, format!("invalid ServiceCIDR: {e}")),
         }
     }
 
@@ -449,6 +473,7 @@ impl Loader {
 enum Wanted {
     Service,
     EndpointSlice,
+    ServiceCidr,
     Unsupported(String),
 }
 
@@ -456,6 +481,7 @@ fn wanted(api_version: &str, kind: &str) -> Option<Wanted> {
     match (api_version, kind) {
         ("v1", "Service") => Some(Wanted::Service),
         ("discovery.k8s.io/v1", "EndpointSlice") => Some(Wanted::EndpointSlice),
+        ("networking.k8s.io/v1", "ServiceCIDR") => Some(Wanted::ServiceCidr),
         // The beta versions were removed from Kubernetes; say so rather than
         // silently dropping the endpoints.
         (v, "EndpointSlice") if v.starts_with("discovery.k8s.io/") => Some(Wanted::Unsupported(
@@ -754,6 +780,39 @@ endpoints: [{addresses: [10.0.0.1]}]
         assert_eq!(o.problems, vec![]);
         assert_eq!(names_services(&o), ["ns1/a", "default/b"]);
         assert_eq!(names_slices(&o), ["default/b-1"]);
+    }
+
+    #[test]
+    fn service_cidrs_are_read_cluster_scoped() {
+        let o = parse_str(
+            r#"apiVersion: networking.k8s.io/v1
+kind: ServiceCIDR
+metadata: {name: kubernetes, namespace: ignored}
+spec: {cidrs: [10.96.0.0/12, "fd00:10:96::/108"]}
+---
+apiVersion: networking.k8s.io/v1
+kind: ServiceCIDR
+metadata: {name: kubernetes}
+spec: {cidrs: [10.100.0.0/16]}
+---
+apiVersion: networking.k8s.io/v1
+kind: ServiceCIDR
+metadata: {name: extra}
+spec: {cidrs: 10.200.0.0/16}
+"#,
+            "inline",
+        );
+        assert_eq!(o.service_cidrs.len(), 1);
+        let first = &o.service_cidrs[0];
+        assert_eq!(first.metadata.namespace, None);
+        assert_eq!(
+            first.spec.as_ref().unwrap().cidrs.as_deref(),
+            Some(&["10.96.0.0/12".to_string(), "fd00:10:96::/108".to_string()][..])
+        );
+        // A second one of the name, and one that does not deserialize.
+        assert_eq!(o.problems.len(), 2, "{:?}", o.problems);
+        assert!(o.problems[0].reason.contains("already read"));
+        assert!(o.problems[1].reason.contains("invalid ServiceCIDR"));
     }
 
     #[test]

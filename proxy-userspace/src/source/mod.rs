@@ -1,4 +1,4 @@
-//! Where Services and EndpointSlices come from: an API server, watched
+//! Where Services, EndpointSlices (and ServiceCIDRs) come from: an API server, watched
 //! ([`kube`]), or a directory of manifests ([`manifests`], with
 //! [`allocate`] filling in what an API server would have allocated). Either
 //! way they reach the model the same way: [`Source::feed`] hands a
@@ -9,6 +9,7 @@ pub mod kube;
 pub mod manifests;
 
 use anyhow::Result;
+use k8s_openapi::api::networking::v1::ServiceCIDR;
 use tracing::{info, warn};
 
 use self::{
@@ -24,6 +25,8 @@ pub enum Source {
         dir: ManifestDir,
         /// Parts of the manifests that could not be read, at the last load.
         unreadable: usize,
+        /// The ServiceCIDR objects of the last load.
+        service_cidrs: Vec<ServiceCIDR>,
     },
     /// An API server, watched.
     Kube(KubeSource),
@@ -47,6 +50,7 @@ impl Source {
             return Ok(Source::Manifests {
                 dir: ManifestDir::new(dir.clone()),
                 unreadable: 0,
+                service_cidrs: Vec::new(),
             });
         }
         let opts = KubeOptions {
@@ -82,14 +86,35 @@ impl Source {
     /// a file changed, the objects the API server's watch events named.
     pub fn feed(&mut self, model: &mut ModelCache) -> Fed {
         match self {
-            Source::Manifests { dir, unreadable } => Fed {
-                changed: feed_manifests(dir, unreadable, model),
+            Source::Manifests {
+                dir,
+                unreadable,
+                service_cidrs,
+            } => Fed {
+                changed: feed_manifests(dir, unreadable, service_cidrs, model),
                 ready: true,
             },
             Source::Kube(k) => Fed {
                 changed: true,
                 ready: k.feed(model),
             },
+        }
+    }
+
+    /// The ServiceCIDR objects, sorted by name.
+    pub fn service_cidrs(&self) -> Vec<ServiceCIDR> {
+        match self {
+            Source::Kube(k) => k.service_cidrs(),
+            Source::Manifests { service_cidrs, .. } => service_cidrs.clone(),
+        }
+    }
+
+    /// Whether this node is eligible for load balancers' traffic (see
+    /// [`crate::health`]): always without an API server (no Node).
+    pub fn node_eligible(&self) -> bool {
+        match self {
+            Source::Kube(k) => k.node_eligible(),
+            Source::Manifests { .. } => true,
         }
     }
 
@@ -104,9 +129,14 @@ impl Source {
 }
 
 /// Reloads the manifests when the directory changed; true if it did.
-fn feed_manifests(dir: &mut ManifestDir, unreadable: &mut usize, model: &mut ModelCache) -> bool {
+fn feed_manifests(
+    dir: &mut ManifestDir,
+    unreadable: &mut usize,
+    service_cidrs: &mut Vec<ServiceCIDR>,
+    model: &mut ModelCache,
+) -> bool {
     match dir.load_if_changed() {
-        Ok(Some(objects)) => {
+        Ok(Some(mut objects)) => {
             for p in &objects.problems {
                 warn!(problem = %p, "skipped part of a manifest");
             }
@@ -118,6 +148,9 @@ fn feed_manifests(dir: &mut ManifestDir, unreadable: &mut usize, model: &mut Mod
             // The model keeps what it needs; the parsed manifests go.
             model.replace(&objects.services, &objects.slices);
             *unreadable = objects.problems.len();
+            let mut cidrs = std::mem::take(&mut objects.service_cidrs);
+            cidrs.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+            *service_cidrs = cidrs;
             drop(objects);
             release_freed_memory();
             true

@@ -430,8 +430,11 @@ mod tests {
         );
         let t = parse_path("/api/v1/nodes/node-a").unwrap();
         assert_eq!((t.kind, t.name), (Kind::Node, Some("node-a")));
+        let t = parse_path("/apis/networking.k8s.io/v1/servicecidrs/kubernetes").unwrap();
+        assert_eq!((t.kind, t.name), (Kind::ServiceCidr, Some("kubernetes")));
         for bad in [
             "/api/v1/namespaces/ns/nodes",
+            "/apis/networking.k8s.io/v1/namespaces/ns/servicecidrs",
             "/api/v1/pods",
             "/apis/discovery.k8s.io/v1beta1/endpointslices",
             "/api/v1/services/a/b",

@@ -6,13 +6,14 @@
 use std::{
     collections::BTreeMap,
     fs,
-    net::SocketAddrV4,
+    io::{Read, Write},
+    net::{SocketAddrV4, TcpStream},
     path::{Path, PathBuf},
     time::Duration,
 };
 
-use anyhow::Result;
-use lab::{Lab, TcpServer, UdpServer, addr, require_root_or_skip, tcp_request};
+use anyhow::{Context as _, Result};
+use lab::{Lab, Netns, TcpServer, UdpServer, addr, require_root_or_skip, tcp_request};
 
 pub fn daemon_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("KEP_BIN") {
@@ -308,4 +309,32 @@ pub fn backends_hit(ns: &lab::Netns, vip: SocketAddrV4, n: usize) -> BTreeMap<St
         }
     }
     hit
+}
+
+/// A plain HTTP/1.0 GET from inside `ns`: (status, headers and body
+/// split at the blank line).
+pub fn http_get_full(
+    ns: &Netns,
+    target: SocketAddrV4,
+    path: &str,
+) -> Result<(u16, String, String)> {
+    ns.run(|| -> Result<(u16, String, String)> {
+        let mut s = TcpStream::connect_timeout(&target.into(), Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: {target}\r\n\r\n")?;
+        let mut raw = String::new();
+        s.read_to_string(&mut raw)?;
+        let (head, body) = raw.split_once("\r\n\r\n").context("no HTTP header end")?;
+        let status = head
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .context("no status code")?;
+        Ok((status, head.to_string(), body.to_string()))
+    })
+}
+
+/// A plain HTTP/1.0 GET from inside `ns`: (status, body).
+pub fn http_get(ns: &Netns, target: SocketAddrV4, path: &str) -> Result<(u16, String)> {
+    http_get_full(ns, target, path).map(|(status, _, body)| (status, body))
 }
