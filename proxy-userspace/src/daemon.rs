@@ -10,7 +10,7 @@ use std::{
     fs,
     net::Ipv4Addr,
     sync::Arc,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context as _, Result};
@@ -46,6 +46,9 @@ struct Context {
     health: Arc<Health>,
     /// When the oldest change not yet programmed was seen.
     pending_since: Option<Instant>,
+    /// Trigger times of the slice changes handed to the model and not yet
+    /// programmed (kube-proxy's network programming latency starts there).
+    pending_triggers: Vec<SystemTime>,
     model: ModelCache,
     synced_once: bool,
     problems_logged: BTreeSet<String>,
@@ -121,6 +124,7 @@ impl Context {
             metrics,
             health,
             pending_since: Some(Instant::now()),
+            pending_triggers: Vec::new(),
             model: ModelCache::new(node, opts),
             synced_once: false,
             problems_logged: BTreeSet::new(),
@@ -208,7 +212,9 @@ impl Context {
     /// initial list is complete.
     fn sync_kube(&mut self) {
         self.kube_pending = false;
-        if !self.source.feed(&mut self.model).ready {
+        let fed = self.source.feed(&mut self.model);
+        self.pending_triggers.extend(fed.trigger_times);
+        if !fed.ready {
             debug!("waiting for the initial lists");
             return;
         }
@@ -264,7 +270,8 @@ impl Context {
         m.record_skipped(&problems, self.source.unreadable());
         m.record_no_local_endpoints(self.model.frontends());
         m.set_map_entries(&self.syncer.entry_counts());
-        let wall = m.record_sync(started, self.pending_since.take());
+        let triggers = std::mem::take(&mut self.pending_triggers);
+        let wall = m.record_sync(started, self.pending_since.take(), &triggers);
         if report.failed.is_empty() {
             self.health.synced(started, wall);
         }
