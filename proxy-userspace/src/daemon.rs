@@ -93,8 +93,12 @@ fn load_datapath(args: &RunArgs, node_name: &str) -> Result<(Datapath, Syncer<Bp
 }
 
 /// Serves /metrics and /healthz.
-async fn serve_endpoints(args: &RunArgs) -> Result<(Arc<Metrics>, Arc<Health>)> {
-    let metrics = Arc::new(Metrics::new(&args.bpffs));
+async fn serve_endpoints(args: &RunArgs, source: &Source) -> Result<(Arc<Metrics>, Arc<Health>)> {
+    let mut metrics = Metrics::new(&args.bpffs);
+    if let Some(stats) = source.watch_stats() {
+        metrics.register_watch(stats);
+    }
+    let metrics = Arc::new(metrics);
     let health = Arc::new(Health::new(health::DEFAULT_TIMEOUT, Instant::now()));
     let at = http::serve(
         args.metrics_bind_address,
@@ -112,7 +116,7 @@ impl Context {
         let node_name = node_name(&args)?;
         let (dp, syncer) = load_datapath(&args, &node_name)?;
         let source = Source::start(&args, &node_name).await?;
-        let (metrics, health) = serve_endpoints(&args).await?;
+        let (metrics, health) = serve_endpoints(&args, &source).await?;
         let node = NodeInfo {
             name: node_name,
             zone: None,

@@ -27,9 +27,13 @@ use prometheus_client::{
 };
 use proxy_common::*;
 
+mod process;
+pub use process::{ProcessCollector, ProcessFigures};
+
 use crate::{
     datapath::open_pinned,
     model::{Frontend, FrontendKey, FrontendKind, ObjectChanges, Problem},
+    source::kube::WatchStats,
     sync::lbmap::WriteError,
 };
 
@@ -175,7 +179,14 @@ impl Metrics {
         r.register_collector(Box::new(DatapathCollector {
             bpffs: bpffs.to_path_buf(),
         }));
+        r.register_collector(Box::new(ProcessCollector));
         Metrics { registry: r, sync }
+    }
+
+    /// Exports the API server watchers' counters (read at scrape time).
+    pub fn register_watch(&mut self, stats: WatchStats) {
+        self.registry
+            .register_collector(Box::new(WatchCollector(stats)));
     }
 
     /// The Prometheus text format (0.0.4), which every scraper and
@@ -214,6 +225,55 @@ pub fn openmetrics_to_prometheus(text: &str) -> String {
         out.push('\n');
     }
     out
+}
+
+/// The API server watchers' counters, per resource.
+#[derive(Debug)]
+struct WatchCollector(WatchStats);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResourceLabels {
+    resource: &'static str,
+}
+
+impl Collector for WatchCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let stats = self.0.get();
+        let rows = |get: fn(&crate::source::kube::WatchCounters) -> u64| -> Vec<_> {
+            stats
+                .iter()
+                .map(|(resource, c)| (ResourceLabels { resource }, get(c)))
+                .collect()
+        };
+        counter_family(
+            &mut encoder,
+            "kube_ebpf_proxy_watch_lists",
+            "Lists started by the API server watcher: the initial one and every re-list",
+            &rows(|c| c.lists),
+        )?;
+        counter_family(
+            &mut encoder,
+            "kube_ebpf_proxy_watch_errors",
+            "Failed lists, failed or broken watches and error events; each is followed by a backoff",
+            &rows(|c| c.errors),
+        )?;
+        counter_family(
+            &mut encoder,
+            "kube_ebpf_proxy_watch_events",
+            "Objects added, modified or deleted after the initial list",
+            &rows(|c| c.events),
+        )?;
+        let synced: Vec<_> = rows(|c| c.ready as u64)
+            .into_iter()
+            .map(|(l, v)| (l, v as f64))
+            .collect();
+        gauge_family(
+            &mut encoder,
+            "kube_ebpf_proxy_watch_synced",
+            "1 once the watcher's initial list has completed",
+            &synced,
+        )
+    }
 }
 
 /// Reads the datapath's counters from the pinned maps at scrape time.

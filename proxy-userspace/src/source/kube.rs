@@ -312,6 +312,27 @@ impl Shared {
     }
 }
 
+/// The watchers' counters, readable from elsewhere (the metrics).
+#[derive(Clone)]
+pub struct WatchStats([Arc<Counters>; 3]);
+
+impl std::fmt::Debug for WatchStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map().entries(self.get()).finish()
+    }
+}
+
+impl WatchStats {
+    /// Counters per resource, named as in [`RESOURCES`].
+    pub fn get(&self) -> BTreeMap<&'static str, WatchCounters> {
+        RESOURCES
+            .iter()
+            .zip(&self.0)
+            .map(|(name, c)| (*name, c.get()))
+            .collect()
+    }
+}
+
 #[derive(Default)]
 struct Counters {
     lists: AtomicU64,
@@ -493,11 +514,12 @@ impl KubeSource {
 
     /// Counters per resource, named as in [`RESOURCES`].
     pub fn counters(&self) -> BTreeMap<&'static str, WatchCounters> {
-        RESOURCES
-            .iter()
-            .zip(&self.counters)
-            .map(|(name, c)| (*name, c.get()))
-            .collect()
+        self.watch_stats().get()
+    }
+
+    /// A handle on the counters, for the metrics to read at scrape time.
+    pub fn watch_stats(&self) -> WatchStats {
+        WatchStats(self.counters.clone())
     }
 }
 
@@ -790,6 +812,37 @@ mod tests {
         changed(&mut f.source).await;
         assert_eq!(names(&f.source.snapshot().services), ["one"]);
         assert_eq!(f.source.counters()["services"].events, 3);
+    }
+
+    #[tokio::test]
+    async fn the_watch_counters_are_exported() {
+        let mut f = fixture();
+        let mut metrics = crate::metrics::Metrics::new(std::path::Path::new("/nonexistent"));
+        metrics.register_watch(f.source.watch_stats());
+        list(&f.svc, vec![svc("a", "one")]);
+        f.svc.send(Err(watcher::Error::NoResourceVersion)).unwrap();
+        list(&f.svc, vec![svc("a", "one")]);
+        f.svc
+            .send(Ok(watcher::Event::Apply(svc("a", "two"))))
+            .unwrap();
+        list(&f.slices, vec![]);
+        while f.source.counters()["services"].events == 0 {
+            changed(&mut f.source).await;
+            f.source.snapshot();
+        }
+        let text = metrics.encode().unwrap();
+        for line in [
+            "# TYPE kube_ebpf_proxy_watch_lists_total counter",
+            "kube_ebpf_proxy_watch_lists_total{resource=\"services\"} 2",
+            "kube_ebpf_proxy_watch_errors_total{resource=\"services\"} 1",
+            "kube_ebpf_proxy_watch_events_total{resource=\"services\"} 1",
+            "kube_ebpf_proxy_watch_synced{resource=\"services\"} 1.0",
+            "kube_ebpf_proxy_watch_synced{resource=\"endpointslices\"} 1.0",
+            "kube_ebpf_proxy_watch_synced{resource=\"node\"} 0.0",
+            "kube_ebpf_proxy_watch_lists_total{resource=\"node\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+        }
     }
 
     fn triggered(ns: &str, name: &str, at: &str) -> EndpointSlice {

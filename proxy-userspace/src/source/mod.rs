@@ -102,6 +102,14 @@ impl Source {
         }
     }
 
+    /// The API server watchers' counters (none for manifests).
+    pub fn watch_stats(&self) -> Option<kube::WatchStats> {
+        match self {
+            Source::Kube(k) => Some(k.watch_stats()),
+            Source::Manifests { .. } => None,
+        }
+    }
+
     /// Parts of the manifests that could not be read at the last load
     /// (always 0 from an API server).
     pub fn unreadable(&self) -> usize {
