@@ -91,8 +91,20 @@ fn programming_buckets() -> impl Iterator<Item = f64> {
     exponential_buckets(0.01, 2.0, 17)
 }
 
+/// Maps the syncer writes, and how a write can fail: their failure series
+/// exist at 0 from the start, so that a dashboard's rate() and an alert see
+/// the first failure as an increase rather than a new series.
+const WRITTEN_MAPS: [&str; 5] = [SVC_MAP, SLOT_MAP, BACKEND_MAP, ADDR_MAP, NAME_MAP];
+const WRITE_FAILURES: [&str; 2] = ["full", "error"];
+
 impl SyncMetrics {
     fn new() -> SyncMetrics {
+        let map_write_failures = Family::<MapLabels, PromCounter>::default();
+        for map in WRITTEN_MAPS {
+            for reason in WRITE_FAILURES {
+                map_write_failures.get_or_create(&MapLabels { map, reason });
+            }
+        }
         SyncMetrics {
             sync_duration: Histogram::new(seconds_buckets()),
             last_sync_timestamp: Gauge::default(),
@@ -101,7 +113,7 @@ impl SyncMetrics {
             service_changes: PromCounter::default(),
             endpoint_changes: PromCounter::default(),
             no_local_endpoints: Family::default(),
-            map_write_failures: Family::default(),
+            map_write_failures,
             skipped_objects: Family::default(),
             map_entries: Family::default(),
             map_fill: Family::default(),
@@ -650,6 +662,7 @@ mod tests {
             "kubeproxy_network_programming_duration_seconds_count",
             "kubeproxy_sync_proxy_rules_service_changes_total 1",
             "kubeproxy_sync_proxy_rules_endpoint_changes_total 0",
+            "kube_ebpf_proxy_map_write_failures_total{map=\"KEP_SVC_V1\",reason=\"full\"} 0",
         ] {
             assert!(text.contains(name), "{name} missing in\n{text}");
         }
