@@ -102,7 +102,7 @@ impl SyncMetrics {
         let map_write_failures = Family::<MapLabels, PromCounter>::default();
         for map in WRITTEN_MAPS {
             for reason in WRITE_FAILURES {
-                map_write_failures.get_or_create(&MapLabels { map, reason });
+                drop(map_write_failures.get_or_create(&MapLabels { map, reason }));
             }
         }
         SyncMetrics {
