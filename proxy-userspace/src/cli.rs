@@ -33,10 +33,12 @@ pub enum Command {
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
     /// A YAML configuration file with the same settings as these flags
-    /// (KubeProxyConfiguration's field names where the meaning matches);
-    /// flags given on the command line win.
-    #[arg(long)]
-    pub config: Option<PathBuf>,
+    /// (KubeProxyConfiguration's field names where the meaning matches), or
+    /// kube-proxy's own KubeProxyConfiguration file. May be given twice
+    /// (kube-proxy's, then ours): a later file's value replaces an earlier
+    /// one's, and flags given on the command line win over both.
+    #[arg(long, value_name = "FILE")]
+    pub config: Vec<PathBuf>,
 
     /// Read Service and EndpointSlice manifests (YAML or JSON) from this
     /// directory instead of an API server; reloaded when files change.

@@ -29,9 +29,13 @@
 //!   (`kubeproxy.config.k8s.io/v1alpha1`) where the meaning is the same
 //!   (`hostnameOverride`, `healthzBindAddress`, `metricsBindAddress`,
 //!   `nodePortAddresses`, `clientConnection.kubeconfig`, `logging.format`);
-//!   the others are ours. The group is ours too: the file is not a
-//!   `KubeProxyConfiguration` (most of its fields mean nothing here), and a
-//!   kube-proxy file is refused with a message saying so.
+//!   the others are ours.
+//! * kube-proxy's own file is read too, as it is ([`kube_proxy`]): what it
+//!   says that means the same here is used, what configures nothing here is
+//!   returned as [`Ignored`] (the daemon logs it once), and what cannot be
+//!   honoured is refused with the field's name. `--config` may be given
+//!   twice, kube-proxy's file then ours for the settings kube-proxy lacks:
+//!   a later file's value replaces an earlier one's.
 //! * Every field is optional except `apiVersion` and `kind`. An empty string
 //!   for a name or path (`hostnameOverride: ""`, `kubeconfig: ""`) means unset,
 //!   as in kube-proxy's files.
@@ -66,11 +70,14 @@ use crate::{
     cli::{LogFormat, RunArgs},
 };
 
+pub mod kube_proxy;
+pub use kube_proxy::Ignored;
+
 /// `apiVersion` of the file.
 pub const API_VERSION: &str = "kube-ebpf-proxy.config/v1alpha1";
 /// `kind` of the file.
 pub const KIND: &str = "KubeEbpfProxyConfiguration";
-/// kube-proxy's own configuration group, refused with a pointer to ours.
+/// kube-proxy's own configuration group: only v1alpha1 exists.
 const KUBE_PROXY_GROUP: &str = "kubeproxy.config.k8s.io/";
 
 /// The `--config` file, checked. `None` leaves the flag's value.
@@ -255,7 +262,7 @@ impl Errors {
 }
 
 /// A comma-separated list of CIDRs ("" is none).
-fn parse_cidr_list(s: &str) -> Result<Vec<Cidr>, String> {
+pub(crate) fn parse_cidr_list(s: &str) -> Result<Vec<Cidr>, String> {
     s.split(',')
         .map(str::trim)
         .filter(|c| !c.is_empty())
@@ -270,15 +277,56 @@ fn non_empty(s: Option<String>) -> Option<String> {
 
 /// Reads and checks a `--config` file; errors name the file.
 pub fn load(path: &Path) -> Result<FileConfig> {
+    Ok(load_with_notes(path)?.0)
+}
+
+/// Reads and checks a `--config` file of either kind, with what it set
+/// that has no effect here; errors name the file.
+pub fn load_with_notes(path: &Path) -> Result<(FileConfig, Vec<Ignored>)> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading the config file {}", path.display()))?;
-    parse_str(&text).with_context(|| format!("config file {}", path.display()))
+    parse_with_notes(&text).with_context(|| format!("config file {}", path.display()))
+}
+
+/// Reads every `--config` file in order and merges each into `args` (see
+/// [`merge`]): a later file's value replaces an earlier one's, a flag given
+/// on the command line beats them all. Returns the settings and what the
+/// files set that has no effect here.
+pub fn load_all(
+    paths: &[PathBuf],
+    mut args: RunArgs,
+    explicit: &dyn Fn(&str) -> bool,
+) -> Result<(RunArgs, Vec<Ignored>)> {
+    let mut ignored = Vec::new();
+    let mut source_files = Vec::new();
+    for path in paths {
+        let (file, notes) = load_with_notes(path)?;
+        if file.manifests.is_some() || file.kubeconfig.is_some() || file.master.is_some() {
+            source_files.push(path.display().to_string());
+        }
+        args = merge(&file, args, explicit);
+        ignored.extend(notes);
+    }
+    if args.manifests.is_some() && (args.kubeconfig.is_some() || args.master.is_some()) {
+        bail!(
+            "manifests and an API server (kubeconfig or master) both set, by {}: \
+             keep one of them",
+            source_files.join(" and ")
+        );
+    }
+    Ok((args, ignored))
 }
 
 /// Parses and checks the text of a `--config` file.
 pub fn parse_str(text: &str) -> Result<FileConfig> {
-    // Type first, so that a kube-proxy file gets a useful answer rather
-    // than "unknown field `mode`".
+    Ok(parse_with_notes(text)?.0)
+}
+
+/// Parses and checks the text of a `--config` file of either kind: ours,
+/// or kube-proxy's (with what it set that has no effect here).
+pub fn parse_with_notes(text: &str) -> Result<(FileConfig, Vec<Ignored>)> {
+    // Type first, so that a kube-proxy file of another version gets a
+    // useful answer rather than "unknown field `mode`".
     #[derive(Deserialize)]
     #[serde(rename_all = "camelCase")]
     struct TypeMeta {
@@ -291,21 +339,29 @@ pub fn parse_str(text: &str) -> Result<FileConfig> {
     let meta: TypeMeta = serde_yaml::from_str(text).context("not a YAML mapping")?;
     match (meta.api_version.as_deref(), meta.kind.as_deref()) {
         (Some(API_VERSION), Some(KIND)) => {}
-        (Some(v), _) if v.starts_with(KUBE_PROXY_GROUP) => bail!(
-            "apiVersion {v:?} is kube-proxy's configuration; kube-ebpf-proxy reads \
-             apiVersion {API_VERSION}, kind {KIND} (fields that mean the same keep \
-             kube-proxy's names: hostnameOverride, healthzBindAddress, metricsBindAddress, \
-             nodePortAddresses, clientConnection.kubeconfig, logging.format)"
+        (Some(kube_proxy::API_VERSION), Some(kube_proxy::KIND)) => {
+            return kube_proxy::parse(text).map_err(|e| anyhow::anyhow!("{e}"));
+        }
+        (Some(v), k) if v.starts_with(KUBE_PROXY_GROUP) => bail!(
+            "apiVersion {v:?}, kind {}: kube-ebpf-proxy reads kube-proxy's apiVersion {}, \
+             kind {}, or its own apiVersion {API_VERSION}, kind {KIND}",
+            k.map_or("(none)".into(), |k| format!("{k:?}")),
+            kube_proxy::API_VERSION,
+            kube_proxy::KIND,
         ),
         (v, k) => bail!(
-            "expected apiVersion {API_VERSION} and kind {KIND}, found apiVersion {} and kind {}",
+            "expected apiVersion {API_VERSION} and kind {KIND} (or kube-proxy's {} {}), \
+             found apiVersion {} and kind {}",
+            kube_proxy::API_VERSION,
+            kube_proxy::KIND,
             v.map_or("(none)".into(), |v| format!("{v:?}")),
             k.map_or("(none)".into(), |k| format!("{k:?}")),
         ),
     }
     // serde_yaml's messages carry the field's path and the line.
     let raw: Raw = serde_yaml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
-    FileConfig::try_from(raw).map_err(|e| anyhow::anyhow!("{e}"))
+    let config = FileConfig::try_from(raw).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok((config, Vec::new()))
 }
 
 /// Returns `args` with every setting that was not given on the command
@@ -371,7 +427,7 @@ pub fn given_on_command_line(matches: &ArgMatches) -> impl Fn(&str) -> bool + '_
 }
 
 /// IP:PORT to listen on.
-fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+pub(crate) fn parse_addr(s: &str) -> Result<SocketAddr, String> {
     s.parse()
         .map_err(|_| format!("{s:?} is not IP:PORT (e.g. 0.0.0.0:10256, [::]:10256)"))
 }
@@ -394,7 +450,7 @@ pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
 }
 
 /// `text` or `json` (kube-proxy's `logging.format` values).
-fn parse_log_format(s: &str) -> Result<LogFormat, String> {
+pub(crate) fn parse_log_format(s: &str) -> Result<LogFormat, String> {
     match s {
         "text" => Ok(LogFormat::Text),
         "json" => Ok(LogFormat::Json),
@@ -402,7 +458,7 @@ fn parse_log_format(s: &str) -> Result<LogFormat, String> {
     }
 }
 
-fn parse_cidr(s: &str) -> Result<Cidr, String> {
+pub(crate) fn parse_cidr(s: &str) -> Result<Cidr, String> {
     if s == "primary" {
         return Err(
             "\"primary\" (kube-proxy's node-IP shorthand) is not supported; list CIDRs".into(),
@@ -800,9 +856,10 @@ minSyncPeriodMs: 1000
     #[test]
     fn the_type_is_checked_first() {
         let e = err(
-            "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nmode: nftables\n",
+            "apiVersion: kubeproxy.config.k8s.io/v1beta1\nkind: KubeProxyConfiguration\nmode: nftables\n",
         );
-        assert!(e.contains("kube-proxy's configuration"), "{e}");
+        assert!(e.contains("kube-proxy's apiVersion"), "{e}");
+        assert!(e.contains(kube_proxy::API_VERSION), "{e}");
         assert!(e.contains(API_VERSION), "{e}");
         let e = err("bpffs: /x\n");
         assert!(e.contains("found apiVersion (none)"), "{e}");
@@ -810,6 +867,45 @@ minSyncPeriodMs: 1000
         assert!(e.contains("empty"), "{e}");
         let e = err("- a list\n");
         assert!(e.contains("not a YAML mapping"), "{e}");
+    }
+
+    #[test]
+    fn kube_proxys_file_then_ours_merge_in_order() {
+        let dir = std::env::temp_dir().join(format!("kep-config-two-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let theirs = dir.join("kube-proxy.conf");
+        std::fs::write(
+            &theirs,
+            "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n\
+             bindAddress: 0.0.0.0\nmetricsBindAddress: 0.0.0.0:10249\n\
+             clientConnection: {kubeconfig: /var/lib/kube-proxy/kubeconfig.conf}\n\
+             iptables: {minSyncPeriod: 1s}\n",
+        )
+        .unwrap();
+        let ours = dir.join("ours.yaml");
+        std::fs::write(&ours, format!("{HEAD}minSyncPeriodMs: 20\nbpffs: /x\n")).unwrap();
+        let contradicting = dir.join("manifests.yaml");
+        std::fs::write(&contradicting, format!("{HEAD}manifests: /objs\n")).unwrap();
+        let no_flags = |_: &str| false;
+        let defaults = || run_with(&[], &FileConfig::default());
+        let two = [theirs.clone(), ours];
+        let result = load_all(&two, defaults(), &no_flags);
+        let refused = load_all(&[theirs, contradicting], defaults(), &no_flags);
+        std::fs::remove_dir_all(&dir).unwrap();
+        let (args, ignored) = result.unwrap();
+        assert_eq!(args.metrics_bind_address.port(), 10249);
+        assert!(args.metrics_bind_address.ip().is_unspecified());
+        assert_eq!(
+            args.kubeconfig,
+            Some(PathBuf::from("/var/lib/kube-proxy/kubeconfig.conf"))
+        );
+        // The later file replaces the earlier one's value.
+        assert_eq!(args.min_sync_period_ms, 20);
+        assert_eq!(args.bpffs, PathBuf::from("/x"));
+        assert_eq!(ignored.len(), 1, "{ignored:?}");
+        assert_eq!(ignored[0].field, "bindAddress");
+        let e = format!("{:#}", refused.unwrap_err());
+        assert!(e.contains("keep one of them"), "{e}");
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::{
     fs,
     net::{IpAddr, Ipv4Addr},
     sync::Arc,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context as _, Result};
@@ -53,6 +53,9 @@ struct Context {
     health: Arc<Health>,
     /// When the oldest change not yet programmed was seen.
     pending_since: Option<Instant>,
+    /// Trigger times of the slice changes handed to the model and not yet
+    /// programmed (kube-proxy's network programming latency starts there).
+    pending_triggers: Vec<SystemTime>,
     model: ModelCache,
     synced_once: bool,
     problems_logged: BTreeSet<String>,
@@ -117,8 +120,12 @@ fn load_datapath(args: &RunArgs, node_name: &str) -> Result<(Datapath, Syncer<Bp
 }
 
 /// Serves /metrics and /healthz.
-async fn serve_endpoints(args: &RunArgs) -> Result<(Arc<Metrics>, Arc<Health>)> {
-    let metrics = Arc::new(Metrics::new(&args.bpffs));
+async fn serve_endpoints(args: &RunArgs, source: &Source) -> Result<(Arc<Metrics>, Arc<Health>)> {
+    let mut metrics = Metrics::new(&args.bpffs);
+    if let Some(stats) = source.watch_stats() {
+        metrics.register_watch(stats);
+    }
+    let metrics = Arc::new(metrics);
     let health = Arc::new(Health::new(health::DEFAULT_TIMEOUT, Instant::now()));
     let at = http::serve(
         args.metrics_bind_address,
@@ -136,7 +143,7 @@ impl Context {
         let node_name = node_name(&args)?;
         let (dp, syncer) = load_datapath(&args, &node_name)?;
         let source = Source::start(&args, &node_name).await?;
-        let (metrics, health) = serve_endpoints(&args).await?;
+        let (metrics, health) = serve_endpoints(&args, &source).await?;
         let node = NodeInfo {
             name: node_name,
             zone: None,
@@ -151,6 +158,7 @@ impl Context {
             metrics,
             health,
             pending_since: Some(Instant::now()),
+            pending_triggers: Vec::new(),
             model: ModelCache::new(node, opts),
             synced_once: false,
             problems_logged: BTreeSet::new(),
@@ -244,6 +252,7 @@ impl Context {
         self.kube_pending = false;
         let fed = self.source.feed(&mut self.model);
         self.health.set_node_eligible(self.source.node_eligible());
+        self.pending_triggers.extend(fed.trigger_times);
         if !fed.ready {
             debug!("waiting for the initial lists");
             return;
@@ -311,7 +320,8 @@ impl Context {
         m.record_skipped(&problems, self.source.unreadable());
         m.record_no_local_endpoints(self.model.frontends());
         m.set_map_entries(&self.syncer.entry_counts());
-        let wall = m.record_sync(started, self.pending_since.take());
+        let triggers = std::mem::take(&mut self.pending_triggers);
+        let wall = m.record_sync(started, self.pending_since.take(), &triggers);
         if report.failed.is_empty() {
             self.health.synced(started, wall);
         }

@@ -27,14 +27,19 @@ fn main() -> Result<()> {
     let cli = Cli::from_arg_matches(&matches)?;
     match cli.command {
         Command::Run(mut args) => {
-            if let Some(path) = args.config.clone() {
-                let file = config::load(&path)?;
-                let given = matches
-                    .subcommand_matches("run")
-                    .expect("the run subcommand was parsed");
-                *args = config::merge(&file, *args, &config::given_on_command_line(given));
-            }
+            let given = matches
+                .subcommand_matches("run")
+                .expect("the run subcommand was parsed");
+            let paths = args.config.clone();
+            let (merged, ignored) =
+                config::load_all(&paths, *args, &config::given_on_command_line(given))?;
+            *args = merged;
             init_logging(args.log_format, args.log_level.as_deref());
+            // Once, at start: the files are read once.
+            for i in ignored {
+                tracing::warn!(field = %i.field, value = %i.value, reason = i.why,
+                    "kube-proxy setting ignored");
+            }
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?

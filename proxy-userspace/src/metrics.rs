@@ -27,9 +27,13 @@ use prometheus_client::{
 };
 use proxy_common::*;
 
+mod process;
+pub use process::{ProcessCollector, ProcessFigures};
+
 use crate::{
     datapath::open_pinned,
     model::{Frontend, FrontendKey, FrontendKind, ObjectChanges, Problem},
+    source::kube::WatchStats,
     sync::lbmap::WriteError,
 };
 
@@ -60,7 +64,11 @@ pub struct NameLabels {
 pub struct SyncMetrics {
     pub sync_duration: Histogram,
     pub last_sync_timestamp: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// From a slice's trigger time to the datapath using the change, as
+    /// kube-proxy measures it.
     pub network_programming: Histogram,
+    /// From the daemon seeing a change (either source) to programming it.
+    pub sync_wait: Histogram,
     pub service_changes: PromCounter,
     pub endpoint_changes: PromCounter,
     pub no_local_endpoints: Family<PolicyLabels, Gauge>,
@@ -86,16 +94,43 @@ fn seconds_buckets() -> impl Iterator<Item = f64> {
     exponential_buckets(0.001, 2.0, 16)
 }
 
+fn programming_buckets() -> impl Iterator<Item = f64> {
+    // 10 ms .. ~11 min: the trigger time includes the EndpointSlice
+    // controller's own delay, and kube-proxy's buckets reach 5 min.
+    exponential_buckets(0.01, 2.0, 17)
+}
+
+/// Maps the syncer writes, and how a write can fail: their failure series
+/// exist at 0 from the start, so that a dashboard's rate() and an alert see
+/// the first failure as an increase rather than a new series.
+const WRITTEN_MAPS: [&str; 7] = [
+    SVC_MAP,
+    SLOT_MAP,
+    BACKEND_MAP,
+    ADDR_MAP,
+    NAME_MAP,
+    AFFMEM_MAP,
+    SRCRNG_MAP,
+];
+const WRITE_FAILURES: [&str; 2] = ["full", "error"];
+
 impl SyncMetrics {
     fn new() -> SyncMetrics {
+        let map_write_failures = Family::<MapLabels, PromCounter>::default();
+        for map in WRITTEN_MAPS {
+            for reason in WRITE_FAILURES {
+                drop(map_write_failures.get_or_create(&MapLabels { map, reason }));
+            }
+        }
         SyncMetrics {
             sync_duration: Histogram::new(seconds_buckets()),
             last_sync_timestamp: Gauge::default(),
-            network_programming: Histogram::new(seconds_buckets()),
+            network_programming: Histogram::new(programming_buckets()),
+            sync_wait: Histogram::new(seconds_buckets()),
             service_changes: PromCounter::default(),
             endpoint_changes: PromCounter::default(),
             no_local_endpoints: Family::default(),
-            map_write_failures: Family::default(),
+            map_write_failures,
             skipped_objects: Family::default(),
             map_entries: Family::default(),
             map_fill: Family::default(),
@@ -128,8 +163,14 @@ impl Metrics {
         );
         r.register(
             "kubeproxy_network_programming_duration_seconds",
-            "From a change of Services or EndpointSlices being seen to the datapath using it",
+            "From an EndpointSlice change's trigger time (its \
+             endpoints.kubernetes.io/last-change-trigger-time) to the datapath using it",
             sync.network_programming.clone(),
+        );
+        r.register(
+            "kube_ebpf_proxy_sync_wait_duration_seconds",
+            "From the daemon seeing a change of Services or EndpointSlices to the datapath using it",
+            sync.sync_wait.clone(),
         );
         r.register(
             "kubeproxy_sync_proxy_rules_service_changes",
@@ -179,7 +220,14 @@ impl Metrics {
         r.register_collector(Box::new(DatapathCollector {
             bpffs: bpffs.to_path_buf(),
         }));
+        r.register_collector(Box::new(ProcessCollector));
         Metrics { registry: r, sync }
+    }
+
+    /// Exports the API server watchers' counters (read at scrape time).
+    pub fn register_watch(&mut self, stats: WatchStats) {
+        self.registry
+            .register_collector(Box::new(WatchCollector(stats)));
     }
 
     /// The Prometheus text format (0.0.4), which every scraper and
@@ -218,6 +266,55 @@ pub fn openmetrics_to_prometheus(text: &str) -> String {
         out.push('\n');
     }
     out
+}
+
+/// The API server watchers' counters, per resource.
+#[derive(Debug)]
+struct WatchCollector(WatchStats);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResourceLabels {
+    resource: &'static str,
+}
+
+impl Collector for WatchCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let stats = self.0.get();
+        let rows = |get: fn(&crate::source::kube::WatchCounters) -> u64| -> Vec<_> {
+            stats
+                .iter()
+                .map(|(resource, c)| (ResourceLabels { resource }, get(c)))
+                .collect()
+        };
+        counter_family(
+            &mut encoder,
+            "kube_ebpf_proxy_watch_lists",
+            "Lists started by the API server watcher: the initial one and every re-list",
+            &rows(|c| c.lists),
+        )?;
+        counter_family(
+            &mut encoder,
+            "kube_ebpf_proxy_watch_errors",
+            "Failed lists, failed or broken watches and error events; each is followed by a backoff",
+            &rows(|c| c.errors),
+        )?;
+        counter_family(
+            &mut encoder,
+            "kube_ebpf_proxy_watch_events",
+            "Objects added, modified or deleted after the initial list",
+            &rows(|c| c.events),
+        )?;
+        let synced: Vec<_> = rows(|c| c.ready as u64)
+            .into_iter()
+            .map(|(l, v)| (l, v as f64))
+            .collect();
+        gauge_family(
+            &mut encoder,
+            "kube_ebpf_proxy_watch_synced",
+            "1 once the watcher's initial list has completed",
+            &synced,
+        )
+    }
 }
 
 /// Reads the datapath's counters from the pinned maps at scrape time.
@@ -476,9 +573,15 @@ impl SyncMetrics {
     }
 
     /// A sync that began at `started` is done; `pending_since` is when the
-    /// oldest change it programmed was seen. Returns the wall-clock time
-    /// recorded as the last sync.
-    pub fn record_sync(&self, started: Instant, pending_since: Option<Instant>) -> SystemTime {
+    /// oldest change it programmed was seen, `triggers` the trigger times of
+    /// the slice changes it programmed. Returns the wall-clock time recorded
+    /// as the last sync.
+    pub fn record_sync(
+        &self,
+        started: Instant,
+        pending_since: Option<Instant>,
+        triggers: &[SystemTime],
+    ) -> SystemTime {
         self.sync_duration.observe(started.elapsed().as_secs_f64());
         let wall = SystemTime::now();
         self.last_sync_timestamp.set(
@@ -486,8 +589,13 @@ impl SyncMetrics {
                 .map_or(0.0, |d| d.as_secs_f64()),
         );
         if let Some(since) = pending_since {
-            self.network_programming
-                .observe(since.elapsed().as_secs_f64());
+            self.sync_wait.observe(since.elapsed().as_secs_f64());
+        }
+        for t in triggers {
+            // A trigger time ahead of our clock (skew between nodes) counts
+            // as 0, as kube-proxy's time.Since would give a negative one.
+            let took = wall.duration_since(*t).unwrap_or_default();
+            self.network_programming.observe(took.as_secs_f64());
         }
         wall
     }
@@ -545,6 +653,45 @@ mod tests {
         assert_eq!((l.name.as_str(), l.port.as_str()), ("backend-service", ""));
     }
 
+    /// (count, sum) of a histogram in an exposition.
+    fn histogram(text: &str, name: &str) -> (f64, f64) {
+        let value = |suffix: &str| {
+            let prefix = format!("{name}_{suffix} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(&prefix))
+                .unwrap_or_else(|| panic!("{prefix} missing in\n{text}"))
+                .parse::<f64>()
+                .unwrap()
+        };
+        (value("count"), value("sum"))
+    }
+
+    #[test]
+    fn network_programming_is_measured_from_the_trigger_times() {
+        let m = Metrics::new(Path::new("/nonexistent"));
+        let now = SystemTime::now();
+        let triggers = [
+            now - std::time::Duration::from_secs(2),
+            now - std::time::Duration::from_millis(500),
+            // Another node's clock ahead of ours: 0, not negative.
+            now + std::time::Duration::from_secs(60),
+        ];
+        let started = Instant::now();
+        m.sync.record_sync(started, Some(started), &triggers);
+        let text = m.encode().unwrap();
+        let (count, sum) = histogram(&text, "kubeproxy_network_programming_duration_seconds");
+        assert_eq!(count, 3.0);
+        // 2 s + 0.5 s, plus the few microseconds of this test.
+        assert!((2.5..2.6).contains(&sum), "{sum}");
+        // A sync without slice changes observes nothing there.
+        m.sync.record_sync(started, Some(started), &[]);
+        let text = m.encode().unwrap();
+        let name = "kubeproxy_network_programming_duration_seconds";
+        assert_eq!(histogram(&text, name).0, 3.0);
+        let (waits, _) = histogram(&text, "kube_ebpf_proxy_sync_wait_duration_seconds");
+        assert_eq!(waits, 2.0);
+    }
+
     #[test]
     fn control_plane_metrics_use_kube_proxy_names() {
         let m = Metrics::new(Path::new("/nonexistent"));
@@ -559,6 +706,12 @@ mod tests {
             "kubeproxy_sync_proxy_rules_endpoint_changes_total 0",
         ] {
             assert!(text.contains(name), "{name} missing in\n{text}");
+        }
+        for map in WRITTEN_MAPS {
+            let name = format!(
+                "kube_ebpf_proxy_map_write_failures_total{{map=\"{map}\",reason=\"full\"}} 0"
+            );
+            assert!(text.contains(&name), "{name} missing in\n{text}");
         }
     }
 }

@@ -34,7 +34,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -75,6 +75,23 @@ pub const WATCH_TIMEOUT_S: u32 = 60;
 /// itself ends requests after 60 s, so nothing legitimate is cut. Longer
 /// than [`WATCH_TIMEOUT_S`], so a quiet watch is never cut by it.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Set by the EndpointSlice controller to when the change a slice reflects
+/// happened (a Pod became ready, a Service changed): where kube-proxy's
+/// network programming latency starts, and ours.
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// The slice's [`TRIGGER_TIME_ANNOTATION`], if it has a valid one (RFC 3339,
+/// as the controller writes it).
+pub fn trigger_time<K: Resource>(object: &K) -> Option<SystemTime> {
+    let value = object
+        .meta()
+        .annotations
+        .as_ref()?
+        .get(TRIGGER_TIME_ANNOTATION)?;
+    let at: k8s_openapi::jiff::Timestamp = value.parse().ok()?;
+    Some(SystemTime::from(at))
+}
 
 /// Where the API server is and how to authenticate to it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -267,8 +284,9 @@ pub struct KubeSource {
 }
 
 /// Wakes the sync loop: bumped (then notified) after every store change.
-#[derive(Default)]
 struct Shared {
+    /// When watching started: older trigger times are not ours to measure.
+    started: SystemTime,
     generation: AtomicU64,
     notify: Notify,
     /// What changed since the last feed: so the model is handed the
@@ -300,9 +318,22 @@ struct Changed {
     objects: std::collections::BTreeSet<NamespacedName>,
     /// A (re)list completed: anything may have changed.
     all: bool,
+    /// The trigger times of the slices changed by watch events, as
+    /// kube-proxy counts them: changes made before this source started, and
+    /// deletions, are not programming latency.
+    trigger_times: Vec<SystemTime>,
 }
 
 impl Shared {
+    fn new() -> Shared {
+        Shared {
+            started: SystemTime::now(),
+            generation: AtomicU64::default(),
+            notify: Notify::default(),
+            pending: Default::default(),
+        }
+    }
+
     fn bump(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
         self.notify.notify_waiters();
@@ -312,6 +343,27 @@ impl Shared {
         if let Some(changed) = self.pending.lock().unwrap().of(resource) {
             change(changed);
         }
+    }
+}
+
+/// The watchers' counters, readable from elsewhere (the metrics).
+#[derive(Clone)]
+pub struct WatchStats([Arc<Counters>; 4]);
+
+impl std::fmt::Debug for WatchStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map().entries(self.get()).finish()
+    }
+}
+
+impl WatchStats {
+    /// Counters per resource, named as in [`RESOURCES`].
+    pub fn get(&self) -> BTreeMap<&'static str, WatchCounters> {
+        RESOURCES
+            .iter()
+            .zip(&self.0)
+            .map(|(name, c)| (*name, c.get()))
+            .collect()
     }
 }
 
@@ -369,7 +421,7 @@ impl KubeSource {
         nodes: impl WatchStream<Node>,
         service_cidrs: impl WatchStream<ServiceCIDR>,
     ) -> KubeSource {
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared::new());
         let counters: [Arc<Counters>; 4] = Default::default();
         let (svc_writer, slice_writer, node_writer, cidr_writer) = (
             Writer::default(),
@@ -474,9 +526,10 @@ impl KubeSource {
     /// Hands the stores to the model: only objects whose resourceVersion
     /// changed are copied, nothing is cloned wholesale (unlike
     /// [`snapshot`](Self::snapshot)). Returns whether every watcher has
-    /// completed its initial list; the caller must not program anything
-    /// before that, or a restart would wipe what is pinned.
-    pub fn feed(&self, cache: &mut ModelCache) -> bool {
+    /// completed its initial list (the caller must not program anything
+    /// before that, or a restart would wipe what is pinned), and the
+    /// trigger times of the slice changes handed over.
+    pub fn feed(&self, cache: &mut ModelCache) -> (bool, Vec<SystemTime>) {
         self.seen.store(
             self.shared.generation.load(Ordering::Acquire),
             Ordering::Release,
@@ -508,7 +561,7 @@ impl KubeSource {
         if let Some(node) = self.this_node() {
             cache.set_node(NodeInfo::from_node(&node));
         }
-        self.ready()
+        (self.ready(), slices.trigger_times)
     }
 
     /// Whether load balancers may keep sending to this node (kube-proxy's
@@ -541,11 +594,12 @@ impl KubeSource {
 
     /// Counters per resource, named as in [`RESOURCES`].
     pub fn counters(&self) -> BTreeMap<&'static str, WatchCounters> {
-        RESOURCES
-            .iter()
-            .zip(&self.counters)
-            .map(|(name, c)| (*name, c.get()))
-            .collect()
+        self.watch_stats().get()
+    }
+
+    /// A handle on the counters, for the metrics to read at scrape time.
+    pub fn watch_stats(&self) -> WatchStats {
+        WatchStats(self.counters.clone())
     }
 }
 
@@ -625,7 +679,19 @@ async fn reflect<K>(
                 );
                 shared.bump();
             }
-            watcher::Event::Apply(obj) | watcher::Event::Delete(obj) => {
+            watcher::Event::Apply(obj) => {
+                let trigger = (watched == Watched::EndpointSlices)
+                    .then(|| trigger_time(&obj))
+                    .flatten()
+                    .filter(|t| *t > shared.started);
+                shared.record(watched, |changed| {
+                    changed.objects.insert(NamespacedName::of(obj.meta()));
+                    changed.trigger_times.extend(trigger);
+                });
+                counters.events.fetch_add(1, Ordering::Relaxed);
+                shared.bump();
+            }
+            watcher::Event::Delete(obj) => {
                 shared.record(watched, |changed| {
                     changed.objects.insert(NamespacedName::of(obj.meta()));
                 });
@@ -920,6 +986,107 @@ mod tests {
         changed(&mut f.source).await;
         assert_eq!(names(&f.source.snapshot().services), ["one"]);
         assert_eq!(f.source.counters()["services"].events, 3);
+    }
+
+    #[tokio::test]
+    async fn the_watch_counters_are_exported() {
+        let mut f = fixture();
+        let mut metrics = crate::metrics::Metrics::new(std::path::Path::new("/nonexistent"));
+        metrics.register_watch(f.source.watch_stats());
+        list(&f.svc, vec![svc("a", "one")]);
+        f.svc.send(Err(watcher::Error::NoResourceVersion)).unwrap();
+        list(&f.svc, vec![svc("a", "one")]);
+        f.svc
+            .send(Ok(watcher::Event::Apply(svc("a", "two"))))
+            .unwrap();
+        list(&f.slices, vec![]);
+        while f.source.counters()["services"].events == 0 {
+            changed(&mut f.source).await;
+            f.source.snapshot();
+        }
+        let text = metrics.encode().unwrap();
+        for line in [
+            "# TYPE kube_ebpf_proxy_watch_lists_total counter",
+            "kube_ebpf_proxy_watch_lists_total{resource=\"services\"} 2",
+            "kube_ebpf_proxy_watch_errors_total{resource=\"services\"} 1",
+            "kube_ebpf_proxy_watch_events_total{resource=\"services\"} 1",
+            "kube_ebpf_proxy_watch_synced{resource=\"services\"} 1.0",
+            "kube_ebpf_proxy_watch_synced{resource=\"endpointslices\"} 1.0",
+            "kube_ebpf_proxy_watch_synced{resource=\"node\"} 0.0",
+            "kube_ebpf_proxy_watch_lists_total{resource=\"node\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+        }
+    }
+
+    fn triggered(ns: &str, name: &str, at: &str) -> EndpointSlice {
+        let mut s = slice(ns, name);
+        s.annotations_mut()
+            .insert(TRIGGER_TIME_ANNOTATION.into(), at.into());
+        s
+    }
+
+    fn rfc3339(t: SystemTime) -> String {
+        let d = t.duration_since(std::time::UNIX_EPOCH).unwrap();
+        let ts = k8s_openapi::jiff::Timestamp::new(d.as_secs() as i64, d.subsec_nanos() as i32);
+        ts.unwrap().to_string()
+    }
+
+    #[test]
+    fn the_trigger_time_annotation_parses_as_the_controller_writes_it() {
+        let at = |v: &str| trigger_time(&triggered("a", "s", v));
+        let t = at("2024-05-01T10:00:00Z").unwrap();
+        let secs = t.duration_since(std::time::UNIX_EPOCH).unwrap();
+        assert_eq!(secs.as_secs(), 1_714_557_600);
+        let t = at("2024-05-01T10:00:00.25+02:00").unwrap();
+        let secs = t.duration_since(std::time::UNIX_EPOCH).unwrap();
+        assert_eq!(secs.as_millis(), 1_714_550_400_250);
+        assert_eq!(at("yesterday"), None);
+        assert_eq!(trigger_time(&slice("a", "s")), None);
+    }
+
+    #[tokio::test]
+    async fn feed_hands_over_the_trigger_times_of_changed_slices() {
+        let mut f = fixture();
+        let before_start = rfc3339(SystemTime::now() - Duration::from_secs(3600));
+        // The initial list is not programming latency, whatever it says.
+        list(&f.svc, vec![]);
+        list(
+            &f.slices,
+            vec![triggered("a", "listed", &rfc3339(SystemTime::now()))],
+        );
+        list(&f.nodes, vec![]);
+        list(&f.cidrs, vec![]);
+        let mut cache = ModelCache::new(NodeInfo::default(), Default::default());
+        while !f.source.ready() {
+            changed(&mut f.source).await;
+        }
+        f.source.feed(&mut cache);
+        let now = SystemTime::now() + Duration::from_millis(1);
+        let events = [
+            triggered("a", "changed", &rfc3339(now)),
+            // From before this source started: another proxy's to measure.
+            triggered("a", "old", &before_start),
+            slice("a", "unannotated"),
+        ];
+        for s in events {
+            f.slices.send(Ok(watcher::Event::Apply(s))).unwrap();
+        }
+        f.slices
+            .send(Ok(watcher::Event::Delete(triggered(
+                "a",
+                "gone",
+                &rfc3339(now),
+            ))))
+            .unwrap();
+        changed(&mut f.source).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let (ready, triggers) = f.source.feed(&mut cache);
+        assert!(ready);
+        let expected = trigger_time(&triggered("a", "x", &rfc3339(now))).unwrap();
+        assert_eq!(triggers, [expected]);
+        // Handed over once.
+        assert_eq!(f.source.feed(&mut cache).1, []);
     }
 
     #[tokio::test]

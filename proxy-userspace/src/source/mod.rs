@@ -33,8 +33,12 @@ pub enum Source {
 }
 
 /// What [`Source::feed`] did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Fed {
+    /// When the slice changes handed over were triggered (their
+    /// `endpoints.kubernetes.io/last-change-trigger-time`): programming
+    /// latency is measured from there.
+    pub trigger_times: Vec<std::time::SystemTime>,
     /// The model was handed objects.
     pub changed: bool,
     /// Every initial list is complete (always, for manifests): before that
@@ -93,11 +97,24 @@ impl Source {
             } => Fed {
                 changed: feed_manifests(dir, unreadable, service_cidrs, model),
                 ready: true,
+                trigger_times: Vec::new(),
             },
-            Source::Kube(k) => Fed {
-                changed: true,
-                ready: k.feed(model),
-            },
+            Source::Kube(k) => {
+                let (ready, trigger_times) = k.feed(model);
+                Fed {
+                    changed: true,
+                    ready,
+                    trigger_times,
+                }
+            }
+        }
+    }
+
+    /// The API server watchers' counters (none for manifests).
+    pub fn watch_stats(&self) -> Option<kube::WatchStats> {
+        match self {
+            Source::Kube(k) => Some(k.watch_stats()),
+            Source::Manifests { .. } => None,
         }
     }
 
