@@ -25,8 +25,10 @@ use crate::{
     },
     health::{self, Health},
     http::{self, Endpoints},
+    log_limit::{LogLimiter, REMIND_EVERY},
     metrics::Metrics,
     model::{FrontendKey, ModelCache, NodeInfo, Options, Problem},
+    preflight,
     source::Source,
     sync::{SyncReport, Syncer, convert, lbmap::BpfLbMaps},
 };
@@ -49,9 +51,13 @@ struct Context {
     model: ModelCache,
     synced_once: bool,
     problems_logged: BTreeSet<String>,
+    /// Frontends whose write failed, as logged (retried at every sync).
+    failures_logged: BTreeSet<String>,
+    address_errors: LogLimiter,
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {
+    preflight::check(&args)?;
     let mut ctx = Context::start(args).await?;
     ctx.program_then_attach()?;
     ctx.serve_until_signal().await?;
@@ -107,8 +113,10 @@ async fn serve_endpoints(args: &RunArgs) -> Result<(Arc<Metrics>, Arc<Health>)> 
 impl Context {
     async fn start(args: RunArgs) -> Result<Context> {
         let node_name = node_name(&args)?;
-        let (dp, syncer) = load_datapath(&args, &node_name)?;
+        // The source first: a kubeconfig that does not parse stops the
+        // daemon before anything is pinned.
         let source = Source::start(&args, &node_name).await?;
+        let (dp, syncer) = load_datapath(&args, &node_name)?;
         let (metrics, health) = serve_endpoints(&args).await?;
         let node = NodeInfo {
             name: node_name,
@@ -124,6 +132,8 @@ impl Context {
             model: ModelCache::new(node, opts),
             synced_once: false,
             problems_logged: BTreeSet::new(),
+            failures_logged: BTreeSet::new(),
+            address_errors: LogLimiter::reminding(REMIND_EVERY),
             devices: Attachments::new(DeviceFilter {
                 only: args.devices.clone(),
             }),
@@ -225,14 +235,22 @@ impl Context {
 
     fn refresh_addresses(&mut self) -> bool {
         match devices::nodeport_addresses(&self.args.nodeport_addresses) {
-            Ok(addrs) if addrs != self.node_addrs => {
+            Ok(addrs) => {
+                if let Some(times) = self.address_errors.succeeded() {
+                    info!(failed = times, "listing node addresses works again");
+                }
+                if addrs == self.node_addrs {
+                    return false;
+                }
                 info!(addresses = ?addrs, "NodePort addresses");
                 self.node_addrs = addrs;
                 true
             }
-            Ok(_) => false,
             Err(e) => {
-                warn!(error = %e, "listing node addresses failed");
+                let e = format!("{e:#}");
+                if let Some(times) = self.address_errors.failed(&e) {
+                    warn!(error = %e, times, "listing node addresses failed; keeping the last ones");
+                }
                 false
             }
         }
@@ -254,9 +272,7 @@ impl Context {
         let problems = self.model.problems();
         self.log_new_problems(&problems);
         let report = self.program(&changed);
-        for (name, e) in &report.failed {
-            warn!(frontend = %name, error = %e, "frontend not programmed; it keeps its previous state");
-        }
+        self.log_new_failures(&report);
         let m = &self.metrics.sync;
         m.record_write_failures(&report.failed);
         m.record_skipped(&problems, self.source.unreadable());
@@ -293,6 +309,20 @@ impl Context {
                 &self.node_addrs,
             ))
         }
+    }
+
+    /// Write failures not logged at the last sync: a failed frontend is
+    /// retried at every sync, and logged again only once it was written.
+    fn log_new_failures(&mut self, report: &SyncReport) {
+        let now: BTreeSet<String> = report
+            .failed
+            .iter()
+            .map(|(name, e)| format!("{name}: {e}"))
+            .collect();
+        for f in now.difference(&self.failures_logged) {
+            warn!(failure = %f, "not programmed; it keeps its previous state, retried at every sync");
+        }
+        self.failures_logged = now;
     }
 
     /// Problems not logged at the last sync (each is logged once while it

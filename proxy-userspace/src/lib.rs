@@ -4,8 +4,9 @@
 //! source (API server, manifests) -> model (pure) -> sync (diff, maps) -> datapath (BPF)
 //! ```
 //!
-//! [`daemon`] runs the loop that connects them; [`metrics`], [`health`] and
-//! [`http`] report on it; [`inspect`] decodes the pinned maps. `testkit`
+//! [`daemon`] runs the loop that connects them, after [`preflight`] checked
+//! its arguments; [`metrics`], [`health`] and [`http`] report on it, and
+//! [`log_limit`] keeps repeated failures from flooding its log; [`inspect`] decodes the pinned maps. `testkit`
 //! (the `testkit` feature) holds what tests and benchmarks use only.
 
 pub mod cidr;
@@ -16,8 +17,10 @@ pub mod datapath;
 pub mod health;
 pub mod http;
 pub mod inspect;
+pub mod log_limit;
 pub mod metrics;
 pub mod model;
+pub mod preflight;
 pub mod source;
 pub mod sync;
 #[cfg(feature = "testkit")]

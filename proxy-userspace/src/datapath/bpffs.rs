@@ -23,13 +23,21 @@ fn is_bpffs(path: &Path) -> bool {
 }
 
 fn mount_bpffs(at: &Path) -> Result<()> {
-    mount(Some("bpf"), at, Some("bpf"), MsFlags::empty(), None::<&str>)
-        .with_context(|| format!("mounting bpffs at {}", at.display()))?;
+    if let Err(e) = mount(Some("bpf"), at, Some("bpf"), MsFlags::empty(), None::<&str>) {
+        bail!(
+            "--bpffs {}: not on a BPF filesystem, and mounting one there failed: {} \
+             (mount bpffs there first, e.g. the host's /sys/fs/bpf)",
+            at.display(),
+            e.desc()
+        );
+    }
     tracing::info!(path = %at.display(), "mounted bpffs");
     Ok(())
 }
 
-/// Creates `dir` on a BPF filesystem, mounting one when none is there.
+/// Creates `dir` on a BPF filesystem, mounting one when none is there
+/// (never over a directory that has files). Errors are one line naming
+/// `--bpffs`.
 pub fn ensure(dir: &Path) -> Result<()> {
     if is_bpffs(dir) {
         return Ok(());
@@ -41,12 +49,20 @@ pub fn ensure(dir: &Path) -> Result<()> {
                 mount_bpffs(sys)?;
                 fs::create_dir_all(dir)?;
             } else {
-                return Err(e).with_context(|| format!("creating {}", dir.display()));
+                bail!("--bpffs {}: cannot be created: {e}", dir.display());
             }
         }
         if is_bpffs(dir) {
             return Ok(());
         }
+    }
+    // Mounting over files would hide them (a typo like `--bpffs /tmp`).
+    if fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some()) {
+        bail!(
+            "--bpffs {}: not on a BPF filesystem, and not empty: refusing to mount one \
+             over its files",
+            dir.display()
+        );
     }
     mount_bpffs(dir)?;
     if !is_bpffs(dir) {

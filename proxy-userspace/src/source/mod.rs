@@ -15,7 +15,7 @@ use self::{
     kube::{KubeOptions, KubeSource},
     manifests::ManifestDir,
 };
-use crate::{cli::RunArgs, model::ModelCache};
+use crate::{cli::RunArgs, log_limit::LogLimiter, model::ModelCache};
 
 /// Where Services and EndpointSlices come from.
 pub enum Source {
@@ -24,6 +24,8 @@ pub enum Source {
         dir: ManifestDir,
         /// Parts of the manifests that could not be read, at the last load.
         unreadable: usize,
+        /// The directory could not be read: logged once per change.
+        read_errors: LogLimiter,
     },
     /// An API server, watched.
     Kube(KubeSource),
@@ -47,6 +49,7 @@ impl Source {
             return Ok(Source::Manifests {
                 dir: ManifestDir::new(dir.clone()),
                 unreadable: 0,
+                read_errors: LogLimiter::on_change(),
             });
         }
         let opts = KubeOptions {
@@ -82,8 +85,12 @@ impl Source {
     /// a file changed, the objects the API server's watch events named.
     pub fn feed(&mut self, model: &mut ModelCache) -> Fed {
         match self {
-            Source::Manifests { dir, unreadable } => Fed {
-                changed: feed_manifests(dir, unreadable, model),
+            Source::Manifests {
+                dir,
+                unreadable,
+                read_errors,
+            } => Fed {
+                changed: feed_manifests(dir, unreadable, read_errors, model),
                 ready: true,
             },
             Source::Kube(k) => Fed {
@@ -103,9 +110,22 @@ impl Source {
     }
 }
 
-/// Reloads the manifests when the directory changed; true if it did.
-fn feed_manifests(dir: &mut ManifestDir, unreadable: &mut usize, model: &mut ModelCache) -> bool {
-    match dir.load_if_changed() {
+/// Reloads the manifests when the directory changed; true if it did. A
+/// directory that cannot be read keeps the last state, and is logged when
+/// that starts, changes and ends, not at every poll.
+fn feed_manifests(
+    dir: &mut ManifestDir,
+    unreadable: &mut usize,
+    read_errors: &mut LogLimiter,
+    model: &mut ModelCache,
+) -> bool {
+    let loaded = dir.load_if_changed();
+    if loaded.is_ok()
+        && let Some(times) = read_errors.succeeded()
+    {
+        info!(failed_reads = times, "manifest directory readable again");
+    }
+    match loaded {
         Ok(Some(objects)) => {
             for p in &objects.problems {
                 warn!(problem = %p, "skipped part of a manifest");
@@ -124,7 +144,10 @@ fn feed_manifests(dir: &mut ManifestDir, unreadable: &mut usize, model: &mut Mod
         }
         Ok(None) => false,
         Err(e) => {
-            warn!(error = %format!("{e:#}"), "reading manifests failed; keeping the last state");
+            let e = format!("{e:#}");
+            if read_errors.failed(&e).is_some() {
+                warn!(error = %e, "reading manifests failed; keeping the last state (logged again when this changes)");
+            }
             false
         }
     }
