@@ -181,7 +181,7 @@ fn a_bpffs_that_cannot_be_mounted_is_refused_in_one_line() {
         ]),
         &["--manifests", "$LAB"],
         &[
-            "--bpffs $LAB/bpffs: not on a BPF filesystem, and mounting one there failed",
+            "--bpffs $LAB/bpffs: mounting bpffs at $LAB/bpffs failed: Operation not permitted",
             "mount bpffs there first",
         ],
     );

@@ -22,11 +22,14 @@ fn is_bpffs(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
-fn mount_bpffs(at: &Path) -> Result<()> {
+/// Mounts bpffs at `at`, for the pin directory `dir` (`at` itself or
+/// /sys/fs/bpf above it).
+fn mount_bpffs(at: &Path, dir: &Path) -> Result<()> {
     if let Err(e) = mount(Some("bpf"), at, Some("bpf"), MsFlags::empty(), None::<&str>) {
         bail!(
-            "--bpffs {}: not on a BPF filesystem, and mounting one there failed: {} \
-             (mount bpffs there first, e.g. the host's /sys/fs/bpf)",
+            "--bpffs {}: mounting bpffs at {} failed: {} (mount bpffs there first, \
+             e.g. the host's /sys/fs/bpf)",
+            dir.display(),
             at.display(),
             e.desc()
         );
@@ -46,7 +49,7 @@ pub fn ensure(dir: &Path) -> Result<()> {
         if let Err(e) = fs::create_dir_all(dir) {
             let sys = Path::new(SYS_BPF);
             if dir.starts_with(sys) && !is_bpffs(sys) {
-                mount_bpffs(sys)?;
+                mount_bpffs(sys, dir)?;
                 fs::create_dir_all(dir)?;
             } else {
                 bail!("--bpffs {}: cannot be created: {e}", dir.display());
@@ -64,7 +67,7 @@ pub fn ensure(dir: &Path) -> Result<()> {
             dir.display()
         );
     }
-    mount_bpffs(dir)?;
+    mount_bpffs(dir, dir)?;
     if !is_bpffs(dir) {
         bail!("{} is still not on a BPF filesystem", dir.display());
     }
