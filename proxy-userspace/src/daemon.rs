@@ -29,8 +29,10 @@ use crate::{
     },
     health::{self, Health},
     http::{self, Endpoints},
+    log_limit::{LogLimiter, REMIND_EVERY},
     metrics::Metrics,
     model::{FrontendKey, ModelCache, NodeInfo, Options, Problem, service_cidrs::service_cidrs},
+    preflight,
     service_health::{Bind, ServiceHealthServer},
     source::Source,
     sync::{SyncReport, Syncer, convert, lbmap::BpfLbMaps},
@@ -63,9 +65,13 @@ struct Context {
     service_health: ServiceHealthServer,
     /// The service CIDRs the datapath's configuration holds.
     service_cidrs: Vec<Cidr>,
+    /// Frontends whose write failed, as logged (retried at every sync).
+    failures_logged: BTreeSet<String>,
+    address_errors: LogLimiter,
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {
+    preflight::check(&args)?;
     let mut ctx = Context::start(args).await?;
     ctx.program_then_attach()?;
     ctx.serve_until_signal().await?;
@@ -141,8 +147,10 @@ async fn serve_endpoints(args: &RunArgs, source: &Source) -> Result<(Arc<Metrics
 impl Context {
     async fn start(args: RunArgs) -> Result<Context> {
         let node_name = node_name(&args)?;
-        let (dp, syncer) = load_datapath(&args, &node_name)?;
+        // The source first: a kubeconfig that does not parse stops the
+        // daemon before anything is pinned.
         let source = Source::start(&args, &node_name).await?;
+        let (dp, syncer) = load_datapath(&args, &node_name)?;
         let (metrics, health) = serve_endpoints(&args, &source).await?;
         let node = NodeInfo {
             name: node_name,
@@ -162,6 +170,8 @@ impl Context {
             model: ModelCache::new(node, opts),
             synced_once: false,
             problems_logged: BTreeSet::new(),
+            failures_logged: BTreeSet::new(),
+            address_errors: LogLimiter::reminding(REMIND_EVERY),
             devices: Attachments::new(DeviceFilter {
                 only: args.devices.clone(),
             }),
@@ -274,15 +284,23 @@ impl Context {
         let listed = devices::nodeport_addresses(&self.args.nodeport_addresses)
             .and_then(|np| Ok((np, devices::nodeport_addresses(&[])?)));
         match listed {
-            Ok((np, host)) if np != self.node_addrs || host != self.host_addrs => {
+            Ok((np, host)) => {
+                if let Some(times) = self.address_errors.succeeded() {
+                    info!(failed = times, "listing node addresses works again");
+                }
+                if np == self.node_addrs && host == self.host_addrs {
+                    return false;
+                }
                 info!(addresses = ?np, "NodePort addresses");
                 self.node_addrs = np;
                 self.host_addrs = host;
                 true
             }
-            Ok(_) => false,
             Err(e) => {
-                warn!(error = %e, "listing node addresses failed");
+                let e = format!("{e:#}");
+                if let Some(times) = self.address_errors.failed(&e) {
+                    warn!(error = %e, times, "listing node addresses failed; keeping the last ones");
+                }
                 false
             }
         }
@@ -310,9 +328,7 @@ impl Context {
         problems.extend(cidr_problems);
         self.log_new_problems(&problems);
         let report = self.program(&changed);
-        for (name, e) in &report.failed {
-            warn!(frontend = %name, error = %e, "frontend not programmed; it keeps its previous state");
-        }
+        self.log_new_failures(&report);
         self.apply_service_cidrs(service_cidrs);
         self.update_health_checks();
         let m = &self.metrics.sync;
@@ -403,6 +419,20 @@ impl Context {
                 &self.host_addrs,
             ))
         }
+    }
+
+    /// Write failures not logged at the last sync: a failed frontend is
+    /// retried at every sync, and logged again only once it was written.
+    fn log_new_failures(&mut self, report: &SyncReport) {
+        let now: BTreeSet<String> = report
+            .failed
+            .iter()
+            .map(|(name, e)| format!("{name}: {e}"))
+            .collect();
+        for f in now.difference(&self.failures_logged) {
+            warn!(failure = %f, "not programmed; it keeps its previous state, retried at every sync");
+        }
+        self.failures_logged = now;
     }
 
     /// Problems not logged at the last sync (each is logged once while it

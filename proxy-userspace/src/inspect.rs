@@ -2,19 +2,83 @@
 //! the daemon runs, since it only reads the pins.
 
 use std::{
+    fs,
     net::{Ipv4Addr, SocketAddrV4},
     path::Path,
 };
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use proxy_common::*;
 use serde::Serialize;
 
 use crate::{
     cli::{InspectWhat, OutputFormat},
-    datapath::open_pinned,
+    datapath::{maps_dir, open_pinned},
 };
+
+/// Fails with one line when nothing is pinned at `root`, saying whether a
+/// daemon runs (and where it pins), instead of the kernel's error for the
+/// first map that is not there.
+pub fn require_pins(root: &Path) -> Result<()> {
+    if maps_dir(root).join(SVC_MAP).exists() {
+        return Ok(());
+    }
+    let daemons: Vec<String> = running_daemons()
+        .into_iter()
+        .map(|(pid, bpffs)| match bpffs {
+            Some(b) => format!("pid {pid} with --bpffs {b}"),
+            None => format!("pid {pid} with the default --bpffs or its config file's"),
+        })
+        .collect();
+    if daemons.is_empty() {
+        bail!(
+            "nothing is pinned at {}, and no kube-ebpf-proxy daemon is running here \
+             (`kube-ebpf-proxy run` pins its maps there)",
+            root.display()
+        );
+    }
+    bail!(
+        "nothing is pinned at {}; a kube-ebpf-proxy daemon is running: {} \
+         (give inspect the same --bpffs)",
+        root.display(),
+        daemons.join("; ")
+    )
+}
+
+/// `kube-ebpf-proxy run` processes this /proc shows: pid and the `--bpffs`
+/// they were given on the command line.
+fn running_daemons() -> Vec<(u32, Option<String>)> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out: Vec<(u32, Option<String>)> = dir
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = fs::read(e.path().join("cmdline")).ok()?;
+            let args: Vec<String> = cmdline
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            let program = Path::new(args.first()?).file_name()?.to_str()?;
+            let is_daemon = program == "kube-ebpf-proxy" && args.get(1).is_some_and(|a| a == "run");
+            is_daemon.then(|| (pid, bpffs_arg(&args)))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn bpffs_arg(args: &[String]) -> Option<String> {
+    args.iter()
+        .enumerate()
+        .find_map(|(i, a)| match a.strip_prefix("--bpffs") {
+            Some("") => args.get(i + 1).cloned(),
+            Some(rest) => rest.strip_prefix('=').map(str::to_string),
+            None => None,
+        })
+}
 
 fn endpoint(addr: [u8; 4], port: [u8; 2]) -> String {
     SocketAddrV4::new(Ipv4Addr::from(addr), u16::from_be_bytes(port)).to_string()

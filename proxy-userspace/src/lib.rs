@@ -4,9 +4,11 @@
 //! source (API server, manifests) -> model (pure) -> sync (diff, maps) -> datapath (BPF)
 //! ```
 //!
-//! [`daemon`] runs the loop that connects them; [`metrics`], [`health`] and
-//! [`http`] report on it; [`service_health`] serves the Services' health
-//! checks (`healthCheckNodePort`); [`inspect`] decodes the pinned maps. `testkit`
+//! [`daemon`] runs the loop that connects them, after [`preflight`] checked
+//! its arguments; [`metrics`], [`health`] and [`http`] report on it;
+//! [`service_health`] serves the Services' health checks
+//! (`healthCheckNodePort`); [`log_limit`] keeps repeated failures from
+//! flooding the log; [`inspect`] decodes the pinned maps. `testkit`
 //! (the `testkit` feature) holds what tests and benchmarks use only.
 
 pub mod cidr;
@@ -17,8 +19,10 @@ pub mod datapath;
 pub mod health;
 pub mod http;
 pub mod inspect;
+pub mod log_limit;
 pub mod metrics;
 pub mod model;
+pub mod preflight;
 pub mod service_health;
 pub mod source;
 pub mod sync;

@@ -1,3 +1,5 @@
+use std::process::ExitCode;
+
 use anyhow::Result;
 use clap::{CommandFactory, FromArgMatches};
 use proxy_userspace::{
@@ -22,7 +24,29 @@ fn init_logging(format: LogFormat, level: Option<&str>) {
     }
 }
 
-fn main() -> Result<()> {
+/// An error as one line: an operator reads it in `kubectl logs` or a
+/// journal, where a multi-line chain is split apart.
+fn one_line(e: &anyhow::Error) -> String {
+    let text = format!("{e:#}");
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn main() -> ExitCode {
+    match run_command() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // In the log's own format once logging is set up (run).
+            if tracing::dispatcher::has_been_set() {
+                tracing::error!("{}", one_line(&e));
+            } else {
+                eprintln!("kube-ebpf-proxy: {}", one_line(&e));
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_command() -> Result<()> {
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches)?;
     match cli.command {
@@ -53,6 +77,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Inspect(args) => {
+            inspect::require_pins(&args.bpffs)?;
             print!("{}", inspect::render(&args.bpffs, args.what, args.output)?);
             Ok(())
         }

@@ -32,6 +32,7 @@ pub use process::{ProcessCollector, ProcessFigures};
 
 use crate::{
     datapath::open_pinned,
+    log_limit::{LogLimiter, REMIND_EVERY},
     model::{Frontend, FrontendKey, FrontendKind, ObjectChanges, Problem},
     source::kube::WatchStats,
     sync::lbmap::WriteError,
@@ -219,6 +220,7 @@ impl Metrics {
         );
         r.register_collector(Box::new(DatapathCollector {
             bpffs: bpffs.to_path_buf(),
+            read_errors: std::sync::Mutex::new(LogLimiter::reminding(REMIND_EVERY)),
         }));
         r.register_collector(Box::new(ProcessCollector));
         Metrics { registry: r, sync }
@@ -321,6 +323,8 @@ impl Collector for WatchCollector {
 #[derive(Debug)]
 pub struct DatapathCollector {
     bpffs: PathBuf,
+    /// Every scrape retries: a failure is logged when it changes.
+    read_errors: std::sync::Mutex<LogLimiter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -438,10 +442,22 @@ impl Collector for DatapathCollector {
         let f = match self.gather() {
             Ok(f) => f,
             Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "reading datapath counters failed");
+                let e = format!("{e:#}");
+                let mut limiter = self.read_errors.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(times) = limiter.failed(&e) {
+                    tracing::warn!(error = %e, times, "reading datapath counters failed");
+                }
                 return Ok(());
             }
         };
+        if let Some(times) = self
+            .read_errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .succeeded()
+        {
+            tracing::info!(failed = times, "reading datapath counters works again");
+        }
         let svc = |get: fn(&SvcStats) -> u64| -> Vec<(ServiceLabels, u64)> {
             f.per_service
                 .iter()

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask <setup|demo|test|bench|image>`.
+//! Project tasks: `cargo xtask <setup|demo|test|soak|bench|image>`.
 
 mod crr;
 mod demo;
@@ -28,6 +28,14 @@ enum Task {
     /// Build everything and run every test (what CI runs).
     Test {
         /// Extra arguments for the test binaries (a filter, --nocapture...).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// The long variants of the fuzz and property tests (KEP_SOAK=1: fifty
+    /// times the cases, a fresh seed each run, printed; KEP_SEED=N replays
+    /// one), with their figures printed.
+    Soak {
+        /// Extra arguments for the test binaries (a filter...).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
@@ -143,6 +151,28 @@ fn test(extra: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Test binaries with a long variant behind KEP_SOAK.
+const SOAK_TESTS: &[&str] = &["control_plane_props", "parser_fuzz", "datapath_fuzz"];
+
+fn soak(extra: &[String]) -> Result<()> {
+    setup::setup()?;
+    let mut args = vec!["test", "--release", "-p", "proxy-userspace"];
+    for t in SOAK_TESTS {
+        args.extend(["--test", t]);
+    }
+    args.extend(["--", "--nocapture"]);
+    args.extend(extra.iter().map(String::as_str));
+    let status = Command::new("cargo")
+        .args(&args)
+        .env("KEP_SOAK", "1")
+        .current_dir(root())
+        .status()?;
+    if !status.success() {
+        bail!("soak failed");
+    }
+    Ok(())
+}
+
 fn bench(args: &BenchArgs) -> Result<()> {
     setup::setup()?;
     let daemon = build_daemon()?;
@@ -182,6 +212,7 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Task::Setup => setup::setup(),
         Task::Test { args } => test(&args),
+        Task::Soak { args } => soak(&args),
         Task::Demo => {
             setup::setup()?;
             let daemon = build_daemon()?;

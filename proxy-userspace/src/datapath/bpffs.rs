@@ -22,14 +22,25 @@ fn is_bpffs(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
-fn mount_bpffs(at: &Path) -> Result<()> {
-    mount(Some("bpf"), at, Some("bpf"), MsFlags::empty(), None::<&str>)
-        .with_context(|| format!("mounting bpffs at {}", at.display()))?;
+/// Mounts bpffs at `at`, for the pin directory `dir` (`at` itself or
+/// /sys/fs/bpf above it).
+fn mount_bpffs(at: &Path, dir: &Path) -> Result<()> {
+    if let Err(e) = mount(Some("bpf"), at, Some("bpf"), MsFlags::empty(), None::<&str>) {
+        bail!(
+            "--bpffs {}: mounting bpffs at {} failed: {} (mount bpffs there first, \
+             e.g. the host's /sys/fs/bpf)",
+            dir.display(),
+            at.display(),
+            e.desc()
+        );
+    }
     tracing::info!(path = %at.display(), "mounted bpffs");
     Ok(())
 }
 
-/// Creates `dir` on a BPF filesystem, mounting one when none is there.
+/// Creates `dir` on a BPF filesystem, mounting one when none is there
+/// (never over a directory that has files). Errors are one line naming
+/// `--bpffs`.
 pub fn ensure(dir: &Path) -> Result<()> {
     if is_bpffs(dir) {
         return Ok(());
@@ -38,17 +49,25 @@ pub fn ensure(dir: &Path) -> Result<()> {
         if let Err(e) = fs::create_dir_all(dir) {
             let sys = Path::new(SYS_BPF);
             if dir.starts_with(sys) && !is_bpffs(sys) {
-                mount_bpffs(sys)?;
+                mount_bpffs(sys, dir)?;
                 fs::create_dir_all(dir)?;
             } else {
-                return Err(e).with_context(|| format!("creating {}", dir.display()));
+                bail!("--bpffs {}: cannot be created: {e}", dir.display());
             }
         }
         if is_bpffs(dir) {
             return Ok(());
         }
     }
-    mount_bpffs(dir)?;
+    // Mounting over files would hide them (a typo like `--bpffs /tmp`).
+    if fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some()) {
+        bail!(
+            "--bpffs {}: not on a BPF filesystem, and not empty: refusing to mount one \
+             over its files",
+            dir.display()
+        );
+    }
+    mount_bpffs(dir, dir)?;
     if !is_bpffs(dir) {
         bail!("{} is still not on a BPF filesystem", dir.display());
     }

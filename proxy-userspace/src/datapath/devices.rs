@@ -13,7 +13,10 @@ use anyhow::Result;
 use tracing::{debug, info, warn};
 
 use super::{Datapath, Device};
-use crate::cidr::Cidr;
+use crate::{
+    cidr::Cidr,
+    log_limit::{LogLimiter, REMIND_EVERY},
+};
 
 /// Which devices get our programs: every device, or the ones named with
 /// `--devices` and lo (whose egress carries node processes' traffic to the
@@ -69,6 +72,7 @@ pub struct Attachments {
     attached: BTreeSet<Device>,
     /// Devices whose attach failed: when to try again, and the delay after.
     retry: BTreeMap<Device, (Instant, Duration)>,
+    list_errors: LogLimiter,
 }
 
 impl Attachments {
@@ -77,6 +81,7 @@ impl Attachments {
             filter,
             attached: BTreeSet::new(),
             retry: BTreeMap::new(),
+            list_errors: LogLimiter::reminding(REMIND_EVERY),
         }
     }
 
@@ -106,10 +111,16 @@ impl Attachments {
         let current = match list(&self.filter) {
             Ok(d) => d,
             Err(e) => {
-                warn!(error = %e, "listing devices failed");
+                let e = format!("{e:#}");
+                if let Some(times) = self.list_errors.failed(&e) {
+                    warn!(error = %e, times, "listing devices failed");
+                }
                 return;
             }
         };
+        if let Some(times) = self.list_errors.succeeded() {
+            info!(failed = times, "listing devices works again");
+        }
         let now = Instant::now();
         self.retry.retain(|dev, _| current.contains(dev));
         for dev in current.difference(&self.attached.clone()) {
@@ -127,7 +138,12 @@ impl Attachments {
             if let Err(e) = dp.detach(&dev) {
                 warn!(device = %dev.name, error = %format!("{e:#}"), "detach failed");
             }
-            debug!(device = %dev.name, "device gone");
+            if self.filter.only.is_empty() {
+                debug!(device = %dev.name, "device gone");
+            } else {
+                // Named by the operator: worth saying, once per absence.
+                warn!(device = %dev.name, "device named in --devices is gone; attached again when it returns");
+            }
             self.attached.remove(&dev);
         }
     }

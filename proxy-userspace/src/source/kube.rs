@@ -59,6 +59,7 @@ use tracing::{info, warn};
 
 use crate::{
     health,
+    log_limit::{LogLimiter, REMIND_EVERY},
     model::{LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, ModelCache, NamespacedName, NodeInfo},
 };
 
@@ -115,7 +116,7 @@ pub async fn config(opts: &KubeOptions) -> Result<Config> {
     let mut config = match (&opts.kubeconfig, master) {
         (Some(path), master) => {
             let kubeconfig = Kubeconfig::read_from(path)
-                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+                .with_context(|| format!("--kubeconfig {}", path.display()))?;
             let mut config =
                 Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
                     .await
@@ -634,6 +635,7 @@ async fn reflect<K>(
     let resource = watched.name();
     let mut stream = std::pin::pin!(stream);
     let mut listed = 0usize;
+    let mut errors = LogLimiter::reminding(REMIND_EVERY);
     while let Some(item) = stream.next().await {
         let event = match item {
             Ok(event) => event,
@@ -651,14 +653,21 @@ async fn reflect<K>(
             }
             Err(e) => {
                 counters.errors.fetch_add(1, Ordering::Relaxed);
-                warn!(
-                    resource,
-                    error = %e,
-                    "watch failed; keeping the last state, retrying with backoff"
-                );
+                let e = e.to_string();
+                if let Some(times) = errors.failed(&e) {
+                    warn!(
+                        resource,
+                        error = %e,
+                        times,
+                        "watch failed; keeping the last state, retrying with backoff"
+                    );
+                }
                 continue;
             }
         };
+        if let Some(times) = errors.succeeded() {
+            info!(resource, failed = times, "watch works again");
+        }
         // A re-list buffers in the writer and swaps at InitDone, so the store
         // never shows a half-listed state.
         writer.apply_watcher_event(&event);

@@ -16,7 +16,7 @@ use self::{
     kube::{KubeOptions, KubeSource},
     manifests::ManifestDir,
 };
-use crate::{cli::RunArgs, model::ModelCache};
+use crate::{cli::RunArgs, log_limit::LogLimiter, model::ModelCache};
 
 /// Where Services and EndpointSlices come from.
 pub enum Source {
@@ -27,6 +27,8 @@ pub enum Source {
         unreadable: usize,
         /// The ServiceCIDR objects of the last load.
         service_cidrs: Vec<ServiceCIDR>,
+        /// The directory could not be read: logged once per change.
+        read_errors: LogLimiter,
     },
     /// An API server, watched.
     Kube(KubeSource),
@@ -55,6 +57,7 @@ impl Source {
                 dir: ManifestDir::new(dir.clone()),
                 unreadable: 0,
                 service_cidrs: Vec::new(),
+                read_errors: LogLimiter::on_change(),
             });
         }
         let opts = KubeOptions {
@@ -94,8 +97,9 @@ impl Source {
                 dir,
                 unreadable,
                 service_cidrs,
+                read_errors,
             } => Fed {
-                changed: feed_manifests(dir, unreadable, service_cidrs, model),
+                changed: feed_manifests(dir, unreadable, service_cidrs, read_errors, model),
                 ready: true,
                 trigger_times: Vec::new(),
             },
@@ -145,14 +149,23 @@ impl Source {
     }
 }
 
-/// Reloads the manifests when the directory changed; true if it did.
+/// Reloads the manifests when the directory changed; true if it did. A
+/// directory that cannot be read keeps the last state, and is logged when
+/// that starts, changes and ends, not at every poll.
 fn feed_manifests(
     dir: &mut ManifestDir,
     unreadable: &mut usize,
     service_cidrs: &mut Vec<ServiceCIDR>,
+    read_errors: &mut LogLimiter,
     model: &mut ModelCache,
 ) -> bool {
-    match dir.load_if_changed() {
+    let loaded = dir.load_if_changed();
+    if loaded.is_ok()
+        && let Some(times) = read_errors.succeeded()
+    {
+        info!(failed_reads = times, "manifest directory readable again");
+    }
+    match loaded {
         Ok(Some(mut objects)) => {
             for p in &objects.problems {
                 warn!(problem = %p, "skipped part of a manifest");
@@ -174,7 +187,10 @@ fn feed_manifests(
         }
         Ok(None) => false,
         Err(e) => {
-            warn!(error = %format!("{e:#}"), "reading manifests failed; keeping the last state");
+            let e = format!("{e:#}");
+            if read_errors.failed(&e).is_some() {
+                warn!(error = %e, "reading manifests failed; keeping the last state (logged again when this changes)");
+            }
             false
         }
     }

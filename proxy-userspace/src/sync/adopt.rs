@@ -4,8 +4,8 @@
 //! first sync rewrites only what differs from the desired state and a
 //! restart does not disturb traffic. What nothing refers to (slots of an
 //! old generation, names of a gone service port, unreferenced backends) is
-//! deleted at the first sync; every pinned address class is re-derived
-//! then.
+//! deleted at the first sync; every pinned address class, and the class of
+//! every adopted frontend's address, is re-derived then.
 
 use std::collections::BTreeSet;
 
@@ -35,8 +35,11 @@ impl<M: LbMaps> Syncer<M> {
             }
         }
         s.backends.mark_unreferenced();
-        // Every pinned address is re-derived at the first sync.
+        // Every pinned address is re-derived at the first sync, and so is
+        // every adopted VIP: the previous run may have died (or found the
+        // map full) between a service entry and its address entry.
         s.stale_addrs = s.addrs.keys().map(|k| k.addr).collect();
+        s.stale_addrs.extend(s.vips.keys().map(|(addr, _)| *addr));
         let used: BTreeSet<u32> = s.frontends.values().map(|p| p.svc_id).collect();
         s.svc_ids.adopt(&used);
         for (id, name) in pinned.names {

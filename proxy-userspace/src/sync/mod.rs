@@ -157,7 +157,8 @@ pub struct Syncer<M: LbMaps> {
     failed: BTreeSet<SvcKey>,
     /// Programmed frontends per VIP address and kind (true: external).
     vips: BTreeMap<([u8; 4], bool), usize>,
-    /// Addresses found in the pins, checked at the next sync.
+    /// Addresses to check again at the next sync: found in the pins, or
+    /// whose write failed (a full map).
     stale_addrs: BTreeSet<[u8; 4]>,
 }
 
@@ -642,9 +643,12 @@ impl<M: LbMaps> Syncer<M> {
                         None => self.addrs.remove(&k),
                     };
                 }
-                Err(e) => report
-                    .failed
-                    .push((format!("address {}", std::net::Ipv4Addr::from(*addr)), e)),
+                Err(e) => {
+                    self.stale_addrs.insert(*addr);
+                    report
+                        .failed
+                        .push((format!("address {}", std::net::Ipv4Addr::from(*addr)), e))
+                }
             }
         }
     }
@@ -1014,6 +1018,46 @@ mod tests {
                 .class,
             ADDR_NODEPORT | ADDR_HOST
         );
+    }
+
+    /// Found by control_plane_props: an address whose write failed was
+    /// never written once there was room, until something touched it.
+    #[test]
+    fn an_address_that_did_not_fit_is_written_once_there_is_room() {
+        let mut maps = MemLbMaps::default();
+        maps.capacity.insert(proxy_common::ADDR_MAP, 1);
+        let mut s = Syncer::adopt(maps).unwrap();
+        let r = s.sync(&desired(&[(key(1, 80), want("a", &[be(1, 80)]))]));
+        assert_eq!(r.failed.len(), 1, "the node address does not fit");
+        s.maps_mut().capacity.clear();
+        let r = s.apply(&[], None);
+        assert!(r.failed.is_empty());
+        assert_eq!(
+            s.maps().state.addrs[&AddrKey {
+                addr: [192, 168, 200, 11]
+            }]
+                .class,
+            ADDR_NODEPORT | ADDR_HOST
+        );
+    }
+
+    /// Found by control_plane_props: a service entry pinned without its
+    /// address entry (a full map, or a crash between the two writes) was
+    /// adopted as current, and its address never written.
+    #[test]
+    fn an_adopted_frontend_without_its_address_gets_it() {
+        let d = desired(&[(key(1, 80), want("a", &[be(1, 80)]))]);
+        let mut s = Syncer::adopt(MemLbMaps::default()).unwrap();
+        s.sync(&d);
+        let mut maps = s.maps().clone();
+        let vip = AddrKey {
+            addr: [10, 96, 0, 1],
+        };
+        maps.state.addrs.remove(&vip);
+        let mut s = Syncer::adopt(maps).unwrap();
+        let r = s.sync(&d);
+        assert!(r.failed.is_empty());
+        assert_eq!(s.maps().state.addrs[&vip].class, ADDR_CLUSTER_IP);
     }
 
     #[test]
