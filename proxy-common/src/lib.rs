@@ -48,7 +48,7 @@ pub const RNAT_MAP: &str = "KEP_RNAT_V1";
 /// later fragments of a datagram follow the first one.
 pub const FRAG_MAP: &str = "KEP_FRAG_V1";
 /// Per-CPU packet counters, indexed by [`Counter`].
-pub const STATS_MAP: &str = "KEP_STATS_V1";
+pub const STATS_MAP: &str = "KEP_STATS_V2";
 /// Datapath configuration, a single [`Config`] at index 0.
 pub const CONFIG_MAP: &str = "KEP_CFG_V1";
 /// Per-CPU traffic counters of each service port, indexed by service port id
@@ -58,8 +58,18 @@ pub const SVC_STATS_MAP: &str = "KEP_SVCSTAT_V1";
 /// ([`SvcName`]): inspection works from the pins alone, daemon or not.
 pub const NAME_MAP: &str = "KEP_NAME_V1";
 
+/// Socket-level load balancing, reverse direction: (socket cookie, backend
+/// address and port) → the service address the socket dialed, so that
+/// `getpeername()` and the source of a received UDP datagram show the service.
+pub const SOCK_RNAT_MAP: &str = "KEP_SKRNAT_V1";
+/// Socket-level load balancing of unconnected UDP: (socket cookie, service
+/// address, port) → the backend chosen for it, so every datagram a socket
+/// sends to one service goes to one backend, as the conntrack entry of the
+/// per-packet path keeps it.
+pub const SOCK_FWD_MAP: &str = "KEP_SKFWD_V1";
+
 /// Every map name, for pinning and cleanup.
-pub const ALL_MAPS: [&str; 11] = [
+pub const ALL_MAPS: [&str; 13] = [
     SVC_MAP,
     SLOT_MAP,
     BACKEND_MAP,
@@ -71,6 +81,8 @@ pub const ALL_MAPS: [&str; 11] = [
     CONFIG_MAP,
     SVC_STATS_MAP,
     NAME_MAP,
+    SOCK_RNAT_MAP,
+    SOCK_FWD_MAP,
 ];
 
 /// Capacities. Hash maps holding desired state are created without
@@ -82,6 +94,10 @@ pub const ADDR_MAP_SIZE: u32 = 262_144;
 pub const CT_MAP_SIZE: u32 = 262_144;
 pub const RNAT_MAP_SIZE: u32 = 262_144;
 pub const FRAG_MAP_SIZE: u32 = 8_192;
+/// One entry per socket connected through a service (TCP and UDP alike).
+pub const SOCK_RNAT_MAP_SIZE: u32 = 262_144;
+/// One entry per (unconnected UDP socket, service) pair.
+pub const SOCK_FWD_MAP_SIZE: u32 = 65_536;
 /// Service port ids are below this (the syncer reuses freed ids).
 pub const SVC_ID_LIMIT: u32 = SVC_MAP_SIZE;
 
@@ -90,6 +106,21 @@ pub const PROG_INGRESS: &str = "kep_ingress";
 pub const PROG_EGRESS: &str = "kep_egress";
 /// A program that only returns; the benchmark's baseline.
 pub const PROG_NOOP: &str = "kep_noop";
+/// Socket-level load balancing: cgroup programs, attached to the cgroup v2
+/// root. `connect()` (TCP and UDP) and `sendmsg()` (unconnected UDP) to a
+/// service go straight to a backend; `recvmsg()` and `getpeername()` show
+/// the service address again.
+pub const PROG_CONNECT4: &str = "kep_connect4";
+pub const PROG_SENDMSG4: &str = "kep_sendmsg4";
+pub const PROG_RECVMSG4: &str = "kep_recvmsg4";
+pub const PROG_GETPEERNAME4: &str = "kep_getpeername4";
+/// Every socket-level program.
+pub const SOCK_PROGS: [&str; 4] = [
+    PROG_CONNECT4,
+    PROG_SENDMSG4,
+    PROG_RECVMSG4,
+    PROG_GETPEERNAME4,
+];
 
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
@@ -260,6 +291,39 @@ pub struct FragValue {
     pub dport: [u8; 2],
 }
 
+/// Key of [`SOCK_RNAT_MAP`]: a backend as one socket sees it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SockRevKey {
+    /// The socket's cookie (`bpf_get_socket_cookie`), unique while it lives.
+    pub cookie: u64,
+    pub addr: [u8; 4],
+    pub port: [u8; 2],
+    pub _pad: [u8; 2],
+}
+
+/// Key of [`SOCK_FWD_MAP`]: a service address as one socket dialed it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SockFwdKey {
+    pub cookie: u64,
+    pub addr: [u8; 4],
+    pub port: [u8; 2],
+    pub _pad: [u8; 2],
+}
+
+/// Value of [`SOCK_RNAT_MAP`] (the service address) and of [`SOCK_FWD_MAP`]
+/// (the backend address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SockNat {
+    pub addr: [u8; 4],
+    pub port: [u8; 2],
+    pub _pad: [u8; 2],
+    pub svc_id: u32,
+    pub backend_id: u32,
+}
+
 /// Value of [`SVC_STATS_MAP`]: both directions of the service port's flows.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
@@ -358,9 +422,12 @@ pub enum Counter {
     DropHelperError = 9,
     /// ICMP errors about a translated flow, translated back.
     IcmpError = 10,
+    /// A socket's connect() or sendmsg() to a service was sent straight to a
+    /// backend (socket-level load balancing).
+    SocketLb = 11,
 }
 
-pub const COUNTER_COUNT: u32 = 11;
+pub const COUNTER_COUNT: u32 = 12;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -375,6 +442,7 @@ impl Counter {
         Counter::DropMapError,
         Counter::DropHelperError,
         Counter::IcmpError,
+        Counter::SocketLb,
     ];
 
     /// Stable name, used as a metric label.
@@ -391,6 +459,7 @@ impl Counter {
             Counter::DropMapError => "map_error",
             Counter::DropHelperError => "helper_error",
             Counter::IcmpError => "icmp_error",
+            Counter::SocketLb => "socket_lb",
         }
     }
 
@@ -429,6 +498,9 @@ mod user {
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for SvcStats {}
     unsafe impl aya::Pod for SvcName {}
+    unsafe impl aya::Pod for SockRevKey {}
+    unsafe impl aya::Pod for SockFwdKey {}
+    unsafe impl aya::Pod for SockNat {}
 }
 
 #[cfg(test)]
@@ -452,6 +524,9 @@ mod tests {
         assert_eq!(size_of::<Config>(), 8);
         assert_eq!(size_of::<SvcStats>(), 24);
         assert_eq!(size_of::<SvcName>(), SVC_NAME_LEN);
+        assert_eq!(size_of::<SockRevKey>(), 16);
+        assert_eq!(size_of::<SockFwdKey>(), 16);
+        assert_eq!(size_of::<SockNat>(), 16);
     }
 
     #[test]

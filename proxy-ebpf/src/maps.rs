@@ -38,7 +38,15 @@ pub static KEP_FRAG_V1: LruHashMap<FragKey, FragValue, { FRAG_MAP_SIZE as usize 
     LruHashMap::new();
 
 #[btf_map]
-pub static KEP_STATS_V1: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArray::new();
+pub static KEP_SKRNAT_V1: LruHashMap<SockRevKey, SockNat, { SOCK_RNAT_MAP_SIZE as usize }> =
+    LruHashMap::new();
+
+#[btf_map]
+pub static KEP_SKFWD_V1: LruHashMap<SockFwdKey, SockNat, { SOCK_FWD_MAP_SIZE as usize }> =
+    LruHashMap::new();
+
+#[btf_map]
+pub static KEP_STATS_V2: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArray::new();
 
 #[btf_map]
 pub static KEP_CFG_V1: Array<Config, 1> = Array::new();
@@ -71,7 +79,7 @@ pub fn count_service(svc_id: u32, bytes: u32, new_flow: bool) {
 
 #[inline(always)]
 pub fn count(counter: Counter) {
-    if let Some(slot) = KEP_STATS_V1.get_ptr_mut(counter as u32) {
+    if let Some(slot) = KEP_STATS_V2.get_ptr_mut(counter as u32) {
         // SAFETY: a per-CPU slot is only touched by programs on this CPU,
         // which do not preempt each other.
         unsafe { *slot += 1 };
