@@ -90,6 +90,8 @@
 //! claim one frontend (address, port, protocol) the first keeps it and the
 //! second is reported.
 
+pub mod cache;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,

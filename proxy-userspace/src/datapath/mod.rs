@@ -13,6 +13,9 @@
 //! bpffs refuses names with a dot (EPERM), and device names may have one
 //! (VLANs: eth0.100), so names are percent-encoded in pins.
 
+pub mod bpffs;
+pub mod devices;
+
 use std::{
     collections::BTreeSet,
     fs, io,

@@ -11,6 +11,9 @@
 //! ([`Syncer::adopt`]): entries that are still right stay untouched, so a
 //! restart does not disturb traffic; stale ones are removed.
 
+pub mod convert;
+pub mod lbmap;
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use proxy_common::{

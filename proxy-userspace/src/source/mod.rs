@@ -1,0 +1,3 @@
+pub mod allocate;
+pub mod kube;
+pub mod manifests;

@@ -1,0 +1,2 @@
+pub mod pktgen;
+pub mod testns;
