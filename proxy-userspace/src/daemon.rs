@@ -23,7 +23,7 @@ use tracing::{debug, info, warn};
 use crate::{
     allocate, bpffs,
     cli::RunArgs,
-    datapath::{Datapath, Device},
+    datapath::{Datapath, Device, sockets},
     devices::{self, DeviceFilter},
     frontends,
     health::{self, Health},
@@ -166,6 +166,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         }
     }
     ctx.refresh_devices();
+    ctx.setup_socket_lb();
     if ctx.synced_once {
         ctx.log_ready();
     }
@@ -322,6 +323,48 @@ impl Context {
             Err(e) => {
                 warn!(error = %e, "listing node addresses failed");
                 false
+            }
+        }
+    }
+
+    /// Socket-level load balancing: attaches the cgroup programs (or swaps
+    /// the new ones into the links of an earlier run), or removes them when
+    /// turned off. Done once at start; a failure is logged and counted, and
+    /// the per-packet path then serves everything: never a reason not to
+    /// start.
+    fn setup_socket_lb(&mut self) {
+        let sync = &self.metrics.sync;
+        if !self.args.socket_lb {
+            match self.dp.detach_sockets() {
+                Ok(n) => info!(
+                    detached = n,
+                    "socket-level load balancing off (--socket-lb=false)"
+                ),
+                Err(e) => warn!(error = %format!("{e:#}"), "removing socket-level links failed"),
+            }
+            sync.socket_lb_enabled.set(0);
+            return;
+        }
+        let Some(root) = self
+            .args
+            .cgroup_root
+            .clone()
+            .or_else(sockets::cgroup2_mount)
+        else {
+            warn!(
+                "socket-level load balancing is off: no cgroup v2 mount; the per-packet path serves everything"
+            );
+            sync.socket_lb_attach_failures.inc();
+            return;
+        };
+        match self.dp.attach_sockets(&root) {
+            Ok(()) => {
+                info!(cgroup = %root.display(), "socket-level load balancing on");
+                sync.socket_lb_enabled.set(1);
+            }
+            Err(e) => {
+                warn!(cgroup = %root.display(), error = %format!("{e:#}"), "socket-level load balancing is off: attaching failed; the per-packet path serves everything");
+                sync.socket_lb_attach_failures.inc();
             }
         }
     }

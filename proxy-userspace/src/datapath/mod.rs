@@ -15,6 +15,7 @@
 
 pub mod bpffs;
 pub mod devices;
+pub mod sockets;
 
 use std::{
     collections::BTreeSet,
@@ -228,6 +229,17 @@ impl Datapath {
     pub fn detach(&mut self, dev: &Device) -> Result<()> {
         detach_pins(&self.root, dev)
     }
+
+    /// Attaches the socket-level programs to a cgroup v2 directory, or swaps
+    /// them into the links a previous run pinned; see [`sockets`].
+    pub fn attach_sockets(&mut self, cgroup: &Path) -> Result<()> {
+        sockets::attach(&mut self.ebpf, &self.root, cgroup)
+    }
+
+    /// Removes the socket-level links; returns how many there were.
+    pub fn detach_sockets(&mut self) -> Result<usize> {
+        sockets::detach_all(&self.root)
+    }
 }
 
 /// Devices named by the link pins under `root`.
@@ -276,6 +288,7 @@ pub fn detach_pins(root: &Path, dev: &Device) -> Result<()> {
 /// Removes every pin (links first, so no program runs on half-removed
 /// maps) and the directory itself.
 pub fn cleanup(root: &Path) -> Result<()> {
+    sockets::detach_all(root)?;
     for dev in pinned_devices(root)? {
         detach_pins(root, &dev)?;
     }
