@@ -497,7 +497,10 @@ cgroupRoot: /sys/fs/cgroup/kubepods
         );
         let c = parse_str(&text).unwrap();
         assert_eq!(c.socket_lb, Some(false));
-        assert_eq!(c.cgroup_root, Some(PathBuf::from("/sys/fs/cgroup/kubepods")));
+        assert_eq!(
+            c.cgroup_root,
+            Some(PathBuf::from("/sys/fs/cgroup/kubepods"))
+        );
         assert_eq!(c.hostname_override.as_deref(), Some("node-a"));
         assert_eq!(c.healthz_bind_address.unwrap().port(), 20256);
         assert!(c.metrics_bind_address.unwrap().is_ipv6());

@@ -69,8 +69,7 @@ pub struct CounterRow {
 }
 
 fn hash<K: aya::Pod + Ord, V: aya::Pod>(root: &Path, name: &str) -> Result<Vec<(K, V)>> {
-    let map: HashMap<MapData, K, V> =
-        HashMap::try_from(aya::maps::Map::from_map_data(open_pinned(root, name)?)?)?;
+    let map: HashMap<MapData, K, V> = open_pinned(root, name)?;
     let mut rows: Vec<(K, V)> = map.iter().collect::<Result<_, _>>()?;
     rows.sort_by_key(|a| a.0);
     Ok(rows)
@@ -174,9 +173,7 @@ pub fn conntrack(root: &Path) -> Result<Vec<FlowRow>> {
 }
 
 pub fn counters(root: &Path) -> Result<Vec<CounterRow>> {
-    let stats: PerCpuArray<MapData, u64> = PerCpuArray::try_from(aya::maps::Map::from_map_data(
-        open_pinned(root, STATS_MAP)?,
-    )?)?;
+    let stats: PerCpuArray<MapData, u64> = open_pinned(root, STATS_MAP)?;
     Counter::ALL
         .iter()
         .map(|c| {
@@ -217,103 +214,92 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
 
 pub fn render(root: &Path, what: InspectWhat, format: OutputFormat) -> Result<String> {
     let json = format == OutputFormat::Json;
-    Ok(match what {
-        InspectWhat::Services => {
-            let rows = services(root)?;
-            if json {
-                serde_json::to_string_pretty(&rows)?
-            } else {
-                table(
-                    &[
-                        "SERVICE", "FRONTEND", "PROTO", "KIND", "ID", "GEN", "BACKENDS",
-                    ],
-                    rows.into_iter()
-                        .map(|r| {
-                            vec![
-                                r.service,
-                                r.frontend,
-                                r.protocol.into(),
-                                r.kind.into(),
-                                r.svc_id.to_string(),
-                                r.generation.to_string(),
-                                if r.backends.is_empty() {
-                                    "(none: rejected)".into()
-                                } else {
-                                    r.backends.join(",")
-                                },
-                            ]
-                        })
-                        .collect(),
-                )
-            }
-        }
-        InspectWhat::Backends => {
-            let rows = backends(root)?;
-            if json {
-                serde_json::to_string_pretty(&rows)?
-            } else {
-                table(
-                    &["ID", "BACKEND", "PROTO", "LOCAL"],
-                    rows.into_iter()
-                        .map(|r| {
-                            vec![
-                                r.id.to_string(),
-                                r.address,
-                                r.protocol.into(),
-                                r.local.to_string(),
-                            ]
-                        })
-                        .collect(),
-                )
-            }
-        }
-        InspectWhat::Conntrack => {
-            let rows = conntrack(root)?;
-            if json {
-                serde_json::to_string_pretty(&rows)?
-            } else {
-                table(
-                    &[
-                        "DIR",
-                        "PROTO",
-                        "FROM",
-                        "TO",
-                        "REWRITTEN FROM",
-                        "REWRITTEN TO",
-                        "SVC",
-                        "BE",
-                        "FLAGS",
-                    ],
-                    rows.into_iter()
-                        .map(|r| {
-                            vec![
-                                r.direction.into(),
-                                r.protocol.into(),
-                                r.from,
-                                r.to,
-                                r.rewritten_from,
-                                r.rewritten_to,
-                                r.svc_id.to_string(),
-                                r.backend_id.to_string(),
-                                r.flags.join(","),
-                            ]
-                        })
-                        .collect(),
-                )
-            }
-        }
-        InspectWhat::Stats => {
-            let rows = counters(root)?;
-            if json {
-                serde_json::to_string_pretty(&rows)?
-            } else {
-                table(
-                    &["COUNTER", "DROP", "PACKETS"],
-                    rows.into_iter()
-                        .map(|r| vec![r.counter.into(), r.drop.to_string(), r.packets.to_string()])
-                        .collect(),
-                )
-            }
-        }
-    })
+    match what {
+        InspectWhat::Services => show(
+            services(root)?,
+            json,
+            &[
+                "SERVICE", "FRONTEND", "PROTO", "KIND", "ID", "GEN", "BACKENDS",
+            ],
+            service_cells,
+        ),
+        InspectWhat::Backends => show(
+            backends(root)?,
+            json,
+            &["ID", "BACKEND", "PROTO", "LOCAL"],
+            |r| {
+                vec![
+                    r.id.to_string(),
+                    r.address,
+                    r.protocol.into(),
+                    r.local.to_string(),
+                ]
+            },
+        ),
+        InspectWhat::Conntrack => show(
+            conntrack(root)?,
+            json,
+            &[
+                "DIR",
+                "PROTO",
+                "FROM",
+                "TO",
+                "REWRITTEN FROM",
+                "REWRITTEN TO",
+                "SVC",
+                "BE",
+                "FLAGS",
+            ],
+            flow_cells,
+        ),
+        InspectWhat::Stats => show(
+            counters(root)?,
+            json,
+            &["COUNTER", "DROP", "PACKETS"],
+            |r| vec![r.counter.into(), r.drop.to_string(), r.packets.to_string()],
+        ),
+    }
+}
+
+/// Rows as pretty JSON, or as a table with `header` and a row's `cells`.
+fn show<R: Serialize>(
+    rows: Vec<R>,
+    json: bool,
+    header: &[&str],
+    cells: fn(R) -> Vec<String>,
+) -> Result<String> {
+    if json {
+        return Ok(serde_json::to_string_pretty(&rows)?);
+    }
+    Ok(table(header, rows.into_iter().map(cells).collect()))
+}
+
+fn service_cells(r: ServiceRow) -> Vec<String> {
+    vec![
+        r.service,
+        r.frontend,
+        r.protocol.into(),
+        r.kind.into(),
+        r.svc_id.to_string(),
+        r.generation.to_string(),
+        if r.backends.is_empty() {
+            "(none: rejected)".into()
+        } else {
+            r.backends.join(",")
+        },
+    ]
+}
+
+fn flow_cells(r: FlowRow) -> Vec<String> {
+    vec![
+        r.direction.into(),
+        r.protocol.into(),
+        r.from,
+        r.to,
+        r.rewritten_from,
+        r.rewritten_to,
+        r.svc_id.to_string(),
+        r.backend_id.to_string(),
+        r.flags.join(","),
+    ]
 }

@@ -1,3 +1,13 @@
+//! kube-ebpf-proxy's daemon as a library. Modules follow the data:
+//!
+//! ```text
+//! source (API server, manifests) -> model (pure) -> sync (diff, maps) -> datapath (BPF)
+//! ```
+//!
+//! [`daemon`] runs the loop that connects them; [`metrics`], [`health`] and
+//! [`http`] report on it; [`inspect`] decodes the pinned maps. `testkit`
+//! (the `testkit` feature) holds what tests and benchmarks use only.
+
 pub mod cidr;
 pub mod cli;
 pub mod config;
@@ -10,13 +20,7 @@ pub mod metrics;
 pub mod model;
 pub mod source;
 pub mod sync;
+#[cfg(feature = "testkit")]
 pub mod testkit;
-pub use datapath::EBPF_OBJECT;
 
-// Old paths, for the moment of the move only.
-pub use daemon as run;
-pub use datapath::{bpffs, devices};
-pub use model::cache as model_cache;
-pub use source::{allocate, kube as kube_source, manifests};
-pub use sync::{convert as frontends, lbmap};
-pub use testkit::{pktgen, testns};
+pub use datapath::EBPF_OBJECT;

@@ -1,9 +1,10 @@
 use anyhow::Result;
 use clap::{CommandFactory, FromArgMatches};
 use proxy_userspace::{
-    bpffs,
     cli::{Cli, Command, LogFormat},
-    config, datapath, inspect, run,
+    config, daemon,
+    datapath::{self, bpffs},
+    inspect,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -37,7 +38,7 @@ fn main() -> Result<()> {
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?
-                .block_on(run::run(*args))
+                .block_on(daemon::run(*args))
         }
         Command::Cleanup { bpffs: root } => {
             init_logging(LogFormat::Text, None);

@@ -1,17 +1,19 @@
 //! Prometheus metrics. kube-proxy's names where the meaning matches, so
 //! existing dashboards keep working; `kube_ebpf_proxy_*` for the rest.
 //!
-//! Control-plane figures are updated by the sync loop. Datapath figures are
-//! read from the pinned per-CPU BPF counters at scrape time
-//! ([`DatapathCollector`]), so they cost nothing between scrapes.
+//! Control-plane figures are recorded by the sync loop through the
+//! `record_*` methods of [`SyncMetrics`]. Datapath figures are read from the
+//! pinned per-CPU BPF counters at scrape time ([`DatapathCollector`]), so
+//! they cost nothing between scrapes.
 
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
     sync::Arc,
+    time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
-use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{HashMap, MapData, PerCpuArray};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
@@ -25,7 +27,11 @@ use prometheus_client::{
 };
 use proxy_common::*;
 
-use crate::datapath::open_pinned;
+use crate::{
+    datapath::open_pinned,
+    model::{Frontend, FrontendKey, FrontendKind, ObjectChanges, Problem},
+    sync::lbmap::WriteError,
+};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PolicyLabels {
@@ -290,10 +296,8 @@ struct DatapathFigures {
 impl DatapathCollector {
     fn gather(&self) -> anyhow::Result<DatapathFigures> {
         let root = &self.bpffs;
-        let names: HashMap<MapData, u32, SvcName> =
-            HashMap::try_from(Map::from_map_data(open_pinned(root, NAME_MAP)?)?)?;
-        let stats: PerCpuArray<MapData, SvcStats> =
-            PerCpuArray::try_from(Map::from_map_data(open_pinned(root, SVC_STATS_MAP)?)?)?;
+        let names: HashMap<MapData, u32, SvcName> = open_pinned(root, NAME_MAP)?;
+        let stats: PerCpuArray<MapData, SvcStats> = open_pinned(root, SVC_STATS_MAP)?;
         let mut per_service: BTreeMap<String, SvcStats> = BTreeMap::new();
         for item in names.iter() {
             let (id, name) = item?;
@@ -303,8 +307,7 @@ impl DatapathCollector {
             let e = per_service.entry(name.as_str().to_string()).or_default();
             *e = SvcStats::sum([&*e, &total]);
         }
-        let global: PerCpuArray<MapData, u64> =
-            PerCpuArray::try_from(Map::from_map_data(open_pinned(root, STATS_MAP)?)?)?;
+        let global: PerCpuArray<MapData, u64> = open_pinned(root, STATS_MAP)?;
         let counters = Counter::ALL
             .iter()
             .map(|c| Ok((*c, global.get(&(*c as u32), 0)?.iter().sum())))
@@ -313,8 +316,7 @@ impl DatapathCollector {
         // (one syscall per entry; fine at the sizes a scrape interval sees).
         let mut tracked = Vec::new();
         for (map, size) in [(CT_MAP, CT_MAP_SIZE), (RNAT_MAP, RNAT_MAP_SIZE)] {
-            let m: HashMap<MapData, FlowKey, NatEntry> =
-                HashMap::try_from(Map::from_map_data(open_pinned(root, map)?)?)?;
+            let m: HashMap<MapData, FlowKey, NatEntry> = open_pinned(root, map)?;
             tracked.push((map, m.keys().count() as u64, size));
         }
         Ok(DatapathFigures {
@@ -409,6 +411,78 @@ impl Collector for DatapathCollector {
 }
 
 impl SyncMetrics {
+    /// Services and EndpointSlices changed since the last sync.
+    pub fn record_changes(&self, changes: ObjectChanges) {
+        self.service_changes.inc_by(changes.services);
+        self.endpoint_changes.inc_by(changes.endpoint_slices);
+    }
+
+    /// Frontends a sync could not write (they keep their previous state).
+    pub fn record_write_failures(&self, failed: &[(String, WriteError)]) {
+        for (_, e) in failed {
+            self.map_write_failures
+                .get_or_create(&MapLabels {
+                    map: e.map(),
+                    reason: e.label(),
+                })
+                .inc();
+        }
+    }
+
+    /// What is skipped now: the model's problems by kind, and the parts of
+    /// the manifests that could not be read (kind `manifest`).
+    pub fn record_skipped(&self, problems: &[Problem], unreadable_manifests: usize) {
+        let mut skipped: BTreeMap<String, i64> = BTreeMap::new();
+        for p in problems {
+            *skipped.entry(p.kind.label().to_string()).or_default() += 1;
+        }
+        *skipped.entry("manifest".to_string()).or_default() += unreadable_manifests as i64;
+        self.skipped_objects.clear();
+        for (kind, n) in skipped {
+            self.skipped_objects
+                .get_or_create(&KindLabels { kind })
+                .set(n);
+        }
+    }
+
+    /// Frontends with a Local traffic policy and no local endpoint, by
+    /// policy (internal: ClusterIP frontends; external: the others).
+    pub fn record_no_local_endpoints(&self, frontends: &BTreeMap<FrontendKey, Frontend>) {
+        let (mut internal, mut external) = (0, 0);
+        for fe in frontends.values() {
+            if fe.local_only && fe.backends.is_empty() {
+                match fe.kind {
+                    FrontendKind::ClusterIp => internal += 1,
+                    _ => external += 1,
+                }
+            }
+        }
+        for (policy, n) in [("internal", internal), ("external", external)] {
+            self.no_local_endpoints
+                .get_or_create(&PolicyLabels {
+                    traffic_policy: policy,
+                })
+                .set(n);
+        }
+    }
+
+    /// A sync that began at `started` is done; `pending_since` is when the
+    /// oldest change it programmed was seen. Returns the wall-clock time
+    /// recorded as the last sync.
+    pub fn record_sync(&self, started: Instant, pending_since: Option<Instant>) -> SystemTime {
+        self.sync_duration.observe(started.elapsed().as_secs_f64());
+        let wall = SystemTime::now();
+        self.last_sync_timestamp.set(
+            wall.duration_since(UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+        );
+        if let Some(since) = pending_since {
+            self.network_programming
+                .observe(since.elapsed().as_secs_f64());
+        }
+        wall
+    }
+
     /// Records how full the desired-state maps are.
     pub fn set_map_entries(&self, counts: &[(&'static str, usize)]) {
         for (map, n) in counts {

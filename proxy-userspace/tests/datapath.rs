@@ -20,10 +20,14 @@ use aya::{
 use proxy_common::*;
 use proxy_userspace::{
     datapath::Datapath,
-    lbmap::{BpfLbMaps, LbMaps},
-    pktgen::{self, Pkt, TCP_ACK, TCP_FIN, TCP_SYN},
-    sync::{Desired, FrontendWant, Syncer},
-    testns::{BACKEND_MAC, NetNsGuard},
+    sync::{
+        Desired, FrontendWant, Syncer,
+        lbmap::{BpfLbMaps, LbMaps},
+    },
+    testkit::{
+        pktgen::{self, Pkt, TCP_ACK, TCP_FIN, TCP_SYN},
+        testns::{BACKEND_MAC, NetNsGuard},
+    },
 };
 
 const TC_ACT_OK: u32 = 0;
@@ -91,9 +95,9 @@ impl Fixture {
         let mut dp = Datapath::load_private(debug).expect("load datapath");
         let maps = BpfLbMaps::new(&mut dp).unwrap();
         let syncer = Syncer::adopt(maps).unwrap();
-        let ct = HashMap::try_from(dp.take_map(CT_MAP).unwrap()).unwrap();
-        let rnat = HashMap::try_from(dp.take_map(RNAT_MAP).unwrap()).unwrap();
-        let stats = PerCpuArray::try_from(dp.take_map(STATS_MAP).unwrap()).unwrap();
+        let ct = dp.map(CT_MAP).unwrap();
+        let rnat = dp.map(RNAT_MAP).unwrap();
+        let stats = dp.map(STATS_MAP).unwrap();
         Some(Fixture {
             dp,
             syncer,
@@ -166,7 +170,7 @@ impl Fixture {
     /// Traffic counters of the frontend `key`, summed over CPUs.
     fn service_stats(&self, key: &SvcKey) -> SvcStats {
         let maps = self.syncer.maps();
-        let id = maps.snapshot().unwrap().services[key].svc_id;
+        let id = maps.read_all().unwrap().services[key].svc_id;
         maps.service_stats(id).unwrap()
     }
 }

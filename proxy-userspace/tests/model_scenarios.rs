@@ -16,8 +16,8 @@
 use std::path::Path;
 
 use proxy_userspace::{
-    allocate, manifests,
     model::{DesiredState, NodeInfo, Options, desired_state},
+    source::{allocate, manifests},
 };
 
 struct Case {
@@ -142,7 +142,7 @@ fn cat(parts: &[String]) -> String {
 // ---- rendering and running ----
 
 fn render(state: &DesiredState) -> Vec<String> {
-    let list = |v: &[proxy_userspace::model::Backend]| {
+    let list = |v: &[proxy_userspace::model::Endpoint]| {
         if v.is_empty() {
             "none".to_string()
         } else {

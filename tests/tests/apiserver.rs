@@ -15,7 +15,7 @@ use kube::api::{ListParams, WatchEvent, WatchParams};
 use kube::runtime::{WatchStreamExt as _, reflector, watcher};
 use kube::{Api, Client, ResourceExt as _};
 use lab::apiserver::{ApiServer, Kind};
-use proxy_userspace::kube_source::{self, KubeOptions, KubeSource, Snapshot};
+use proxy_userspace::source::kube::{self as kube_source, KubeObjects, KubeOptions, KubeSource};
 
 const CONVERGE: Duration = Duration::from_secs(40);
 
@@ -119,8 +119,8 @@ async fn within<T>(what: &str, limit: Duration, f: impl Future<Output = T>) -> T
 async fn snapshot_until(
     source: &mut KubeSource,
     what: &str,
-    ok: impl Fn(&Snapshot) -> bool,
-) -> Snapshot {
+    ok: impl Fn(&KubeObjects) -> bool,
+) -> KubeObjects {
     within(what, CONVERGE, async {
         loop {
             let snap = source.snapshot();
@@ -137,7 +137,7 @@ fn names<K: kube::Resource>(objects: &[K]) -> Vec<String> {
     objects.iter().map(|o| o.name_any()).collect()
 }
 
-fn ips(snap: &Snapshot, slice: &str) -> Vec<String> {
+fn ips(snap: &KubeObjects, slice: &str) -> Vec<String> {
     snap.slices
         .iter()
         .find(|s| s.name_any() == slice)

@@ -138,11 +138,23 @@ fn test(extra: &[String]) -> Result<()> {
 
 fn bench(args: &BenchArgs) -> Result<()> {
     setup::setup()?;
-    // Builds every binary, kep-bench too: running that build (rather than
-    // `cargo run -p proxy-userspace`, whose feature set differs from the
-    // workspace build's) keeps cargo from rebuilding between the two.
     let daemon = build_daemon()?;
     if !args.crr_only {
+        // kep-bench needs the test-only code (packet builder, throwaway
+        // namespace) of the testkit feature, which the daemon leaves out.
+        cmd(
+            "cargo",
+            &[
+                "build",
+                "--release",
+                "-p",
+                "proxy-userspace",
+                "--bin",
+                "kep-bench",
+                "--features",
+                "testkit",
+            ],
+        )?;
         let kep_bench = root().join("target/release/kep-bench");
         cmd(kep_bench.to_str().context("target path")?, &[])?;
     }

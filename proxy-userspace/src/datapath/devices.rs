@@ -1,14 +1,19 @@
 //! The node's network devices and addresses, read through netlink-backed
-//! libc calls so they are those of the daemon's network namespace.
+//! libc calls so they are those of the daemon's network namespace, and
+//! [`Attachments`]: the programs attached to every selected device as
+//! devices come and go.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr},
+    time::{Duration, Instant},
 };
 
 use anyhow::Result;
+use tracing::{debug, info, warn};
 
-use crate::{cidr::Cidr, datapath::Device};
+use super::{Datapath, Device};
+use crate::cidr::Cidr;
 
 /// Which devices get our programs: every device but loopback, or the ones
 /// named with `--devices`.
@@ -58,6 +63,100 @@ pub fn nodeport_addresses(cidrs: &[Cidr]) -> Result<BTreeSet<Ipv4Addr>> {
         }
     }
     Ok(out)
+}
+
+/// The devices our programs are attached to, kept in step with the
+/// devices of the namespace.
+pub struct Attachments {
+    filter: DeviceFilter,
+    attached: BTreeSet<Device>,
+    /// Devices whose attach failed: when to try again, and the delay after.
+    retry: BTreeMap<Device, (Instant, Duration)>,
+}
+
+impl Attachments {
+    pub fn new(filter: DeviceFilter) -> Attachments {
+        Attachments {
+            filter,
+            attached: BTreeSet::new(),
+            retry: BTreeMap::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.attached.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.attached.is_empty()
+    }
+
+    /// Links pinned by an earlier run: those of devices still here get the
+    /// new programs swapped in by [`Attachments::refresh`] (atomically,
+    /// through the link); those of vanished devices are dropped now.
+    pub fn drop_vanished_pins(&self, dp: &mut Datapath) -> Result<()> {
+        let current = list(&self.filter)?;
+        for dev in dp.attached()? {
+            if !current.contains(&dev) {
+                dp.detach(&dev)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Attaches to new devices and forgets vanished ones.
+    pub fn refresh(&mut self, dp: &mut Datapath) {
+        let current = match list(&self.filter) {
+            Ok(d) => d,
+            Err(e) => {
+                warn!(error = %e, "listing devices failed");
+                return;
+            }
+        };
+        let now = Instant::now();
+        self.retry.retain(|dev, _| current.contains(dev));
+        for dev in current.difference(&self.attached.clone()) {
+            if self.retry.get(dev).is_some_and(|(at, _)| now < *at) {
+                continue;
+            }
+            self.attach(dp, dev, now);
+        }
+        for dev in self
+            .attached
+            .difference(&current)
+            .cloned()
+            .collect::<Vec<_>>()
+        {
+            if let Err(e) = dp.detach(&dev) {
+                warn!(device = %dev.name, error = %format!("{e:#}"), "detach failed");
+            }
+            debug!(device = %dev.name, "device gone");
+            self.attached.remove(&dev);
+        }
+    }
+
+    fn attach(&mut self, dp: &mut Datapath, dev: &Device, now: Instant) {
+        match dp.attach(dev) {
+            Ok(()) => {
+                info!(device = %dev.name, ifindex = dev.index, "attached");
+                self.attached.insert(dev.clone());
+                self.retry.remove(dev);
+            }
+            // A device can vanish between listing and attaching (a pod
+            // being deleted); the next round sees it gone. Otherwise try
+            // again later, backing off to once a minute.
+            Err(e) => {
+                let delay = self
+                    .retry
+                    .get(dev)
+                    .map_or(Duration::from_secs(1), |(_, d)| {
+                        (*d * 2).min(Duration::from_secs(60))
+                    });
+                warn!(device = %dev.name, error = %format!("{e:#}"), retry_in_s = delay.as_secs(), "attach failed");
+                self.retry.insert(dev.clone(), (now + delay, delay));
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -12,6 +12,14 @@
 //!
 //! bpffs refuses names with a dot (EPERM), and device names may have one
 //! (VLANs: eth0.100), so names are percent-encoded in pins.
+//!
+//! Every map is reached as its aya type through one helper: [`open_pinned`]
+//! for the pins (inspect, metrics), [`Datapath::map`] for the object just
+//! loaded (the syncer's maps, the configuration).
+//!
+//! * [`devices`]: the node's devices and addresses, and attaching to them
+//!   as they come and go;
+//! * [`bpffs`]: making sure the pin directory is on a BPF filesystem.
 
 pub mod bpffs;
 pub mod devices;
@@ -26,14 +34,16 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Map, MapData},
+    maps::{Array, Map, MapData, MapError},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
     },
 };
-use proxy_common::{ALL_MAPS, PROG_EGRESS, PROG_INGRESS, PROG_NOOP};
+use proxy_common::{
+    ALL_MAPS, CONFIG_MAP, Config, HAIRPIN_ADDR, PROG_EGRESS, PROG_INGRESS, PROG_NOOP,
+};
 
 /// The datapath object, built by build.rs from proxy-ebpf.
 pub static EBPF_OBJECT: &[u8] =
@@ -171,11 +181,49 @@ impl Datapath {
         &self.root
     }
 
-    /// Takes a map out of the object (each map can be taken once).
-    pub fn take_map(&mut self, name: &str) -> Result<Map> {
-        self.ebpf
+    /// Takes a map out of the object as its aya type (each map can be
+    /// taken once).
+    pub fn map<T: TryFrom<Map, Error = MapError>>(&mut self, name: &str) -> Result<T> {
+        let map = self
+            .ebpf
             .take_map(name)
-            .with_context(|| format!("map {name} missing or already taken"))
+            .with_context(|| format!("map {name} missing or already taken"))?;
+        typed(map, name)
+    }
+
+    /// Writes the datapath's settings (`KEP_CFG_V1`).
+    pub fn write_config(&mut self, snat_port_range: (u16, u16)) -> Result<()> {
+        let mut cfg: Array<_, Config> = self.map(CONFIG_MAP)?;
+        let value = Config {
+            snat_port_min: snat_port_range.0,
+            snat_port_max: snat_port_range.1,
+            hairpin_addr: HAIRPIN_ADDR,
+        };
+        cfg.set(0, value, 0)?;
+        Ok(())
+    }
+
+    /// Copies the programs' aya-log events into our log as they come (when
+    /// loaded with `debug`). Runs as a task on the current tokio runtime.
+    pub fn forward_debug_events(&mut self) -> Result<()> {
+        let logger = self.logger(log::logger())?;
+        // SAFETY: the logger owns its ring buffer's fd, which stays open and
+        // the same for as long as the AsyncFd holds the logger.
+        let mut logger = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| anyhow::anyhow!("watching the debug-event ring buffer: {e}"))?;
+        tokio::spawn(async move {
+            loop {
+                let Ok(mut guard) = logger.readable_mut().await else {
+                    break;
+                };
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+        });
+        tracing::info!("forwarding datapath debug events (--bpf-debug)");
+        Ok(())
     }
 
     pub fn program(&self, name: &str) -> Result<&SchedClassifier> {
@@ -309,10 +357,17 @@ pub fn cleanup(root: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Opens a pinned map of a running (or stopped) daemon, for inspection.
-pub fn open_pinned(root: &Path, name: &str) -> Result<MapData> {
+/// Opens a pinned map of a running (or stopped) daemon as its aya type
+/// (`HashMap<MapData, K, V>`, `PerCpuArray<MapData, V>`...).
+pub fn open_pinned<T: TryFrom<Map, Error = MapError>>(root: &Path, name: &str) -> Result<T> {
     let path = maps_dir(root).join(name);
-    MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))
+    let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    typed(Map::from_map_data(data)?, name)
+}
+
+/// A map as the aya type its user expects; an error names the map.
+fn typed<T: TryFrom<Map, Error = MapError>>(map: Map, name: &str) -> Result<T> {
+    T::try_from(map).with_context(|| format!("map {name} is not of the expected kind"))
 }
 
 #[cfg(test)]

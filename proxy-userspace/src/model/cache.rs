@@ -1,14 +1,14 @@
 //! The model, redone only where something changed.
 //!
-//! [`model::service_state`] computes what one Service produces from its
+//! [`service_state`] computes what one Service produces from its
 //! EndpointSlices. The cache keeps that per Service, recomputes it only for
 //! Services whose object or slices changed (or all of them when the node
 //! changes), and resolves frontends claimed by two Services (the first by
 //! namespace/name keeps it) per frontend. At 10,000 Services a changed slice
 //! costs one Service's computation instead of ten thousand.
 //!
-//! [`model::desired_state`] is this cache run once, so the scenario tests of
-//! the model test this code.
+//! [`desired_state`] is this cache run once, so the scenario tests of the
+//! model test this code.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -21,13 +21,32 @@ use k8s_openapi::{
 };
 use serde::Serialize;
 
-use crate::model::{
-    self, DesiredState, Frontend, FrontendKey, LABEL_HEADLESS, LABEL_SERVICE_NAME, NodeInfo,
-    Options, Problem, ProblemKind, obj_key,
+use super::{
+    DesiredState, Frontend, FrontendKey, LABEL_HEADLESS, LABEL_SERVICE_NAME, NamespacedName,
+    NodeInfo, Options, Problem, ProblemKind, service::service_state,
 };
 
-/// (namespace, name)
-pub type ObjKey = (String, String);
+/// Computes the desired state (see the [model](super) documentation): the
+/// cache run once over every object.
+pub fn desired_state(
+    services: &[Service],
+    slices: &[EndpointSlice],
+    node: &NodeInfo,
+    opts: &Options,
+) -> DesiredState {
+    let mut cache = ModelCache::new(node.clone(), opts.clone());
+    cache.replace(services, slices);
+    cache.update();
+    cache.state()
+}
+
+/// How many objects changed (added, modified, deleted): kube-proxy's
+/// service and endpoint change counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ObjectChanges {
+    pub services: u64,
+    pub endpoint_slices: u64,
+}
 
 /// What identifies a version of an object: its resourceVersion when an API
 /// server gave it one, its content otherwise (manifests).
@@ -43,29 +62,29 @@ fn fingerprint<T: Serialize>(meta: &ObjectMeta, obj: &T) -> u64 {
 struct SliceEntry {
     fingerprint: u64,
     /// The Service it belongs to (its namespace, its service-name label).
-    owner: ObjKey,
+    owner: NamespacedName,
     slice: EndpointSlice,
 }
 
 pub struct ModelCache {
     node: NodeInfo,
     opts: Options,
-    services: BTreeMap<ObjKey, (u64, Service)>,
-    slices: BTreeMap<ObjKey, SliceEntry>,
+    services: BTreeMap<NamespacedName, (u64, Service)>,
+    slices: BTreeMap<NamespacedName, SliceEntry>,
     /// Slice names of each Service, in name order.
-    by_service: BTreeMap<ObjKey, BTreeSet<String>>,
+    by_service: BTreeMap<NamespacedName, BTreeSet<String>>,
     /// The result of each Service on its own.
-    parts: BTreeMap<ObjKey, DesiredState>,
+    parts: BTreeMap<NamespacedName, DesiredState>,
     /// Services claiming each frontend; the first one has it.
-    claims: BTreeMap<FrontendKey, BTreeSet<ObjKey>>,
+    claims: BTreeMap<FrontendKey, BTreeSet<NamespacedName>>,
     /// The frontends in force (the first claimant's).
     winners: BTreeMap<FrontendKey, Frontend>,
     /// Problems of the input as a whole (duplicate objects).
     service_problems: Vec<Problem>,
     slice_problems: Vec<Problem>,
-    dirty: BTreeSet<ObjKey>,
+    dirty: BTreeSet<NamespacedName>,
     /// Services and slices that changed since [`ModelCache::take_changes`].
-    changes: (u64, u64),
+    changes: ObjectChanges,
 }
 
 impl ModelCache {
@@ -82,7 +101,7 @@ impl ModelCache {
             service_problems: Vec::new(),
             slice_problems: Vec::new(),
             dirty: BTreeSet::new(),
-            changes: (0, 0),
+            changes: ObjectChanges::default(),
         }
     }
 
@@ -120,8 +139,8 @@ impl ModelCache {
         for (key, svc) in &sorted {
             self.put_service(key.clone(), svc);
         }
-        for (ns, name) in absent(&self.services, &sorted) {
-            self.delete_service(&ns, &name);
+        for id in absent(&self.services, &sorted) {
+            self.delete_service(&id);
         }
     }
 
@@ -134,64 +153,62 @@ impl ModelCache {
         for (key, slice) in &sorted {
             self.put_slice(key.clone(), slice);
         }
-        for (ns, name) in absent(&self.slices, &sorted) {
-            self.delete_slice(&ns, &name);
+        for id in absent(&self.slices, &sorted) {
+            self.delete_slice(&id);
         }
     }
 
     /// A Service was added or changed (a watch event).
     pub fn upsert_service(&mut self, svc: &Service) {
-        self.put_service(obj_key(&svc.metadata), svc);
+        self.put_service(NamespacedName::of(&svc.metadata), svc);
     }
 
-    pub fn delete_service(&mut self, ns: &str, name: &str) {
-        let key = (ns.to_string(), name.to_string());
-        if self.services.remove(&key).is_some() {
-            self.dirty.insert(key);
-            self.changes.0 += 1;
+    pub fn delete_service(&mut self, id: &NamespacedName) {
+        if self.services.remove(id).is_some() {
+            self.dirty.insert(id.clone());
+            self.changes.services += 1;
         }
     }
 
     /// An EndpointSlice was added or changed (a watch event).
     pub fn upsert_slice(&mut self, slice: &EndpointSlice) {
-        self.put_slice(obj_key(&slice.metadata), slice);
+        self.put_slice(NamespacedName::of(&slice.metadata), slice);
     }
 
-    pub fn delete_slice(&mut self, ns: &str, name: &str) {
-        let key = (ns.to_string(), name.to_string());
-        if let Some(old) = self.slices.remove(&key) {
-            self.unlink_slice(&key, &old.owner);
-            self.changes.1 += 1;
+    pub fn delete_slice(&mut self, id: &NamespacedName) {
+        if let Some(old) = self.slices.remove(id) {
+            self.unlink_slice(id, &old.owner);
+            self.changes.endpoint_slices += 1;
         }
     }
 
     /// How many Services and EndpointSlices changed (added, modified,
     /// deleted) since the last call.
-    pub fn take_changes(&mut self) -> (u64, u64) {
+    pub fn take_changes(&mut self) -> ObjectChanges {
         std::mem::take(&mut self.changes)
     }
 
-    fn put_service(&mut self, key: ObjKey, svc: &Service) {
+    fn put_service(&mut self, key: NamespacedName, svc: &Service) {
         let fp = fingerprint(&svc.metadata, svc);
         if self.services.get(&key).is_some_and(|(old, _)| *old == fp) {
             return;
         }
         self.dirty.insert(key.clone());
-        self.changes.0 += 1;
+        self.changes.services += 1;
         self.services.insert(key, (fp, svc.clone()));
     }
 
-    fn put_slice(&mut self, key: ObjKey, slice: &EndpointSlice) {
+    fn put_slice(&mut self, key: NamespacedName, slice: &EndpointSlice) {
         let labels = slice.metadata.labels.as_ref();
         let owner = labels
             .filter(|l| !l.contains_key(LABEL_HEADLESS))
             .and_then(|l| l.get(LABEL_SERVICE_NAME))
-            .map(|svc| (key.0.clone(), svc.clone()));
+            .map(|svc| NamespacedName::new(&key.namespace, svc));
         let Some(owner) = owner else {
             // Headless, or no service-name label: not ours (any earlier
             // version of it is dropped).
-            tracing::debug!(slice = %format!("{}/{}", key.0, key.1), "EndpointSlice ignored");
-            self.delete_slice(&key.0, &key.1);
+            tracing::debug!(slice = %key, "EndpointSlice ignored");
+            self.delete_slice(&key);
             return;
         };
         let fp = fingerprint(&slice.metadata, slice);
@@ -203,7 +220,7 @@ impl ModelCache {
             self.unlink_slice(&key, &old_owner);
         }
         self.link_slice(&key, &owner);
-        self.changes.1 += 1;
+        self.changes.endpoint_slices += 1;
         self.slices.insert(
             key,
             SliceEntry {
@@ -214,17 +231,17 @@ impl ModelCache {
         );
     }
 
-    fn link_slice(&mut self, key: &ObjKey, owner: &ObjKey) {
+    fn link_slice(&mut self, key: &NamespacedName, owner: &NamespacedName) {
         self.by_service
             .entry(owner.clone())
             .or_default()
-            .insert(key.1.clone());
+            .insert(key.name.clone());
         self.dirty.insert(owner.clone());
     }
 
-    fn unlink_slice(&mut self, key: &ObjKey, owner: &ObjKey) {
+    fn unlink_slice(&mut self, key: &NamespacedName, owner: &NamespacedName) {
         if let Some(names) = self.by_service.get_mut(owner) {
-            names.remove(&key.1);
+            names.remove(&key.name);
             if names.is_empty() {
                 self.by_service.remove(owner);
             }
@@ -253,10 +270,13 @@ impl ModelCache {
                 .get(&svc_key)
                 .into_iter()
                 .flatten()
-                .filter_map(|name| self.slices.get(&(svc_key.0.clone(), name.clone())))
+                .filter_map(|name| {
+                    self.slices
+                        .get(&NamespacedName::new(&svc_key.namespace, name))
+                })
                 .map(|e| &e.slice)
                 .collect();
-            let part = model::service_state(svc, &slices, &self.node, &self.opts);
+            let part = service_state(svc, &slices, &self.node, &self.opts);
             for fk in part.frontends.keys() {
                 self.claims.entry(*fk).or_default().insert(svc_key.clone());
                 touched.insert(*fk);
@@ -301,11 +321,10 @@ impl ModelCache {
                 };
                 if owner != key {
                     let other = &self.winners[fk];
-                    out.push(model::object_problem(
+                    out.push(Problem::new(
                         ProblemKind::DuplicateFrontend,
                         "Service",
-                        &key.0,
-                        &key.1,
+                        key,
                         format!(
                             "port {:?}: {} frontend {fk} is taken by {} ({}); skipped",
                             fe.service.port, fe.kind, other.service, other.kind
@@ -317,7 +336,7 @@ impl ModelCache {
         out
     }
 
-    /// The whole desired state (as [`model::desired_state`] returns it).
+    /// The whole desired state (as [`desired_state`] returns it).
     pub fn state(&self) -> DesiredState {
         let mut endpoints = BTreeMap::new();
         for part in self.parts.values() {
@@ -339,18 +358,19 @@ fn sorted_unique<'a, T>(
     kind: &'static str,
     problems: &mut Vec<Problem>,
     meta: fn(&T) -> &ObjectMeta,
-) -> Vec<(ObjKey, &'a T)> {
-    let mut sorted: Vec<(ObjKey, &T)> =
-        objects.into_iter().map(|o| (obj_key(meta(o)), o)).collect();
+) -> Vec<(NamespacedName, &'a T)> {
+    let mut sorted: Vec<(NamespacedName, &T)> = objects
+        .into_iter()
+        .map(|o| (NamespacedName::of(meta(o)), o))
+        .collect();
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
     sorted.dedup_by(|later, first| {
         let dup = later.0 == first.0;
         if dup {
-            problems.push(model::object_problem(
+            problems.push(Problem::new(
                 ProblemKind::DuplicateObject,
                 kind,
-                &later.0.0,
-                &later.0.1,
+                &later.0,
                 format!("a second {kind} with this namespace and name; skipped"),
             ));
         }
@@ -360,7 +380,10 @@ fn sorted_unique<'a, T>(
 }
 
 /// Keys held that the new objects no longer have.
-fn absent<V, T>(held: &BTreeMap<ObjKey, V>, sorted: &[(ObjKey, &T)]) -> Vec<ObjKey> {
+fn absent<V, T>(
+    held: &BTreeMap<NamespacedName, V>,
+    sorted: &[(NamespacedName, &T)],
+) -> Vec<NamespacedName> {
     held.keys()
         .filter(|k| sorted.binary_search_by(|(s, _)| s.cmp(k)).is_err())
         .cloned()
@@ -398,7 +421,7 @@ mod tests {
         FrontendKey {
             ip: ip.parse().unwrap(),
             port: 80,
-            protocol: model::Protocol::Tcp,
+            protocol: crate::model::Protocol::Tcp,
         }
     }
 
@@ -418,10 +441,7 @@ mod tests {
 
         slices[1] = slice("b", "b-1", &["10.0.0.2", "10.0.0.3"]);
         c.replace(&services, &slices);
-        assert_eq!(
-            c.dirty,
-            BTreeSet::from([("ns".to_string(), "b".to_string())])
-        );
+        assert_eq!(c.dirty, BTreeSet::from([NamespacedName::new("ns", "b")]));
         assert_eq!(c.update(), BTreeSet::from([key("10.96.0.2")]));
         assert_eq!(c.frontends()[&key("10.96.0.2")].backends.len(), 2);
 

@@ -28,111 +28,21 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fmt,
     net::IpAddr,
     ops::RangeInclusive,
-    str::FromStr,
 };
 
-use k8s_openapi::api::core::v1::{Service, ServiceSpec};
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+
+use crate::cidr::Cidr;
 
 pub const DEFAULT_SERVICE_CIDR: &str = "10.96.0.0/12";
 pub const DEFAULT_NODE_PORT_RANGE: RangeInclusive<u16> = 30000..=32767;
 
-/// A service CIDR, normalised to its network address.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ServiceCidr {
-    network: IpAddr,
-    prefix: u8,
-}
-
-impl ServiceCidr {
-    pub fn new(addr: IpAddr, prefix: u8) -> Result<Self, String> {
-        let bits = bits_of(addr);
-        if prefix > bits {
-            return Err(format!("prefix /{prefix} is too long for {addr}"));
-        }
-        let host_bits = bits - prefix;
-        let mask = if host_bits >= 128 {
-            0
-        } else {
-            !((1u128 << host_bits) - 1)
-        };
-        Ok(ServiceCidr {
-            network: from_u128(addr, to_u128(addr) & mask),
-            prefix,
-        })
-    }
-
-    pub fn network(&self) -> IpAddr {
-        self.network
-    }
-
-    pub fn prefix(&self) -> u8 {
-        self.prefix
-    }
-
-    pub fn is_ipv4(&self) -> bool {
-        self.network.is_ipv4()
-    }
-
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        ip.is_ipv4() == self.is_ipv4() && self.offset_of(ip).is_some()
-    }
-
-    fn host_bits(&self) -> u32 {
-        (bits_of(self.network) - self.prefix) as u32
-    }
-
-    /// Offset of `ip` in the CIDR, if inside.
-    fn offset_of(&self, ip: IpAddr) -> Option<u128> {
-        if ip.is_ipv4() != self.is_ipv4() {
-            return None;
-        }
-        let off = to_u128(ip).wrapping_sub(to_u128(self.network));
-        let hb = self.host_bits();
-        (hb >= 128 || off >> hb == 0).then_some(off)
-    }
-
-    /// Offsets that may be given: `[first, last]`, or None if the CIDR is
-    /// too small.
-    fn usable(&self) -> Option<(u128, u128)> {
-        let hb = self.host_bits();
-        let last_offset = if hb >= 128 {
-            u128::MAX
-        } else {
-            (1u128 << hb) - 1
-        };
-        // Offset 0 is the network address, 1 the `kubernetes` Service; an
-        // IPv4 CIDR's last address is its broadcast address.
-        let last = if self.is_ipv4() {
-            last_offset.checked_sub(1)?
-        } else {
-            last_offset
-        };
-        (last >= 2).then_some((2, last))
-    }
-}
-
-impl FromStr for ServiceCidr {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let c: crate::cidr::Cidr = s.parse()?;
-        ServiceCidr::new(c.addr, c.prefix).map_err(|e| format!("{s:?}: {e}"))
-    }
-}
-
-impl fmt::Display for ServiceCidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.network, self.prefix)
-    }
-}
-
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AllocConfig {
     /// At most one per address family; the first is the default family.
-    pub service_cidrs: Vec<ServiceCidr>,
+    pub service_cidrs: Vec<Cidr>,
     pub node_ports: RangeInclusive<u16>,
 }
 
@@ -178,30 +88,58 @@ pub struct AllocReport {
 /// documentation) and logs each value given.
 pub fn fill_in(services: &mut [Service], config: &AllocConfig) -> AllocReport {
     let mut report = AllocReport::default();
-
-    // Everything written explicitly is taken before anything is given.
-    let mut used_ips: BTreeSet<IpAddr> = BTreeSet::new();
-    let mut used_ports: BTreeSet<u16> = BTreeSet::new();
-    for svc in services.iter() {
-        let Some(spec) = &svc.spec else { continue };
-        for ip in explicit_cluster_ips(spec) {
-            if let Ok(ip) = ip.parse::<IpAddr>() {
-                used_ips.insert(ip);
-            }
+    let mut taken = Taken::explicit(services);
+    for i in in_name_order(services) {
+        let svc = &mut services[i];
+        let owner = Owner {
+            namespace: svc.metadata.namespace.clone().unwrap_or_default(),
+            name: svc.metadata.name.clone().unwrap_or_default(),
+        };
+        let Some(spec) = svc.spec.as_mut() else {
+            continue;
+        };
+        if needs_cluster_ip(spec) {
+            give_cluster_ips(spec, config, &owner, &mut taken.ips, &mut report);
         }
-        for p in spec.ports.iter().flatten() {
-            if let Some(np) = p.node_port.and_then(|n| u16::try_from(n).ok()) {
-                used_ports.insert(np);
-            }
-        }
-        if let Some(np) = spec
-            .health_check_node_port
-            .and_then(|n| u16::try_from(n).ok())
-        {
-            used_ports.insert(np);
+        if needs_node_ports(spec) {
+            give_node_ports(spec, config, &owner, &mut taken.ports, &mut report);
         }
     }
+    report
+}
 
+/// Values no allocation may give.
+struct Taken {
+    ips: BTreeSet<IpAddr>,
+    ports: BTreeSet<u16>,
+}
+
+impl Taken {
+    /// Everything written explicitly: taken before anything is given.
+    fn explicit(services: &[Service]) -> Taken {
+        let mut taken = Taken {
+            ips: BTreeSet::new(),
+            ports: BTreeSet::new(),
+        };
+        for spec in services.iter().filter_map(|s| s.spec.as_ref()) {
+            for ip in explicit_cluster_ips(spec) {
+                if let Ok(ip) = ip.parse::<IpAddr>() {
+                    taken.ips.insert(ip);
+                }
+            }
+            let node_ports = spec.ports.iter().flatten().filter_map(|p| p.node_port);
+            for np in node_ports.chain(spec.health_check_node_port) {
+                if let Ok(np) = u16::try_from(np) {
+                    taken.ports.insert(np);
+                }
+            }
+        }
+        taken
+    }
+}
+
+/// Indexes of `services` sorted by namespace and name.
+fn in_name_order(services: &[Service]) -> Vec<usize> {
     let mut order: Vec<usize> = (0..services.len()).collect();
     order.sort_by_key(|&i| {
         let m = &services[i].metadata;
@@ -210,107 +148,138 @@ pub fn fill_in(services: &mut [Service], config: &AllocConfig) -> AllocReport {
             m.name.clone().unwrap_or_default(),
         )
     });
+    order
+}
 
-    for i in order {
-        let svc = &mut services[i];
-        let namespace = svc.metadata.namespace.clone().unwrap_or_default();
-        let name = svc.metadata.name.clone().unwrap_or_default();
-        let Some(spec) = svc.spec.as_mut() else {
-            continue;
-        };
-        let key = format!("{namespace}/{name}");
-        let give = |value: Allocated, report: &mut AllocReport| {
-            match &value {
-                Allocated::ClusterIp(ip) => {
-                    tracing::info!(service = %key, cluster_ip = %ip, "allocated cluster IP")
-                }
-                Allocated::NodePort {
-                    port,
-                    protocol,
-                    node_port,
-                    ..
-                } => tracing::info!(
-                    service = %key, port, protocol, node_port, "allocated node port"
-                ),
-            }
-            report.allocated.push(Allocation {
-                namespace: namespace.clone(),
-                name: name.clone(),
-                value,
-            });
-        };
+/// The Service values are given to.
+struct Owner {
+    namespace: String,
+    name: String,
+}
 
-        if needs_cluster_ip(spec) {
-            let mut ips = Vec::new();
-            for cidr in wanted_cidrs(spec, config, &key, &mut report.failures) {
-                match pick_ip(&cidr, fnv1a(key.as_bytes()), &used_ips) {
-                    Some(ip) => {
-                        used_ips.insert(ip);
-                        ips.push(ip);
-                        give(Allocated::ClusterIp(ip), &mut report);
-                    }
-                    None => {
-                        let msg = format!("{key}: no free cluster IP in {cidr}");
-                        tracing::warn!("{msg}");
-                        report.failures.push(msg);
-                    }
-                }
+impl Owner {
+    /// `namespace/name`: the seed of its values' first candidates.
+    fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Logs and records a value given.
+    fn give(&self, value: Allocated, report: &mut AllocReport) {
+        let key = self.key();
+        match &value {
+            Allocated::ClusterIp(ip) => {
+                tracing::info!(service = %key, cluster_ip = %ip, "allocated cluster IP")
             }
-            if let Some(first) = ips.first() {
-                spec.cluster_ip = Some(first.to_string());
-                spec.cluster_ips = Some(ips.iter().map(IpAddr::to_string).collect());
-            }
+            Allocated::NodePort {
+                port,
+                protocol,
+                node_port,
+                ..
+            } => tracing::info!(
+                service = %key, port, protocol, node_port, "allocated node port"
+            ),
         }
+        report.allocated.push(Allocation {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            value,
+        });
+    }
+}
 
-        if needs_node_ports(spec) {
-            // Node ports of this Service by port number, to share one between
-            // protocols.
-            let mut by_number: BTreeMap<i32, u16> = BTreeMap::new();
-            for p in spec.ports.iter().flatten() {
-                if let Some(np) = p.node_port.and_then(|n| u16::try_from(n).ok())
-                    && np != 0
-                {
-                    by_number.entry(p.port).or_insert(np);
-                }
+fn fail(report: &mut AllocReport, msg: String) {
+    tracing::warn!("{msg}");
+    report.failures.push(msg);
+}
+
+/// A cluster IP from each wanted family's service CIDR.
+fn give_cluster_ips(
+    spec: &mut ServiceSpec,
+    config: &AllocConfig,
+    owner: &Owner,
+    used_ips: &mut BTreeSet<IpAddr>,
+    report: &mut AllocReport,
+) {
+    let key = owner.key();
+    let mut ips = Vec::new();
+    for cidr in wanted_cidrs(spec, config, &key, &mut report.failures) {
+        match pick_ip(&cidr, fnv1a(key.as_bytes()), used_ips) {
+            Some(ip) => {
+                used_ips.insert(ip);
+                ips.push(ip);
+                owner.give(Allocated::ClusterIp(ip), report);
             }
-            for (index, p) in spec.ports.iter_mut().flatten().enumerate() {
-                if p.node_port.is_some_and(|n| n != 0) {
-                    continue;
-                }
-                let np = match by_number.get(&p.port) {
-                    Some(np) => Some(*np),
-                    None => {
-                        let seed = fnv1a(format!("{key}/{}", p.port).as_bytes());
-                        pick_port(&config.node_ports, seed, &used_ports)
-                    }
-                };
-                let Some(np) = np else {
-                    let msg = format!(
-                        "{key}: no free node port in {}-{} for port {}",
-                        config.node_ports.start(),
-                        config.node_ports.end(),
-                        p.port
-                    );
-                    tracing::warn!("{msg}");
-                    report.failures.push(msg);
-                    continue;
-                };
-                used_ports.insert(np);
-                by_number.insert(p.port, np);
-                p.node_port = Some(np.into());
-                give(
-                    Allocated::NodePort {
-                        index,
-                        port: p.port,
-                        protocol: p.protocol.clone().unwrap_or_else(|| "TCP".to_string()),
-                        node_port: np,
-                    },
-                    &mut report,
-                );
-            }
+            None => fail(report, format!("{key}: no free cluster IP in {cidr}")),
         }
     }
-    report
+    if let Some(first) = ips.first() {
+        spec.cluster_ip = Some(first.to_string());
+        spec.cluster_ips = Some(ips.iter().map(IpAddr::to_string).collect());
+    }
+}
+
+/// A node port for every port that has none; ports with one number share
+/// one node port.
+fn give_node_ports(
+    spec: &mut ServiceSpec,
+    config: &AllocConfig,
+    owner: &Owner,
+    used_ports: &mut BTreeSet<u16>,
+    report: &mut AllocReport,
+) {
+    let key = owner.key();
+    // Node ports of this Service by port number, to share one between
+    // protocols.
+    let mut by_number: BTreeMap<i32, u16> = BTreeMap::new();
+    for p in spec.ports.iter().flatten() {
+        if let Some(np) = p.node_port.and_then(|n| u16::try_from(n).ok())
+            && np != 0
+        {
+            by_number.entry(p.port).or_insert(np);
+        }
+    }
+    for (index, p) in spec.ports.iter_mut().flatten().enumerate() {
+        if p.node_port.is_some_and(|n| n != 0) {
+            continue;
+        }
+        let Some(np) = node_port_for(p, &key, &by_number, config, used_ports) else {
+            let msg = format!(
+                "{key}: no free node port in {}-{} for port {}",
+                config.node_ports.start(),
+                config.node_ports.end(),
+                p.port
+            );
+            fail(report, msg);
+            continue;
+        };
+        used_ports.insert(np);
+        by_number.insert(p.port, np);
+        p.node_port = Some(np.into());
+        let value = Allocated::NodePort {
+            index,
+            port: p.port,
+            protocol: p.protocol.clone().unwrap_or_else(|| "TCP".to_string()),
+            node_port: np,
+        };
+        owner.give(value, report);
+    }
+}
+
+/// The node port of another protocol on the same number, or a free one.
+fn node_port_for(
+    p: &ServicePort,
+    key: &str,
+    by_number: &BTreeMap<i32, u16>,
+    config: &AllocConfig,
+    used_ports: &BTreeSet<u16>,
+) -> Option<u16> {
+    match by_number.get(&p.port) {
+        Some(np) => Some(*np),
+        None => {
+            let seed = fnv1a(format!("{key}/{}", p.port).as_bytes());
+            pick_port(&config.node_ports, seed, used_ports)
+        }
+    }
 }
 
 fn explicit_cluster_ips(spec: &ServiceSpec) -> impl Iterator<Item = &str> {
@@ -337,7 +306,7 @@ fn wanted_cidrs(
     config: &AllocConfig,
     key: &str,
     failures: &mut Vec<String>,
-) -> Vec<ServiceCidr> {
+) -> Vec<Cidr> {
     let of_family = |v4: bool| config.service_cidrs.iter().find(|c| c.is_ipv4() == v4);
     let mut out = Vec::new();
     if let Some(families) = spec.ip_families.as_ref().filter(|f| !f.is_empty()) {
@@ -375,8 +344,27 @@ fn wanted_cidrs(
     out
 }
 
-fn pick_ip(cidr: &ServiceCidr, seed: u64, used: &BTreeSet<IpAddr>) -> Option<IpAddr> {
-    let (first, last) = cidr.usable()?;
+/// Offsets of a service CIDR that may be given: `[first, last]`, or None if
+/// the CIDR is too small.
+fn usable(cidr: &Cidr) -> Option<(u128, u128)> {
+    let hb = cidr.host_bits();
+    let last_offset = if hb >= 128 {
+        u128::MAX
+    } else {
+        (1u128 << hb) - 1
+    };
+    // Offset 0 is the network address, 1 the `kubernetes` Service; an IPv4
+    // CIDR's last address is its broadcast address.
+    let last = if cidr.is_ipv4() {
+        last_offset.checked_sub(1)?
+    } else {
+        last_offset
+    };
+    (last >= 2).then_some((2, last))
+}
+
+fn pick_ip(cidr: &Cidr, seed: u64, used: &BTreeSet<IpAddr>) -> Option<IpAddr> {
+    let (first, last) = usable(cidr)?;
     let count = last - first + 1;
     // At most `taken` candidates are taken, so `taken + 1` probes find a free
     // one if there is one.
@@ -384,7 +372,7 @@ fn pick_ip(cidr: &ServiceCidr, seed: u64, used: &BTreeSet<IpAddr>) -> Option<IpA
     let start = seed as u128 % count;
     for step in 0..count.min(taken + 1) {
         let off = first + (start + step) % count;
-        let ip = from_u128(cidr.network, to_u128(cidr.network) + off);
+        let ip = cidr.at(off);
         if !used.contains(&ip) {
             return Some(ip);
         }
@@ -415,28 +403,10 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     h
 }
 
-fn bits_of(ip: IpAddr) -> u8 {
-    if ip.is_ipv4() { 32 } else { 128 }
-}
-
-fn to_u128(ip: IpAddr) -> u128 {
-    match ip {
-        IpAddr::V4(a) => u32::from(a).into(),
-        IpAddr::V6(a) => a.into(),
-    }
-}
-
-fn from_u128(like: IpAddr, v: u128) -> IpAddr {
-    match like {
-        IpAddr::V4(_) => IpAddr::V4((v as u32).into()),
-        IpAddr::V6(_) => IpAddr::V6(v.into()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifests::parse_str;
+    use crate::source::manifests::parse_str;
 
     fn services(yaml: &str) -> Vec<Service> {
         let o = parse_str(yaml, "test");
@@ -487,7 +457,7 @@ mod tests {
     #[test]
     fn fills_in_what_is_missing_and_nothing_else() {
         let mut svcs = services(MIXED);
-        let cidr: ServiceCidr = DEFAULT_SERVICE_CIDR.parse().unwrap();
+        let cidr: Cidr = DEFAULT_SERVICE_CIDR.parse().unwrap();
         let report = fill_in(&mut svcs, &AllocConfig::default());
         assert_eq!(report.failures, Vec::<String>::new());
         for name in ["a", "b", "lb", "lb-no-np", "dns"] {
@@ -556,8 +526,11 @@ mod tests {
         assert_ne!(ip, first_ip);
         assert_ne!(node_ports(&svcs, "a")[0], Some(first_port));
         // Linear probing: the next address.
-        let next = to_u128(first_ip.parse().unwrap()) + 1;
-        assert_eq!(ip, from_u128("0.0.0.0".parse().unwrap(), next).to_string());
+        let first: std::net::Ipv4Addr = first_ip.parse().unwrap();
+        assert_eq!(
+            ip,
+            std::net::Ipv4Addr::from(u32::from(first) + 1).to_string()
+        );
     }
 
     #[test]
@@ -613,22 +586,5 @@ mod tests {
             .parse()
             .unwrap();
         assert!(config.service_cidrs[1].contains(v6));
-    }
-
-    #[test]
-    fn cidr_parsing() {
-        let c: ServiceCidr = "10.96.1.2/12".parse().unwrap();
-        assert_eq!(c.to_string(), "10.96.0.0/12");
-        assert!(c.contains("10.111.255.255".parse().unwrap()));
-        assert!(!c.contains("10.112.0.0".parse().unwrap()));
-        assert!(!c.contains("::1".parse().unwrap()));
-        assert!("10.0.0.0/33".parse::<ServiceCidr>().is_err());
-        assert!("10.0.0.0".parse::<ServiceCidr>().is_err());
-        assert!(
-            "::/0"
-                .parse::<ServiceCidr>()
-                .unwrap()
-                .contains("::5".parse().unwrap())
-        );
     }
 }

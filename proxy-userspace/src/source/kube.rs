@@ -4,7 +4,9 @@
 //! resourceVersion, resume after a dropped stream, re-list after 410 Gone)
 //! each feed a reflector store, as client-go's informers feed kube-proxy.
 //! They run as tokio tasks; the daemon's one sync loop waits on
-//! [`KubeSource::changed`] and takes a [`KubeSource::snapshot`].
+//! [`KubeSource::changed`] and hands the changed objects to the model with
+//! [`KubeSource::feed`] ([`KubeSource::snapshot`] copies the stores whole,
+//! for tests).
 //!
 //! While the API server is unreachable the stores keep the last state they
 //! had (so the datapath keeps serving it) and every watcher retries with
@@ -48,7 +50,9 @@ use serde::de::DeserializeOwned;
 use tokio::{sync::Notify, task::JoinHandle};
 use tracing::{info, warn};
 
-use crate::model::{LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME};
+use crate::model::{
+    LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, ModelCache, NamespacedName, NodeInfo,
+};
 
 /// How long a watch lasts before the server ends it and the watcher resumes
 /// it. kube-runtime treats a watch silent for this long plus 5 s as a dead
@@ -156,9 +160,9 @@ impl Selectors {
     }
 }
 
-/// What the sync loop works from.
+/// A copy of the stores.
 #[derive(Clone, Debug, Default)]
-pub struct Snapshot {
+pub struct KubeObjects {
     /// Sorted by namespace and name.
     pub services: Vec<Service>,
     /// Sorted by namespace and name.
@@ -188,7 +192,31 @@ pub struct WatchCounters {
 }
 
 /// The resources watched, in the order [`KubeSource::counters`] gives them.
-pub const RESOURCES: [&str; 3] = ["services", "endpointslices", "node"];
+pub const RESOURCES: [&str; 3] = [
+    Watched::Services.name(),
+    Watched::EndpointSlices.name(),
+    Watched::Node.name(),
+];
+
+/// One of the watched resources.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Watched {
+    Services,
+    EndpointSlices,
+    /// This node's Node object: read whole at every feed, so its changes
+    /// are not recorded one by one.
+    Node,
+}
+
+impl Watched {
+    const fn name(self) -> &'static str {
+        match self {
+            Watched::Services => "services",
+            Watched::EndpointSlices => "endpointslices",
+            Watched::Node => "node",
+        }
+    }
+}
 
 /// Three reflectors running as tokio tasks (on whatever runtime `start` is
 /// called from, current-thread included); dropping this stops them.
@@ -199,7 +227,7 @@ pub struct KubeSource {
     nodes: Store<Node>,
     shared: Arc<Shared>,
     counters: [Arc<Counters>; 3],
-    /// The change generation the last snapshot saw.
+    /// The change generation the last feed or snapshot saw.
     seen: AtomicU64,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -209,15 +237,33 @@ pub struct KubeSource {
 struct Shared {
     generation: AtomicU64,
     notify: Notify,
-    /// What changed since the last feed, per resource (Services, slices):
-    /// so the model is handed the changed objects, not all of them.
-    dirty: std::sync::Mutex<[Dirty; 2]>,
+    /// What changed since the last feed: so the model is handed the
+    /// changed objects, not all of them.
+    pending: std::sync::Mutex<PendingChanges>,
+}
+
+/// Services and EndpointSlices changed since the last feed.
+#[derive(Default)]
+struct PendingChanges {
+    services: Changed,
+    slices: Changed,
+}
+
+impl PendingChanges {
+    /// Where changes of `resource` are recorded; None for the Node.
+    fn of(&mut self, resource: Watched) -> Option<&mut Changed> {
+        match resource {
+            Watched::Services => Some(&mut self.services),
+            Watched::EndpointSlices => Some(&mut self.slices),
+            Watched::Node => None,
+        }
+    }
 }
 
 /// Changed objects of one resource since the last feed.
 #[derive(Default)]
-struct Dirty {
-    keys: std::collections::BTreeSet<(String, String)>,
+struct Changed {
+    objects: std::collections::BTreeSet<NamespacedName>,
     /// A (re)list completed: anything may have changed.
     all: bool,
 }
@@ -226,6 +272,12 @@ impl Shared {
     fn bump(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
         self.notify.notify_waiters();
+    }
+
+    fn record(&self, resource: Watched, change: impl FnOnce(&mut Changed)) {
+        if let Some(changed) = self.pending.lock().unwrap().of(resource) {
+            change(changed);
+        }
     }
 }
 
@@ -296,35 +348,26 @@ impl KubeSource {
         let [c_svc, c_slice, c_node] = counters;
         source.tasks = vec![
             tokio::spawn(reflect(
-                RESOURCES[0],
-                Some(0),
+                Watched::Services,
                 services,
                 svc_writer,
                 c_svc,
                 shared.clone(),
             )),
             tokio::spawn(reflect(
-                RESOURCES[1],
-                Some(1),
+                Watched::EndpointSlices,
                 slices,
                 slice_writer,
                 c_slice,
                 shared.clone(),
             )),
-            tokio::spawn(reflect(
-                RESOURCES[2],
-                None,
-                nodes,
-                node_writer,
-                c_node,
-                shared,
-            )),
+            tokio::spawn(reflect(Watched::Node, nodes, node_writer, c_node, shared)),
         ];
         source
     }
 
     /// Resolves when a store changed (or a watcher became ready) since the
-    /// last [`snapshot`](Self::snapshot); at once if one did. Cancel-safe.
+    /// last feed or snapshot; at once if one did. Cancel-safe.
     pub async fn changed(&mut self) {
         loop {
             let notified = self.shared.notify.notified();
@@ -340,7 +383,7 @@ impl KubeSource {
 
     /// The stores as they are now. A change that lands while this runs
     /// makes the next [`changed`](Self::changed) resolve, so none is missed.
-    pub fn snapshot(&self) -> Snapshot {
+    pub fn snapshot(&self) -> KubeObjects {
         // Read the generation first: whatever is written after it bumps it
         // again.
         self.seen.store(
@@ -351,7 +394,7 @@ impl KubeSource {
             .counters
             .iter()
             .all(|c| c.ready.load(Ordering::Acquire));
-        Snapshot {
+        KubeObjects {
             services: sorted(&self.services),
             slices: sorted(&self.slices),
             node: self
@@ -369,31 +412,32 @@ impl KubeSource {
     /// [`snapshot`](Self::snapshot)). Returns whether every watcher has
     /// completed its initial list; the caller must not program anything
     /// before that, or a restart would wipe what is pinned.
-    pub fn feed(&self, cache: &mut crate::model_cache::ModelCache) -> bool {
+    pub fn feed(&self, cache: &mut ModelCache) -> bool {
         self.seen.store(
             self.shared.generation.load(Ordering::Acquire),
             Ordering::Release,
         );
-        let [services, slices] = std::mem::take(&mut *self.shared.dirty.lock().unwrap());
+        let PendingChanges { services, slices } =
+            std::mem::take(&mut *self.shared.pending.lock().unwrap());
         // After a (re)list, everything; otherwise the objects the watch
         // events named, as the stores have them now (gone: deleted).
         if services.all {
             cache.replace_services(self.services.state().iter().map(|s| s.as_ref()));
         } else {
-            for (ns, name) in &services.keys {
-                match self.services.get(&ObjectRef::new(name).within(ns)) {
+            for id in &services.objects {
+                match self.services.get(&object_ref(id)) {
                     Some(svc) => cache.upsert_service(&svc),
-                    None => cache.delete_service(ns, name),
+                    None => cache.delete_service(id),
                 }
             }
         }
         if slices.all {
             cache.replace_slices(self.slices.state().iter().map(|s| s.as_ref()));
         } else {
-            for (ns, name) in &slices.keys {
-                match self.slices.get(&ObjectRef::new(name).within(ns)) {
+            for id in &slices.objects {
+                match self.slices.get(&object_ref(id)) {
                     Some(slice) => cache.upsert_slice(&slice),
-                    None => cache.delete_slice(ns, name),
+                    None => cache.delete_slice(id),
                 }
             }
         }
@@ -403,7 +447,7 @@ impl KubeSource {
             .into_iter()
             .find(|n| n.metadata.name.as_deref() == Some(&self.node_name))
         {
-            cache.set_node(crate::model::NodeInfo::from_node(&node));
+            cache.set_node(NodeInfo::from_node(&node));
         }
         self.ready()
     }
@@ -444,9 +488,7 @@ impl<K, S: Stream<Item = watcher::Result<watcher::Event<K>>> + Send + 'static> W
 /// sync loop when the store changed. Runs as long as the stream does
 /// (forever: errors are followed by a backoff, never by the end).
 async fn reflect<K>(
-    resource: &'static str,
-    // Which Dirty set records this resource's changes (None: the Node).
-    dirty: Option<usize>,
+    watched: Watched,
     stream: impl WatchStream<K>,
     mut writer: Writer<K>,
     counters: Arc<Counters>,
@@ -455,6 +497,7 @@ async fn reflect<K>(
     K: Resource + Clone + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone,
 {
+    let resource = watched.name();
     let mut stream = std::pin::pin!(stream);
     let mut listed = 0usize;
     while let Some(item) = stream.next().await {
@@ -480,9 +523,7 @@ async fn reflect<K>(
             }
             watcher::Event::InitApply(_) => listed += 1,
             watcher::Event::InitDone => {
-                if let Some(i) = dirty {
-                    shared.dirty.lock().unwrap()[i].all = true;
-                }
+                shared.record(watched, |changed| changed.all = true);
                 let first = !counters.ready.swap(true, Ordering::AcqRel);
                 info!(
                     resource,
@@ -493,15 +534,22 @@ async fn reflect<K>(
                 shared.bump();
             }
             watcher::Event::Apply(obj) | watcher::Event::Delete(obj) => {
-                if let Some(i) = dirty {
-                    let key = crate::model::obj_key(obj.meta());
-                    shared.dirty.lock().unwrap()[i].keys.insert(key);
-                }
+                shared.record(watched, |changed| {
+                    changed.objects.insert(NamespacedName::of(obj.meta()));
+                });
                 counters.events.fetch_add(1, Ordering::Relaxed);
                 shared.bump();
             }
         }
     }
+}
+
+fn object_ref<K>(id: &NamespacedName) -> ObjectRef<K>
+where
+    K: Resource,
+    K::DynamicType: Default,
+{
+    ObjectRef::new(&id.name).within(&id.namespace)
 }
 
 fn sorted<K>(store: &Store<K>) -> Vec<K>

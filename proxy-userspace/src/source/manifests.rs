@@ -23,13 +23,16 @@
 //!   the same identity is reported and skipped (the first one read, in file
 //!   name order, is kept).
 //!
-//! Nothing here fills in cluster IPs or node ports: see
-//! [`crate::allocate::fill_in`].
+//! [`ManifestDir`] reloads a directory when a file in it changes, and fills
+//! in the cluster IPs and node ports no API server allocated
+//! ([`super::allocate::fill_in`]); [`load_dir`] and [`parse_str`] leave them
+//! as written.
 
 use std::{
     collections::HashMap,
     fmt, fs, io,
     path::{Path, PathBuf},
+    time::SystemTime,
 };
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
@@ -312,18 +315,7 @@ impl Loader {
             .unwrap_or("")
             .to_string();
         if is_list_kind(&kind) {
-            if at.item.is_some() {
-                self.problem_at(at, format!("{kind} nested in a list"));
-                return;
-            }
-            match value {
-                serde_json::Value::Object(mut obj) => match obj.remove("items") {
-                    Some(serde_json::Value::Array(items)) => self.items(items, at),
-                    None | Some(serde_json::Value::Null) => {}
-                    Some(_) => self.problem_at(at, format!("{kind}: items is not a list")),
-                },
-                _ => unreachable!("checked to be an object"),
-            }
+            self.list(&kind, value, at);
             return;
         }
         let wanted = wanted(&api_version, &kind);
@@ -345,26 +337,53 @@ impl Loader {
             value
         };
         match wanted {
-            Some(Wanted::Service) => match serde_json::from_value::<Service>(value) {
-                Ok(mut svc) => {
-                    default_namespace(&mut svc.metadata);
-                    if self.first_of_its_name("Service", &svc.metadata, at) {
-                        self.objects.services.push(svc);
-                    }
-                }
-                Err(e) => self.problem_at(at, format!("invalid Service: {e}")),
-            },
-            Some(Wanted::EndpointSlice) => match serde_json::from_value::<EndpointSlice>(value) {
-                Ok(mut slice) => {
-                    default_namespace(&mut slice.metadata);
-                    if self.first_of_its_name("EndpointSlice", &slice.metadata, at) {
-                        self.objects.slices.push(slice);
-                    }
-                }
-                Err(e) => self.problem_at(at, format!("invalid EndpointSlice: {e}")),
-            },
+            Some(Wanted::Service) => self.keep_service(value, at),
+            Some(Wanted::EndpointSlice) => self.keep_slice(value, at),
             Some(Wanted::Unsupported(why)) => self.problem_at(at, why),
             None => self.ignore(&api_version, &kind, &name, at),
+        }
+    }
+
+    /// The items of a `List` document.
+    fn list(&mut self, kind: &str, value: serde_json::Value, at: Place<'_>) {
+        if at.item.is_some() {
+            self.problem_at(at, format!("{kind} nested in a list"));
+            return;
+        }
+        match value {
+            serde_json::Value::Object(mut obj) => match obj.remove("items") {
+                Some(serde_json::Value::Array(items)) => self.items(items, at),
+                None | Some(serde_json::Value::Null) => {}
+                Some(_) => self.problem_at(at, format!("{kind}: items is not a list")),
+            },
+            _ => unreachable!("checked to be an object"),
+        }
+    }
+
+    /// A Service, kept unless it is invalid or a second one of its name.
+    fn keep_service(&mut self, value: serde_json::Value, at: Place<'_>) {
+        match serde_json::from_value::<Service>(value) {
+            Ok(mut svc) => {
+                default_namespace(&mut svc.metadata);
+                if self.first_of_its_name("Service", &svc.metadata, at) {
+                    self.objects.services.push(svc);
+                }
+            }
+            Err(e) => self.problem_at(at, format!("invalid Service: {e}")),
+        }
+    }
+
+    /// An EndpointSlice, kept unless it is invalid or a second one of its
+    /// name.
+    fn keep_slice(&mut self, value: serde_json::Value, at: Place<'_>) {
+        match serde_json::from_value::<EndpointSlice>(value) {
+            Ok(mut slice) => {
+                default_namespace(&mut slice.metadata);
+                if self.first_of_its_name("EndpointSlice", &slice.metadata, at) {
+                    self.objects.slices.push(slice);
+                }
+            }
+            Err(e) => self.problem_at(at, format!("invalid EndpointSlice: {e}")),
         }
     }
 
@@ -613,6 +632,54 @@ fn is_blank_yaml(text: &str) -> bool {
         let t = l.trim();
         t.is_empty() || t.starts_with('#') || l.starts_with('%')
     })
+}
+
+/// A manifest directory, reloaded when any file in it changes.
+pub struct ManifestDir {
+    dir: PathBuf,
+    fingerprint: Option<Vec<(PathBuf, u64, SystemTime)>>,
+}
+
+impl ManifestDir {
+    pub fn new(dir: PathBuf) -> Self {
+        ManifestDir {
+            dir,
+            fingerprint: None,
+        }
+    }
+
+    fn fingerprint(dir: &Path) -> anyhow::Result<Vec<(PathBuf, u64, SystemTime)>> {
+        use anyhow::Context as _;
+        let mut out = Vec::new();
+        for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+            let entry = entry?;
+            let meta = entry.metadata()?;
+            out.push((entry.path(), meta.len(), meta.modified()?));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// The objects, if any file changed since the last call (the first call
+    /// always loads).
+    pub fn load_if_changed(&mut self) -> anyhow::Result<Option<Objects>> {
+        let fp = Self::fingerprint(&self.dir)?;
+        if self.fingerprint.as_ref() == Some(&fp) {
+            return Ok(None);
+        }
+        let mut objects = load_dir(&self.dir)?;
+        // No API server allocates for us: Services without clusterIP or
+        // nodePort get deterministic ones (logged).
+        let report = super::allocate::fill_in(
+            &mut objects.services,
+            &super::allocate::AllocConfig::default(),
+        );
+        for failure in report.failures {
+            tracing::warn!(%failure, "allocation failed");
+        }
+        self.fingerprint = Some(fp);
+        Ok(Some(objects))
+    }
 }
 
 #[cfg(test)]

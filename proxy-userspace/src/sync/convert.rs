@@ -8,10 +8,8 @@ use std::{
 
 use proxy_common::{BE_F_LOCAL, Backend, SVC_F_EXTERNAL, SvcKey};
 
-use crate::{
-    model::{Frontend, FrontendKey, FrontendKind},
-    sync::{Desired, FrontendWant},
-};
+use super::{Desired, FrontendWant};
+use crate::model::{Frontend, FrontendKey, FrontendKind};
 
 /// One frontend as the syncer wants it; None for IPv6.
 pub fn to_want(key: &FrontendKey, fe: &Frontend) -> Option<(SvcKey, FrontendWant)> {

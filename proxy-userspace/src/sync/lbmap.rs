@@ -88,7 +88,7 @@ impl WriteError {
 
 /// Everything in the desired-state maps.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Snapshot {
+pub struct MapContents {
     pub services: BTreeMap<SvcKey, SvcValue>,
     pub slots: BTreeMap<SlotKey, SlotValue>,
     pub backends: BTreeMap<BackendKey, Backend>,
@@ -103,7 +103,8 @@ pub trait LbMaps {
     /// Zeroes the traffic counters of a service port id about to be
     /// (re)used, so a new service does not inherit an old one's counts.
     fn reset_stats(&mut self, svc_id: u32) -> Result<(), WriteError>;
-    fn snapshot(&self) -> anyhow::Result<Snapshot>;
+    /// Every entry (what a previous run left, at adoption).
+    fn read_all(&self) -> anyhow::Result<MapContents>;
 }
 
 /// The real maps.
@@ -119,12 +120,12 @@ pub struct BpfLbMaps {
 impl BpfLbMaps {
     pub fn new(dp: &mut crate::datapath::Datapath) -> anyhow::Result<Self> {
         Ok(BpfLbMaps {
-            services: HashMap::try_from(dp.take_map(SVC_MAP)?)?,
-            slots: HashMap::try_from(dp.take_map(SLOT_MAP)?)?,
-            backends: HashMap::try_from(dp.take_map(BACKEND_MAP)?)?,
-            addrs: HashMap::try_from(dp.take_map(ADDR_MAP)?)?,
-            names: HashMap::try_from(dp.take_map(NAME_MAP)?)?,
-            stats: PerCpuArray::try_from(dp.take_map(SVC_STATS_MAP)?)?,
+            services: dp.map(SVC_MAP)?,
+            slots: dp.map(SLOT_MAP)?,
+            backends: dp.map(BACKEND_MAP)?,
+            addrs: dp.map(ADDR_MAP)?,
+            names: dp.map(NAME_MAP)?,
+            stats: dp.map(SVC_STATS_MAP)?,
         })
     }
 
@@ -215,8 +216,8 @@ impl LbMaps for BpfLbMaps {
             .map_err(|e| write_error(SVC_STATS_MAP, e))
     }
 
-    fn snapshot(&self) -> anyhow::Result<Snapshot> {
-        Ok(Snapshot {
+    fn read_all(&self) -> anyhow::Result<MapContents> {
+        Ok(MapContents {
             services: collect(&self.services)?,
             slots: collect(&self.slots)?,
             backends: collect(&self.backends)?,
@@ -232,7 +233,7 @@ impl LbMaps for BpfLbMaps {
 /// In-memory maps with optional capacities, for tests.
 #[derive(Clone, Debug, Default)]
 pub struct MemLbMaps {
-    pub state: Snapshot,
+    pub state: MapContents,
     /// Capacity per map name; absent means unlimited.
     pub capacity: BTreeMap<&'static str, usize>,
     /// Every write, in order, for tests that check ordering.
@@ -296,7 +297,7 @@ impl LbMaps for MemLbMaps {
         Ok(())
     }
 
-    fn snapshot(&self) -> anyhow::Result<Snapshot> {
+    fn read_all(&self) -> anyhow::Result<MapContents> {
         Ok(self.state.clone())
     }
 }

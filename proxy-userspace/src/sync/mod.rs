@@ -7,21 +7,30 @@
 //! (a full map) is rolled back for that frontend, which keeps its previous
 //! state, and is reported; other frontends are unaffected.
 //!
-//! On start the syncer adopts what a previous run left in the pinned maps
-//! ([`Syncer::adopt`]): entries that are still right stay untouched, so a
-//! restart does not disturb traffic; stale ones are removed.
+//! * [`convert`]: the model's frontends as [`FrontendWant`]s;
+//! * [`lbmap`]: the one interface through which entries reach the maps;
+//! * [`backends`]: backend ids and their references, service port ids;
+//! * [`adopt`]: on start the syncer adopts what a previous run left in the
+//!   pinned maps ([`Syncer::adopt`]): entries that are still right stay
+//!   untouched, so a restart does not disturb traffic; stale ones are
+//!   removed.
 
+pub mod adopt;
+pub mod backends;
 pub mod convert;
 pub mod lbmap;
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use proxy_common::{
-    ADDR_NODE, ADDR_VIP, AddrKey, AddrValue, Backend, BackendKey, SVC_ID_LIMIT, SlotKey, SlotValue,
-    SvcKey, SvcName, SvcValue,
+    ADDR_NODE, ADDR_VIP, AddrKey, AddrValue, Backend, BackendKey, SlotKey, SlotValue, SvcKey,
+    SvcName, SvcValue,
 };
 
-use crate::lbmap::{Entry, Key, LbMaps, WriteError};
+use self::{
+    backends::{Backends, ServicePortIds},
+    lbmap::{Entry, Key, LbMaps, WriteError},
+};
 
 /// What one frontend should do.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,6 +56,7 @@ pub struct Desired {
     pub node_addrs: BTreeSet<[u8; 4]>,
 }
 
+/// A frontend as it is in the maps.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Programmed {
     svc_id: u32,
@@ -71,15 +81,11 @@ pub struct Syncer<M: LbMaps> {
     maps: M,
     frontends: BTreeMap<SvcKey, Programmed>,
     names: BTreeMap<u32, String>,
-    backend_ids: BTreeMap<Backend, u32>,
-    backends: BTreeMap<u32, Backend>,
-    refs: BTreeMap<u32, usize>,
+    backends: Backends,
     addrs: BTreeMap<AddrKey, AddrValue>,
     /// Entries found at adoption that nothing refers to.
     garbage: Vec<Key>,
-    /// Service port ids are reused (lowest first), so they stay below
-    /// SVC_ID_LIMIT, the size of the per-service counter array.
-    free_svc_ids: BTreeSet<u32>,
+    svc_ids: ServicePortIds,
     /// The desired state last asked for; a sync is a diff against it.
     wanted: BTreeMap<SvcKey, FrontendWant>,
     node_addrs: BTreeSet<[u8; 4]>,
@@ -87,108 +93,37 @@ pub struct Syncer<M: LbMaps> {
     failed: BTreeSet<SvcKey>,
     /// Programmed frontends per VIP address.
     vips: BTreeMap<[u8; 4], usize>,
-    /// Backends whose last reference went away during this sync.
-    unreferenced: BTreeSet<u32>,
     /// Addresses found in the pins, checked at the next sync.
     stale_addrs: BTreeSet<[u8; 4]>,
-    next_svc_id: u32,
-    next_backend_id: u32,
 }
 
 /// Most slots a frontend can have (the slot index is a u16).
 pub const MAX_BACKENDS: usize = u16::MAX as usize;
 
+/// What a frontend write created before its switch, to roll back if a
+/// later write fails.
+#[derive(Default)]
+struct Created {
+    backends: Vec<u32>,
+    slots: Vec<SlotKey>,
+}
+
 impl<M: LbMaps> Syncer<M> {
-    /// Starts from what is in the maps already.
-    pub fn adopt(maps: M) -> anyhow::Result<Self> {
-        let snap = maps.snapshot()?;
-        let mut s = Syncer {
+    fn empty(maps: M) -> Self {
+        Syncer {
             maps,
             frontends: BTreeMap::new(),
             names: BTreeMap::new(),
-            backend_ids: BTreeMap::new(),
-            backends: BTreeMap::new(),
-            refs: BTreeMap::new(),
-            addrs: snap.addrs.clone(),
+            backends: Backends::default(),
+            addrs: BTreeMap::new(),
             garbage: Vec::new(),
-            free_svc_ids: BTreeSet::new(),
+            svc_ids: ServicePortIds::default(),
             wanted: BTreeMap::new(),
             node_addrs: BTreeSet::new(),
             failed: BTreeSet::new(),
             vips: BTreeMap::new(),
-            unreferenced: BTreeSet::new(),
             stale_addrs: BTreeSet::new(),
-            next_svc_id: 1,
-            next_backend_id: 1,
-        };
-        for (k, b) in &snap.backends {
-            s.backends.insert(k.backend_id, *b);
-            s.refs.insert(k.backend_id, 0);
-            // Two ids for one backend (should not happen): the later one is
-            // garbage once unreferenced.
-            s.backend_ids.entry(*b).or_insert(k.backend_id);
-            s.next_backend_id = s.next_backend_id.max(k.backend_id + 1);
         }
-        let mut live_slots = BTreeSet::new();
-        for (key, v) in &snap.services {
-            s.next_svc_id = s.next_svc_id.max(v.svc_id + 1);
-            // A hole (missing slot or backend) becomes u32::MAX, which never
-            // matches a wanted backend: the frontend is rewritten at the next
-            // sync, and its old slots are deleted then.
-            let mut ids = Vec::with_capacity(v.count as usize);
-            for slot in 0..v.count {
-                let sk = SlotKey {
-                    svc_id: v.svc_id,
-                    generation: v.generation,
-                    slot,
-                };
-                match snap.slots.get(&sk) {
-                    Some(sv) if s.backends.contains_key(&sv.backend_id) => {
-                        ids.push(sv.backend_id);
-                        *s.refs.entry(sv.backend_id).or_default() += 1;
-                        live_slots.insert(sk);
-                    }
-                    _ => ids.push(u32::MAX),
-                }
-            }
-            s.frontends.insert(
-                *key,
-                Programmed {
-                    svc_id: v.svc_id,
-                    generation: v.generation,
-                    flags: v.flags,
-                    backend_ids: ids,
-                },
-            );
-        }
-        for sk in snap.slots.keys() {
-            if !live_slots.contains(sk) {
-                s.garbage.push(Key::Slot(*sk));
-            }
-        }
-        for key in s.frontends.keys() {
-            if is_vip(key) {
-                *s.vips.entry(key.addr).or_default() += 1;
-            }
-        }
-        s.unreferenced = s
-            .refs
-            .iter()
-            .filter(|(_, r)| **r == 0)
-            .map(|(id, _)| *id)
-            .collect();
-        // Every pinned address is re-derived at the first sync.
-        s.stale_addrs = s.addrs.keys().map(|k| k.addr).collect();
-        let used: BTreeSet<u32> = s.frontends.values().map(|p| p.svc_id).collect();
-        s.free_svc_ids = (1..s.next_svc_id).filter(|id| !used.contains(id)).collect();
-        for (id, name) in snap.names {
-            if used.contains(&id) {
-                s.names.insert(id, name);
-            } else {
-                s.garbage.push(Key::Name(id));
-            }
-        }
-        Ok(s)
     }
 
     pub fn maps(&self) -> &M {
@@ -314,7 +249,7 @@ impl<M: LbMaps> Syncer<M> {
             && p.backend_ids
                 .iter()
                 .zip(&want.backends)
-                .all(|(id, b)| self.backends.get(id) == Some(b))
+                .all(|(id, b)| self.backends.get(*id) == Some(b))
     }
 
     fn write_frontend(
@@ -324,91 +259,28 @@ impl<M: LbMaps> Syncer<M> {
         writes: &mut usize,
     ) -> Result<(), WriteError> {
         let backends = &want.backends[..want.backends.len().min(MAX_BACKENDS)];
+        let mut created = Created::default();
         // Backends first: a slot must never point at a missing backend.
-        let mut created = Vec::new();
-        let mut ids = Vec::with_capacity(backends.len());
-        for b in backends {
-            let id = match self.backend_ids.get(b) {
-                Some(id) => *id,
-                None => {
-                    let id = self.next_backend_id;
-                    let entry = Entry::Backend(BackendKey { backend_id: id }, *b);
-                    if let Err(e) = self.maps.put(&entry) {
-                        self.undo(&created, &[], writes);
-                        return Err(e);
-                    }
-                    *writes += 1;
-                    self.next_backend_id += 1;
-                    self.backend_ids.insert(*b, id);
-                    self.backends.insert(id, *b);
-                    self.refs.insert(id, 0);
-                    created.push(id);
-                    id
-                }
-            };
-            ids.push(id);
-        }
-
-        let old = self.frontends.get(key).cloned();
-        let (svc_id, generation) = match &old {
-            Some(p) => (p.svc_id, p.generation.wrapping_add(1)),
-            None => match self.free_svc_ids.first().copied() {
-                Some(id) => (id, 0),
-                None if self.next_svc_id < SVC_ID_LIMIT => (self.next_svc_id, 0),
-                None => {
-                    self.undo(&created, &[], writes);
-                    return Err(WriteError::Full {
-                        map: proxy_common::SVC_MAP,
-                    });
-                }
-            },
-        };
-        if old.is_none()
-            && let Err(e) = self.maps.reset_stats(svc_id)
-        {
-            self.undo(&created, &[], writes);
-            return Err(e);
-        }
-        let mut slots = Vec::with_capacity(ids.len());
-        for (i, id) in ids.iter().enumerate() {
-            let sk = SlotKey {
-                svc_id,
-                generation,
-                slot: i as u16,
-            };
-            if let Err(e) = self
-                .maps
-                .put(&Entry::Slot(sk, SlotValue { backend_id: *id }))
-            {
-                self.undo(&created, &slots, writes);
+        let ids = match self.write_backends(backends, &mut created, writes) {
+            Ok(ids) => ids,
+            Err(e) => {
+                self.undo(&created, writes);
                 return Err(e);
             }
-            *writes += 1;
-            slots.push(sk);
-        }
-        let value = SvcValue {
-            svc_id,
-            generation,
-            count: ids.len() as u16,
-            flags: want.flags,
-            _pad: [0; 2],
         };
-        // The switch: from here on packets use the new slots.
-        if let Err(e) = self.maps.put(&Entry::Service(*key, value)) {
-            self.undo(&created, &slots, writes);
-            return Err(e);
-        }
-        *writes += 1;
+        let old = self.frontends.get(key).cloned();
+        let result = self
+            .switch_to(key, old.as_ref(), &ids, want.flags, &mut created, writes)
+            .inspect_err(|_| self.undo(&created, writes));
+        let (svc_id, generation) = result?;
         if old.is_none() {
-            if !self.free_svc_ids.remove(&svc_id) {
-                self.next_svc_id += 1;
-            }
+            self.svc_ids.take(svc_id);
             if is_vip(key) {
                 *self.vips.entry(key.addr).or_default() += 1;
             }
         }
         for id in &ids {
-            *self.refs.entry(*id).or_default() += 1;
+            self.backends.add_ref(*id);
         }
         if let Some(old) = old {
             self.release(&old, writes);
@@ -426,14 +298,90 @@ impl<M: LbMaps> Syncer<M> {
         Ok(())
     }
 
+    /// The ids of `backends`, writing those not in the map yet.
+    fn write_backends(
+        &mut self,
+        backends: &[Backend],
+        created: &mut Created,
+        writes: &mut usize,
+    ) -> Result<Vec<u32>, WriteError> {
+        let mut ids = Vec::with_capacity(backends.len());
+        for b in backends {
+            let id = match self.backends.id_of(b) {
+                Some(id) => id,
+                None => {
+                    let entry = Entry::Backend(
+                        BackendKey {
+                            backend_id: self.backends.next_id(),
+                        },
+                        *b,
+                    );
+                    self.maps.put(&entry)?;
+                    *writes += 1;
+                    let id = self.backends.insert_new(*b);
+                    created.backends.push(id);
+                    id
+                }
+            };
+            ids.push(id);
+        }
+        Ok(ids)
+    }
+
+    /// Writes the slots of a new generation of the frontend (or of a new
+    /// frontend), then its service entry: the switch, from which on packets
+    /// use the new slots. Returns its id and generation.
+    fn switch_to(
+        &mut self,
+        key: &SvcKey,
+        old: Option<&Programmed>,
+        ids: &[u32],
+        flags: u16,
+        created: &mut Created,
+        writes: &mut usize,
+    ) -> Result<(u32, u16), WriteError> {
+        let (svc_id, generation) = match old {
+            Some(p) => (p.svc_id, p.generation.wrapping_add(1)),
+            None => {
+                let id = self.svc_ids.peek().ok_or(WriteError::Full {
+                    map: proxy_common::SVC_MAP,
+                })?;
+                // A new service must not inherit an old one's counts.
+                self.maps.reset_stats(id)?;
+                (id, 0)
+            }
+        };
+        for (i, id) in ids.iter().enumerate() {
+            let sk = SlotKey {
+                svc_id,
+                generation,
+                slot: i as u16,
+            };
+            self.maps
+                .put(&Entry::Slot(sk, SlotValue { backend_id: *id }))?;
+            *writes += 1;
+            created.slots.push(sk);
+        }
+        let value = SvcValue {
+            svc_id,
+            generation,
+            count: ids.len() as u16,
+            flags,
+            _pad: [0; 2],
+        };
+        self.maps.put(&Entry::Service(*key, value))?;
+        *writes += 1;
+        Ok((svc_id, generation))
+    }
+
     /// Rolls back a frontend write that failed before its switch.
-    fn undo(&mut self, created: &[u32], slots: &[SlotKey], writes: &mut usize) {
-        for sk in slots {
+    fn undo(&mut self, created: &Created, writes: &mut usize) {
+        for sk in &created.slots {
             if self.maps.delete(&Key::Slot(*sk)).is_ok() {
                 *writes += 1;
             }
         }
-        for id in created {
+        for id in &created.backends {
             if self
                 .maps
                 .delete(&Key::Backend(BackendKey { backend_id: *id }))
@@ -441,10 +389,7 @@ impl<M: LbMaps> Syncer<M> {
             {
                 *writes += 1;
             }
-            if let Some(b) = self.backends.remove(id) {
-                self.backend_ids.remove(&b);
-            }
-            self.refs.remove(id);
+            self.backends.forget(*id);
         }
     }
 
@@ -462,12 +407,7 @@ impl<M: LbMaps> Syncer<M> {
             }
         }
         for id in &old.backend_ids {
-            if let Some(r) = self.refs.get_mut(id) {
-                *r = r.saturating_sub(1);
-                if *r == 0 {
-                    self.unreferenced.insert(*id);
-                }
-            }
+            self.backends.release(*id);
         }
     }
 
@@ -493,7 +433,7 @@ impl<M: LbMaps> Syncer<M> {
             *writes += 1;
         }
         self.names.remove(&old.svc_id);
-        self.free_svc_ids.insert(old.svc_id);
+        self.svc_ids.release(old.svc_id);
     }
 
     fn write_name(
@@ -552,24 +492,14 @@ impl<M: LbMaps> Syncer<M> {
                 *writes += 1;
             }
         }
-        let candidates = std::mem::take(&mut self.unreferenced);
-        let unused: Vec<u32> = candidates
-            .into_iter()
-            .filter(|id| self.refs.get(id) == Some(&0))
-            .collect();
-        for id in unused {
+        for id in self.backends.take_unused() {
             if self
                 .maps
                 .delete(&Key::Backend(BackendKey { backend_id: id }))
                 .is_ok()
             {
                 *writes += 1;
-                self.refs.remove(&id);
-                if let Some(b) = self.backends.remove(&id)
-                    && self.backend_ids.get(&b) == Some(&id)
-                {
-                    self.backend_ids.remove(&b);
-                }
+                self.backends.remove(id);
             }
         }
     }
@@ -587,7 +517,7 @@ mod tests {
     use proxy_common::{IPPROTO_TCP, SVC_F_EXTERNAL};
 
     use super::*;
-    use crate::lbmap::MemLbMaps;
+    use lbmap::MemLbMaps;
 
     fn be(last: u8, port: u16) -> Backend {
         Backend {

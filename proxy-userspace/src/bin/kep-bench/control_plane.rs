@@ -19,11 +19,8 @@ use anyhow::{Context as _, Result, bail, ensure};
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use proxy_userspace::{
     datapath::Datapath,
-    frontends,
-    lbmap::BpfLbMaps,
-    model::{NodeInfo, Options},
-    model_cache::ModelCache,
-    sync::Syncer,
+    model::{ModelCache, NodeInfo, Options},
+    sync::{Syncer, convert, lbmap::BpfLbMaps},
 };
 use serde_json::json;
 
@@ -92,7 +89,7 @@ pub fn run(dp: &mut Datapath) -> Result<()> {
     let started = Instant::now();
     model.replace(&services, &slices);
     model.update();
-    let report = syncer.sync(&frontends::to_desired(model.frontends(), &node_addrs));
+    let report = syncer.sync(&convert::to_desired(model.frontends(), &node_addrs));
     let from_empty = started.elapsed();
     ensure!(report.failed.is_empty(), "{:?}", report.failed);
     ensure!(
@@ -111,7 +108,7 @@ pub fn run(dp: &mut Datapath) -> Result<()> {
         let t = Instant::now();
         model.upsert_slice(&changed_slice);
         let changed = model.update();
-        let changes = frontends::to_changes(model.frontends(), &changed);
+        let changes = convert::to_changes(model.frontends(), &changed);
         let report = syncer.apply(&changes, Some(&addrs));
         took.push(t.elapsed());
         ensure!(

@@ -23,10 +23,11 @@ use aya::programs::{TestRun, TestRunOptions};
 use proxy_common::*;
 use proxy_userspace::{
     datapath::Datapath,
-    lbmap::BpfLbMaps,
-    pktgen::{Pkt, TCP_ACK, TCP_SYN},
-    sync::{Desired, FrontendWant, Syncer},
-    testns::NetNsGuard,
+    sync::{Desired, FrontendWant, Syncer, lbmap::BpfLbMaps},
+    testkit::{
+        pktgen::{Pkt, TCP_ACK, TCP_SYN},
+        testns::NetNsGuard,
+    },
 };
 
 const CALLS: usize = 20_000;
@@ -123,7 +124,6 @@ fn main() -> Result<()> {
         "| services | trivial program | non-service traffic | established flow | new flow | programming time |"
     );
     println!("|---:|---:|---:|---:|---:|---:|");
-    let client = Ipv4Addr::new(10, 244, 1, 5);
     for services in SIZES {
         let started = Instant::now();
         let report = syncer.sync(&desired(services));
@@ -133,43 +133,14 @@ fn main() -> Result<()> {
             "programming failed: {:?}",
             report.failed
         );
-        // The measured service is the last one programmed.
-        let target = SocketAddrV4::new(vip(services - 1), 80);
-
-        let other = Pkt::tcp(
-            SocketAddrV4::new(client, 40000),
-            SocketAddrV4::new(pod(1), 8080),
-            TCP_ACK,
-        )
-        .build();
-        let noop = bench.median(PROG_NOOP, &mut |_| other.clone())?;
-        let pass = bench.median(PROG_INGRESS, &mut |_| other.clone())?;
-
-        let est_src = SocketAddrV4::new(client, 40000);
-        let syn = Pkt::tcp(est_src, target, TCP_SYN).build();
-        bench
-            .median(PROG_INGRESS, &mut |_| syn.clone())
-            .context("warm-up")?;
-        let ack = Pkt::tcp(est_src, target, TCP_ACK).build();
-        let established = bench.median(PROG_INGRESS, &mut |_| ack.clone())?;
-
-        // A new source port (and, every 40000 calls, address) per call.
-        let base = services as u32 * 3;
-        let new_flow = bench.median(PROG_INGRESS, &mut |i| {
-            let n = base + i as u32;
-            let src = SocketAddrV4::new(
-                Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 245, 0, 0)) + n / 40000),
-                (1024 + n % 40000) as u16,
-            );
-            Pkt::tcp(src, target, TCP_SYN).build()
-        })?;
-
-        let cell = |v: f64| format!("{v:.0} (+{:.0})", v - noop);
+        let c = packet_costs(&mut bench, services)?;
+        let cell = |v: f64| format!("{v:.0} (+{:.0})", v - c.noop);
         println!(
-            "| {services} | {noop:.0} | {} | {} | {} | {:.0} ms |",
-            cell(pass),
-            cell(established),
-            cell(new_flow),
+            "| {services} | {:.0} | {} | {} | {} | {:.0} ms |",
+            c.noop,
+            cell(c.pass),
+            cell(c.established),
+            cell(c.new_flow),
             took.as_secs_f64() * 1e3
         );
     }
@@ -179,6 +150,61 @@ fn main() -> Result<()> {
 
     // Fresh maps for the control-plane figures.
     drop(syncer);
+    control_plane_figures()
+}
+
+/// Median ns per packet with `services` programmed.
+struct PacketCosts {
+    /// The trivial program: the cost of BPF_PROG_TEST_RUN itself.
+    noop: f64,
+    /// A packet to no service.
+    pass: f64,
+    established: f64,
+    new_flow: f64,
+}
+
+fn packet_costs(bench: &mut Bench, services: usize) -> Result<PacketCosts> {
+    let client = Ipv4Addr::new(10, 244, 1, 5);
+    // The measured service is the last one programmed.
+    let target = SocketAddrV4::new(vip(services - 1), 80);
+
+    let other = Pkt::tcp(
+        SocketAddrV4::new(client, 40000),
+        SocketAddrV4::new(pod(1), 8080),
+        TCP_ACK,
+    )
+    .build();
+    let noop = bench.median(PROG_NOOP, &mut |_| other.clone())?;
+    let pass = bench.median(PROG_INGRESS, &mut |_| other.clone())?;
+
+    let est_src = SocketAddrV4::new(client, 40000);
+    let syn = Pkt::tcp(est_src, target, TCP_SYN).build();
+    bench
+        .median(PROG_INGRESS, &mut |_| syn.clone())
+        .context("warm-up")?;
+    let ack = Pkt::tcp(est_src, target, TCP_ACK).build();
+    let established = bench.median(PROG_INGRESS, &mut |_| ack.clone())?;
+
+    // A new source port (and, every 40000 calls, address) per call.
+    let base = services as u32 * 3;
+    let new_flow = bench.median(PROG_INGRESS, &mut |i| {
+        let n = base + i as u32;
+        let src = SocketAddrV4::new(
+            Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 245, 0, 0)) + n / 40000),
+            (1024 + n % 40000) as u16,
+        );
+        Pkt::tcp(src, target, TCP_SYN).build()
+    })?;
+    Ok(PacketCosts {
+        noop,
+        pass,
+        established,
+        new_flow,
+    })
+}
+
+/// Control-plane figures on fresh maps, and the daemon's resident size.
+fn control_plane_figures() -> Result<()> {
     let mut dp = Datapath::load_private(false)?;
     control_plane::run(&mut dp)?;
     let scratch = std::env::temp_dir().join(format!("kep-bench-{}", std::process::id()));

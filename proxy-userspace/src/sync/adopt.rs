@@ -1,0 +1,99 @@
+//! Starting from what a previous run left in the pinned maps.
+//!
+//! Frontends, their slots and backends are taken over as they are, so the
+//! first sync rewrites only what differs from the desired state and a
+//! restart does not disturb traffic. What nothing refers to (slots of an
+//! old generation, names of a gone service port, unreferenced backends) is
+//! deleted at the first sync; every pinned address class is re-derived
+//! then.
+
+use std::collections::BTreeSet;
+
+use proxy_common::{SlotKey, SvcValue};
+
+use super::{
+    Programmed, Syncer, is_vip,
+    lbmap::{Key, LbMaps, MapContents},
+};
+
+impl<M: LbMaps> Syncer<M> {
+    /// Starts from what is in the maps already.
+    pub fn adopt(maps: M) -> anyhow::Result<Self> {
+        let pinned = maps.read_all()?;
+        let mut s = Syncer::empty(maps);
+        s.addrs = pinned.addrs.clone();
+        for (k, b) in &pinned.backends {
+            s.backends.adopt(k.backend_id, *b);
+        }
+        let live_slots = s.adopt_frontends(&pinned);
+        for sk in pinned.slots.keys() {
+            if !live_slots.contains(sk) {
+                s.garbage.push(Key::Slot(*sk));
+            }
+        }
+        s.backends.mark_unreferenced();
+        // Every pinned address is re-derived at the first sync.
+        s.stale_addrs = s.addrs.keys().map(|k| k.addr).collect();
+        let used: BTreeSet<u32> = s.frontends.values().map(|p| p.svc_id).collect();
+        s.svc_ids.adopt(&used);
+        for (id, name) in pinned.names {
+            if used.contains(&id) {
+                s.names.insert(id, name);
+            } else {
+                s.garbage.push(Key::Name(id));
+            }
+        }
+        Ok(s)
+    }
+
+    /// Takes over every pinned service entry with the backends of its
+    /// current generation; returns the slots in use.
+    fn adopt_frontends(&mut self, pinned: &MapContents) -> BTreeSet<SlotKey> {
+        let mut live_slots = BTreeSet::new();
+        for (key, v) in &pinned.services {
+            let backend_ids = self.adopt_slots(v, pinned, &mut live_slots);
+            self.frontends.insert(
+                *key,
+                Programmed {
+                    svc_id: v.svc_id,
+                    generation: v.generation,
+                    flags: v.flags,
+                    backend_ids,
+                },
+            );
+            if is_vip(key) {
+                *self.vips.entry(key.addr).or_default() += 1;
+            }
+        }
+        live_slots
+    }
+
+    /// The backend ids of a service entry's slots, each referenced once.
+    fn adopt_slots(
+        &mut self,
+        v: &SvcValue,
+        pinned: &MapContents,
+        live_slots: &mut BTreeSet<SlotKey>,
+    ) -> Vec<u32> {
+        // A hole (missing slot or backend) becomes u32::MAX, which never
+        // matches a wanted backend: the frontend is rewritten at the next
+        // sync, and its old slots are deleted then.
+        let mut ids = Vec::with_capacity(v.count as usize);
+        for slot in 0..v.count {
+            let sk = SlotKey {
+                svc_id: v.svc_id,
+                generation: v.generation,
+                slot,
+            };
+            match pinned.slots.get(&sk) {
+                Some(sv) if self.backends.contains(sv.backend_id) => {
+                    ids.push(sv.backend_id);
+                    self.backends.add_ref(sv.backend_id);
+                    live_slots.insert(sk);
+                }
+                _ => ids.push(u32::MAX),
+            }
+        }
+        ids
+    }
+}
