@@ -27,7 +27,7 @@ use crate::{
     health::{self, Health},
     http::{self, Endpoints},
     metrics::Metrics,
-    model::{FrontendKey, ModelCache, NodeInfo, Options},
+    model::{FrontendKey, ModelCache, NodeInfo, Options, Problem},
     source::Source,
     sync::{SyncReport, Syncer, convert, lbmap::BpfLbMaps},
 };
@@ -293,8 +293,7 @@ impl Context {
         let started = Instant::now();
         self.last_sync = started;
         let changed = self.model.update();
-        let m = &self.metrics.sync;
-        m.record_changes(self.model.take_changes());
+        self.metrics.sync.record_changes(self.model.take_changes());
         let problems = self.model.problems();
         self.log_new_problems(&problems);
         let report = self.program(&changed);
@@ -341,7 +340,7 @@ impl Context {
 
     /// Problems not logged at the last sync (each is logged once while it
     /// lasts).
-    fn log_new_problems(&mut self, problems: &[crate::model::Problem]) {
+    fn log_new_problems(&mut self, problems: &[Problem]) {
         let shown: BTreeSet<String> = problems.iter().map(|p| p.to_string()).collect();
         for p in shown.difference(&self.problems_logged) {
             warn!(problem = %p, "skipped");

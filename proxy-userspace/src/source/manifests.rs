@@ -35,6 +35,7 @@ use std::{
     time::SystemTime,
 };
 
+use anyhow::Context as _;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 /// The namespace of an object that names none.
@@ -649,7 +650,6 @@ impl ManifestDir {
     }
 
     fn fingerprint(dir: &Path) -> anyhow::Result<Vec<(PathBuf, u64, SystemTime)>> {
-        use anyhow::Context as _;
         let mut out = Vec::new();
         for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
             let entry = entry?;

@@ -3,9 +3,7 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-pub const TCP: u8 = 6;
-pub const UDP: u8 = 17;
-pub const ICMP: u8 = 1;
+pub use proxy_common::{IPPROTO_ICMP as ICMP, IPPROTO_TCP as TCP, IPPROTO_UDP as UDP};
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
