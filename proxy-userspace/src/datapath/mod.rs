@@ -284,6 +284,16 @@ impl Datapath {
         sockets::attach(&mut self.ebpf, &self.root, cgroup)
     }
 
+    /// Attaches the socket-level programs to a cgroup without pins.
+    pub fn attach_sockets_unpinned(&mut self, cgroup: &Path) -> Result<()> {
+        sockets::attach_unpinned(&mut self.ebpf, cgroup)
+    }
+
+    /// Run count and total run time of a socket-level program.
+    pub fn socket_program_stats(&self, name: &str) -> Result<(u64, std::time::Duration)> {
+        sockets::run_stats(&self.ebpf, name)
+    }
+
     /// Removes the socket-level links; returns how many there were.
     pub fn detach_sockets(&mut self) -> Result<usize> {
         sockets::detach_all(&self.root)

@@ -161,6 +161,34 @@ fn try_attach(ebpf: &mut Ebpf, root: &Path, cgroup: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Attaches the socket programs to `cgroup` without pinning anything: the
+/// links last as long as `ebpf` (benchmarks on a cgroup they made).
+pub fn attach_unpinned(ebpf: &mut Ebpf, cgroup: &Path) -> Result<()> {
+    let dir = File::open(cgroup).with_context(|| format!("opening {}", cgroup.display()))?;
+    for name in ATTACH_ORDER {
+        let prog: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing"))?
+            .try_into()?;
+        prog.load()
+            .with_context(|| format!("verifier rejected {name}"))?;
+        prog.attach(&dir, CgroupAttachMode::Single)
+            .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+    }
+    Ok(())
+}
+
+/// How often the kernel ran a socket program and for how long in total
+/// (counted only while BPF statistics are on: `aya::sys::enable_stats`).
+pub fn run_stats(ebpf: &Ebpf, name: &str) -> Result<(u64, std::time::Duration)> {
+    let prog: &CgroupSockAddr = ebpf
+        .program(name)
+        .with_context(|| format!("program {name} missing"))?
+        .try_into()?;
+    let info = prog.info()?;
+    Ok((info.run_count(), info.run_time()))
+}
+
 /// Removes every socket-level link (unpinning a link nothing else holds
 /// detaches it); returns how many there were. Connect hooks go first, so
 /// no socket is sent to a backend after the reverse hooks are gone.
