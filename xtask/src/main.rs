@@ -56,6 +56,11 @@ struct BenchArgs {
     /// Connections the CRR client keeps in flight.
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
+    /// CRR rounds: every round measures every mode once, in turn, so slow
+    /// drifts of a shared machine hit all modes alike; each round is
+    /// reported, and its ratios are the figures.
+    #[arg(long, env = "KEP_BENCH_ROUNDS", default_value_t = 3)]
+    rounds: usize,
     /// Only the CRR comparison (skip the per-packet datapath benchmark).
     #[arg(long, conflicts_with = "no_crr")]
     crr_only: bool,
@@ -167,6 +172,7 @@ fn bench(args: &BenchArgs) -> Result<()> {
             seconds: args.seconds,
             services: args.services.clone(),
             concurrency: args.concurrency,
+            rounds: args.rounds,
         },
     )
 }
