@@ -138,6 +138,27 @@ fn test(extra: &[String]) -> Result<()> {
     if !status.success() {
         bail!("lab tests failed");
     }
+    // The lab's daemons run with socket-level load balancing on; the
+    // proxy suite again with it off, so both paths pass the same tests.
+    let mut args = vec![
+        "test",
+        "-p",
+        "lab",
+        "--test",
+        "proxy",
+        "--",
+        "--test-threads=1",
+    ];
+    args.extend(&extra);
+    let status = Command::new("cargo")
+        .args(&args)
+        .env("KEP_BIN", &daemon)
+        .env("KEP_SOCKET_LB", "false")
+        .current_dir(root())
+        .status()?;
+    if !status.success() {
+        bail!("lab tests with --socket-lb=false failed");
+    }
     Ok(())
 }
 
