@@ -18,22 +18,31 @@
 //! `lb4_reverse_sk` map is), so one socket's translation never shows in
 //! another's.
 //!
+//! The backend is chosen by [`lb::select`], the function the per-packet
+//! path uses, with the client's scope internal (a pod or a process of this
+//! node): session affinity, traffic policies and empty sets decide alike.
+//! Affinity is keyed by the socket's network namespace (Cilium keys it by
+//! the netns cookie too): the socket's own address is not chosen yet at
+//! connect(). loadBalancerSourceRanges guard LB IPs against outside
+//! clients and do not apply here.
+//!
 //! What the programs leave alone goes on to the per-packet path, which
 //! decides the same way: a UDP datagram to a service without endpoint (the
-//! ICMP reject reaches the socket as before), and anything that is not a
-//! frontend.
+//! ICMP reject reaches the socket as before), a flow the service drops
+//! (Local traffic policy without local endpoint), and anything that is not
+//! a frontend.
 
 use aya_ebpf::{
     EbpfContext,
-    helpers::generated::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
+    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
 use proxy_common::*;
 
-use crate::maps::{
-    KEP_BE_V1, KEP_SKFWD_V1, KEP_SKRNAT_V1, KEP_SLOT_V1, KEP_SVC_V1, addr_class, count,
-    count_service,
+use crate::{
+    lb::{self, Pick, Scope},
+    maps::{KEP_BE_V1, KEP_SKFWD_V1, KEP_SKRNAT_V1, KEP_SVC_V2, addr_class, count, count_service},
 };
 
 /// Verdicts of a cgroup sock_addr program.
@@ -106,39 +115,34 @@ fn forward(ctx: &SockAddrContext, call: Call) -> i32 {
     }
     let (addr, port) = dest(ctx);
     let class = addr_class(addr);
-    // A ClusterIP frontend is its own address; a NodePort is 0.0.0.0 and
-    // answers on every address of the node.
-    let svc_addr = match class {
-        ADDR_VIP => addr,
-        ADDR_NODE => [0; 4],
-        _ => return ALLOW,
-    };
-    let svc_key = SvcKey {
-        addr: svc_addr,
-        port,
-        proto,
-        _pad: 0,
-    };
-    // SAFETY: copied out at once.
-    let Some(svc) = (unsafe { KEP_SVC_V1.get(svc_key) }).copied() else {
-        return if class == ADDR_VIP {
+    if class == 0 {
+        return ALLOW;
+    }
+    let Some(svc) = frontend(addr, port, proto, class) else {
+        return if class & ADDR_CLUSTER_IP != 0 {
             refuse(proto, Counter::DropUnknownPort)
         } else {
-            // The node's own traffic, not a NodePort.
+            // The node's own traffic, or an external IP's other ports.
             ALLOW
         };
     };
-    if svc.count == 0 {
-        return refuse(proto, Counter::DropNoEndpoint);
-    }
     let cookie = cookie(ctx);
-    let chosen = match call {
-        Call::Sendmsg => sticky_backend(cookie, addr, port, &svc),
-        Call::Connect => pick_backend(&svc),
+    let pick = match call {
+        Call::Sendmsg => sticky_backend(ctx, cookie, addr, port, &svc),
+        Call::Connect => pick_backend(ctx, &svc),
     };
-    let Some(be) = chosen else {
-        // A slot or backend missing mid-update: the per-packet path decides.
-        return ALLOW;
+    let be = match pick {
+        Pick::Backend(backend_id, be) => SockNat {
+            addr: be.addr,
+            port: be.port,
+            _pad: [0; 2],
+            svc_id: svc.svc_id,
+            backend_id,
+        },
+        Pick::Reject(reason) => return refuse(proto, reason),
+        // Dropped (Local policy without local endpoint) or a map missing an
+        // entry mid-update: the per-packet path decides, and drops alike.
+        Pick::Drop(_) => return ALLOW,
     };
     if !remember_service(cookie, addr, port, &be) {
         // Without the reverse entry the socket would see the backend's
@@ -149,6 +153,31 @@ fn forward(ctx: &SockAddrContext, call: Call) -> i32 {
     set_dest(ctx, be.addr, be.port);
     count(Counter::SocketLb);
     ALLOW
+}
+
+/// The frontend a socket names: the address's own (ClusterIP, external IP)
+/// or, on a NodePort address, the NodePort (address 0.0.0.0); the same
+/// order as the per-packet path's.
+#[inline(always)]
+fn frontend(addr: [u8; 4], port: [u8; 2], proto: u8, class: u8) -> Option<SvcValue> {
+    let mut key = SvcKey {
+        addr,
+        port,
+        proto,
+        _pad: 0,
+    };
+    if class & (ADDR_CLUSTER_IP | ADDR_EXTERNAL) != 0 {
+        // SAFETY: copied out at once.
+        if let Some(svc) = unsafe { KEP_SVC_V2.get(key) } {
+            return Some(*svc);
+        }
+    }
+    if class & ADDR_NODEPORT == 0 {
+        return None;
+    }
+    key.addr = [0; 4];
+    // SAFETY: copied out at once.
+    unsafe { KEP_SVC_V2.get(key) }.copied()
 }
 
 /// A service the TC path would reject with ICMP port unreachable. A TCP
@@ -166,35 +195,40 @@ fn refuse(proto: u8, reason: Counter) -> i32 {
     DENY
 }
 
-/// The backend of a new flow of the service: a random slot of the current
-/// generation.
+/// The backend of a new flow of the service, chosen as the per-packet path
+/// chooses for an internal client.
 #[inline(always)]
-fn pick_backend(svc: &SvcValue) -> Option<SockNat> {
-    // SAFETY: plain helper call.
-    let random = unsafe { bpf_get_prandom_u32() };
-    let slot = SlotKey {
-        svc_id: svc.svc_id,
-        generation: svc.generation,
-        slot: (random % svc.count as u32) as u16,
-    };
-    // SAFETY: copied out at once.
-    let backend_id = unsafe { KEP_SLOT_V1.get(slot) }?.backend_id;
-    // SAFETY: copied out at once.
-    let be = unsafe { KEP_BE_V1.get(BackendKey { backend_id }) }?;
-    count_service(svc.svc_id, 0, true);
-    Some(SockNat {
-        addr: be.addr,
-        port: be.port,
-        _pad: [0; 2],
-        svc_id: svc.svc_id,
-        backend_id,
-    })
+fn pick_backend(ctx: &SockAddrContext, svc: &SvcValue) -> Pick {
+    let mut svc = *svc;
+    svc.flags &= !SVC_F_SRC_RANGES;
+    let pick = lb::select(&svc, client_id(ctx), || Scope::Internal);
+    if let Pick::Backend(..) = pick {
+        count_service(svc.svc_id, 0, true);
+    }
+    pick
+}
+
+/// Who the client is, for session affinity: its network namespace (a pod,
+/// or the node), as a key in 0.0.0.0/8, which no packet carries as its
+/// source, so it never meets a client address of the per-packet path.
+#[inline(always)]
+fn client_id(ctx: &SockAddrContext) -> [u8; 4] {
+    // SAFETY: plain helper call on the program's own context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let low = (netns as u32).to_be_bytes();
+    [0, low[1], low[2], low[3]]
 }
 
 /// For unconnected UDP: the backend this socket's earlier datagrams to the
 /// service went to while it still exists, else a new pick, remembered.
 #[inline(always)]
-fn sticky_backend(cookie: u64, addr: [u8; 4], port: [u8; 2], svc: &SvcValue) -> Option<SockNat> {
+fn sticky_backend(
+    ctx: &SockAddrContext,
+    cookie: u64,
+    addr: [u8; 4],
+    port: [u8; 2],
+    svc: &SvcValue,
+) -> Pick {
     let key = SockFwdKey {
         cookie,
         addr,
@@ -204,29 +238,38 @@ fn sticky_backend(cookie: u64, addr: [u8; 4], port: [u8; 2], svc: &SvcValue) -> 
     // SAFETY: copied out at once.
     if let Some(prev) = unsafe { KEP_SKFWD_V1.get(key) }.copied()
         && prev.svc_id == svc.svc_id
-        && backend_exists(&prev)
+        && let Some(be) = backend_of(&prev)
     {
-        return Some(prev);
+        return Pick::Backend(prev.backend_id, be);
     }
-    let be = pick_backend(svc)?;
-    // Losing this entry only costs stickiness, never correctness.
-    let _ = KEP_SKFWD_V1.insert(key, be, 0);
-    Some(be)
+    let pick = pick_backend(ctx, svc);
+    if let Pick::Backend(backend_id, be) = &pick {
+        let chosen = SockNat {
+            addr: be.addr,
+            port: be.port,
+            _pad: [0; 2],
+            svc_id: svc.svc_id,
+            backend_id: *backend_id,
+        };
+        // Losing this entry only costs stickiness, never correctness.
+        let _ = KEP_SKFWD_V1.insert(key, chosen, 0);
+    }
+    pick
 }
 
-/// Whether the backend id still names this address (an endpoint removed and
-/// its id reused for another must not keep receiving the socket's traffic).
+/// The backend while its id still names this address (an endpoint removed
+/// and its id reused for another must not keep receiving the socket's
+/// traffic).
 #[inline(always)]
-fn backend_exists(nat: &SockNat) -> bool {
+fn backend_of(nat: &SockNat) -> Option<Backend> {
     // SAFETY: copied out at once.
-    match unsafe {
+    let be = unsafe {
         KEP_BE_V1.get(BackendKey {
             backend_id: nat.backend_id,
         })
-    } {
-        Some(be) => be.addr == nat.addr && be.port == nat.port,
-        None => false,
     }
+    .copied()?;
+    (be.addr == nat.addr && be.port == nat.port).then_some(be)
 }
 
 #[inline(always)]

@@ -37,6 +37,8 @@ pub mod service;
 
 use std::{collections::BTreeMap, fmt, net::IpAddr};
 
+use crate::cidr::Cidr;
+
 use k8s_openapi::{api::core::v1::Node, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 
 pub use cache::{ModelCache, ObjectChanges, desired_state};
@@ -188,7 +190,25 @@ pub struct Frontend {
     /// Local` (ClusterIP frontends) or `externalTrafficPolicy: Local` (the
     /// others).
     pub local_only: bool,
+    /// `externalTrafficPolicy: Local` on an external frontend: the cluster
+    /// set, which pods and processes of the node use (no external load
+    /// balancer is involved for them, as kube-proxy's short-circuit).
+    /// `backends` is the local set, for everyone else.
+    pub internal_backends: Option<Vec<Endpoint>>,
+    /// `internalTrafficPolicy: Local` with no local endpoint but endpoints
+    /// on other nodes: connections are dropped rather than rejected, as
+    /// kube-proxy does.
+    pub drop_when_empty: bool,
+    /// `sessionAffinity: ClientIP`: seconds a client keeps its backend
+    /// without a new connection (`timeoutSeconds`, default 10800).
+    pub affinity_timeout: Option<u32>,
+    /// `loadBalancerSourceRanges`, on load-balancer IP frontends only (of
+    /// the frontend's family): other sources are dropped.
+    pub source_ranges: Vec<Cidr>,
 }
+
+/// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds`.
+pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Endpoint {
@@ -261,6 +281,8 @@ pub enum ProblemKind {
     InvalidSlice,
     /// A frontend claimed by an earlier Service (or port).
     DuplicateFrontend,
+    /// A loadBalancerSourceRanges entry that is not a CIDR.
+    InvalidSourceRange,
 }
 
 impl ProblemKind {
@@ -279,6 +301,7 @@ impl ProblemKind {
             ProblemKind::SliceTooLarge => "slice_too_large",
             ProblemKind::InvalidSlice => "invalid_slice",
             ProblemKind::DuplicateFrontend => "duplicate_frontend",
+            ProblemKind::InvalidSourceRange => "invalid_source_range",
         }
     }
 }
