@@ -139,13 +139,16 @@ fn test(extra: &[String]) -> Result<()> {
         bail!("lab tests failed");
     }
     // The lab's daemons run with socket-level load balancing on; the
-    // proxy suite again with it off, so both paths pass the same tests.
+    // proxy and Service-semantics suites again with it off, so both paths
+    // pass the same tests.
     let mut args = vec![
         "test",
         "-p",
         "lab",
         "--test",
         "proxy",
+        "--test",
+        "semantics",
         "--",
         "--test-threads=1",
     ];
