@@ -29,8 +29,8 @@
 //! What the programs leave alone goes on to the per-packet path, which
 //! decides the same way: a UDP datagram to a service without endpoint (the
 //! ICMP reject reaches the socket as before), a flow the service drops
-//! (Local traffic policy without local endpoint), and anything that is not
-//! a frontend.
+//! (Local traffic policy without local endpoint), everything while
+//! `--masquerade-all` asks for SNAT, and anything that is not a frontend.
 
 use aya_ebpf::{
     EbpfContext,
@@ -42,7 +42,10 @@ use proxy_common::*;
 
 use crate::{
     lb::{self, Pick, Scope},
-    maps::{KEP_BE_V1, KEP_SKFWD_V1, KEP_SKRNAT_V1, KEP_SVC_V2, addr_class, count, count_service},
+    maps::{
+        KEP_BE_V1, KEP_SKFWD_V1, KEP_SKRNAT_V1, KEP_SVC_V2, addr_class, config_ref, count,
+        count_service,
+    },
 };
 
 /// Verdicts of a cgroup sock_addr program.
@@ -115,7 +118,9 @@ fn forward(ctx: &SockAddrContext, call: Call) -> i32 {
     }
     let (addr, port) = dest(ctx);
     let class = addr_class(addr);
-    if class == 0 {
+    // With --masquerade-all every service connection is SNATed to the node,
+    // which only the per-packet path does.
+    if class == 0 || masquerade_all() {
         return ALLOW;
     }
     let Some(svc) = frontend(addr, port, proto, class) else {
@@ -153,6 +158,11 @@ fn forward(ctx: &SockAddrContext, call: Call) -> i32 {
     set_dest(ctx, be.addr, be.port);
     count(Counter::SocketLb);
     ALLOW
+}
+
+#[inline(always)]
+fn masquerade_all() -> bool {
+    config_ref().is_some_and(|c| c.flags & CFG_F_MASQUERADE_ALL != 0)
 }
 
 /// The frontend a socket names: the address's own (ClusterIP, external IP)

@@ -424,3 +424,99 @@ fn http_metrics(ns: &Netns) -> String {
         text
     })
 }
+
+/// sessionAffinity ClientIP and internalTrafficPolicy Local, as YAML.
+fn policy_manifests() -> String {
+    let slice = |name: &str, eps: &[(&str, &str)]| {
+        let endpoints: String = eps
+            .iter()
+            .map(|(ip, node)| {
+                format!("  - addresses: [\"{ip}\"]\n    nodeName: {node}\n    conditions: {{ready: true}}\n")
+            })
+            .collect();
+        format!(
+            "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}-1
+  namespace: lab
+  labels: {{kubernetes.io/service-name: {name}}}
+addressType: IPv4
+ports: [{{name: main, protocol: TCP, port: 8080}}]
+endpoints:
+{endpoints}---
+"
+        )
+    };
+    let service = |name: &str, ip: &str, spec: &str| {
+        format!(
+            "apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: lab}}
+spec:
+  clusterIP: {ip}
+  ports: [{{name: main, protocol: TCP, port: 80, targetPort: 8080}}]
+{spec}
+---
+"
+        )
+    };
+    let all = [
+        (WEB_A.ip, WEB_A.node),
+        (WEB_B1.ip, WEB_B1.node),
+        (WEB_B2.ip, WEB_B2.node),
+    ];
+    [
+        service("sticky", "10.96.0.32", "  sessionAffinity: ClientIP"),
+        slice("sticky", &all),
+        service("local-only", "10.96.0.33", "  internalTrafficPolicy: Local"),
+        slice("local-only", &all[1..]),
+    ]
+    .concat()
+}
+
+/// Affinity keeps a client on one backend; internalTrafficPolicy Local
+/// with no endpoint on the client's node drops (a timeout, not a refusal).
+fn policies(extra: &[&str]) -> Cluster {
+    let c = Cluster::start_with("sock-policies", &policy_manifests(), extra).expect("root");
+    for ns in [CLIENT_POD, addr::NODE_A] {
+        let hits = backends_hit(c.lab.ns(ns), sa("10.96.0.32:80"), 15);
+        assert_eq!(hits.len(), 1, "{ns}: one backend for all: {hits:?}");
+        assert_eq!(hits.values().sum::<u32>(), 15, "{ns}: {hits:?}");
+        let err = lab::servers::tcp_request_timeout(
+            c.lab.ns(ns),
+            sa("10.96.0.33:80"),
+            Duration::from_millis(700),
+        )
+        .expect_err("no local endpoint on node-a");
+        assert_ne!(
+            error_kind(&err),
+            Some(ErrorKind::ConnectionRefused),
+            "{ns}: dropped, {err:#}"
+        );
+    }
+    // Clients on node-b have local endpoints.
+    let hits = backends_hit(c.lab.ns(addr::NODE_B), sa("10.96.0.33:80"), 6);
+    assert!(
+        hits.keys().all(|b| b.starts_with("web-b")) && hits.values().sum::<u32>() == 6,
+        "{hits:?}"
+    );
+    c
+}
+
+#[test]
+fn affinity_and_local_traffic_policy_both_ways() {
+    if !require_root_or_skip("socket lb policies") {
+        return;
+    }
+    let c = policies(&[]);
+    let n = counters(&c, addr::NODE_A);
+    assert!(
+        n["socket_lb"] >= 30,
+        "affinity decided at the socket: {n:?}"
+    );
+    assert!(n["no_local_endpoint"] >= 2, "{n:?}");
+    drop(c);
+    let c = policies(OFF);
+    assert_eq!(counters(&c, addr::NODE_A)["socket_lb"], 0);
+}

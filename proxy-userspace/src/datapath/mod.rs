@@ -172,6 +172,9 @@ pub struct Device {
 pub struct Datapath {
     ebpf: Ebpf,
     root: PathBuf,
+    /// Why the socket-level programs could not be loaded, if they could
+    /// not (an older kernel, say): reported when attaching them.
+    sockets_unloadable: Option<String>,
 }
 
 pub fn maps_dir(root: &Path) -> PathBuf {
@@ -241,9 +244,15 @@ impl Datapath {
             prog.load()
                 .with_context(|| format!("verifier rejected {name}"))?;
         }
+        // Now, while every map of the object is still open: programs are
+        // loaded with the map fds the loader put into them, and the daemon
+        // takes (and may close) maps once loaded. Not fatal: without them
+        // the per-packet path serves everything.
+        let sockets_unloadable = sockets::load(&mut ebpf).err().map(|e| format!("{e:#}"));
         Ok(Datapath {
             ebpf,
             root: root.to_path_buf(),
+            sockets_unloadable,
         })
     }
 
@@ -354,11 +363,17 @@ impl Datapath {
     /// Attaches the socket-level programs to a cgroup v2 directory, or swaps
     /// them into the links a previous run pinned; see [`sockets`].
     pub fn attach_sockets(&mut self, cgroup: &Path) -> Result<()> {
+        if let Some(why) = &self.sockets_unloadable {
+            bail!("the socket programs did not load: {why}");
+        }
         sockets::attach(&mut self.ebpf, &self.root, cgroup)
     }
 
     /// Attaches the socket-level programs to a cgroup without pins.
     pub fn attach_sockets_unpinned(&mut self, cgroup: &Path) -> Result<()> {
+        if let Some(why) = &self.sockets_unloadable {
+            bail!("the socket programs did not load: {why}");
+        }
         sockets::attach_unpinned(&mut self.ebpf, cgroup)
     }
 

@@ -106,6 +106,21 @@ fn pins(root: &Path) -> Result<Vec<(PathBuf, u64)>> {
     Ok(out)
 }
 
+/// Loads the socket programs into the kernel. Call it right after loading
+/// the object, before any map is taken out of it: a program carries the map
+/// fds of the moment it is loaded.
+pub fn load(ebpf: &mut Ebpf) -> Result<()> {
+    for name in ATTACH_ORDER {
+        let prog: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing"))?
+            .try_into()?;
+        prog.load()
+            .with_context(|| format!("verifier rejected {name}"))?;
+    }
+    Ok(())
+}
+
 /// Attaches the socket programs to `cgroup` (a directory of the cgroup v2
 /// hierarchy), or swaps them into the links an earlier run pinned there. If
 /// any step fails, every socket-level link is removed again: the per-packet
@@ -140,10 +155,6 @@ fn try_attach(ebpf: &mut Ebpf, root: &Path, cgroup: &Path) -> Result<()> {
             .program_mut(name)
             .with_context(|| format!("program {name} missing"))?
             .try_into()?;
-        if prog.fd().is_err() {
-            prog.load()
-                .with_context(|| format!("verifier rejected {name}"))?;
-        }
         let pin = pin_path(root, inode, name);
         if pin.exists() {
             let link = obj_get(&pin)?;
@@ -170,8 +181,6 @@ pub fn attach_unpinned(ebpf: &mut Ebpf, cgroup: &Path) -> Result<()> {
             .program_mut(name)
             .with_context(|| format!("program {name} missing"))?
             .try_into()?;
-        prog.load()
-            .with_context(|| format!("verifier rejected {name}"))?;
         prog.attach(&dir, CgroupAttachMode::Single)
             .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
     }
