@@ -23,13 +23,14 @@
 //! node): session affinity, traffic policies and empty sets decide alike.
 //! Affinity is keyed by the socket's network namespace (Cilium keys it by
 //! the netns cookie too): the socket's own address is not chosen yet at
-//! connect(). loadBalancerSourceRanges guard LB IPs against outside
-//! clients and do not apply here.
+//! connect().
 //!
 //! What the programs leave alone goes on to the per-packet path, which
 //! decides the same way: a UDP datagram to a service without endpoint (the
 //! ICMP reject reaches the socket as before), a flow the service drops
-//! (Local traffic policy without local endpoint), everything while
+//! (Local traffic policy without local endpoint), a frontend with
+//! loadBalancerSourceRanges (they are checked against the source address,
+//! which a socket does not have before connect()), everything while
 //! `--masquerade-all` asks for SNAT, and anything that is not a frontend.
 
 use aya_ebpf::{
@@ -131,6 +132,9 @@ fn forward(ctx: &SockAddrContext, call: Call) -> i32 {
             ALLOW
         };
     };
+    if svc.flags & SVC_F_SRC_RANGES != 0 {
+        return ALLOW;
+    }
     let cookie = cookie(ctx);
     let pick = match call {
         Call::Sendmsg => sticky_backend(ctx, cookie, addr, port, &svc),
@@ -209,9 +213,7 @@ fn refuse(proto: u8, reason: Counter) -> i32 {
 /// chooses for an internal client.
 #[inline(always)]
 fn pick_backend(ctx: &SockAddrContext, svc: &SvcValue) -> Pick {
-    let mut svc = *svc;
-    svc.flags &= !SVC_F_SRC_RANGES;
-    let pick = lb::select(&svc, client_id(ctx), || Scope::Internal);
+    let pick = lb::select(svc, client_id(ctx), || Scope::Internal);
     if let Pick::Backend(..) = pick {
         count_service(svc.svc_id, 0, true);
     }
