@@ -97,6 +97,7 @@ fn with_measured_service(mut d: Desired) -> Desired {
                 name,
                 flags: 0,
                 backends,
+                ..Default::default()
             },
         );
     }
