@@ -28,7 +28,9 @@
 //! What the programs leave alone goes on to the per-packet path, which
 //! decides the same way: a UDP datagram to a service without endpoint (the
 //! ICMP reject reaches the socket as before), a flow the service drops
-//! (Local traffic policy without local endpoint), a frontend with
+//! (Local traffic policy without local endpoint), an externalTrafficPolicy
+//! Local frontend while the cluster CIDR is unknown (then the per-packet
+//! path counts pods as external clients), a frontend with
 //! loadBalancerSourceRanges (they are checked against the source address,
 //! which a socket does not have before connect()), everything while
 //! `--masquerade-all` asks for SNAT, and anything that is not a frontend.
@@ -132,7 +134,7 @@ fn forward(ctx: &SockAddrContext, call: Call) -> i32 {
             ALLOW
         };
     };
-    if svc.flags & SVC_F_SRC_RANGES != 0 {
+    if svc.flags & SVC_F_SRC_RANGES != 0 || (svc.flags & SVC_F_ETP_LOCAL != 0 && !pods_internal()) {
         return ALLOW;
     }
     let cookie = cookie(ctx);
@@ -162,6 +164,14 @@ fn forward(ctx: &SockAddrContext, call: Call) -> i32 {
     set_dest(ctx, be.addr, be.port);
     count(Counter::SocketLb);
     ALLOW
+}
+
+/// Whether the per-packet path counts pods as internal clients for
+/// externalTrafficPolicy Local: only when it knows the cluster CIDR (as
+/// kube-proxy's detect-local). Otherwise such frontends are left to it.
+#[inline(always)]
+fn pods_internal() -> bool {
+    config_ref().is_some_and(|c| c.flags & CFG_F_CLUSTER_CIDR != 0)
 }
 
 #[inline(always)]
