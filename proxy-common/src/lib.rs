@@ -66,8 +66,18 @@ pub const SVC_STATS_MAP: &str = "KEP_SVCSTAT_V1";
 /// ([`SvcName`]): inspection works from the pins alone, daemon or not.
 pub const NAME_MAP: &str = "KEP_NAME_V1";
 
+/// Socket-level load balancing, reverse direction: (socket cookie, backend
+/// address and port) → the service address the socket dialed, so that
+/// `getpeername()` and the source of a received UDP datagram show the service.
+pub const SOCK_RNAT_MAP: &str = "KEP_SKRNAT_V1";
+/// Socket-level load balancing of unconnected UDP: (socket cookie, service
+/// address, port) → the backend chosen for it, so every datagram a socket
+/// sends to one service goes to one backend, as the conntrack entry of the
+/// per-packet path keeps it.
+pub const SOCK_FWD_MAP: &str = "KEP_SKFWD_V1";
+
 /// Every map name, for pinning and cleanup.
-pub const ALL_MAPS: [&str; 14] = [
+pub const ALL_MAPS: [&str; 16] = [
     SVC_MAP,
     SLOT_MAP,
     BACKEND_MAP,
@@ -82,6 +92,8 @@ pub const ALL_MAPS: [&str; 14] = [
     AFF_MAP,
     AFFMEM_MAP,
     SRCRNG_MAP,
+    SOCK_RNAT_MAP,
+    SOCK_FWD_MAP,
 ];
 
 /// Capacities. Hash maps holding desired state are created without
@@ -98,6 +110,10 @@ pub const FRAG_MAP_SIZE: u32 = 8_192;
 pub const AFF_MAP_SIZE: u32 = 65_536;
 pub const AFFMEM_MAP_SIZE: u32 = 1_048_576;
 pub const SRCRNG_MAP_SIZE: u32 = 65_536;
+/// One entry per socket connected through a service (TCP and UDP alike).
+pub const SOCK_RNAT_MAP_SIZE: u32 = 262_144;
+/// One entry per (unconnected UDP socket, service) pair.
+pub const SOCK_FWD_MAP_SIZE: u32 = 65_536;
 /// Service port ids are below this (the syncer reuses freed ids).
 pub const SVC_ID_LIMIT: u32 = SVC_MAP_SIZE;
 
@@ -106,6 +122,21 @@ pub const PROG_INGRESS: &str = "kep_ingress";
 pub const PROG_EGRESS: &str = "kep_egress";
 /// A program that only returns; the benchmark's baseline.
 pub const PROG_NOOP: &str = "kep_noop";
+/// Socket-level load balancing: cgroup programs, attached to the cgroup v2
+/// root. `connect()` (TCP and UDP) and `sendmsg()` (unconnected UDP) to a
+/// service go straight to a backend; `recvmsg()` and `getpeername()` show
+/// the service address again.
+pub const PROG_CONNECT4: &str = "kep_connect4";
+pub const PROG_SENDMSG4: &str = "kep_sendmsg4";
+pub const PROG_RECVMSG4: &str = "kep_recvmsg4";
+pub const PROG_GETPEERNAME4: &str = "kep_getpeername4";
+/// Every socket-level program.
+pub const SOCK_PROGS: [&str; 4] = [
+    PROG_CONNECT4,
+    PROG_SENDMSG4,
+    PROG_RECVMSG4,
+    PROG_GETPEERNAME4,
+];
 
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
@@ -351,6 +382,39 @@ pub struct FragValue {
     pub dport: [u8; 2],
 }
 
+/// Key of [`SOCK_RNAT_MAP`]: a backend as one socket sees it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SockRevKey {
+    /// The socket's cookie (`bpf_get_socket_cookie`), unique while it lives.
+    pub cookie: u64,
+    pub addr: [u8; 4],
+    pub port: [u8; 2],
+    pub _pad: [u8; 2],
+}
+
+/// Key of [`SOCK_FWD_MAP`]: a service address as one socket dialed it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SockFwdKey {
+    pub cookie: u64,
+    pub addr: [u8; 4],
+    pub port: [u8; 2],
+    pub _pad: [u8; 2],
+}
+
+/// Value of [`SOCK_RNAT_MAP`] (the service address) and of [`SOCK_FWD_MAP`]
+/// (the backend address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SockNat {
+    pub addr: [u8; 4],
+    pub port: [u8; 2],
+    pub _pad: [u8; 2],
+    pub svc_id: u32,
+    pub backend_id: u32,
+}
+
 /// Value of [`SVC_STATS_MAP`]: both directions of the service port's flows.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
@@ -485,9 +549,12 @@ pub enum Counter {
     DropSourceRange = 12,
     /// Dropped: an address of a service CIDR that no Service holds.
     DropUnallocated = 13,
+    /// A socket's connect() or sendmsg() to a service was sent straight to a
+    /// backend (socket-level load balancing).
+    SocketLb = 14,
 }
 
-pub const COUNTER_COUNT: u32 = 14;
+pub const COUNTER_COUNT: u32 = 15;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -505,6 +572,7 @@ impl Counter {
         Counter::DropNoLocalEndpoint,
         Counter::DropSourceRange,
         Counter::DropUnallocated,
+        Counter::SocketLb,
     ];
 
     /// Stable name, used as a metric label.
@@ -524,6 +592,7 @@ impl Counter {
             Counter::DropNoLocalEndpoint => "no_local_endpoint",
             Counter::DropSourceRange => "source_range",
             Counter::DropUnallocated => "unallocated_service_ip",
+            Counter::SocketLb => "socket_lb",
         }
     }
 
@@ -569,6 +638,9 @@ mod user {
     unsafe impl aya::Pod for AffValue {}
     unsafe impl aya::Pod for AffMemberKey {}
     unsafe impl aya::Pod for SrcRangeKey {}
+    unsafe impl aya::Pod for SockRevKey {}
+    unsafe impl aya::Pod for SockFwdKey {}
+    unsafe impl aya::Pod for SockNat {}
 }
 
 #[cfg(test)]
@@ -596,6 +668,9 @@ mod tests {
         assert_eq!(size_of::<SrcRangeKey>(), 8);
         assert_eq!(size_of::<SvcStats>(), 24);
         assert_eq!(size_of::<SvcName>(), SVC_NAME_LEN);
+        assert_eq!(size_of::<SockRevKey>(), 16);
+        assert_eq!(size_of::<SockFwdKey>(), 16);
+        assert_eq!(size_of::<SockNat>(), 16);
     }
 
     #[test]

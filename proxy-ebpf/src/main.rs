@@ -17,6 +17,7 @@ mod nat;
 mod packet;
 mod reject;
 mod route;
+mod sock;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},

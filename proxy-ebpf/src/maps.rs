@@ -38,6 +38,14 @@ pub static KEP_FRAG_V1: LruHashMap<FragKey, FragValue, { FRAG_MAP_SIZE as usize 
     LruHashMap::new();
 
 #[btf_map]
+pub static KEP_SKRNAT_V1: LruHashMap<SockRevKey, SockNat, { SOCK_RNAT_MAP_SIZE as usize }> =
+    LruHashMap::new();
+
+#[btf_map]
+pub static KEP_SKFWD_V1: LruHashMap<SockFwdKey, SockNat, { SOCK_FWD_MAP_SIZE as usize }> =
+    LruHashMap::new();
+
+#[btf_map]
 pub static KEP_STATS_V2: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArray::new();
 
 #[btf_map]

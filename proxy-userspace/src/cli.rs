@@ -125,6 +125,20 @@ pub struct RunArgs {
     #[arg(long)]
     pub bpf_debug: bool,
 
+    /// Socket-level load balancing: a pod or node process (in the cgroup
+    /// tree at --cgroup-root) that connects to a Service is connected
+    /// straight to a backend, and its packets need no per-packet NAT. Turn
+    /// it off when something in the pods must see the ClusterIP on the wire,
+    /// such as a service mesh sidecar that redirects by original destination.
+    #[arg(long, env = "KEP_SOCKET_LB", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub socket_lb: bool,
+
+    /// The cgroup v2 directory whose processes' sockets are load-balanced
+    /// (default: where cgroup2 is mounted, i.e. the whole node; on hybrid
+    /// hosts that is /sys/fs/cgroup/unified).
+    #[arg(long, env = "KEP_CGROUP_ROOT")]
+    pub cgroup_root: Option<PathBuf>,
+
     /// Where Prometheus metrics are served (/metrics).
     #[arg(long, default_value = "127.0.0.1:10249")]
     pub metrics_bind_address: std::net::SocketAddr,

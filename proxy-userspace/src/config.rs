@@ -126,6 +126,11 @@ pub struct FileConfig {
     /// `serviceClusterIPRange` (ours; comma separated):
     /// `--service-cluster-ip-range`.
     pub service_cluster_ip_range: Option<Vec<Cidr>>,
+    /// `--socket-lb`: socket-level load balancing.
+    pub socket_lb: Option<bool>,
+    /// `--cgroup-root`: the cgroup v2 directory socket-level load balancing
+    /// applies to.
+    pub cgroup_root: Option<PathBuf>,
 }
 
 /// The file as written: every field a known name and a YAML type (serde
@@ -159,6 +164,9 @@ struct Raw {
     masquerade_all: Option<bool>,
     #[serde(rename = "serviceClusterIPRange")]
     service_cluster_ip_range: Option<String>,
+    #[serde(rename = "socketLB")]
+    socket_lb: Option<bool>,
+    cgroup_root: Option<String>,
 }
 
 /// kube-proxy's `clientConnection`; only `kubeconfig` has a meaning here.
@@ -223,6 +231,8 @@ impl TryFrom<Raw> for FileConfig {
                 raw.service_cluster_ip_range,
                 parse_cidr_list,
             ),
+            socket_lb: raw.socket_lb,
+            cgroup_root: non_empty(raw.cgroup_root).map(PathBuf::from),
         };
         if config.manifests.is_some() && (config.kubeconfig.is_some() || config.master.is_some()) {
             errors.0.push(
@@ -388,6 +398,8 @@ pub fn merge(file: &FileConfig, mut args: RunArgs, explicit: &dyn Fn(&str) -> bo
     take!(service_proxy_name, f.service_proxy_name.clone().map(Some));
     take!(min_sync_period_ms, f.min_sync_period_ms);
     take!(bpf_debug, f.bpf_debug);
+    take!(socket_lb, f.socket_lb);
+    take!(cgroup_root, f.cgroup_root.clone().map(Some));
     take!(hostname_override, f.hostname_override.clone().map(Some));
     take!(bpffs, f.bpffs.clone());
     take!(devices, f.devices.clone());
@@ -566,9 +578,16 @@ snatPortRange: 62000-62100
 pollIntervalMs: 500
 minSyncPeriodMs: 1000
 serviceProxyName: ebpf
+socketLB: false
+cgroupRoot: /sys/fs/cgroup/kubepods
 "
         );
         let c = parse_str(&text).unwrap();
+        assert_eq!(c.socket_lb, Some(false));
+        assert_eq!(
+            c.cgroup_root,
+            Some(PathBuf::from("/sys/fs/cgroup/kubepods"))
+        );
         assert_eq!(c.hostname_override.as_deref(), Some("node-a"));
         assert_eq!(c.healthz_bind_address.unwrap().port(), 20256);
         assert!(c.metrics_bind_address.unwrap().is_ipv6());

@@ -26,6 +26,7 @@ use crate::{
         Datapath, bpffs, datapath_config,
         devices::{self, Attachments, DeviceFilter},
         open_pinned,
+        sockets,
     },
     health::{self, Health},
     http::{self, Endpoints},
@@ -197,10 +198,52 @@ impl Context {
         }
         self.devices.drop_vanished_pins(&mut self.dp)?;
         self.devices.refresh(&mut self.dp);
+        self.setup_socket_lb();
         if self.synced_once {
             self.log_ready();
         }
         Ok(())
+    }
+
+    /// Socket-level load balancing: attaches the cgroup programs (or swaps
+    /// the new ones into the links of an earlier run), or removes them when
+    /// turned off. Done once at start; a failure is logged and counted, and
+    /// the per-packet path then serves everything: never a reason not to
+    /// start.
+    fn setup_socket_lb(&mut self) {
+        let sync = &self.metrics.sync;
+        if !self.args.socket_lb {
+            match self.dp.detach_sockets() {
+                Ok(n) => info!(
+                    detached = n,
+                    "socket-level load balancing off (--socket-lb=false)"
+                ),
+                Err(e) => warn!(error = %format!("{e:#}"), "removing socket-level links failed"),
+            }
+            return;
+        }
+        let Some(root) = self
+            .args
+            .cgroup_root
+            .clone()
+            .or_else(sockets::cgroup2_mount)
+        else {
+            warn!(
+                "socket-level load balancing is off: no cgroup v2 mount; the per-packet path serves everything"
+            );
+            sync.socket_lb_attach_failures.inc();
+            return;
+        };
+        match self.dp.attach_sockets(&root) {
+            Ok(()) => {
+                info!(cgroup = %root.display(), "socket-level load balancing on");
+                sync.socket_lb_enabled.set(1);
+            }
+            Err(e) => {
+                warn!(cgroup = %root.display(), error = %format!("{e:#}"), "socket-level load balancing is off: attaching failed; the per-packet path serves everything");
+                sync.socket_lb_attach_failures.inc();
+            }
+        }
     }
 
     /// The loop: polls manifests, devices and addresses at every tick,

@@ -79,6 +79,9 @@ pub struct SyncMetrics {
     /// of each map's capacity.
     pub map_entries: Family<NameLabels, Gauge>,
     pub map_fill: Family<NameLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// 1 while the socket-level programs are attached.
+    pub socket_lb_enabled: Gauge,
+    pub socket_lb_attach_failures: PromCounter,
     /// Health-check listeners (`healthCheckNodePort`) serving, and waiting
     /// for a retry because the port could not be bound.
     pub health_check_listeners: Family<StateLabels, Gauge>,
@@ -137,6 +140,8 @@ impl SyncMetrics {
             map_fill: Family::default(),
             health_check_listeners: Family::default(),
             health_check_bind_failures: PromCounter::default(),
+            socket_lb_enabled: Gauge::default(),
+            socket_lb_attach_failures: PromCounter::default(),
         }
     }
 }
@@ -192,6 +197,16 @@ impl Metrics {
             "kube_ebpf_proxy_map_write_failures",
             "Map writes that failed; the frontend kept its previous state",
             sync.map_write_failures.clone(),
+        );
+        r.register(
+            "kube_ebpf_proxy_socket_lb_enabled",
+            "1 while socket-level load balancing is attached; 0 when turned off or its attach failed",
+            sync.socket_lb_enabled.clone(),
+        );
+        r.register(
+            "kube_ebpf_proxy_socket_lb_attach_failures",
+            "Attaching the socket-level programs failed; the per-packet path serves everything",
+            sync.socket_lb_attach_failures.clone(),
         );
         r.register(
             "kube_ebpf_proxy_skipped_objects",

@@ -30,6 +30,7 @@ impl Daemon {
         ns: &Netns,
         program: &Path,
         args: impl IntoIterator<Item = impl AsRef<OsStr>>,
+        env: &[(&str, &OsStr)],
         log: &Path,
     ) -> Result<Daemon> {
         let mut out = OpenOptions::new()
@@ -40,6 +41,7 @@ impl Daemon {
         let err = out.try_clone()?;
         let mut cmd = ns.command(program)?;
         cmd.args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::from(out.try_clone()?))
             .stderr(Stdio::from(err));

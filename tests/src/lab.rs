@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use nix::sys::signal::Signal;
 
+use crate::cgroup::{self, LabCgroups};
 use crate::daemon::{self, Daemon};
 use crate::instance::LabId;
 use crate::netns::{self, Netns};
@@ -40,6 +41,9 @@ pub struct Lab {
     pods: BTreeMap<String, Pod>,
     /// By the lab name of the namespace they run in.
     daemons: BTreeMap<String, Daemon>,
+    /// Each node's cgroup (none without cgroup v2); removed after the
+    /// daemons stopped and the namespaces are gone.
+    cgroups: Option<LabCgroups>,
     /// Last field: stays registered as live until everything above is gone,
     /// so no concurrent `Lab::new` mistakes our names for leftovers.
     id: LabId,
@@ -60,10 +64,12 @@ impl Lab {
             namespaces: BTreeMap::new(),
             pods: BTreeMap::new(),
             daemons: BTreeMap::new(),
+            cgroups: None,
             id,
         };
+        lab.cgroups = LabCgroups::create(&lab.id.prefix(), &addr::NODES)?;
         for role in [addr::UNDERLAY, addr::NODE_A, addr::NODE_B, addr::CLIENT] {
-            lab.create_ns(role, role)?;
+            lab.create_ns(role, role, Some(role))?;
         }
         let underlay = &lab.namespaces[addr::UNDERLAY];
         topology::setup_underlay(underlay)?;
@@ -76,10 +82,20 @@ impl Lab {
         Ok(lab)
     }
 
-    fn create_ns(&mut self, lab_name: &str, role: &str) -> Result<()> {
+    /// Creates a namespace; its threads and processes join the cgroup of
+    /// `node`, if that is a node.
+    fn create_ns(&mut self, lab_name: &str, role: &str, node: Option<&str>) -> Result<()> {
         let ns = Netns::create(&format!("{}-{role}", self.id.prefix()))?;
+        let ns = ns.with_cgroup(node.and_then(|n| self.cgroup(n)));
         self.namespaces.insert(lab_name.to_string(), ns);
         Ok(())
+    }
+
+    /// The cgroup v2 group of a node's pods and processes (and its daemon),
+    /// which the lab made; `None` without cgroup v2. The daemons started by
+    /// [`Lab::start_daemon`] attach their socket programs there.
+    pub fn cgroup(&self, node: &str) -> Option<&Path> {
+        self.cgroups.as_ref()?.node(node)
     }
 
     /// Adds a pod on `node` with the next free address of the node's pod
@@ -111,7 +127,7 @@ impl Lab {
             bail!("{ip} already belongs to pod {}", other.name);
         }
         let host_veth = topology::host_veth_name(ip);
-        self.create_ns(name, &format!("pod-{name}"))?;
+        self.create_ns(name, &format!("pod-{name}"), Some(node))?;
         let wired = topology::setup_pod(
             &self.namespaces[node],
             &self.namespaces[name],
@@ -176,7 +192,10 @@ impl Lab {
     /// and stderr appended to a log in [`Lab::dir`]. It shares our mount
     /// namespace, so bpffs mounts and pins it makes are visible here (and
     /// /sys is the root namespace's sysfs: look devices up by netlink or
-    /// ioctl, not /sys/class/net). One
+    /// ioctl, not /sys/class/net). In a node it runs in the node's cgroup
+    /// with `KEP_CGROUP_ROOT` naming that group, elsewhere with
+    /// `KEP_SOCKET_LB=false`: a daemon of the lab never attaches to a
+    /// cgroup the lab did not make. One
     /// daemon per namespace; call from the thread that owns the lab (the
     /// daemon is killed when the thread that started it exits).
     pub fn start_daemon(
@@ -193,7 +212,8 @@ impl Lab {
         let netns = self
             .try_ns(ns)
             .with_context(|| format!("lab has no namespace {ns:?}"))?;
-        let daemon = Daemon::start(netns, program, args, &self.log_path(ns))?;
+        let env = cgroup::daemon_env(netns.cgroup());
+        let daemon = Daemon::start(netns, program, args, &env, &self.log_path(ns))?;
         self.daemons.insert(ns.to_string(), daemon);
         Ok(())
     }

@@ -4,9 +4,10 @@
 
 use std::path::Path;
 
-use crate::{instance, mounts, netns};
+use crate::{cgroup, instance, mounts, netns};
 
 pub(crate) fn remove() {
+    cgroup::remove_leftovers();
     for name in stale_names(Path::new(netns::NETNS_DIR)) {
         // Another process may be cleaning up the same leftovers right now, so
         // a failure only matters if the namespace is still there afterwards.

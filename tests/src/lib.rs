@@ -38,6 +38,7 @@
 
 pub mod addr;
 pub mod apiserver;
+mod cgroup;
 mod daemon;
 mod instance;
 mod lab;
@@ -49,6 +50,7 @@ pub mod servers;
 mod topology;
 mod wait;
 
+pub use cgroup::cgroup2_mount;
 pub use lab::{Lab, Pod, STOP_TIMEOUT};
 pub use netns::Netns;
 pub use nix::sys::signal::Signal;

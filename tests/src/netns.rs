@@ -2,7 +2,7 @@
 //! under /run/netns), and ways to run code and commands inside them.
 
 use std::ffi::OsStr;
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -22,6 +22,9 @@ pub const NETNS_DIR: &str = "/run/netns";
 pub struct Netns {
     name: String,
     path: PathBuf,
+    /// The lab node's cgroup that threads and processes entering this
+    /// namespace join too (see [`crate::cgroup`]).
+    cgroup: Option<PathBuf>,
 }
 
 impl Netns {
@@ -40,7 +43,19 @@ impl Netns {
         Ok(Netns {
             name: name.to_string(),
             path: Path::new(NETNS_DIR).join(name),
+            cgroup: None,
         })
+    }
+
+    /// Threads and processes that enter this namespace join `group` too.
+    pub(crate) fn with_cgroup(mut self, group: Option<&Path>) -> Netns {
+        self.cgroup = group.map(Path::to_path_buf);
+        self
+    }
+
+    /// The cgroup its threads and processes join, if the lab made one.
+    pub fn cgroup(&self) -> Option<&Path> {
+        self.cgroup.as_deref()
     }
 
     /// The namespace's name under /run/netns (the one `ip -n` takes).
@@ -62,14 +77,20 @@ impl Netns {
     /// belong to this namespace for their whole life, so they can be returned
     /// and used from any thread. Only the network namespace changes: the mount
     /// namespace is shared, so /sys still shows the root namespace's devices.
+    /// The thread also joins the namespace's node cgroup, so its sockets are
+    /// that node's (socket-level load balancing sees them).
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
         let file = self.open().unwrap_or_else(|e| panic!("{e:#}"));
         let name = &self.name;
+        let cgroup = self.cgroup.as_deref();
         thread::scope(|s| {
             let worker = s.spawn(move || {
                 setns(&file, CloneFlags::CLONE_NEWNET)
                     .unwrap_or_else(|e| panic!("setns into netns {name}: {e}"));
                 drop(file);
+                if let Some(group) = cgroup {
+                    crate::cgroup::join(group).unwrap_or_else(|e| panic!("{e:#}"));
+                }
                 f()
             });
             worker.join().unwrap_or_else(|p| panic::resume_unwind(p))
@@ -78,15 +99,32 @@ impl Netns {
 
     /// A `Command` whose process enters this namespace between fork and exec.
     /// Unlike `ip netns exec` it keeps the caller's mount namespace, so bpffs
-    /// mounts and pins made by the child are visible to everyone.
+    /// mounts and pins made by the child are visible to everyone. The child
+    /// joins the namespace's node cgroup, as [`Netns::run`] threads do.
     pub fn command(&self, program: impl AsRef<OsStr>) -> Result<Command> {
         let file = self.open()?;
+        let threads = match &self.cgroup {
+            Some(group) => Some(
+                OpenOptions::new()
+                    .write(true)
+                    .open(group.join("cgroup.threads"))
+                    .with_context(|| format!("opening cgroup {}", group.display()))?,
+            ),
+            None => None,
+        };
         let mut cmd = Command::new(program);
-        // SAFETY: the closure only calls setns(2), which is async-signal-safe,
-        // and builds an io::Error from errno without allocating.
+        // SAFETY: the closure only calls setns(2) and write(2), which are
+        // async-signal-safe, and builds an io::Error from errno without
+        // allocating.
         unsafe {
             cmd.pre_exec(move || {
                 if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // "0" moves the writing thread: the child's only one.
+                if let Some(threads) = &threads
+                    && libc::write(threads.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1
+                {
                     return Err(io::Error::last_os_error());
                 }
                 Ok(())

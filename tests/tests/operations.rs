@@ -138,15 +138,22 @@ fn prometheus_scrapes_per_service_counters_that_grow_with_traffic() -> Result<()
         );
     }
     eprintln!("Prometheus saw {query} go from {first} to {seen}");
-    let packets = prom_query(
-        &client,
-        "kube_ebpf_proxy_service_packets_total{name=\"web-11-tcp\"}",
-    )
-    .context("packets series")?;
-    assert!(
-        packets >= 20.0 * 4.0,
-        "at least 4 packets per connection, got {packets}"
-    );
+    // Packets and bytes are counted by the per-packet path. The pod's
+    // connections above went straight to the backend if socket-level load
+    // balancing is on; the same Service's NodePort from outside always
+    // takes the per-packet path.
+    for _ in 0..20 {
+        lab::tcp_request(&client, node_a(30011))?;
+    }
+    let packets_query = "kube_ebpf_proxy_service_packets_total{name=\"web-11-tcp\"}";
+    let mut packets = 0.0;
+    let counted = c
+        .lab
+        .wait_for("packet counters to grow", Duration::from_secs(15), || {
+            packets = prom_query(&client, packets_query).unwrap_or(packets);
+            packets >= 20.0 * 4.0
+        });
+    counted.with_context(|| format!("at least 4 packets per connection, got {packets}"))?;
     Ok(())
 }
 

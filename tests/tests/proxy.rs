@@ -329,11 +329,12 @@ fn the_datapath_outlives_the_daemon_and_cleanup_removes_everything() -> Result<(
     let pod_ns = CLIENT_POD;
     let vip = sa("10.96.0.12:80");
     tcp_request(c.lab.ns(pod_ns), vip)?;
-    // 3 devices on node-a (eth0, web-a, client-a), 2 links each, and lo's
-    // egress.
+    // 3 devices on node-a (eth0, web-a, client-a), 2 links each, lo's
+    // egress, and the 4 socket-level links unless that is off for this run.
     let node = c.lab.ns(addr::NODE_A);
     let links = pinned_link_ids(node, &c.bpffs(addr::NODE_A));
-    assert_eq!(links.len(), 7, "{links:?}");
+    let socket_links = if socket_lb_on() { 4 } else { 0 };
+    assert_eq!(links.len(), 7 + socket_links, "{links:?}");
     assert!(links.iter().all(|id| link_exists(node, id)));
 
     c.lab.stop_daemon(addr::NODE_A, Signal::SIGTERM)?;

@@ -99,21 +99,34 @@ pub struct Options {
     pub services: Vec<usize>,
     /// Connections in flight.
     pub concurrency: usize,
+    /// Every mode is measured once per round, modes interleaved.
+    pub rounds: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
     Direct,
     Ebpf,
+    /// kube-ebpf-proxy with `--socket-lb=false`: the per-packet path only.
+    EbpfPerPacket,
     Iptables,
     Nftables,
 }
 
 impl Mode {
+    const ALL: [Mode; 5] = [
+        Mode::Direct,
+        Mode::Ebpf,
+        Mode::EbpfPerPacket,
+        Mode::Iptables,
+        Mode::Nftables,
+    ];
+
     fn label(self) -> &'static str {
         match self {
             Mode::Direct => "direct to pod (no proxy)",
-            Mode::Ebpf => "kube-ebpf-proxy",
+            Mode::Ebpf => "kube-ebpf-proxy (socket LB)",
+            Mode::EbpfPerPacket => "kube-ebpf-proxy, --socket-lb=false",
             Mode::Iptables => "kube-proxy iptables (nf_tables backend)",
             Mode::Nftables => "kube-proxy nftables",
         }
@@ -124,6 +137,8 @@ impl Mode {
 struct Row {
     mode: Mode,
     services: usize,
+    /// 1-based round.
+    round: usize,
     load: String,
     outcome: Outcome,
 }
@@ -152,12 +167,21 @@ impl Measurement {
     fn rate(&self) -> f64 {
         self.stats.completed as f64 / self.stats.elapsed.as_secs_f64()
     }
+
+    /// Busy CPU time per connection on one CPU, in microseconds: the
+    /// share of the run that CPU was busy, times the run, over the
+    /// connections served. Steadier than the rate on a shared machine.
+    fn cpu_per_conn_us(&self, cpu: Option<CpuUse>) -> Option<f64> {
+        let busy = cpu?.busy * self.stats.elapsed.as_secs_f64();
+        (self.stats.completed > 0).then(|| busy * 1e6 / self.stats.completed as f64)
+    }
 }
 
 /// Runs the comparison and prints the table.
 pub fn run(daemon: &Path, opts: &Options) -> Result<()> {
     ensure!(opts.seconds > 0.0, "--seconds must be positive");
     ensure!(opts.concurrency > 0, "--concurrency must be positive");
+    ensure!(opts.rounds > 0, "--rounds must be positive");
     ensure!(
         opts.services.iter().all(|&n| n >= 1),
         "every service count must be at least 1 (the measured service)"
@@ -171,50 +195,39 @@ pub fn run(daemon: &Path, opts: &Options) -> Result<()> {
 
     let mut rows = Vec::new();
     let mut lab_dirs = Vec::new();
-    for &n in &opts.services {
-        for mode in [Mode::Direct, Mode::Ebpf, Mode::Iptables, Mode::Nftables] {
-            if mode == Mode::Nftables && n > NFT_MAX_SERVICES {
+    for (n, round, mode) in schedule(opts) {
+        if mode == Mode::Nftables && n > NFT_MAX_SERVICES {
+            if round == 1 {
                 rows.push(Row {
                     mode,
                     services: n,
+                    round,
                     load: "-".into(),
                     outcome: Outcome::Skipped(format!(
                         "skipped: a full nftables load of {} services takes 173-216 s on this machine kind (BASELINES.md)",
                         thousands(n as f64)
                     )),
                 });
-                continue;
             }
-            eprintln!(
-                "crr: {} with {} services",
-                mode.label(),
-                thousands(n as f64)
-            );
-            let row = measure_mode(
-                daemon,
-                mode,
-                n,
-                duration,
-                opts.concurrency,
-                &cpus,
-                &mut lab_dirs,
-            )
-            .with_context(|| format!("CRR, {} with {n} services", mode.label()))?;
-            if let Outcome::Measured(m) = &row.outcome {
-                eprintln!(
-                    "crr:   {:.0}/s ({} connections, {} errors), load {}, spread {}, client TIME_WAIT {}, CPU client {} server {}",
-                    m.rate(),
-                    m.stats.completed,
-                    m.stats.errors,
-                    row.load,
-                    spread_text(&m.spread),
-                    m.client_time_wait,
-                    cpu_text(m.client_cpu),
-                    cpu_text(m.server_cpu)
-                );
-            }
-            rows.push(row);
+            continue;
         }
+        eprintln!(
+            "crr: round {round}: {} with {} services",
+            mode.label(),
+            thousands(n as f64)
+        );
+        let row = measure_mode(
+            daemon,
+            (mode, round),
+            n,
+            duration,
+            opts.concurrency,
+            &cpus,
+            &mut lab_dirs,
+        )
+        .with_context(|| format!("CRR, {} with {n} services", mode.label()))?;
+        log_row(&row);
+        rows.push(row);
     }
 
     print_table(&rows, opts);
@@ -229,9 +242,37 @@ pub fn run(daemon: &Path, opts: &Options) -> Result<()> {
 // ---------------------------------------------------------------------------
 // One mode in one fresh lab.
 
+fn log_row(row: &Row) {
+    if let Outcome::Measured(m) = &row.outcome {
+        eprintln!(
+            "crr:   {:.0}/s ({} connections, {} errors), load {}, spread {}, client TIME_WAIT {}, CPU client {} server {}",
+            m.rate(),
+            m.stats.completed,
+            m.stats.errors,
+            row.load,
+            spread_text(&m.spread),
+            m.client_time_wait,
+            cpu_text(m.client_cpu),
+            cpu_text(m.server_cpu)
+        );
+    }
+}
+
+/// (services, round, mode) in the order they are measured: for each service
+/// count, round after round, every mode once per round.
+fn schedule(opts: &Options) -> Vec<(usize, usize, Mode)> {
+    let mut out = Vec::new();
+    for &n in &opts.services {
+        for round in 1..=opts.rounds {
+            out.extend(Mode::ALL.iter().map(|&mode| (n, round, mode)));
+        }
+    }
+    out
+}
+
 fn measure_mode(
     daemon: &Path,
-    mode: Mode,
+    (mode, round): (Mode, usize),
     n: usize,
     duration: Duration,
     concurrency: usize,
@@ -255,7 +296,7 @@ fn measure_mode(
     // measurement (wait_quiet covers the rest).
     match mode {
         Mode::Direct => {}
-        Mode::Ebpf => stop_ebpf(&mut bl.lab, daemon)?,
+        Mode::Ebpf | Mode::EbpfPerPacket => stop_ebpf(&mut bl.lab, daemon)?,
         Mode::Iptables | Mode::Nftables => {
             bl.lab.ns(addr::NODE_A).exec("nft", &["flush", "ruleset"])?;
         }
@@ -264,6 +305,7 @@ fn measure_mode(
     Ok(Row {
         mode,
         services: n,
+        round,
         load,
         outcome: Outcome::Measured(measurement),
     })
@@ -274,7 +316,8 @@ fn measure_mode(
 fn load_mode(bl: &mut BenchLab, mode: Mode, daemon: &Path, services: &[Service]) -> Result<String> {
     let (file, program, args) = match mode {
         Mode::Direct => return Ok("-".to_string()),
-        Mode::Ebpf => return start_ebpf(&mut bl.lab, daemon, services),
+        Mode::Ebpf => return start_ebpf(&mut bl.lab, daemon, services, true),
+        Mode::EbpfPerPacket => return start_ebpf(&mut bl.lab, daemon, services, false),
         Mode::Iptables => {
             let file = bl.lab.dir().join("iptables.rules");
             let rules = kube_proxy_rules::iptables_restore(services, CLUSTER_CIDR);

@@ -68,6 +68,11 @@ struct BenchArgs {
     /// Connections the CRR client keeps in flight.
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
+    /// CRR rounds: every round measures every mode once, in turn, so slow
+    /// drifts of a shared machine hit all modes alike; each round is
+    /// reported, and its ratios are the figures.
+    #[arg(long, env = "KEP_BENCH_ROUNDS", default_value_t = 3)]
+    rounds: usize,
     /// Only the CRR comparison (skip the per-packet datapath benchmark).
     #[arg(long, conflicts_with = "no_crr")]
     crr_only: bool,
@@ -148,6 +153,30 @@ fn test(extra: &[String]) -> Result<()> {
     if !status.success() {
         bail!("lab tests failed");
     }
+    // The lab's daemons run with socket-level load balancing on; the
+    // proxy and Service-semantics suites again with it off, so both paths
+    // pass the same tests.
+    let mut args = vec![
+        "test",
+        "-p",
+        "lab",
+        "--test",
+        "proxy",
+        "--test",
+        "semantics",
+        "--",
+        "--test-threads=1",
+    ];
+    args.extend(&extra);
+    let status = Command::new("cargo")
+        .args(&args)
+        .env("KEP_BIN", &daemon)
+        .env("KEP_SOCKET_LB", "false")
+        .current_dir(root())
+        .status()?;
+    if !status.success() {
+        bail!("lab tests with --socket-lb=false failed");
+    }
     Ok(())
 }
 
@@ -204,6 +233,7 @@ fn bench(args: &BenchArgs) -> Result<()> {
             seconds: args.seconds,
             services: args.services.clone(),
             concurrency: args.concurrency,
+            rounds: args.rounds,
         },
     )
 }

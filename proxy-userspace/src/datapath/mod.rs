@@ -23,6 +23,7 @@
 
 pub mod bpffs;
 pub mod devices;
+pub mod sockets;
 
 use std::{
     collections::BTreeSet,
@@ -171,6 +172,9 @@ pub struct Device {
 pub struct Datapath {
     ebpf: Ebpf,
     root: PathBuf,
+    /// Why the socket-level programs could not be loaded, if they could
+    /// not (an older kernel, say): reported when attaching them.
+    sockets_unloadable: Option<String>,
 }
 
 pub fn maps_dir(root: &Path) -> PathBuf {
@@ -240,9 +244,15 @@ impl Datapath {
             prog.load()
                 .with_context(|| format!("verifier rejected {name}"))?;
         }
+        // Now, while every map of the object is still open: programs are
+        // loaded with the map fds the loader put into them, and the daemon
+        // takes (and may close) maps once loaded. Not fatal: without them
+        // the per-packet path serves everything.
+        let sockets_unloadable = sockets::load(&mut ebpf).err().map(|e| format!("{e:#}"));
         Ok(Datapath {
             ebpf,
             root: root.to_path_buf(),
+            sockets_unloadable,
         })
     }
 
@@ -349,6 +359,33 @@ impl Datapath {
     pub fn detach(&mut self, dev: &Device) -> Result<()> {
         detach_pins(&self.root, dev)
     }
+
+    /// Attaches the socket-level programs to a cgroup v2 directory, or swaps
+    /// them into the links a previous run pinned; see [`sockets`].
+    pub fn attach_sockets(&mut self, cgroup: &Path) -> Result<()> {
+        if let Some(why) = &self.sockets_unloadable {
+            bail!("the socket programs did not load: {why}");
+        }
+        sockets::attach(&mut self.ebpf, &self.root, cgroup)
+    }
+
+    /// Attaches the socket-level programs to a cgroup without pins.
+    pub fn attach_sockets_unpinned(&mut self, cgroup: &Path) -> Result<()> {
+        if let Some(why) = &self.sockets_unloadable {
+            bail!("the socket programs did not load: {why}");
+        }
+        sockets::attach_unpinned(&mut self.ebpf, cgroup)
+    }
+
+    /// Run count and total run time of a socket-level program.
+    pub fn socket_program_stats(&self, name: &str) -> Result<(u64, std::time::Duration)> {
+        sockets::run_stats(&self.ebpf, name)
+    }
+
+    /// Removes the socket-level links; returns how many there were.
+    pub fn detach_sockets(&mut self) -> Result<usize> {
+        sockets::detach_all(&self.root)
+    }
 }
 
 /// Devices named by the link pins under `root`.
@@ -397,6 +434,7 @@ pub fn detach_pins(root: &Path, dev: &Device) -> Result<()> {
 /// Removes every pin (links first, so no program runs on half-removed
 /// maps) and the directory itself.
 pub fn cleanup(root: &Path) -> Result<()> {
+    sockets::detach_all(root)?;
     for dev in pinned_devices(root)? {
         detach_pins(root, &dev)?;
     }

@@ -28,6 +28,12 @@ pub fn daemon_bin() -> PathBuf {
     p
 }
 
+/// Whether the lab's daemons run with socket-level load balancing: on,
+/// unless the test run sets KEP_SOCKET_LB=false (the daemons inherit it).
+pub fn socket_lb_on() -> bool {
+    std::env::var("KEP_SOCKET_LB").map_or(true, |v| v != "false")
+}
+
 pub fn sa(s: &str) -> SocketAddrV4 {
     s.parse().unwrap()
 }

@@ -5,7 +5,7 @@ use std::thread::{self};
 use std::time::Duration;
 
 use super::{
-    Mode, Options, Outcome, Row, WARMUP,
+    Measurement, Mode, Options, Outcome, Row, WARMUP,
     cpu::{CpuUse, Cpus},
 };
 
@@ -52,65 +52,156 @@ pub(super) fn cpu_text(c: Option<CpuUse>) -> String {
 }
 
 pub(super) fn print_table(rows: &[Row], opts: &Options) {
-    print!("{}{}", rate_table(rows, opts), detail_table(rows));
+    print!(
+        "{}{}{}",
+        rate_table(rows, opts),
+        summary_table(rows),
+        detail_table(rows)
+    );
 }
 
-/// Rates and ratios, with how they were measured.
+/// The rate of `mode` at `n` services in `round`, if it was measured.
+fn rate_of(rows: &[Row], mode: Mode, n: usize, round: usize) -> Option<f64> {
+    rows.iter().find_map(|r| match &r.outcome {
+        Outcome::Measured(m) if r.mode == mode && r.services == n && r.round == round => {
+            Some(m.rate())
+        }
+        _ => None,
+    })
+}
+
+fn ratio_text(rate: f64, base: Option<f64>, same: bool) -> String {
+    match base {
+        _ if same => "-".to_string(),
+        Some(b) if b > 0.0 => format!("{:.2}", rate / b),
+        _ => "-".to_string(),
+    }
+}
+
+fn us_text(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.1}"))
+}
+
+/// Each round's rates and ratios (to the same round's direct and iptables
+/// runs), with the busy CPU time per connection.
 fn rate_table(rows: &[Row], opts: &Options) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "\n| mode | services | rule/map load time | CRR/s | ratio to direct-to-pod | ratio to iptables at same N |"
+        "\n| mode | services | round | rule/map load time | CRR/s | ratio to direct-to-pod | ratio to iptables | client CPU µs/conn | server CPU µs/conn |"
     );
-    let _ = writeln!(out, "|---|---:|---|---:|---:|---:|");
-    let rate_of = |mode: Mode, n: usize| {
-        rows.iter().find_map(|r| match &r.outcome {
-            Outcome::Measured(m) if r.mode == mode && r.services == n => Some(m.rate()),
-            _ => None,
-        })
-    };
+    let _ = writeln!(out, "|---|---:|---:|---|---:|---:|---:|---:|---:|");
     for r in rows {
-        let (rate, direct, ipt) = match &r.outcome {
-            Outcome::Skipped(why) => (why.clone(), "-".to_string(), "-".to_string()),
+        let cells = match &r.outcome {
+            Outcome::Skipped(why) => [why.clone(), "-".into(), "-".into(), "-".into(), "-".into()],
             Outcome::Measured(m) => {
                 let rate = m.rate();
-                let ratio = |base: Option<f64>, same: bool| match base {
-                    _ if same => "-".to_string(),
-                    Some(b) if b > 0.0 => format!("{:.2}", rate / b),
-                    _ => "-".to_string(),
-                };
-                (
+                let direct = rate_of(rows, Mode::Direct, r.services, r.round);
+                let ipt = rate_of(rows, Mode::Iptables, r.services, r.round);
+                [
                     thousands(rate),
-                    ratio(rate_of(Mode::Direct, r.services), r.mode == Mode::Direct),
-                    ratio(
-                        rate_of(Mode::Iptables, r.services),
-                        matches!(r.mode, Mode::Direct | Mode::Iptables),
-                    ),
-                )
+                    ratio_text(rate, direct, r.mode == Mode::Direct),
+                    ratio_text(rate, ipt, matches!(r.mode, Mode::Direct | Mode::Iptables)),
+                    us_text(m.cpu_per_conn_us(m.client_cpu)),
+                    us_text(m.cpu_per_conn_us(m.server_cpu)),
+                ]
             }
         };
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {rate} | {direct} | {ipt} |",
+            "| {} | {} | {} | {} | {} |",
             r.mode.label(),
             thousands(r.services as f64),
-            r.load
+            r.round,
+            r.load,
+            cells.join(" | ")
         );
     }
     let _ = writeln!(
         out,
         "\nCRR/s: connections answered to EOF per second over a {} s run, {} in flight, \
-         after a {} ms warm-up; every mode in a fresh lab. \"direct to pod\" loads no rules \
-         (its services column only names the group it was measured with, just before the \
-         other modes of that N) and dials the 3 backends in turn. Load times: iptables-restore \
-         (whole nat and filter tables) and nft -f (one transaction) wall time in node-a's \
-         namespace; kube-ebpf-proxy: the map writes of its first sync as the daemon logs them, \
-         and from process start to \"ready\" (BPF load and attach, manifest parsing included).",
+         after a {} ms warm-up; every mode in a fresh lab, the modes interleaved round after \
+         round ({} rounds) so that a drift of the shared machine hits them alike: the ratio \
+         of a round (to direct-to-pod of the same round) is the figure. \"direct to pod\" loads \
+         no rules and dials the 3 backends in turn. CPU µs/conn: the busy share of the \
+         client's (or the servers') CPU from /proc/stat, times the run, over the connections \
+         served; softirq work of the client's packets (forwarding, the proxy's translation) \
+         lands on the client's CPU. Load times: iptables-restore (whole nat and filter tables) \
+         and nft -f (one transaction) wall time in node-a's namespace; kube-ebpf-proxy: the \
+         map writes of its first sync as the daemon logs them, and from process start to \
+         \"ready\" (BPF load and attach, manifest parsing included).",
         opts.seconds,
         opts.concurrency,
-        WARMUP.as_millis()
+        WARMUP.as_millis(),
+        opts.rounds
     );
     out
+}
+
+/// Per mode and service count: every round's ratio to direct, their
+/// median, and the median CPU time per connection (client + servers).
+fn summary_table(rows: &[Row]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\n| mode | services | ratio to direct, per round | median ratio | median CPU µs/conn (client + servers) |"
+    );
+    let _ = writeln!(out, "|---|---:|---|---:|---:|");
+    let mut keys: Vec<(usize, usize)> = Vec::new();
+    for r in rows {
+        let key = (
+            r.services,
+            Mode::ALL.iter().position(|m| *m == r.mode).unwrap_or(0),
+        );
+        if !keys.contains(&key) {
+            keys.push(key);
+        }
+    }
+    for (n, mode_index) in keys {
+        let mode = Mode::ALL[mode_index];
+        let measured: Vec<(&Row, &Measurement)> = rows
+            .iter()
+            .filter(|r| r.mode == mode && r.services == n)
+            .filter_map(|r| match &r.outcome {
+                Outcome::Measured(m) => Some((r, m)),
+                Outcome::Skipped(_) => None,
+            })
+            .collect();
+        if measured.is_empty() {
+            continue;
+        }
+        let ratios: Vec<f64> = measured
+            .iter()
+            .filter_map(|(r, m)| Some(m.rate() / rate_of(rows, Mode::Direct, n, r.round)?))
+            .collect();
+        let cpu: Vec<f64> = measured
+            .iter()
+            .filter_map(|(_, m)| {
+                Some(m.cpu_per_conn_us(m.client_cpu)? + m.cpu_per_conn_us(m.server_cpu)?)
+            })
+            .collect();
+        let per_round: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} |",
+            mode.label(),
+            thousands(n as f64),
+            per_round.join(", "),
+            median(&ratios).map_or("-".into(), |m| format!("{m:.2}")),
+            us_text(median(&cpu))
+        );
+    }
+    out
+}
+
+fn median(values: &[f64]) -> Option<f64> {
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => None,
+        n if n % 2 == 1 => Some(v[n / 2]),
+        n => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
 }
 
 /// Connections, errors, spread, TIME_WAIT and CPU of each measured run.
@@ -118,16 +209,17 @@ fn detail_table(rows: &[Row]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "\n| mode | services | connections | errors | backend spread (web-a / web-b1 / web-b2) | client TIME_WAIT after run | client CPU busy | server CPU busy | daemon CPU | machine idle before |"
+        "\n| mode | services | round | connections | errors | backend spread (web-a / web-b1 / web-b2) | client TIME_WAIT after run | client CPU busy | server CPU busy | daemon CPU | machine idle before |"
     );
-    let _ = writeln!(out, "|---|---:|---:|---:|---|---:|---|---|---:|---|");
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---|---:|---|---|---:|---|");
     for r in rows {
         if let Outcome::Measured(m) = &r.outcome {
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 r.mode.label(),
                 thousands(r.services as f64),
+                r.round,
                 thousands(m.stats.completed as f64),
                 m.stats.errors,
                 spread_text(&m.spread),
@@ -182,6 +274,13 @@ pub(super) fn fmt_duration(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(&[]), None);
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), Some(2.5));
+    }
 
     #[test]
     fn number_formats() {

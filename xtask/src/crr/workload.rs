@@ -121,7 +121,14 @@ pub(super) fn bpffs_of(lab: &Lab, node: &str) -> PathBuf {
 /// its maps and attached. Returns the load-time cell: the map write time
 /// the daemon logs for its first sync, and the wall time from start to
 /// ready (which includes loading the BPF programs and parsing manifests).
-pub(super) fn start_ebpf(lab: &mut Lab, daemon: &Path, services: &[Service]) -> Result<String> {
+/// Starts the daemons; `socket_lb` off makes every connection take the
+/// per-packet path.
+pub(super) fn start_ebpf(
+    lab: &mut Lab,
+    daemon: &Path,
+    services: &[Service],
+    socket_lb: bool,
+) -> Result<String> {
     let dir = lab.dir().join("manifests");
     fs::create_dir(&dir)?;
     fs::write(dir.join("services.json"), manifests_json(services))?;
@@ -139,6 +146,7 @@ pub(super) fn start_ebpf(lab: &mut Lab, daemon: &Path, services: &[Service]) -> 
                 node.as_ref(),
                 "--bpffs".as_ref(),
                 bpffs.as_os_str(),
+                format!("--socket-lb={socket_lb}").as_ref(),
             ],
         )?;
     }

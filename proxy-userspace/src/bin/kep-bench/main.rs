@@ -17,6 +17,7 @@ use std::{
 };
 
 mod control_plane;
+mod socket;
 
 use anyhow::{Context as _, Result, ensure};
 use aya::programs::{TestRun, TestRunOptions};
@@ -148,6 +149,7 @@ fn main() -> Result<()> {
     println!();
     println!("Cells: median ns (added over the trivial program). Programming time: the syncer");
     println!("writing the services added since the previous row, from userspace.");
+    socket::figures(&mut bench.dp, &mut syncer, desired)?;
 
     // Fresh maps for the control-plane figures.
     drop(syncer);

@@ -1,0 +1,522 @@
+//! Socket-level load balancing in the lab: each node's pods and processes
+//! live in a cgroup the lab made, the daemon attaches its cgroup programs
+//! there, and real sockets show what they do.
+//!
+//! The daemon binary comes from KEP_BIN (set by `cargo xtask test`), or
+//! target/release/kube-ebpf-proxy.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::ErrorKind;
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use common::*;
+use lab::{
+    Lab, Netns, Reply, Signal, TcpConn, addr, cgroup2_mount, error_kind, require_root_or_skip,
+    tcp_request, udp_request,
+};
+
+mod common;
+
+const OFF: &[&str] = &["--socket-lb=false"];
+
+/// The datapath's counters on `node`, by name.
+fn counters(c: &Cluster, node: &str) -> BTreeMap<String, u64> {
+    let out = c
+        .cli(node, &["inspect", "stats", "-o", "json"])
+        .expect("inspect stats");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&out).expect("stats json");
+    rows.iter()
+        .map(|r| {
+            (
+                r["counter"].as_str().unwrap().to_string(),
+                r["packets"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn conntrack_entries(c: &Cluster, node: &str) -> usize {
+    let out = c
+        .cli(node, &["inspect", "conntrack", "-o", "json"])
+        .expect("inspect conntrack");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&out).expect("conntrack json");
+    rows.len()
+}
+
+/// One request over a connected UDP socket: `remote` is what
+/// `getpeername()` says, and the reply must come from there (the kernel
+/// drops datagrams from any other source on a connected socket).
+fn udp_connected_request(ns: &Netns, target: SocketAddrV4) -> Result<Reply> {
+    let socket = ns.run(|| -> std::io::Result<UdpSocket> {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.connect(target)?;
+        Ok(s)
+    })?;
+    socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+    socket.send(b"ping\n")?;
+    let mut buf = [0u8; 512];
+    let n = socket.recv(&mut buf).context("connected udp reply")?;
+    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+    let (identity, peer) = text.rsplit_once(' ').context("malformed reply")?;
+    let v4 = |a: std::net::SocketAddr| match a {
+        std::net::SocketAddr::V4(a) => a,
+        other => panic!("{other} is not IPv4"),
+    };
+    Ok(Reply {
+        identity: identity.to_string(),
+        seen_peer: peer.trim().parse()?,
+        local: v4(socket.local_addr()?),
+        remote: v4(socket.peer_addr()?),
+    })
+}
+
+type Request = fn(&Netns, SocketAddrV4) -> Result<Reply>;
+
+/// Requests of every kind from `ns` to a ClusterIP whose one backend is
+/// `backend`; each reply must come from the service address and show the
+/// client's own address to the backend. Returns how many were sent.
+fn every_kind_of_request(ns: &Netns, vip: SocketAddrV4, backend: &str, client: Ipv4Addr) -> u64 {
+    let requests: [(&str, Request); 3] = [
+        ("tcp", tcp_request),
+        ("unconnected udp", udp_request),
+        ("connected udp", udp_connected_request),
+    ];
+    for (kind, request) in requests {
+        let r = request(ns, vip).unwrap_or_else(|e| panic!("{kind} to {vip}: {e:#}"));
+        assert_eq!(r.identity, backend, "{kind} to {vip}");
+        assert_eq!(r.remote, vip, "{kind}: the peer is the service address");
+        assert_eq!(*r.seen_peer.ip(), client, "{kind}: client address kept");
+    }
+    requests.len() as u64
+}
+
+/// Ids of the programs attached to a cgroup, by attach type.
+fn cgroup_programs(ns: &Netns, group: &Path) -> BTreeMap<String, String> {
+    let out = ns
+        .exec(
+            "bpftool",
+            &["-j", "cgroup", "show", group.to_str().unwrap()],
+        )
+        .expect("bpftool cgroup show");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if text.trim().is_empty() {
+        return BTreeMap::new();
+    }
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&text).expect("bpftool json");
+    rows.iter()
+        .map(|r| {
+            (
+                r["attach_type"].as_str().unwrap().to_string(),
+                r["id"].to_string(),
+            )
+        })
+        .collect()
+}
+
+/// The socket hooks, as bpftool names their attach types.
+const SOCK_HOOKS: [&str; 4] = [
+    "cgroup_inet4_connect",
+    "cgroup_udp4_sendmsg",
+    "cgroup_udp4_recvmsg",
+    "cgroup_inet4_getpeername",
+];
+
+/// The cgroup v2 group of the calling thread.
+fn thread_group() -> String {
+    let text = fs::read_to_string("/proc/thread-self/cgroup").unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .expect("cgroup v2 line")
+        .to_string()
+}
+
+fn relative(group: &Path) -> String {
+    let mount = cgroup2_mount().expect("cgroup2 mounted");
+    format!("/{}", group.strip_prefix(&mount).unwrap().display())
+}
+
+#[test]
+fn lab_puts_each_nodes_pods_and_processes_in_a_group_of_its_own() {
+    if !require_root_or_skip("lab cgroups") {
+        return;
+    }
+    assert!(cgroup2_mount().is_some(), "this machine kind has cgroup v2");
+    let before = thread_group();
+    let mut lab = Lab::new().unwrap();
+    lab.add_pod(addr::NODE_A, "pod-a").unwrap();
+    lab.add_pod(addr::NODE_B, "pod-b").unwrap();
+    let group_a = lab.cgroup(addr::NODE_A).unwrap().to_path_buf();
+    let group_b = lab.cgroup(addr::NODE_B).unwrap().to_path_buf();
+    assert_ne!(group_a, group_b);
+    assert_eq!(
+        fs::read_to_string(group_a.join("cgroup.type"))
+            .unwrap()
+            .trim(),
+        "threaded"
+    );
+    for (ns, group) in [
+        (addr::NODE_A, Some(&group_a)),
+        ("pod-a", Some(&group_a)),
+        (addr::NODE_B, Some(&group_b)),
+        ("pod-b", Some(&group_b)),
+        (addr::CLIENT, None),
+    ] {
+        let seen = lab.ns(ns).run(thread_group);
+        match group {
+            Some(g) => assert_eq!(seen, relative(g), "a thread in {ns}"),
+            None => {
+                assert_ne!(seen, relative(&group_a));
+                assert_ne!(seen, relative(&group_b));
+            }
+        }
+    }
+    // A process started in a pod's namespace is in its node's group too.
+    let out = lab.ns("pod-b").exec("cat", &["/proc/self/cgroup"]).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l == format!("0::{}", relative(&group_b))),
+        "{text}"
+    );
+    drop(lab);
+    assert!(!group_a.exists() && !group_b.exists(), "groups removed");
+    assert_eq!(thread_group(), before, "the test process moved back");
+}
+
+/// ClusterIP from a pod and from a process of the node, to a local and a
+/// remote backend: TCP, unconnected and connected UDP. With socket-level
+/// load balancing the sockets are connected to the backend itself: the
+/// per-packet path balances nothing and tracks no flow; without it, the
+/// per-packet path does the same work and the sockets see the same.
+fn clusterip_both_ways(test: &str, extra: &[&str]) -> (Cluster, u64) {
+    let c = Cluster::start_with(test, &placement_manifests(), extra).expect("root");
+    let client_pod: Ipv4Addr = CLIENT_POD_IP.parse().unwrap();
+    let mut sent = 0;
+    for (vip, backend) in [("10.96.0.11:80", "web-a"), ("10.96.0.12:80", "web-b1")] {
+        sent += every_kind_of_request(c.lab.ns(CLIENT_POD), sa(vip), backend, client_pod);
+        sent += every_kind_of_request(c.lab.ns(addr::NODE_A), sa(vip), backend, addr::NODE_A_IP);
+    }
+    (c, sent)
+}
+
+#[test]
+fn clusterip_sockets_connect_straight_to_the_backend() {
+    if !require_root_or_skip("socket lb clusterip") {
+        return;
+    }
+    let (c, sent) = clusterip_both_ways("sock-clusterip", &[]);
+    let group = c.lab.cgroup(addr::NODE_A).unwrap();
+    let attached = cgroup_programs(c.lab.ns(addr::NODE_A), group);
+    for hook in SOCK_HOOKS {
+        assert!(attached.contains_key(hook), "{hook} attached: {attached:?}");
+    }
+    for node in addr::NODES {
+        let n = counters(&c, node);
+        assert_eq!(
+            n["new_flow"], 0,
+            "{node}: the per-packet path balanced nothing"
+        );
+        assert_eq!(n["forward"], 0, "{node}: no packet translated: {n:?}");
+        assert_eq!(conntrack_entries(&c, node), 0, "{node}: no flow tracked");
+    }
+    // Connected UDP sends go through connect(), unconnected ones through
+    // sendmsg(): one socket-level decision per request.
+    let n = counters(&c, addr::NODE_A);
+    assert!(n["socket_lb"] >= sent, "{sent} requests, {n:?}");
+}
+
+#[test]
+fn clusterip_sockets_see_the_same_with_socket_lb_off() {
+    if !require_root_or_skip("socket lb off clusterip") {
+        return;
+    }
+    let (c, sent) = clusterip_both_ways("sock-off-clusterip", OFF);
+    let group = c.lab.cgroup(addr::NODE_A).unwrap();
+    assert!(
+        cgroup_programs(c.lab.ns(addr::NODE_A), group).is_empty(),
+        "nothing attached to the node's cgroup"
+    );
+    let n = counters(&c, addr::NODE_A);
+    assert_eq!(n["socket_lb"], 0);
+    assert!(n["new_flow"] >= sent, "{sent} requests, {n:?}");
+}
+
+/// A pod dialing a NodePort on its own node's address is connected to the
+/// backend at the socket; on another node's address the request is served
+/// too. Either way the reply comes from the address dialed.
+fn nodeport_from_pod(extra: &[&str]) -> Cluster {
+    let c = Cluster::start_with("sock-nodeport", &placement_manifests(), extra).expect("root");
+    let pod = c.lab.ns(CLIENT_POD);
+    for (node_ip, port, backend) in [
+        (addr::NODE_A_IP, 30011, "web-a"),
+        (addr::NODE_A_IP, 30012, "web-b1"),
+        (addr::NODE_B_IP, 30012, "web-b1"),
+    ] {
+        let target = SocketAddrV4::new(node_ip, port);
+        let r = tcp_request(pod, target).unwrap_or_else(|e| panic!("{target}: {e:#}"));
+        assert_eq!(r.identity, backend, "{target}");
+        assert_eq!(r.remote, target, "{target}: peer is the address dialed");
+        let r = udp_request(pod, target).unwrap_or_else(|e| panic!("udp {target}: {e:#}"));
+        assert_eq!(r.identity, backend, "udp {target}");
+        assert_eq!(
+            r.remote, target,
+            "udp {target}: reply from the address dialed"
+        );
+    }
+    c
+}
+
+#[test]
+fn nodeport_from_a_pod_both_ways() {
+    if !require_root_or_skip("socket lb nodeport") {
+        return;
+    }
+    let c = nodeport_from_pod(&[]);
+    let on = counters(&c, addr::NODE_A);
+    assert!(
+        on["socket_lb"] >= 4,
+        "node-a's NodePorts at the socket: {on:?}"
+    );
+    drop(c);
+    let c = nodeport_from_pod(OFF);
+    assert_eq!(counters(&c, addr::NODE_A)["socket_lb"], 0);
+}
+
+/// A service without endpoint and a port that is no frontend of a
+/// ClusterIP: connect() fails at once with ECONNREFUSED, with socket-level
+/// load balancing (refused at the socket) and without (ICMP reject).
+fn refused(extra: &[&str]) -> Cluster {
+    let manifests = [placement_manifests(), web(vec![], "10.96.0.20", None)].concat();
+    let c = Cluster::start_with("sock-refuse", &manifests, extra).expect("root");
+    for (ns, target) in [
+        (CLIENT_POD, "10.96.0.20:80"),
+        (CLIENT_POD, "10.96.0.11:81"),
+        (addr::NODE_A, "10.96.0.20:80"),
+    ] {
+        let started = Instant::now();
+        let err = TcpConn::open(c.lab.ns(ns), sa(target))
+            .map(|_| ())
+            .expect_err(target);
+        assert_eq!(
+            error_kind(&err),
+            Some(ErrorKind::ConnectionRefused),
+            "{target}: {err:#}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{target}: at once"
+        );
+    }
+    let n = counters(&c, addr::NODE_A);
+    assert!(n["no_endpoint"] >= 2 && n["unknown_port"] >= 1, "{n:?}");
+    c
+}
+
+#[test]
+fn no_endpoint_is_refused_at_connect_both_ways() {
+    if !require_root_or_skip("socket lb refuse") {
+        return;
+    }
+    let c = refused(&[]);
+    // Refused at the socket: no SYN left, so the per-packet path saw none.
+    assert_eq!(counters(&c, addr::NODE_A)["forward"], 0);
+    drop(c);
+    refused(OFF);
+}
+
+#[test]
+fn restarts_swap_socket_programs_in_place_and_cleanup_removes_them() -> Result<()> {
+    if !require_root_or_skip("socket lb restart") {
+        return Ok(());
+    }
+    let mut c = Cluster::start_with("sock-restart", &placement_manifests(), &[]).expect("root");
+    let vip = sa("10.96.0.12:80");
+    let group = c.lab.cgroup(addr::NODE_A).unwrap().to_path_buf();
+    let node = |c: &Cluster| c.lab.ns(addr::NODE_A).clone();
+    let before = cgroup_programs(&node(&c), &group);
+    assert_eq!(before.len(), 4, "{before:?}");
+    let mut open = TcpConn::open(c.lab.ns(CLIENT_POD), vip)?;
+    assert_eq!(open.request()?.identity, "web-b1");
+
+    c.lab.stop_daemon(addr::NODE_A, Signal::SIGTERM)?;
+    let sock_before = counters(&c, addr::NODE_A)["socket_lb"];
+    let r = tcp_request(c.lab.ns(CLIENT_POD), vip).context("while the daemon is down")?;
+    assert_eq!(r.remote, vip);
+    assert!(
+        counters(&c, addr::NODE_A)["socket_lb"] > sock_before,
+        "the socket programs keep working without the daemon"
+    );
+
+    c.start_daemon(addr::NODE_A);
+    let after = cgroup_programs(&node(&c), &group);
+    assert_eq!(after.len(), 4, "swapped, not added: {after:?}");
+    for hook in SOCK_HOOKS {
+        assert_ne!(before[hook], after[hook], "{hook}: the new program runs");
+    }
+    assert_eq!(
+        open.request()?.identity,
+        "web-b1",
+        "old connection still answers"
+    );
+    assert_eq!(tcp_request(c.lab.ns(CLIENT_POD), vip)?.remote, vip);
+
+    // Restarted with socket-level load balancing off: the links go.
+    c.lab.stop_daemon(addr::NODE_A, Signal::SIGTERM)?;
+    c.extra_args = OFF.iter().map(|s| s.to_string()).collect();
+    c.start_daemon(addr::NODE_A);
+    assert!(cgroup_programs(&node(&c), &group).is_empty());
+    c.extra_args.clear();
+    c.lab.stop_daemon(addr::NODE_A, Signal::SIGTERM)?;
+    c.start_daemon(addr::NODE_A);
+    assert_eq!(cgroup_programs(&node(&c), &group).len(), 4);
+
+    c.lab.stop_daemon(addr::NODE_A, Signal::SIGTERM)?;
+    c.cli(addr::NODE_A, &["cleanup"])?;
+    assert!(
+        cgroup_programs(&node(&c), &group).is_empty(),
+        "cleanup detached the socket programs"
+    );
+    Ok(())
+}
+
+#[test]
+fn an_unusable_cgroup_root_leaves_the_per_packet_path_serving() {
+    if !require_root_or_skip("socket lb fallback") {
+        return;
+    }
+    // A directory that is no cgroup: the daemon must start all the same.
+    let not_a_cgroup = std::env::temp_dir();
+    let extra = ["--cgroup-root", not_a_cgroup.to_str().unwrap()];
+    let c = Cluster::start_with("sock-fallback", &placement_manifests(), &extra).expect("root");
+    let log = c.lab.daemon_log(addr::NODE_A);
+    assert_eq!(
+        log.matches("socket-level load balancing is off").count(),
+        1,
+        "logged once:\n{log}"
+    );
+    let r = tcp_request(c.lab.ns(CLIENT_POD), sa("10.96.0.12:80")).unwrap();
+    assert_eq!(r.identity, "web-b1");
+    let n = counters(&c, addr::NODE_A);
+    assert_eq!(n["socket_lb"], 0);
+    assert!(n["new_flow"] >= 1);
+    let metrics = http_metrics(c.lab.ns(addr::NODE_A));
+    assert!(
+        metrics.contains("kube_ebpf_proxy_socket_lb_enabled 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("kube_ebpf_proxy_socket_lb_attach_failures_total 1"),
+        "{metrics}"
+    );
+}
+
+fn http_metrics(ns: &Netns) -> String {
+    use std::io::{Read, Write};
+    ns.run(|| {
+        let mut s = std::net::TcpStream::connect("127.0.0.1:10249").expect("metrics endpoint");
+        write!(s, "GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        text
+    })
+}
+
+/// sessionAffinity ClientIP and internalTrafficPolicy Local, as YAML.
+fn policy_manifests() -> String {
+    let slice = |name: &str, eps: &[(&str, &str)]| {
+        let endpoints: String = eps
+            .iter()
+            .map(|(ip, node)| {
+                format!("  - addresses: [\"{ip}\"]\n    nodeName: {node}\n    conditions: {{ready: true}}\n")
+            })
+            .collect();
+        format!(
+            "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}-1
+  namespace: lab
+  labels: {{kubernetes.io/service-name: {name}}}
+addressType: IPv4
+ports: [{{name: main, protocol: TCP, port: 8080}}]
+endpoints:
+{endpoints}---
+"
+        )
+    };
+    let service = |name: &str, ip: &str, spec: &str| {
+        format!(
+            "apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: lab}}
+spec:
+  clusterIP: {ip}
+  ports: [{{name: main, protocol: TCP, port: 80, targetPort: 8080}}]
+{spec}
+---
+"
+        )
+    };
+    let all = [
+        (WEB_A.ip, WEB_A.node),
+        (WEB_B1.ip, WEB_B1.node),
+        (WEB_B2.ip, WEB_B2.node),
+    ];
+    [
+        service("sticky", "10.96.0.32", "  sessionAffinity: ClientIP"),
+        slice("sticky", &all),
+        service("local-only", "10.96.0.33", "  internalTrafficPolicy: Local"),
+        slice("local-only", &all[1..]),
+    ]
+    .concat()
+}
+
+/// Affinity keeps a client on one backend; internalTrafficPolicy Local
+/// with no endpoint on the client's node drops (a timeout, not a refusal).
+fn policies(extra: &[&str]) -> Cluster {
+    let c = Cluster::start_with("sock-policies", &policy_manifests(), extra).expect("root");
+    for ns in [CLIENT_POD, addr::NODE_A] {
+        let hits = backends_hit(c.lab.ns(ns), sa("10.96.0.32:80"), 15);
+        assert_eq!(hits.len(), 1, "{ns}: one backend for all: {hits:?}");
+        assert_eq!(hits.values().sum::<u32>(), 15, "{ns}: {hits:?}");
+        let err = lab::servers::tcp_request_timeout(
+            c.lab.ns(ns),
+            sa("10.96.0.33:80"),
+            Duration::from_millis(700),
+        )
+        .expect_err("no local endpoint on node-a");
+        assert_ne!(
+            error_kind(&err),
+            Some(ErrorKind::ConnectionRefused),
+            "{ns}: dropped, {err:#}"
+        );
+    }
+    // Clients on node-b have local endpoints.
+    let hits = backends_hit(c.lab.ns(addr::NODE_B), sa("10.96.0.33:80"), 6);
+    assert!(
+        hits.keys().all(|b| b.starts_with("web-b")) && hits.values().sum::<u32>() == 6,
+        "{hits:?}"
+    );
+    c
+}
+
+#[test]
+fn affinity_and_local_traffic_policy_both_ways() {
+    if !require_root_or_skip("socket lb policies") {
+        return;
+    }
+    let c = policies(&[]);
+    let n = counters(&c, addr::NODE_A);
+    assert!(
+        n["socket_lb"] >= 30,
+        "affinity decided at the socket: {n:?}"
+    );
+    assert!(n["no_local_endpoint"] >= 2, "{n:?}");
+    drop(c);
+    let c = policies(OFF);
+    assert_eq!(counters(&c, addr::NODE_A)["socket_lb"], 0);
+}
