@@ -23,6 +23,7 @@
 
 pub mod bpffs;
 pub mod devices;
+pub mod linkwatch;
 
 use std::{
     collections::BTreeSet,

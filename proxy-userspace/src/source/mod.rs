@@ -5,13 +5,15 @@
 //! [`ModelCache`] what changed.
 
 pub mod allocate;
+pub mod dirwatch;
 pub mod kube;
 pub mod manifests;
 
 use anyhow::Result;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use self::{
+    dirwatch::DirWatch,
     kube::{KubeOptions, KubeSource},
     manifests::ManifestDir,
 };
@@ -19,9 +21,12 @@ use crate::{cli::RunArgs, model::ModelCache};
 
 /// Where Services and EndpointSlices come from.
 pub enum Source {
-    /// The embedded default: a directory of manifests, polled.
+    /// The embedded default: a directory of manifests, watched with
+    /// inotify and polled slowly in case an event was missed.
     Manifests {
         dir: ManifestDir,
+        /// None when inotify is unavailable (the poll alone then).
+        watch: Option<DirWatch>,
         /// Parts of the manifests that could not be read, at the last load.
         unreadable: usize,
     },
@@ -45,6 +50,7 @@ impl Source {
     pub async fn start(args: &RunArgs, node_name: &str) -> Result<Source> {
         if let Some(dir) = &args.manifests {
             return Ok(Source::Manifests {
+                watch: watch_dir(dir),
                 dir: ManifestDir::new(dir.clone()),
                 unreadable: 0,
             });
@@ -63,17 +69,28 @@ impl Source {
         )))
     }
 
-    /// Manifests are polled (fed at every tick); an API server says when
-    /// it has changes ([`Source::changed`]).
+    /// Manifests are also polled (fed at every tick, in case inotify
+    /// missed something); an API server says when it has changes
+    /// ([`Source::changed`]).
     pub fn is_polled(&self) -> bool {
         matches!(self, Source::Manifests { .. })
     }
 
-    /// Resolves when the API server sent changes not yet fed; never for
-    /// manifests. Cancel-safe.
+    /// Resolves when the API server sent changes not yet fed, or when
+    /// inotify saw the manifest directory change. Cancel-safe.
     pub async fn changed(&mut self) {
         match self {
             Source::Kube(k) => k.changed().await,
+            Source::Manifests {
+                watch: Some(w),
+                dir,
+                ..
+            } if !w.is_void() => {
+                if let Err(e) = w.changed().await {
+                    warn!(dir = %dir.path().display(), error = %e, "inotify failed; polling only");
+                    std::future::pending::<()>().await;
+                }
+            }
             Source::Manifests { .. } => std::future::pending().await,
         }
     }
@@ -82,10 +99,21 @@ impl Source {
     /// a file changed, the objects the API server's watch events named.
     pub fn feed(&mut self, model: &mut ModelCache) -> Fed {
         match self {
-            Source::Manifests { dir, unreadable } => Fed {
-                changed: feed_manifests(dir, unreadable, model),
-                ready: true,
-            },
+            Source::Manifests {
+                dir,
+                watch,
+                unreadable,
+            } => {
+                // The directory was replaced (or inotify failed earlier):
+                // watch it anew.
+                if watch.as_ref().is_none_or(DirWatch::is_void) {
+                    *watch = watch_dir(dir.path());
+                }
+                Fed {
+                    changed: feed_manifests(dir, unreadable, model),
+                    ready: true,
+                }
+            }
             Source::Kube(k) => Fed {
                 changed: true,
                 ready: k.feed(model),
@@ -103,7 +131,16 @@ impl Source {
     }
 }
 
-/// Reloads the manifests when the directory changed; true if it did.
+fn watch_dir(dir: &std::path::Path) -> Option<DirWatch> {
+    DirWatch::new(dir)
+        .inspect_err(
+            |e| debug!(dir = %dir.display(), error = %e, "cannot watch the manifest directory"),
+        )
+        .ok()
+}
+
+/// Reloads the manifests when the directory changed (the files that did);
+/// true if it did.
 fn feed_manifests(dir: &mut ManifestDir, unreadable: &mut usize, model: &mut ModelCache) -> bool {
     match dir.load_if_changed() {
         Ok(Some(objects)) => {
@@ -115,10 +152,15 @@ fn feed_manifests(dir: &mut ManifestDir, unreadable: &mut usize, model: &mut Mod
                 endpoint_slices = objects.slices.len(),
                 "manifests loaded"
             );
-            // The model keeps what it needs; the parsed manifests go.
-            model.replace(&objects.services, &objects.slices);
-            *unreadable = objects.problems.len();
-            drop(objects);
+            // The model shares the directory's slimmed objects.
+            let manifests::DirObjects {
+                services,
+                slices,
+                problems,
+            } = objects;
+            model.replace(services, &slices);
+            *unreadable = problems.len();
+            drop(slices);
             release_freed_memory();
             true
         }
