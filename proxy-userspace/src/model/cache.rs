@@ -26,6 +26,7 @@ use super::{
     CheckedSlice, DesiredState, Frontend, FrontendKey, LABEL_HEADLESS, LABEL_SERVICE_NAME, Names,
     NamespacedName, NodeInfo, Options, Problem, ProblemKind, service::service_state_checked, slim,
 };
+use super::{ServicePortEndpoints, ServicePortName};
 
 /// Computes the desired state (see the [model](super) documentation): the
 /// cache run once over every object.
@@ -199,9 +200,9 @@ pub struct ModelCache {
     /// Slice names of each Service, in name order.
     by_service: BTreeMap<NamespacedName, BTreeSet<String>>,
     /// The result of each Service on its own.
-    parts: BTreeMap<NamespacedName, DesiredState>,
+    parts: BTreeMap<NamespacedName, Part>,
     /// Services claiming each frontend; the first one has it.
-    claims: BTreeMap<FrontendKey, BTreeSet<NamespacedName>>,
+    claims: BTreeMap<FrontendKey, Claimants>,
     /// The frontends in force (the first claimant's).
     winners: BTreeMap<FrontendKey, Frontend>,
     /// Problems of the input as a whole (duplicate objects).
@@ -385,7 +386,7 @@ impl ModelCache {
         let mut touched: BTreeSet<FrontendKey> = BTreeSet::new();
         for svc_key in std::mem::take(&mut self.dirty) {
             if let Some(old) = self.parts.remove(&svc_key) {
-                for fk in old.frontends.keys() {
+                for (fk, _) in old.frontends.iter() {
                     if let Some(c) = self.claims.get_mut(fk) {
                         c.remove(&svc_key);
                     }
@@ -406,8 +407,8 @@ impl ModelCache {
                 })
                 .map(|e| e.slice.as_ref())
                 .collect();
-            let part = service_state_checked(svc, &slices, &self.node, &self.opts);
-            for fk in part.frontends.keys() {
+            let part = Part::from(service_state_checked(svc, &slices, &self.node, &self.opts));
+            for (fk, _) in part.frontends.iter() {
                 self.claims.entry(*fk).or_default().insert(svc_key.clone());
                 touched.insert(*fk);
             }
@@ -420,7 +421,7 @@ impl ModelCache {
                 .get(&fk)
                 .and_then(|c| c.first())
                 .and_then(|owner| self.parts.get(owner))
-                .and_then(|p| p.frontends.get(&fk));
+                .and_then(|p| p.frontend(&fk));
             if self.winners.get(&fk) != winner {
                 match winner {
                     Some(w) => self.winners.insert(fk, w.clone()),
@@ -428,7 +429,7 @@ impl ModelCache {
                 };
                 changed.insert(fk);
             }
-            if self.claims.get(&fk).is_some_and(BTreeSet::is_empty) {
+            if self.claims.get(&fk).is_some_and(Claimants::is_empty) {
                 self.claims.remove(&fk);
             }
         }
@@ -445,7 +446,7 @@ impl ModelCache {
         out.extend(self.slice_problems.iter().cloned());
         for (key, part) in &self.parts {
             out.extend(part.problems.iter().cloned());
-            for (fk, fe) in &part.frontends {
+            for (fk, fe) in part.frontends.iter() {
                 let Some(owner) = self.claims.get(fk).and_then(|c| c.first()) else {
                     continue;
                 };
@@ -477,6 +478,58 @@ impl ModelCache {
             endpoints,
             problems: self.problems(),
         }
+    }
+}
+
+/// One Service's result, kept compact: sorted boxed slices, not maps (a
+/// B-tree map allocates a whole node, ~1.4 KB here, for a single entry,
+/// and most Services have one port).
+struct Part {
+    frontends: Box<[(FrontendKey, Frontend)]>,
+    endpoints: Box<[(ServicePortName, ServicePortEndpoints)]>,
+    problems: Box<[Problem]>,
+}
+
+impl From<DesiredState> for Part {
+    fn from(state: DesiredState) -> Part {
+        Part {
+            frontends: state.frontends.into_iter().collect(),
+            endpoints: state.endpoints.into_iter().collect(),
+            problems: state.problems.into(),
+        }
+    }
+}
+
+impl Part {
+    fn frontend(&self, key: &FrontendKey) -> Option<&Frontend> {
+        let i = self.frontends.binary_search_by(|(k, _)| k.cmp(key)).ok()?;
+        Some(&self.frontends[i].1)
+    }
+}
+
+/// The Services claiming one frontend, sorted (nearly always one).
+#[derive(Default)]
+struct Claimants(Vec<NamespacedName>);
+
+impl Claimants {
+    fn insert(&mut self, id: NamespacedName) {
+        if let Err(at) = self.0.binary_search(&id) {
+            self.0.insert(at, id);
+        }
+    }
+
+    fn remove(&mut self, id: &NamespacedName) {
+        if let Ok(at) = self.0.binary_search(id) {
+            self.0.remove(at);
+        }
+    }
+
+    fn first(&self) -> Option<&NamespacedName> {
+        self.0.first()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 

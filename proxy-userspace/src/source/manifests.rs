@@ -647,6 +647,8 @@ pub struct ManifestDir {
     files: BTreeMap<PathBuf, ManifestFile>,
     names: Names,
     loaded: bool,
+    /// Bytes parsed by the last load.
+    parsed: u64,
 }
 
 /// What one file held, as the model keeps it.
@@ -696,11 +698,18 @@ impl ManifestDir {
             files: BTreeMap::new(),
             names: Names::default(),
             loaded: false,
+            parsed: 0,
         }
     }
 
     pub fn path(&self) -> &Path {
         &self.dir
+    }
+
+    /// Bytes of the files the last [`load_if_changed`](Self::load_if_changed)
+    /// parsed.
+    pub fn parsed_bytes(&self) -> u64 {
+        self.parsed
     }
 
     /// The objects, if a file changed, appeared or went since the last call
@@ -710,11 +719,13 @@ impl ManifestDir {
         let before = self.files.len();
         self.files.retain(|path, _| listing.contains_key(path));
         let mut changed = self.files.len() != before;
+        self.parsed = 0;
         for (path, stamp) in listing {
             if self.files.get(&path).is_some_and(|f| f.stamp == stamp) {
                 continue;
             }
             let file = read_manifest_file(&path, stamp, &mut self.names);
+            self.parsed += stamp.len;
             tracing::debug!(file = %path.display(), "manifest file read");
             self.files.insert(path, file);
             changed = true;
@@ -781,6 +792,12 @@ fn first_of_name<'a>(
 /// The Services with what no API server allocated filled in: only those
 /// given a value are copied.
 fn allocated(services: Vec<Arc<Service>>) -> Vec<Arc<Service>> {
+    if !services
+        .iter()
+        .any(|s| super::allocate::needs_allocation(s))
+    {
+        return services;
+    }
     let mut owned: Vec<Service> = services.iter().map(|s| (**s).clone()).collect();
     // No API server allocates for us: Services without clusterIP or
     // nodePort get deterministic ones (logged).

@@ -161,7 +161,11 @@ fn feed_manifests(dir: &mut ManifestDir, unreadable: &mut usize, model: &mut Mod
             model.replace(services, &slices);
             *unreadable = problems.len();
             drop(slices);
-            release_freed_memory();
+            // Worth it after a large parse only: trimming walks the whole
+            // heap, which would slow every small change down.
+            if dir.parsed_bytes() > 1 << 20 {
+                release_freed_memory();
+            }
             true
         }
         Ok(None) => false,
