@@ -27,17 +27,17 @@
 use bytemuck::{Pod, Zeroable};
 
 /// Frontends: (address, port, protocol) → service port. NodePorts use the
-/// address 0.0.0.0 and apply to every address in [`ADDR_MAP`] of class
-/// [`ADDR_NODE`].
-pub const SVC_MAP: &str = "KEP_SVC_V1";
+/// address 0.0.0.0 and apply to every address in [`ADDR_MAP`] with the
+/// [`ADDR_NODEPORT`] bit.
+pub const SVC_MAP: &str = "KEP_SVC_V2";
 /// Backend slots of a service port: (service port id, generation, slot) →
 /// backend id.
 pub const SLOT_MAP: &str = "KEP_SLOT_V1";
 /// Backends: backend id → address, port, protocol and flags.
 pub const BACKEND_MAP: &str = "KEP_BE_V1";
-/// Address classes: which destination addresses are service VIPs and which
-/// belong to this node (NodePort addresses).
-pub const ADDR_MAP: &str = "KEP_ADDR_V1";
+/// Address classes: a bitmask of `ADDR_*` per address (ClusterIP, NodePort
+/// address, externalIP/LB IP, address of this node).
+pub const ADDR_MAP: &str = "KEP_ADDR_V2";
 /// Connection tracking, original direction: the flow as the client sent it →
 /// the tuple it is rewritten to.
 pub const CT_MAP: &str = "KEP_CT_V1";
@@ -48,9 +48,17 @@ pub const RNAT_MAP: &str = "KEP_RNAT_V1";
 /// later fragments of a datagram follow the first one.
 pub const FRAG_MAP: &str = "KEP_FRAG_V1";
 /// Per-CPU packet counters, indexed by [`Counter`].
-pub const STATS_MAP: &str = "KEP_STATS_V1";
+pub const STATS_MAP: &str = "KEP_STATS_V2";
 /// Datapath configuration, a single [`Config`] at index 0.
-pub const CONFIG_MAP: &str = "KEP_CFG_V1";
+pub const CONFIG_MAP: &str = "KEP_CFG_V2";
+/// sessionAffinity ClientIP: (service port id, client address) → the
+/// client's backend and when it last opened a flow (LRU, [`AFF_MAP_SIZE`]).
+pub const AFF_MAP: &str = "KEP_AFF_V1";
+/// Backends an affinity frontend may still use: (service port id, backend
+/// id) → 1. An affine backend that left this set is replaced at once.
+pub const AFFMEM_MAP: &str = "KEP_AFFMEM_V1";
+/// loadBalancerSourceRanges (LPM trie): (service port id, source prefix) → 1.
+pub const SRCRNG_MAP: &str = "KEP_SRCRNG_V1";
 /// Per-CPU traffic counters of each service port, indexed by service port id
 /// ([`SvcStats`]).
 pub const SVC_STATS_MAP: &str = "KEP_SVCSTAT_V1";
@@ -59,7 +67,7 @@ pub const SVC_STATS_MAP: &str = "KEP_SVCSTAT_V1";
 pub const NAME_MAP: &str = "KEP_NAME_V1";
 
 /// Every map name, for pinning and cleanup.
-pub const ALL_MAPS: [&str; 11] = [
+pub const ALL_MAPS: [&str; 14] = [
     SVC_MAP,
     SLOT_MAP,
     BACKEND_MAP,
@@ -71,6 +79,9 @@ pub const ALL_MAPS: [&str; 11] = [
     CONFIG_MAP,
     SVC_STATS_MAP,
     NAME_MAP,
+    AFF_MAP,
+    AFFMEM_MAP,
+    SRCRNG_MAP,
 ];
 
 /// Capacities. Hash maps holding desired state are created without
@@ -82,6 +93,11 @@ pub const ADDR_MAP_SIZE: u32 = 262_144;
 pub const CT_MAP_SIZE: u32 = 262_144;
 pub const RNAT_MAP_SIZE: u32 = 262_144;
 pub const FRAG_MAP_SIZE: u32 = 8_192;
+/// Client addresses remembered for sessionAffinity, all Services together;
+/// the least recently used is forgotten first.
+pub const AFF_MAP_SIZE: u32 = 65_536;
+pub const AFFMEM_MAP_SIZE: u32 = 1_048_576;
+pub const SRCRNG_MAP_SIZE: u32 = 65_536;
 /// Service port ids are below this (the syncer reuses freed ids).
 pub const SVC_ID_LIMIT: u32 = SVC_MAP_SIZE;
 
@@ -94,6 +110,9 @@ pub const PROG_NOOP: &str = "kep_noop";
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+
+/// Identifiers of service ports, below [`SVC_ID_LIMIT`].
+pub type SvcId = u32;
 
 /// Key of [`SVC_MAP`].
 #[repr(C)]
@@ -112,6 +131,18 @@ pub struct SvcKey {
 /// SNATed to this node so the reply comes back through it, as kube-proxy does
 /// for externalTrafficPolicy Cluster.
 pub const SVC_F_EXTERNAL: u16 = 1;
+/// externalTrafficPolicy Local: external sources use the local set (and are
+/// dropped, not rejected, when it is empty); internal sources (pods of
+/// `--cluster-cidr`, this node) use the primary set. Client address kept.
+pub const SVC_F_ETP_LOCAL: u16 = 2;
+/// An empty primary set drops instead of rejecting (internalTrafficPolicy
+/// Local with endpoints on other nodes only, as kube-proxy).
+pub const SVC_F_DROP_EMPTY: u16 = 4;
+/// sessionAffinity ClientIP, for [`SvcValue::affinity_timeout`] seconds.
+pub const SVC_F_AFFINITY: u16 = 8;
+/// loadBalancerSourceRanges apply: sources outside [`SRCRNG_MAP`]'s
+/// prefixes of this service port are dropped.
+pub const SVC_F_SRC_RANGES: u16 = 16;
 
 /// Value of [`SVC_MAP`].
 #[repr(C)]
@@ -119,17 +150,23 @@ pub const SVC_F_EXTERNAL: u16 = 1;
 pub struct SvcValue {
     /// Service port id: names the service port in counters and inspection,
     /// and is the first half of its slot keys.
-    pub svc_id: u32,
+    pub svc_id: SvcId,
     /// Generation of the slots in use. A new backend set is written under a
     /// new generation and becomes visible with the single update of this
     /// value, so a packet sees either the old set or the new one.
     pub generation: u16,
-    /// Number of slots in that generation; 0 means no ready endpoint, and new
-    /// connections are rejected with ICMP port unreachable.
+    /// The primary set: slots `[0, count)` of that generation; 0 means no
+    /// ready endpoint, and new connections are rejected with ICMP port
+    /// unreachable (dropped with [`SVC_F_DROP_EMPTY`]).
     pub count: u16,
+    /// The local set ([`SVC_F_ETP_LOCAL`] only): slots
+    /// `[count, count + local_count)`, this node's endpoints.
+    pub local_count: u16,
     /// `SVC_F_*`.
     pub flags: u16,
-    pub _pad: [u8; 2],
+    /// Seconds a client keeps its backend without opening a new flow
+    /// ([`SVC_F_AFFINITY`] only).
+    pub affinity_timeout: u32,
 }
 
 /// Key of [`SLOT_MAP`].
@@ -177,18 +214,68 @@ pub struct AddrKey {
     pub addr: [u8; 4],
 }
 
-/// A service VIP (ClusterIP): ports that are not frontends are rejected.
-pub const ADDR_VIP: u8 = 1;
+/// A ClusterIP: ports that are not frontends are rejected.
+pub const ADDR_CLUSTER_IP: u8 = 1;
 /// An address of this node that NodePorts answer on.
-pub const ADDR_NODE: u8 = 2;
+pub const ADDR_NODEPORT: u8 = 2;
+/// An externalIP or load-balancer IP: only its own (port, protocol)
+/// frontends are ours; everything else to it passes untouched (it may be an
+/// address of the node, whose SSH and kubelet must keep working).
+pub const ADDR_EXTERNAL: u8 = 4;
+/// Any address of this node: replies that local processes (hostNetwork
+/// backends) send from it need reverse NAT on egress.
+pub const ADDR_HOST: u8 = 8;
 
 /// Value of [`ADDR_MAP`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct AddrValue {
-    /// `ADDR_*`.
+    /// A bitmask of `ADDR_*`.
     pub class: u8,
     pub _pad: [u8; 3],
+}
+
+/// Key of [`AFF_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct AffKey {
+    pub svc_id: SvcId,
+    pub client: [u8; 4],
+}
+
+/// Value of [`AFF_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct AffValue {
+    pub backend_id: u32,
+    /// Seconds since boot (monotonic clock) of the client's last new flow.
+    pub last_seen: u32,
+}
+
+/// Key of [`AFFMEM_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct AffMemberKey {
+    pub svc_id: SvcId,
+    pub backend_id: u32,
+}
+
+/// Data of an [`SRCRNG_MAP`] key (behind the LPM trie's prefix length,
+/// which is 32 + the range's prefix length: the service port id always
+/// matches in full).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct SrcRangeKey {
+    /// Service port id, big-endian (LPM tries match bytes from the first).
+    pub svc_id: [u8; 4],
+    pub addr: [u8; 4],
+}
+
+impl SrcRangeKey {
+    /// The trie key of `addr/len` for a service port.
+    pub const fn prefix_len(range_len: u8) -> u32 {
+        32 + range_len as u32
+    }
 }
 
 /// A flow as seen on the wire: key of [`CT_MAP`] and [`RNAT_MAP`].
@@ -223,6 +310,10 @@ pub const NAT_F_SNAT: u8 = 1;
 pub const NAT_F_CLOSING: u8 = 2;
 /// The entry was created by the egress program (a process of the node).
 pub const NAT_F_HOST: u8 = 4;
+/// Deliver the translated packet into the node's own stack through lo's
+/// ingress: its source and destination are both addresses of this node, and
+/// arriving on any other device it would be dropped as a martian.
+pub const NAT_F_TO_LO: u8 = 8;
 
 /// Value of [`CT_MAP`] and [`RNAT_MAP`]: rewrite the packet to this tuple.
 #[repr(C)]
@@ -309,6 +400,13 @@ impl SvcName {
     }
 }
 
+/// `--cluster-cidr` is set: [`Config::cluster_cidr`] is valid.
+pub const CFG_F_CLUSTER_CIDR: u8 = 1;
+/// `--masquerade-all`: every new flow from outside this node is SNATed.
+pub const CFG_F_MASQUERADE_ALL: u8 = 2;
+/// Most service CIDRs the datapath checks for unallocated addresses.
+pub const SERVICE_CIDRS: usize = 4;
+
 /// Value of [`CONFIG_MAP`] at index 0.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
@@ -322,6 +420,28 @@ pub struct Config {
     /// back to the pod itself (hairpin): the pod would drop a packet from
     /// its own address, so it sees this link-local address instead.
     pub hairpin_addr: [u8; 4],
+    /// `--cluster-cidr` (with [`CFG_F_CLUSTER_CIDR`]): sources inside are
+    /// pods; ClusterIP traffic from elsewhere to a remote backend is SNATed,
+    /// and counts as external for externalTrafficPolicy Local.
+    pub cluster_cidr: [u8; 4],
+    pub cluster_cidr_len: u8,
+    /// `CFG_F_*`.
+    pub flags: u8,
+    pub _pad: [u8; 2],
+    /// Service CIDRs (prefix length 0: unused). A destination inside one
+    /// that is no ClusterIP is dropped.
+    pub service_cidrs: [[u8; 4]; SERVICE_CIDRS],
+    pub service_cidr_lens: [u8; SERVICE_CIDRS],
+}
+
+/// Whether `addr` is inside `net/len` (len 0: never, an unset prefix).
+#[inline(always)]
+pub fn in_prefix(addr: [u8; 4], net: [u8; 4], len: u8) -> bool {
+    if len == 0 || len > 32 {
+        return false;
+    }
+    let mask = u32::MAX << (32 - len as u32);
+    (u32::from_be_bytes(addr) ^ u32::from_be_bytes(net)) & mask == 0
 }
 
 /// Default SNAT source port range: above Linux's default ephemeral range
@@ -358,9 +478,16 @@ pub enum Counter {
     DropHelperError = 9,
     /// ICMP errors about a translated flow, translated back.
     IcmpError = 10,
+    /// Dropped: externalTrafficPolicy (or internalTrafficPolicy) Local and
+    /// no endpoint on this node.
+    DropNoLocalEndpoint = 11,
+    /// Dropped: source outside the loadBalancerSourceRanges.
+    DropSourceRange = 12,
+    /// Dropped: an address of a service CIDR that no Service holds.
+    DropUnallocated = 13,
 }
 
-pub const COUNTER_COUNT: u32 = 11;
+pub const COUNTER_COUNT: u32 = 14;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -375,6 +502,9 @@ impl Counter {
         Counter::DropMapError,
         Counter::DropHelperError,
         Counter::IcmpError,
+        Counter::DropNoLocalEndpoint,
+        Counter::DropSourceRange,
+        Counter::DropUnallocated,
     ];
 
     /// Stable name, used as a metric label.
@@ -391,6 +521,9 @@ impl Counter {
             Counter::DropMapError => "map_error",
             Counter::DropHelperError => "helper_error",
             Counter::IcmpError => "icmp_error",
+            Counter::DropNoLocalEndpoint => "no_local_endpoint",
+            Counter::DropSourceRange => "source_range",
+            Counter::DropUnallocated => "unallocated_service_ip",
         }
     }
 
@@ -404,6 +537,9 @@ impl Counter {
                 | Counter::DropFragment
                 | Counter::DropMapError
                 | Counter::DropHelperError
+                | Counter::DropNoLocalEndpoint
+                | Counter::DropSourceRange
+                | Counter::DropUnallocated
         )
     }
 }
@@ -429,6 +565,10 @@ mod user {
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for SvcStats {}
     unsafe impl aya::Pod for SvcName {}
+    unsafe impl aya::Pod for AffKey {}
+    unsafe impl aya::Pod for AffValue {}
+    unsafe impl aya::Pod for AffMemberKey {}
+    unsafe impl aya::Pod for SrcRangeKey {}
 }
 
 #[cfg(test)]
@@ -441,7 +581,7 @@ mod tests {
         // A failing assertion here means a layout changed: bump the map
         // name's version suffix.
         assert_eq!(size_of::<SvcKey>(), 8);
-        assert_eq!(size_of::<SvcValue>(), 12);
+        assert_eq!(size_of::<SvcValue>(), 16);
         assert_eq!(size_of::<SlotKey>(), 8);
         assert_eq!(size_of::<SlotValue>(), 4);
         assert_eq!(size_of::<Backend>(), 8);
@@ -449,7 +589,11 @@ mod tests {
         assert_eq!(size_of::<FlowKey>(), 16);
         assert_eq!(size_of::<NatEntry>(), 24);
         assert_eq!(size_of::<FragKey>(), 12);
-        assert_eq!(size_of::<Config>(), 8);
+        assert_eq!(size_of::<Config>(), 36);
+        assert_eq!(size_of::<AffKey>(), 8);
+        assert_eq!(size_of::<AffValue>(), 8);
+        assert_eq!(size_of::<AffMemberKey>(), 8);
+        assert_eq!(size_of::<SrcRangeKey>(), 8);
         assert_eq!(size_of::<SvcStats>(), 24);
         assert_eq!(size_of::<SvcName>(), SVC_NAME_LEN);
     }
@@ -473,6 +617,15 @@ mod tests {
         for (i, c) in Counter::ALL.iter().enumerate() {
             assert_eq!(*c as usize, i);
         }
+    }
+
+    #[test]
+    fn prefixes_match_by_leading_bits() {
+        assert!(in_prefix([10, 244, 3, 7], [10, 244, 0, 0], 16));
+        assert!(!in_prefix([10, 245, 0, 1], [10, 244, 0, 0], 16));
+        assert!(in_prefix([1, 2, 3, 4], [1, 2, 3, 4], 32));
+        assert!(!in_prefix([1, 2, 3, 4], [0, 0, 0, 0], 0), "len 0 is unset");
+        assert!(in_prefix([200, 0, 0, 1], [128, 0, 0, 0], 1));
     }
 
     #[test]

@@ -2,14 +2,16 @@
 //!
 //! `kep_ingress` runs on the ingress of every device of the node (pod veths
 //! and uplinks); it translates new and tracked flows towards backends and
-//! translates replies back. `kep_egress` runs on their egress and only
-//! handles packets that local processes send to a ClusterIP, which never pass
-//! an ingress hook. See docs/architecture.md for the packet walks.
+//! translates replies back. `kep_egress` runs on their egress (and on lo's)
+//! and handles what local processes send, which never passes an ingress
+//! hook: flows to service addresses, and the replies of hostNetwork
+//! backends. See docs/architecture.md for the packet walks.
 #![no_std]
 #![no_main]
 
 mod flow;
 mod icmp;
+mod lb;
 mod maps;
 mod nat;
 mod packet;
@@ -21,6 +23,7 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
+use packet::Ipv4;
 use proxy_common::{Counter, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -55,14 +58,26 @@ fn try_handle(ctx: &TcContext, hook: Hook) -> Result<i32, i32> {
         return Ok(TC_ACT_OK as i32);
     };
     match ip.proto {
-        IPPROTO_TCP | IPPROTO_UDP => Ok(match flow::handle(ctx, hook, &ip)? {
-            flow::Action::Pass => TC_ACT_OK as i32,
-            flow::Action::Forward(to) => route::forward(ctx, &to, ip.proto),
-            flow::Action::Reject(reason) => reject::port_unreachable(ctx, &ip, hook, reason),
-        }),
+        IPPROTO_TCP | IPPROTO_UDP => flow_verdict(ctx, hook, &ip),
         IPPROTO_ICMP if hook == Hook::Ingress => icmp::translate_error(ctx, &ip),
         _ => Ok(TC_ACT_OK as i32),
     }
+}
+
+/// TCP and UDP. A BPF function of its own, so that the flow's frames and
+/// the ICMP path's do not add up: a chain of calls shares 512 bytes of
+/// stack.
+#[inline(never)]
+fn flow_verdict(ctx: &TcContext, hook: Hook, ip: &Ipv4) -> Result<i32, i32> {
+    let mut action = flow::handle(ctx, hook, ip)?;
+    if let flow::Action::New(fe) = &action {
+        action = flow::new_flow(ctx, hook, ip, fe)?;
+    }
+    Ok(match action {
+        flow::Action::Pass | flow::Action::New(_) => TC_ACT_OK as i32,
+        flow::Action::Forward(to) => route::forward(ctx, &to, ip.proto),
+        flow::Action::Reject(reason) => reject::port_unreachable(ctx, ip, hook, reason),
+    })
 }
 
 /// Counts a drop reason and returns the verdict that drops the packet.

@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use proxy_common::*;
@@ -11,7 +11,7 @@ use proxy_common::*;
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
 
 #[btf_map]
-pub static KEP_SVC_V1: HashMap<SvcKey, SvcValue, { SVC_MAP_SIZE as usize }, NO_PREALLOC> =
+pub static KEP_SVC_V2: HashMap<SvcKey, SvcValue, { SVC_MAP_SIZE as usize }, NO_PREALLOC> =
     HashMap::new();
 
 #[btf_map]
@@ -23,7 +23,7 @@ pub static KEP_BE_V1: HashMap<BackendKey, Backend, { BACKEND_MAP_SIZE as usize }
     HashMap::new();
 
 #[btf_map]
-pub static KEP_ADDR_V1: HashMap<AddrKey, AddrValue, { ADDR_MAP_SIZE as usize }, NO_PREALLOC> =
+pub static KEP_ADDR_V2: HashMap<AddrKey, AddrValue, { ADDR_MAP_SIZE as usize }, NO_PREALLOC> =
     HashMap::new();
 
 #[btf_map]
@@ -38,13 +38,24 @@ pub static KEP_FRAG_V1: LruHashMap<FragKey, FragValue, { FRAG_MAP_SIZE as usize 
     LruHashMap::new();
 
 #[btf_map]
-pub static KEP_STATS_V1: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArray::new();
+pub static KEP_STATS_V2: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArray::new();
 
 #[btf_map]
-pub static KEP_CFG_V1: Array<Config, 1> = Array::new();
+pub static KEP_CFG_V2: Array<Config, 1> = Array::new();
 
 #[btf_map]
 pub static KEP_SVCSTAT_V1: PerCpuArray<SvcStats, { SVC_ID_LIMIT as usize }> = PerCpuArray::new();
+
+#[btf_map]
+pub static KEP_AFF_V1: LruHashMap<AffKey, AffValue, { AFF_MAP_SIZE as usize }> = LruHashMap::new();
+
+#[btf_map]
+pub static KEP_AFFMEM_V1: HashMap<AffMemberKey, u8, { AFFMEM_MAP_SIZE as usize }, NO_PREALLOC> =
+    HashMap::new();
+
+#[btf_map]
+pub static KEP_SRCRNG_V1: LpmTrie<SrcRangeKey, u8, { SRCRNG_MAP_SIZE as usize }, NO_PREALLOC> =
+    LpmTrie::new();
 
 /// Written and read by userspace only; defined here so that the object
 /// carries it (and its BTF) like every other map.
@@ -71,7 +82,7 @@ pub fn count_service(svc_id: u32, bytes: u32, new_flow: bool) {
 
 #[inline(always)]
 pub fn count(counter: Counter) {
-    if let Some(slot) = KEP_STATS_V1.get_ptr_mut(counter as u32) {
+    if let Some(slot) = KEP_STATS_V2.get_ptr_mut(counter as u32) {
         // SAFETY: a per-CPU slot is only touched by programs on this CPU,
         // which do not preempt each other.
         unsafe { *slot += 1 };
@@ -81,20 +92,47 @@ pub fn count(counter: Counter) {
 #[inline(always)]
 pub fn addr_class(addr: [u8; 4]) -> u8 {
     // SAFETY: the value is copied out before anything else can touch it.
-    match unsafe { KEP_ADDR_V1.get(AddrKey { addr }) } {
+    match unsafe { KEP_ADDR_V2.get(AddrKey { addr }) } {
         Some(v) => v.class,
         None => 0,
     }
 }
 
+/// The daemon's configuration; the defaults (no cluster CIDR, no service
+/// CIDR) until it has written one.
 #[inline(always)]
 pub fn config() -> Config {
-    match KEP_CFG_V1.get(0) {
+    match KEP_CFG_V2.get(0) {
         Some(c) if c.snat_port_min != 0 && c.snat_port_min <= c.snat_port_max => *c,
         _ => Config {
             snat_port_min: SNAT_PORT_MIN,
             snat_port_max: SNAT_PORT_MAX,
             hairpin_addr: HAIRPIN_ADDR,
+            ..Config::default()
         },
     }
+}
+
+/// The daemon's configuration in place (no copy on the stack), `None`
+/// until it has written one.
+#[inline(always)]
+pub fn config_ref() -> Option<&'static Config> {
+    KEP_CFG_V2.get(0)
+}
+
+/// Whether `addr` lies in a service CIDR (the caller knows it is no
+/// ClusterIP): kube-proxy drops traffic to unallocated service addresses.
+#[inline(always)]
+pub fn in_service_cidr(addr: [u8; 4]) -> bool {
+    let Some(c) = KEP_CFG_V2.get(0) else {
+        return false;
+    };
+    let mut i = 0;
+    while i < SERVICE_CIDRS {
+        if in_prefix(addr, c.service_cidrs[i], c.service_cidr_lens[i]) {
+            return true;
+        }
+        i += 1;
+    }
+    false
 }

@@ -11,13 +11,16 @@ use core::mem::{size_of, zeroed};
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SRC, TC_ACT_OK,
-        bpf_fib_lookup as FibParams,
+        BPF_F_INGRESS, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SRC,
+        TC_ACT_OK, bpf_fib_lookup as FibParams,
     },
     helpers::generated::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
-use proxy_common::NatEntry;
+use proxy_common::{NAT_F_TO_LO, NatEntry};
+
+/// The loopback device's index, the same in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
 
 const AF_INET: u8 = 2;
 
@@ -43,9 +46,13 @@ fn lookup(ctx: &TcContext, src: [u8; 4], dst: [u8; 4], proto: u8, flags: u32) ->
 
 /// Forwards a packet that now carries the tuple `to`: straight to the
 /// egress of the device the FIB names, or to the stack when the destination
-/// is local or the FIB has no answer.
-#[inline(always)]
+/// is local or the FIB has no answer. A BPF function of its own: its
+/// lookup parameters stay off the frames of the flow handling.
+#[inline(never)]
 pub fn forward(ctx: &TcContext, to: &NatEntry, proto: u8) -> i32 {
+    if to.flags & NAT_F_TO_LO != 0 {
+        return to_loopback(ctx);
+    }
     // An input-style lookup from the device the packet is on, also on
     // egress: an output lookup would be pinned to that device (the kernel
     // takes `ifindex` as the output interface), and a local process's packet
@@ -85,4 +92,18 @@ pub fn source_for(ctx: &TcContext, dst: [u8; 4], proto: u8) -> Option<[u8; 4]> {
     } else {
         None
     }
+}
+
+/// Delivers a packet whose source and destination are both this node's
+/// addresses into the node's stack, as if a local process had sent it over
+/// lo: on any other device the kernel would drop it as a martian. lo's
+/// address is all zeroes, and a frame for another MAC would be taken for
+/// another host's.
+#[inline(always)]
+fn to_loopback(ctx: &TcContext) -> i32 {
+    if ctx.store(0, &[0u8; 12], 0).is_err() {
+        return TC_ACT_OK as i32;
+    }
+    // SAFETY: plain helper call.
+    unsafe { bpf_redirect(LOOPBACK_IFINDEX, BPF_F_INGRESS as u64) as i32 }
 }

@@ -82,6 +82,25 @@ pub struct RunArgs {
     #[arg(long, value_delimiter = ',')]
     pub nodeport_addresses: Vec<Cidr>,
 
+    /// The pods' CIDR(s), comma separated (kube-proxy's --cluster-cidr,
+    /// detectLocalMode ClusterCIDR): ClusterIP traffic from outside it to a
+    /// backend on another node is masqueraded, and it is "internal" for
+    /// externalTrafficPolicy Local. Without it, the source of ClusterIP
+    /// traffic is never rewritten. The first IPv4 CIDR is used.
+    #[arg(long, value_delimiter = ',')]
+    pub cluster_cidr: Vec<Cidr>,
+
+    /// SNAT every connection that enters the node through a Service to the
+    /// node's address (kube-proxy's --masquerade-all).
+    #[arg(long)]
+    pub masquerade_all: bool,
+
+    /// The service CIDR(s), comma separated, at most 4 IPv4 ones: traffic to
+    /// an address inside that no Service holds is dropped (as kube-proxy's
+    /// nftables mode does).
+    #[arg(long, value_delimiter = ',')]
+    pub service_cluster_ip_range: Vec<Cidr>,
+
     /// Source ports for SNATed NodePort traffic, FIRST-LAST. Keep it out of
     /// net.ipv4.ip_local_port_range.
     #[arg(long, default_value = "61000-65535", value_parser = parse_port_range)]

@@ -112,6 +112,13 @@ pub struct FileConfig {
     pub service_proxy_name: Option<String>,
     /// `--bpf-debug`: the datapath's debug events in the log.
     pub bpf_debug: Option<bool>,
+    /// `clusterCIDR` (comma separated, as kube-proxy's): `--cluster-cidr`.
+    pub cluster_cidr: Option<Vec<Cidr>>,
+    /// `masqueradeAll`: `--masquerade-all`.
+    pub masquerade_all: Option<bool>,
+    /// `serviceClusterIPRange` (ours; comma separated):
+    /// `--service-cluster-ip-range`.
+    pub service_cluster_ip_range: Option<Vec<Cidr>>,
 }
 
 /// The file as written: every field a known name and a YAML type (serde
@@ -140,6 +147,11 @@ struct Raw {
     min_sync_period_ms: Option<u64>,
     service_proxy_name: Option<String>,
     bpf_debug: Option<bool>,
+    #[serde(rename = "clusterCIDR")]
+    cluster_cidr: Option<String>,
+    masquerade_all: Option<bool>,
+    #[serde(rename = "serviceClusterIPRange")]
+    service_cluster_ip_range: Option<String>,
 }
 
 /// kube-proxy's `clientConnection`; only `kubeconfig` has a meaning here.
@@ -197,6 +209,13 @@ impl TryFrom<Raw> for FileConfig {
             min_sync_period_ms: raw.min_sync_period_ms,
             service_proxy_name: non_empty(raw.service_proxy_name),
             bpf_debug: raw.bpf_debug,
+            cluster_cidr: errors.parse("clusterCIDR", raw.cluster_cidr, parse_cidr_list),
+            masquerade_all: raw.masquerade_all,
+            service_cluster_ip_range: errors.parse(
+                "serviceClusterIPRange",
+                raw.service_cluster_ip_range,
+                parse_cidr_list,
+            ),
         };
         if config.manifests.is_some() && (config.kubeconfig.is_some() || config.master.is_some()) {
             errors.0.push(
@@ -233,6 +252,15 @@ impl Errors {
             }
         }
     }
+}
+
+/// A comma-separated list of CIDRs ("" is none).
+fn parse_cidr_list(s: &str) -> Result<Vec<Cidr>, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(parse_cidr)
+        .collect()
 }
 
 /// An empty string means unset, as in kube-proxy's files.
@@ -314,6 +342,9 @@ pub fn merge(file: &FileConfig, mut args: RunArgs, explicit: &dyn Fn(&str) -> bo
     take!(log_level, f.log_level.clone().map(Some));
     take!(metrics_bind_address, f.metrics_bind_address);
     take!(healthz_bind_address, f.healthz_bind_address);
+    take!(cluster_cidr, f.cluster_cidr.clone());
+    take!(masquerade_all, f.masquerade_all);
+    take!(service_cluster_ip_range, f.service_cluster_ip_range.clone());
     args
 }
 
@@ -498,6 +529,52 @@ serviceProxyName: ebpf
         assert_eq!(c.min_sync_period_ms, Some(1000));
         assert_eq!(c.service_proxy_name.as_deref(), Some("ebpf"));
         assert_eq!(c.manifests, None);
+    }
+
+    fn dp_config(args: &RunArgs) -> anyhow::Result<proxy_common::Config> {
+        crate::datapath::datapath_config(
+            args.snat_port_range,
+            &args.cluster_cidr,
+            args.masquerade_all,
+            &args.service_cluster_ip_range,
+        )
+    }
+
+    #[test]
+    fn service_semantics_settings_from_the_file_and_flags() {
+        let file = parse_str(&format!(
+            "{HEAD}clusterCIDR: 10.244.0.0/16,fd00:10:244::/56\nmasqueradeAll: true\n\
+             serviceClusterIPRange: '10.96.0.0/12, 172.30.0.0/16'\n"
+        ))
+        .unwrap();
+        let args = run_with(&[], &file);
+        assert_eq!(args.cluster_cidr.len(), 2);
+        assert!(args.masquerade_all);
+        let cfg = dp_config(&args).unwrap();
+        assert_eq!(
+            (cfg.cluster_cidr, cfg.cluster_cidr_len),
+            ([10, 244, 0, 0], 16)
+        );
+        assert_eq!(
+            cfg.flags,
+            proxy_common::CFG_F_CLUSTER_CIDR | proxy_common::CFG_F_MASQUERADE_ALL
+        );
+        assert_eq!(cfg.service_cidrs[..2], [[10, 96, 0, 0], [172, 30, 0, 0]]);
+        assert_eq!(cfg.service_cidr_lens, [12, 16, 0, 0]);
+        // A flag wins over the file.
+        let args = run_with(&["--cluster-cidr", "10.1.0.0/16"], &file);
+        assert_eq!(args.cluster_cidr, ["10.1.0.0/16".parse().unwrap()]);
+        // Without any: no cluster CIDR, no masquerade, nothing dropped.
+        let cfg = dp_config(&run_with(&[], &FileConfig::default())).unwrap();
+        assert_eq!((cfg.flags, cfg.service_cidr_lens), (0, [0; 4]));
+        // Bad values name their field; too many service CIDRs are refused.
+        assert!(err(&format!("{HEAD}clusterCIDR: 10.244.0.0\n")).contains("clusterCIDR"));
+        let five = "10.1.0.0/16,10.2.0.0/16,10.3.0.0/16,10.4.0.0/16,10.5.0.0/16";
+        let args = run_with(
+            &["--service-cluster-ip-range", five],
+            &FileConfig::default(),
+        );
+        assert!(dp_config(&args).is_err());
     }
 
     #[test]

@@ -42,6 +42,8 @@ struct Context {
     /// not be made (the safety poll alone then).
     links: Option<LinkWatch>,
     node_addrs: BTreeSet<Ipv4Addr>,
+    /// Every address of the node (hostNetwork backends answer from them).
+    host_addrs: BTreeSet<Ipv4Addr>,
     source: Source,
     /// The API server sent changes not yet synced.
     kube_pending: bool,
@@ -81,7 +83,23 @@ fn load_datapath(args: &RunArgs, node_name: &str) -> Result<(Datapath, Syncer<Bp
     if args.bpf_debug {
         dp.forward_debug_events()?;
     }
-    dp.write_config(args.snat_port_range)?;
+    match crate::datapath::enable_local_delivery() {
+        Ok(true) => info!(
+            "set net.ipv4.conf.lo.accept_local=1 (node processes to this node's own backends)"
+        ),
+        Ok(false) => {}
+        Err(e) => warn!(
+            error = %e,
+            "node processes cannot reach hostNetwork backends of this node through a Service, \
+             nor NodePorts on its own addresses: set net.ipv4.conf.lo.accept_local=1"
+        ),
+    }
+    dp.write_config(crate::datapath::datapath_config(
+        args.snat_port_range,
+        &args.cluster_cidr,
+        args.masquerade_all,
+        &args.service_cluster_ip_range,
+    )?)?;
     let maps = BpfLbMaps::new(&mut dp)?;
     let syncer = Syncer::adopt(maps).context("reading the pinned maps")?;
     info!(
@@ -146,6 +164,7 @@ impl Context {
                 .inspect_err(|e| warn!(error = %e, "no netlink notifications; devices are polled"))
                 .ok(),
             node_addrs: BTreeSet::new(),
+            host_addrs: BTreeSet::new(),
             source,
             kube_pending: false,
             last_sync: Instant::now(),
@@ -252,10 +271,13 @@ impl Context {
     }
 
     fn refresh_addresses(&mut self) -> bool {
-        match devices::nodeport_addresses(&self.args.nodeport_addresses) {
-            Ok(addrs) if addrs != self.node_addrs => {
-                info!(addresses = ?addrs, "NodePort addresses");
-                self.node_addrs = addrs;
+        let listed = devices::nodeport_addresses(&self.args.nodeport_addresses)
+            .and_then(|np| Ok((np, devices::nodeport_addresses(&[])?)));
+        match listed {
+            Ok((np, host)) if np != self.node_addrs || host != self.host_addrs => {
+                info!(addresses = ?np, "NodePort addresses");
+                self.node_addrs = np;
+                self.host_addrs = host;
                 true
             }
             Ok(_) => false,
@@ -310,8 +332,7 @@ impl Context {
     /// pinned; later ones only hand over what the model changed.
     fn program(&mut self, changed: &BTreeSet<FrontendKey>) -> SyncReport {
         if self.synced_once {
-            let node_addrs: BTreeSet<[u8; 4]> =
-                self.node_addrs.iter().map(|a| a.octets()).collect();
+            let node_addrs = convert::to_node_addrs(&self.node_addrs, &self.host_addrs);
             let changes = convert::to_changes(self.model.frontends(), changed);
             self.syncer.apply(&changes, Some(&node_addrs))
         } else {
@@ -319,6 +340,7 @@ impl Context {
             self.syncer.sync(&convert::to_desired(
                 self.model.frontends(),
                 &self.node_addrs,
+                &self.host_addrs,
             ))
         }
     }

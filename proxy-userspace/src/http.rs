@@ -6,7 +6,7 @@ use std::{
     convert::Infallible,
     net::SocketAddr,
     sync::Arc,
-    time::{Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context as _, Result};
@@ -19,7 +19,8 @@ use hyper::{
     service::service_fn,
 };
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{info, warn};
 
 use crate::{health::Health, metrics::Metrics};
 
@@ -96,31 +97,64 @@ fn respond(endpoints: &Endpoints, path: &str) -> Response<Full<Bytes>> {
     }
 }
 
+/// How long one connection may stay open: ample for a request and its
+/// answer, short enough that connections opened and left idle cannot pile
+/// up (the health port answers every pod of the cluster).
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(10);
+/// After a failed accept (out of file descriptors, typically): pause
+/// rather than retry at once, which would keep a core busy.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
 /// Binds now (so a taken port is a start-up error) and serves in the
 /// background on the current runtime.
 pub async fn serve(addr: SocketAddr, endpoints: Endpoints) -> Result<SocketAddr> {
+    serve_for(addr, endpoints, CONNECTION_LIFETIME).await
+}
+
+async fn serve_for(
+    addr: SocketAddr,
+    endpoints: Endpoints,
+    lifetime: Duration,
+) -> Result<SocketAddr> {
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {addr}"))?;
     let local = listener.local_addr()?;
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let endpoints = endpoints.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |req: Request<Incoming>| {
-                    let resp = respond(&endpoints, req.uri().path());
-                    async move { Ok::<_, Infallible>(resp) }
-                });
-                let _ = http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
+    tokio::spawn(accept_loop(listener, endpoints, lifetime));
     Ok(local)
+}
+
+async fn accept_loop(listener: TcpListener, endpoints: Endpoints, lifetime: Duration) {
+    let mut failed: u64 = 0;
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                if failed == 0 {
+                    warn!(error = %e, "accepting a connection failed; retrying every 100 ms");
+                }
+                failed += 1;
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        if failed > 0 {
+            info!(failed, "accepting connections again");
+            failed = 0;
+        }
+        tokio::spawn(serve_connection(stream, endpoints.clone(), lifetime));
+    }
+}
+
+/// Serves one connection until the client closes it or `lifetime` is up.
+async fn serve_connection(stream: TcpStream, endpoints: Endpoints, lifetime: Duration) {
+    let service = service_fn(move |req: Request<Incoming>| {
+        let resp = respond(&endpoints, req.uri().path());
+        async move { Ok::<_, Infallible>(resp) }
+    });
+    let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+    // Dropping the connection closes it.
+    let _ = tokio::time::timeout(lifetime, connection).await;
 }
 
 #[cfg(test)]
@@ -149,5 +183,37 @@ mod tests {
         assert_eq!(respond(&e, "/healthz").status(), StatusCode::OK);
         assert_eq!(respond(&e, "/livez").status(), StatusCode::OK);
         assert_eq!(respond(&e, "/metrics").status(), StatusCode::NOT_FOUND);
+    }
+
+    #[test]
+    fn idle_connections_are_closed_and_do_not_hold_up_a_probe() {
+        use std::io::{Read, Write};
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let h = Arc::new(Health::new(Duration::from_secs(60), Instant::now()));
+        h.synced(Instant::now(), SystemTime::now());
+        let lifetime = Duration::from_millis(300);
+        let any = "127.0.0.1:0".parse().unwrap();
+        let at = rt
+            .block_on(serve_for(any, Endpoints::Health(h), lifetime))
+            .unwrap();
+        // Connections that never send a request.
+        let idle: Vec<std::net::TcpStream> = (0..100)
+            .map(|_| std::net::TcpStream::connect(at).unwrap())
+            .collect();
+        let mut probe = std::net::TcpStream::connect(at).unwrap();
+        probe
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        probe.write_all(b"GET /healthz HTTP/1.0\r\n\r\n").unwrap();
+        let mut reply = String::new();
+        probe.read_to_string(&mut reply).unwrap();
+        assert!(reply.starts_with("HTTP/1.0 200"), "{reply}");
+        // The server closes the idle ones once their lifetime is up: the
+        // client reads end of stream, not a timeout.
+        for mut s in idle {
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let read = s.read(&mut [0u8; 16]);
+            assert!(matches!(read, Ok(0)), "{read:?}");
+        }
     }
 }

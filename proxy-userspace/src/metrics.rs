@@ -304,6 +304,9 @@ impl DatapathCollector {
             let m: HashMap<MapData, FlowKey, NatEntry> = open_pinned(root, map)?;
             tracked.push((map, m.keys().count() as u64, size));
         }
+        // Session affinity's clients, an LRU of fixed size too.
+        let aff: HashMap<MapData, AffKey, AffValue> = open_pinned(root, AFF_MAP)?;
+        tracked.push((AFF_MAP, aff.keys().count() as u64, AFF_MAP_SIZE));
         Ok(DatapathFigures {
             per_service,
             counters,
@@ -377,7 +380,7 @@ impl Collector for DatapathCollector {
         gauge_family(
             &mut encoder,
             "kube_ebpf_proxy_conntrack_entries",
-            "Entries in the connection-tracking maps",
+            "Entries in the LRU maps the datapath writes: conntrack, reverse NAT, session affinity",
             &entries,
         )?;
         let fill: Vec<(NameLabels, f64)> = f
@@ -388,7 +391,7 @@ impl Collector for DatapathCollector {
         gauge_family(
             &mut encoder,
             "kube_ebpf_proxy_conntrack_fill_ratio",
-            "Entries over capacity of the connection-tracking maps",
+            "Entries over capacity of the LRU maps the datapath writes",
             &fill,
         )?;
         Ok(())

@@ -14,7 +14,7 @@ use std::{
 };
 
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{TestRun, TestRunOptions},
 };
 use proxy_common::*;
@@ -22,7 +22,7 @@ use proxy_userspace::{
     datapath::Datapath,
     sync::{
         Desired, FrontendWant, Syncer,
-        lbmap::{BpfLbMaps, LbMaps},
+        lbmap::{BpfLbMaps, Entry, Key, LbMaps},
     },
     testkit::{
         pktgen::{self, Pkt, TCP_ACK, TCP_FIN, TCP_SYN},
@@ -56,6 +56,8 @@ struct Fixture {
     ct: HashMap<MapData, FlowKey, NatEntry>,
     rnat: HashMap<MapData, FlowKey, NatEntry>,
     stats: PerCpuArray<MapData, u64>,
+    config: Array<MapData, Config>,
+    aff: HashMap<MapData, AffKey, AffValue>,
     // Last: the namespace goes after the maps and programs.
     _ns: NetNsGuard,
 }
@@ -98,12 +100,16 @@ impl Fixture {
         let ct = dp.map(CT_MAP).unwrap();
         let rnat = dp.map(RNAT_MAP).unwrap();
         let stats = dp.map(STATS_MAP).unwrap();
+        let config = dp.map(CONFIG_MAP).unwrap();
+        let aff = dp.map(AFF_MAP).unwrap();
         Some(Fixture {
             dp,
             syncer,
             ct,
             rnat,
             stats,
+            config,
+            aff,
             _ns: ns,
         })
     }
@@ -126,6 +132,7 @@ impl Fixture {
                     name: "default/web:http".into(),
                     flags: 0,
                     backends: bes.clone(),
+                    ..Default::default()
                 },
             );
             d.frontends.insert(
@@ -134,6 +141,7 @@ impl Fixture {
                     name: "default/web:http".into(),
                     flags: SVC_F_EXTERNAL,
                     backends: bes,
+                    ..Default::default()
                 },
             );
         }
@@ -660,4 +668,586 @@ fn debug_events_are_emitted_only_when_asked_for() {
             assert!(lines.is_empty(), "events while off: {lines:?}");
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// Service semantics (issue 10): frontends written entry by entry, as the
+// datapath ABI describes them, so each rule is tested on its own.
+
+/// This node's address in the test namespace (d0's): the FIB answers
+/// "local" for it, as on a real node.
+const NODE: [u8; 4] = [10, 244, 2, 1];
+const LB_IP: &str = "192.168.50.10:443";
+
+/// A frontend as the datapath sees it.
+struct Fe {
+    key: SvcKey,
+    svc_id: u32,
+    primary: Vec<Backend>,
+    local: Vec<Backend>,
+    flags: u16,
+    affinity_timeout: u32,
+}
+
+impl Fe {
+    fn new(key: SvcKey, svc_id: u32, primary: &[Backend]) -> Fe {
+        Fe {
+            key,
+            svc_id,
+            primary: primary.to_vec(),
+            local: Vec::new(),
+            flags: 0,
+            affinity_timeout: 0,
+        }
+    }
+}
+
+fn be(s: &str, local: bool) -> Backend {
+    backend(sa(s), IPPROTO_TCP, local)
+}
+
+/// Backend ids of the raw frontends: derived from the address, so one
+/// backend has one id in every frontend.
+fn backend_id(b: &Backend) -> u32 {
+    1_000 + u32::from_be_bytes(b.addr) % 100_000 + u16::from_be_bytes(b.port) as u32 * 7
+}
+
+impl Fixture {
+    fn put(&mut self, e: Entry) {
+        self.syncer.maps_mut().put(&e).unwrap();
+    }
+
+    fn addr(&mut self, addr: [u8; 4], class: u8) {
+        self.put(Entry::Addr(
+            AddrKey { addr },
+            AddrValue {
+                class,
+                _pad: [0; 3],
+            },
+        ));
+    }
+
+    /// Writes a frontend: its backends, its slots (primary then local set,
+    /// generation 0) and the service entry; affinity frontends get their
+    /// membership entries.
+    fn frontend(&mut self, fe: &Fe) {
+        for (slot, b) in fe.primary.iter().chain(&fe.local).enumerate() {
+            let backend_id = backend_id(b);
+            self.put(Entry::Backend(BackendKey { backend_id }, *b));
+            let key = SlotKey {
+                svc_id: fe.svc_id,
+                generation: 0,
+                slot: slot as u16,
+            };
+            self.put(Entry::Slot(key, SlotValue { backend_id }));
+            if fe.flags & SVC_F_AFFINITY != 0 {
+                self.member(fe.svc_id, backend_id, true);
+            }
+        }
+        let value = SvcValue {
+            svc_id: fe.svc_id,
+            generation: 0,
+            count: fe.primary.len() as u16,
+            local_count: fe.local.len() as u16,
+            flags: fe.flags,
+            affinity_timeout: fe.affinity_timeout,
+        };
+        self.put(Entry::Service(fe.key, value));
+    }
+
+    fn member(&mut self, svc_id: u32, backend_id: u32, present: bool) {
+        let k = AffMemberKey { svc_id, backend_id };
+        if present {
+            self.put(Entry::AffMember(k));
+        } else {
+            self.syncer.maps_mut().delete(&Key::AffMember(k)).unwrap();
+        }
+    }
+
+    fn configure(&mut self, f: impl FnOnce(&mut Config)) {
+        let mut c = Config {
+            snat_port_min: SNAT_PORT_MIN,
+            snat_port_max: SNAT_PORT_MAX,
+            hairpin_addr: HAIRPIN_ADDR,
+            ..Config::default()
+        };
+        f(&mut c);
+        self.config.set(0, c, 0).unwrap();
+    }
+
+    /// Sends a SYN at ingress and returns where it went.
+    fn syn_to(&self, client: SocketAddrV4, to: SocketAddrV4) -> (u32, pktgen::Parsed) {
+        let (verdict, out) = self.ingress(&Pkt::tcp(client, to, TCP_SYN).build());
+        (verdict, valid(&out))
+    }
+}
+
+fn tcp_key(s: &str) -> SvcKey {
+    svc_key(sa(s), IPPROTO_TCP)
+}
+
+#[test]
+fn hostnetwork_backend_reached_from_a_pod_is_reverse_translated_on_egress() {
+    let Some(mut f) = Fixture::new("hostnet_pod") else {
+        return;
+    };
+    f.addr(NODE, ADDR_HOST | ADDR_NODEPORT);
+    f.addr([10, 96, 0, 1], ADDR_CLUSTER_IP);
+    f.frontend(&Fe::new(
+        tcp_key("10.96.0.1:443"),
+        1,
+        &[be("10.244.2.1:6443", true)],
+    ));
+
+    let pod = sa("10.244.1.5:40000");
+    let (verdict, p) = f.syn_to(pod, sa("10.96.0.1:443"));
+    assert_eq!(endpoint(&p, false), sa("10.244.2.1:6443"));
+    assert_eq!(endpoint(&p, true), pod, "the API server sees the pod");
+    assert_eq!(verdict, TC_ACT_OK, "a local destination goes to the stack");
+
+    // The reply is sent by a local process: it only passes an egress hook.
+    let reply = Pkt::tcp(sa("10.244.2.1:6443"), pod, TCP_SYN | TCP_ACK).build();
+    let (verdict, out) = f.egress(&reply);
+    let p = valid(&out);
+    assert_eq!(endpoint(&p, true), sa("10.96.0.1:443"));
+    assert_eq!(endpoint(&p, false), pod);
+    assert_eq!(verdict, TC_ACT_OK, "routed already: it continues");
+    assert_eq!(f.counter(Counter::Reply), 1);
+
+    // The node's own traffic from that address is not touched.
+    let other = Pkt::tcp(sa("10.244.2.1:6443"), sa("10.244.1.6:40000"), TCP_ACK).build();
+    assert_eq!(f.egress(&other), (TC_ACT_OK, other));
+}
+
+#[test]
+fn hostnetwork_backend_reached_from_its_own_node_goes_through_lo() {
+    let Some(mut f) = Fixture::new("hostnet_node") else {
+        return;
+    };
+    f.addr(NODE, ADDR_HOST | ADDR_NODEPORT);
+    f.addr([10, 96, 0, 1], ADDR_CLUSTER_IP);
+    f.frontend(&Fe::new(
+        tcp_key("10.96.0.1:443"),
+        1,
+        &[be("10.244.2.1:6443", true)],
+    ));
+
+    let me = sa("10.244.2.1:45000");
+    let (verdict, out) = f.egress(&Pkt::tcp(me, sa("10.96.0.1:443"), TCP_SYN).build());
+    let p = valid(&out);
+    assert_eq!(endpoint(&p, false), sa("10.244.2.1:6443"));
+    assert_eq!(endpoint(&p, true), me);
+    // Redirected into lo's ingress, with lo's (all-zero) MAC addresses.
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!((p.dst_mac, p.src_mac), ([0; 6], [0; 6]));
+
+    // The reply leaves over lo: translated there.
+    let (verdict, out) = f.egress(&Pkt::tcp(sa("10.244.2.1:6443"), me, TCP_SYN | TCP_ACK).build());
+    let p = valid(&out);
+    assert_eq!(endpoint(&p, true), sa("10.96.0.1:443"));
+    assert_eq!(endpoint(&p, false), me);
+    assert_eq!(verdict, TC_ACT_OK);
+}
+
+#[test]
+fn nodeport_dialed_by_a_node_process_on_its_own_address() {
+    let Some(mut f) = Fixture::new("nodeport_self") else {
+        return;
+    };
+    f.addr(NODE, ADDR_HOST | ADDR_NODEPORT);
+    let mut fe = Fe::new(
+        tcp_key("0.0.0.0:30080"),
+        1,
+        &[be("10.244.2.11:8080", false)],
+    );
+    fe.flags = SVC_F_EXTERNAL;
+    f.frontend(&fe);
+
+    // Over lo's egress: to the pod, the node's address kept (no SNAT: the
+    // reply comes to this node anyway).
+    let me = sa("10.244.2.1:45000");
+    let (verdict, out) = f.egress(&Pkt::tcp(me, sa("10.244.2.1:30080"), TCP_SYN).build());
+    let p = valid(&out);
+    assert_eq!(endpoint(&p, false), sa("10.244.2.11:8080"));
+    assert_eq!(endpoint(&p, true), me);
+    assert_eq!((verdict, p.dst_mac), (TC_ACT_REDIRECT, BACKEND_MAC));
+
+    // The pod's reply, at its veth's ingress: from the node's address to
+    // the node's address, so into lo's ingress (not a martian).
+    let (verdict, out) =
+        f.ingress(&Pkt::tcp(sa("10.244.2.11:8080"), me, TCP_SYN | TCP_ACK).build());
+    let p = valid(&out);
+    assert_eq!(endpoint(&p, true), sa("10.244.2.1:30080"));
+    assert_eq!(endpoint(&p, false), me);
+    assert_eq!((verdict, p.dst_mac), (TC_ACT_REDIRECT, [0; 6]));
+
+    // A hostNetwork backend behind the NodePort: in and out over lo.
+    let mut fe = Fe::new(tcp_key("0.0.0.0:30081"), 2, &[be("10.244.2.1:8443", true)]);
+    fe.flags = SVC_F_EXTERNAL;
+    f.frontend(&fe);
+    let (verdict, out) = f.egress(&Pkt::tcp(me, sa("10.244.2.1:30081"), TCP_SYN).build());
+    assert_eq!(endpoint(&valid(&out), false), sa("10.244.2.1:8443"));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let (verdict, out) = f.egress(&Pkt::tcp(sa("10.244.2.1:8443"), me, TCP_ACK).build());
+    assert_eq!(endpoint(&valid(&out), true), sa("10.244.2.1:30081"));
+    assert_eq!(verdict, TC_ACT_OK);
+}
+
+#[test]
+fn an_external_ip_on_a_node_address_takes_only_its_own_ports() {
+    let Some(mut f) = Fixture::new("external_ports") else {
+        return;
+    };
+    f.addr(NODE, ADDR_HOST | ADDR_NODEPORT | ADDR_EXTERNAL);
+    f.frontend(&Fe::new(
+        tcp_key("10.244.2.1:443"),
+        1,
+        &[be("10.244.2.11:8080", true)],
+    ));
+
+    let client = sa("192.168.200.100:50000");
+    let (_, p) = f.syn_to(client, sa("10.244.2.1:443"));
+    assert_eq!(
+        endpoint(&p, false),
+        sa("10.244.2.11:8080"),
+        "the Service's port"
+    );
+    let untouched = [
+        // SSH to the node.
+        Pkt::tcp(client, sa("10.244.2.1:22"), TCP_SYN).build(),
+        // A reply to the node's own connection from a server's port 443
+        // (the same port number as the Service's).
+        Pkt::tcp(
+            sa("192.168.200.100:443"),
+            sa("10.244.2.1:443"),
+            TCP_SYN | TCP_ACK,
+        )
+        .build(),
+        Pkt::tcp(sa("192.168.200.100:80"), sa("10.244.2.1:45000"), TCP_ACK).build(),
+        Pkt::udp(sa("192.168.200.100:53"), sa("10.244.2.1:45000"), b"answer").build(),
+    ];
+    for frame in untouched {
+        assert_eq!(f.ingress(&frame), (TC_ACT_OK, frame.clone()));
+        assert_eq!(f.egress(&frame), (TC_ACT_OK, frame.clone()));
+    }
+    assert_eq!(f.counter(Counter::DropUnknownPort), 0, "never rejected");
+
+    // An LB IP that is no node address: its other ports pass too.
+    f.addr([192, 168, 50, 10], ADDR_EXTERNAL);
+    f.frontend(&Fe::new(tcp_key(LB_IP), 2, &[be("10.244.2.11:8080", true)]));
+    let other = Pkt::tcp(client, sa("192.168.50.10:80"), TCP_SYN).build();
+    assert_eq!(f.ingress(&other), (TC_ACT_OK, other));
+    assert_eq!(
+        endpoint(&f.syn_to(client, sa(LB_IP)).1, false),
+        sa("10.244.2.11:8080")
+    );
+}
+
+#[test]
+fn session_affinity_keeps_a_client_on_its_backend_until_it_leaves() {
+    let Some(mut f) = Fixture::new("affinity") else {
+        return;
+    };
+    f.addr([10, 96, 0, 10], ADDR_CLUSTER_IP);
+    let backends = [
+        be("10.244.2.11:8080", false),
+        be("10.244.2.12:8080", false),
+        be("10.244.2.13:8080", false),
+    ];
+    let mut fe = Fe::new(tcp_key(VIP), 1, &backends);
+    fe.flags = SVC_F_AFFINITY;
+    fe.affinity_timeout = 10_800;
+    f.frontend(&fe);
+
+    let dial = |f: &Fixture, client: &str, port: u16| {
+        let c = SocketAddrV4::new(client.parse().unwrap(), port);
+        endpoint(&f.syn_to(c, sa(VIP)).1, false)
+    };
+    let first = dial(&f, "10.244.1.5", 20000);
+    for port in 20001..20030 {
+        assert_eq!(
+            dial(&f, "10.244.1.5", port),
+            first,
+            "same client, same backend"
+        );
+    }
+    // Other clients spread over all backends.
+    let others: BTreeSet<_> = (0..60)
+        .map(|i| dial(&f, &format!("10.244.1.{}", 100 + i), 30000))
+        .collect();
+    assert_eq!(others.len(), 3, "{others:?}");
+
+    // The affine backend turns not ready: gone from the slots and the
+    // members; the client moves at once, and stays on its new backend.
+    let gone = *backends
+        .iter()
+        .find(|b| b.addr == first.ip().octets())
+        .unwrap();
+    let rest: Vec<Backend> = backends.iter().copied().filter(|b| *b != gone).collect();
+    let mut fe = Fe::new(tcp_key(VIP), 1, &rest);
+    fe.flags = SVC_F_AFFINITY;
+    fe.affinity_timeout = 10_800;
+    f.frontend(&fe);
+    f.put(Entry::Slot(
+        SlotKey {
+            svc_id: 1,
+            generation: 0,
+            slot: 2,
+        },
+        SlotValue {
+            backend_id: backend_id(&gone),
+        },
+    ));
+    f.member(1, backend_id(&gone), false);
+    let second = dial(&f, "10.244.1.5", 21000);
+    assert_ne!(second, first);
+    for port in 21001..21010 {
+        assert_eq!(dial(&f, "10.244.1.5", port), second);
+    }
+}
+
+#[test]
+fn session_affinity_expires_after_its_timeout() {
+    let Some(mut f) = Fixture::new("affinity_timeout") else {
+        return;
+    };
+    f.addr([10, 96, 0, 10], ADDR_CLUSTER_IP);
+    // The slots hold only .12; .11 is a member the client was affine to.
+    let mut fe = Fe::new(tcp_key(VIP), 1, &[be("10.244.2.12:8080", false)]);
+    fe.flags = SVC_F_AFFINITY;
+    fe.affinity_timeout = 60;
+    f.frontend(&fe);
+    let old = be("10.244.2.11:8080", false);
+    f.put(Entry::Backend(
+        BackendKey {
+            backend_id: backend_id(&old),
+        },
+        old,
+    ));
+    f.member(1, backend_id(&old), true);
+    // bpf_ktime_get_ns is CLOCK_MONOTONIC.
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid timespec to write.
+    assert_eq!(
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) },
+        0
+    );
+    let now = ts.tv_sec as u32;
+    let key = AffKey {
+        svc_id: 1,
+        client: [10, 244, 1, 5],
+    };
+    let remembered = |last_seen| AffValue {
+        backend_id: backend_id(&old),
+        last_seen,
+    };
+
+    f.aff.insert(key, remembered(now - 30), 0).unwrap();
+    assert_eq!(
+        endpoint(&f.syn_to(sa(CLIENT), sa(VIP)).1, false),
+        sa("10.244.2.11:8080"),
+        "30 s < 60 s: still affine"
+    );
+    let refreshed = f.aff.get(&key, 0).unwrap();
+    assert!(refreshed.last_seen >= now, "a new flow refreshes the entry");
+
+    f.aff.insert(key, remembered(now - 61), 0).unwrap();
+    let c2 = sa("10.244.1.5:40001");
+    assert_eq!(
+        endpoint(&f.syn_to(c2, sa(VIP)).1, false),
+        sa("10.244.2.12:8080"),
+        "expired"
+    );
+    assert_eq!(
+        f.aff.get(&key, 0).unwrap().backend_id,
+        backend_id(&be("10.244.2.12:8080", false))
+    );
+}
+
+#[test]
+fn external_traffic_policy_local_serves_outside_clients_locally_only() {
+    let Some(mut f) = Fixture::new("etp_local") else {
+        return;
+    };
+    f.configure(|c| {
+        c.flags = CFG_F_CLUSTER_CIDR;
+        c.cluster_cidr = [10, 244, 0, 0];
+        c.cluster_cidr_len = 16;
+    });
+    f.addr(NODE_IP, ADDR_HOST | ADDR_NODEPORT);
+    let remote = be("10.244.3.11:8080", false);
+    let local = be("10.244.2.11:8080", true);
+    let mut fe = Fe::new(tcp_key("0.0.0.0:30080"), 1, &[remote, local]);
+    fe.local = vec![local];
+    fe.flags = SVC_F_EXTERNAL | SVC_F_ETP_LOCAL;
+    f.frontend(&fe);
+
+    let node_port = sa("192.168.200.11:30080");
+    for port in 0..20 {
+        let outside = SocketAddrV4::new(Ipv4Addr::new(192, 168, 200, 100), 50000 + port);
+        let (_, p) = f.syn_to(outside, node_port);
+        assert_eq!(endpoint(&p, false), sa("10.244.2.11:8080"), "local only");
+        assert_eq!(endpoint(&p, true), outside, "client address kept");
+    }
+    // Pods use every endpoint, without masquerade (kube-proxy's
+    // short-circuit).
+    let seen: BTreeSet<_> = (0..40)
+        .map(|i| {
+            let pod = SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 5), 40000 + i);
+            let (_, p) = f.syn_to(pod, node_port);
+            assert_eq!(endpoint(&p, true), pod);
+            endpoint(&p, false)
+        })
+        .collect();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+
+    // No local endpoint: outside clients are dropped, not rejected; pods
+    // are still served.
+    let mut fe = Fe::new(tcp_key("0.0.0.0:30080"), 1, &[remote]);
+    fe.flags = SVC_F_EXTERNAL | SVC_F_ETP_LOCAL;
+    f.frontend(&fe);
+    let syn = Pkt::tcp(sa("192.168.200.100:51000"), node_port, TCP_SYN).build();
+    assert_eq!(f.ingress(&syn).0, TC_ACT_SHOT);
+    assert_eq!(f.counter(Counter::DropNoLocalEndpoint), 1);
+    let (_, p) = f.syn_to(sa("10.244.1.5:41000"), node_port);
+    assert_eq!(endpoint(&p, false), sa("10.244.3.11:8080"));
+}
+
+#[test]
+fn internal_traffic_policy_local_without_local_endpoint_drops() {
+    let Some(mut f) = Fixture::new("itp_local") else {
+        return;
+    };
+    f.addr([10, 96, 0, 10], ADDR_CLUSTER_IP);
+    let mut fe = Fe::new(tcp_key(VIP), 1, &[]);
+    fe.flags = SVC_F_DROP_EMPTY;
+    f.frontend(&fe);
+    let syn = Pkt::tcp(sa(CLIENT), sa(VIP), TCP_SYN).build();
+    assert_eq!(f.ingress(&syn).0, TC_ACT_SHOT, "dropped, no ICMP");
+    assert_eq!(f.egress(&syn).0, TC_ACT_SHOT);
+    assert_eq!(f.counter(Counter::DropNoLocalEndpoint), 2);
+    assert_eq!(f.counter(Counter::DropNoEndpoint), 0);
+}
+
+#[test]
+fn load_balancer_source_ranges_drop_other_sources() {
+    let Some(mut f) = Fixture::new("source_ranges") else {
+        return;
+    };
+    f.addr([192, 168, 50, 10], ADDR_EXTERNAL);
+    let mut fe = Fe::new(tcp_key(LB_IP), 7, &[be("10.244.2.11:8080", true)]);
+    fe.flags = SVC_F_EXTERNAL | SVC_F_SRC_RANGES;
+    f.frontend(&fe);
+    for (net, len) in [([192, 168, 200, 0], 24), ([203, 0, 113, 7], 32)] {
+        let key = SrcRangeKey {
+            svc_id: 7u32.to_be_bytes(),
+            addr: net,
+        };
+        f.put(Entry::SrcRange(key, len));
+    }
+    for allowed in ["192.168.200.100:50000", "203.0.113.7:50000"] {
+        let (_, p) = f.syn_to(sa(allowed), sa(LB_IP));
+        assert_eq!(endpoint(&p, false), sa("10.244.2.11:8080"), "{allowed}");
+    }
+    for denied in [
+        "192.168.201.1:50000",
+        "203.0.113.8:50000",
+        "10.244.1.5:50000",
+    ] {
+        let syn = Pkt::tcp(sa(denied), sa(LB_IP), TCP_SYN).build();
+        assert_eq!(f.ingress(&syn).0, TC_ACT_SHOT, "{denied}");
+    }
+    assert_eq!(f.counter(Counter::DropSourceRange), 3);
+    // Another service port's ranges do not count.
+    let mut other = Fe::new(
+        tcp_key("192.168.50.10:80"),
+        8,
+        &[be("10.244.2.11:8080", true)],
+    );
+    other.flags = SVC_F_EXTERNAL | SVC_F_SRC_RANGES;
+    f.frontend(&other);
+    let syn = Pkt::tcp(sa("192.168.200.100:50001"), sa("192.168.50.10:80"), TCP_SYN).build();
+    assert_eq!(f.ingress(&syn).0, TC_ACT_SHOT);
+}
+
+#[test]
+fn clusterip_from_outside_the_cluster_cidr_is_masqueraded_to_remote_backends() {
+    let Some(mut f) = Fixture::new("cluster_cidr") else {
+        return;
+    };
+    f.addr([10, 96, 0, 10], ADDR_CLUSTER_IP);
+    f.frontend(&Fe::new(tcp_key(VIP), 1, &[be("10.244.2.11:8080", false)]));
+    f.frontend(&Fe::new(
+        tcp_key("10.96.0.10:81"),
+        2,
+        &[be("10.244.2.12:8080", true)],
+    ));
+    let outside = sa("192.168.77.5:40000");
+
+    // Without --cluster-cidr: today's behaviour, the source is kept.
+    let (_, p) = f.syn_to(outside, sa(VIP));
+    assert_eq!(endpoint(&p, true), outside);
+
+    f.configure(|c| {
+        c.flags = CFG_F_CLUSTER_CIDR;
+        c.cluster_cidr = [10, 244, 0, 0];
+        c.cluster_cidr_len = 16;
+    });
+    let outside = sa("192.168.77.5:40001");
+    let (_, p) = f.syn_to(outside, sa(VIP));
+    let snat = endpoint(&p, true);
+    assert_eq!(*snat.ip(), Ipv4Addr::from(NODE), "the node's address");
+    assert!((SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&snat.port()));
+    let reply = Pkt::tcp(sa("10.244.2.11:8080"), snat, TCP_SYN | TCP_ACK).build();
+    let p = valid(&f.ingress(&reply).1);
+    assert_eq!(
+        (endpoint(&p, true), endpoint(&p, false)),
+        (sa(VIP), outside)
+    );
+    // A pod keeps its address; so does an outside client of a local backend.
+    assert_eq!(endpoint(&f.syn_to(sa(CLIENT), sa(VIP)).1, true), sa(CLIENT));
+    let (_, p) = f.syn_to(sa("192.168.77.5:40002"), sa("10.96.0.10:81"));
+    assert_eq!(endpoint(&p, true), sa("192.168.77.5:40002"));
+
+    // --masquerade-all: every flow.
+    f.configure(|c| c.flags = CFG_F_MASQUERADE_ALL);
+    let pod = sa("10.244.1.5:40003");
+    assert_eq!(
+        *endpoint(&f.syn_to(pod, sa(VIP)).1, true).ip(),
+        Ipv4Addr::from(NODE)
+    );
+}
+
+#[test]
+fn unallocated_service_addresses_are_dropped() {
+    let Some(mut f) = Fixture::new("unallocated") else {
+        return;
+    };
+    f.services(&[("10.244.2.11:8080", false)]);
+    f.configure(|c| {
+        c.service_cidrs[0] = [10, 96, 0, 0];
+        c.service_cidr_lens[0] = 12;
+        c.service_cidrs[1] = [172, 30, 0, 0];
+        c.service_cidr_lens[1] = 16;
+    });
+    for dst in ["10.96.0.99:80", "10.100.1.1:53", "172.30.5.5:443"] {
+        let syn = Pkt::tcp(sa(CLIENT), sa(dst), TCP_SYN).build();
+        assert_eq!(f.ingress(&syn).0, TC_ACT_SHOT, "{dst}");
+        assert_eq!(f.egress(&syn).0, TC_ACT_SHOT, "{dst} from a node process");
+    }
+    assert_eq!(f.counter(Counter::DropUnallocated), 6);
+    // Allocated ones work, their unknown ports are still rejected, and
+    // addresses outside the service CIDRs pass.
+    assert_eq!(
+        endpoint(&f.syn_to(sa(CLIENT), sa(VIP)).1, false),
+        sa("10.244.2.11:8080")
+    );
+    let unknown = Pkt::tcp(sa(CLIENT), sa("10.96.0.10:81"), TCP_SYN).build();
+    let (verdict, out) = f.ingress(&unknown);
+    assert_port_unreachable(&out, verdict, &unknown);
+    let outside = Pkt::tcp(sa(CLIENT), sa("10.112.0.1:80"), TCP_SYN).build();
+    assert_eq!(f.ingress(&outside), (TC_ACT_OK, outside));
 }

@@ -13,8 +13,11 @@
 //!
 //! Then the security stance of the shipped DaemonSet and ClusterRole is
 //! asserted: not privileged, named capabilities each explained in a
-//! comment, host network, every taint tolerated, system-node-critical,
-//! read-only access to services, endpointslices and nodes.
+//! comment, a seccomp profile and a read-only root filesystem for every
+//! container of our image, host network, every taint tolerated,
+//! system-node-critical, read-only access to services, endpointslices and
+//! nodes; and the admission policy of deploy/admission/ refuses what
+//! docs/security.md says it refuses.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -24,6 +27,7 @@ use std::{
 
 use k8s_openapi::{
     api::{
+        admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding},
         apps::v1::{DaemonSet, Deployment},
         batch::v1::Job,
         core::v1::{ConfigMap, Container, PodSpec, Service, ServiceAccount},
@@ -191,6 +195,12 @@ fn check_at(doc: &Value, prefix: &str) -> Result<(), String> {
         (Some("discovery.k8s.io/v1"), Some("EndpointSlice")) => {
             round_trip::<EndpointSlice>(doc, prefix)
         }
+        (Some("admissionregistration.k8s.io/v1"), Some("ValidatingAdmissionPolicy")) => {
+            round_trip::<ValidatingAdmissionPolicy>(doc, prefix)
+        }
+        (Some("admissionregistration.k8s.io/v1"), Some("ValidatingAdmissionPolicyBinding")) => {
+            round_trip::<ValidatingAdmissionPolicyBinding>(doc, prefix)
+        }
         // A mixed list (kubectl's `kind: List`): each item by its own kind.
         (Some("v1"), Some("List")) => {
             let fields = doc.as_object().ok_or("a List is a mapping")?;
@@ -319,6 +329,8 @@ fn every_manifest_in_deploy_is_its_kubernetes_type_with_no_unknown_field() {
         "Service",
         "EndpointSlice",
         "Deployment",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
     ] {
         assert!(
             kinds.contains(kind),
@@ -553,6 +565,56 @@ fn containers_of_our_image_are_never_privileged() {
     assert!(seen >= 2, "the DaemonSet and the cleanup Job");
 }
 
+/// The seccomp profile a container runs with: its own, else its pod's.
+fn seccomp_type<'a>(pod: &'a PodSpec, c: &'a Container) -> Option<&'a str> {
+    let own = c
+        .security_context
+        .as_ref()
+        .and_then(|s| s.seccomp_profile.as_ref());
+    let pods = pod
+        .security_context
+        .as_ref()
+        .and_then(|s| s.seccomp_profile.as_ref());
+    own.or(pods).map(|p| p.type_.as_str())
+}
+
+#[test]
+fn containers_of_our_image_have_seccomp_and_a_read_only_root() {
+    let mut seen = 0;
+    for (origin, pod) in pod_specs(&all_documents()) {
+        for c in all_containers(&pod) {
+            if !c
+                .image
+                .as_deref()
+                .unwrap_or("")
+                .contains("/kube-ebpf-proxy:")
+            {
+                continue;
+            }
+            seen += 1;
+            let what = format!("{origin} {}", c.name);
+            // RuntimeDefault at least: never Unconfined, never unset (which
+            // some runtimes take as Unconfined).
+            assert_eq!(seccomp_type(&pod, c), Some("RuntimeDefault"), "{what}");
+            let sc = c.security_context.as_ref().unwrap();
+            assert_eq!(sc.read_only_root_filesystem, Some(true), "{what}");
+            assert_eq!(sc.allow_privilege_escalation, Some(false), "{what}");
+        }
+    }
+    assert!(seen >= 2, "the DaemonSet and the cleanup Job");
+
+    // Not vacuous: a container-level Unconfined overrides the pod's.
+    let docs = all_documents();
+    let (ds, _): (DaemonSet, _) = find(&docs, "DaemonSet", Some(NAMESPACE), NAME);
+    let mut pod = ds.spec.unwrap().template.spec.unwrap();
+    let sc = pod.containers[0].security_context.as_mut().unwrap();
+    sc.seccomp_profile = Some(k8s_openapi::api::core::v1::SeccompProfile {
+        type_: "Unconfined".into(),
+        ..Default::default()
+    });
+    assert_eq!(seccomp_type(&pod, &pod.containers[0]), Some("Unconfined"));
+}
+
 #[test]
 fn bidirectional_propagation_only_in_privileged_containers() {
     // The API server refuses it otherwise; catch it before a cluster does.
@@ -627,4 +689,96 @@ fn the_cluster_role_only_reads_services_slices_and_nodes() {
     assert_eq!(subjects[0].kind, "ServiceAccount");
     assert_eq!(subjects[0].name, NAME);
     assert_eq!(subjects[0].namespace.as_deref(), Some(NAMESPACE));
+}
+
+/// The shipped policy's one validation, evaluated as the API server would:
+/// `object` is the Service after the change, `oldObject` before it (null on
+/// CREATE). True admits.
+struct ExternalIpPolicy {
+    program: cel::Program,
+    env: std::sync::Arc<cel::Env>,
+}
+
+impl ExternalIpPolicy {
+    fn shipped() -> ExternalIpPolicy {
+        let docs = all_documents();
+        let name = "kube-ebpf-proxy-deny-service-external-ips";
+        let (policy, _): (ValidatingAdmissionPolicy, _) =
+            find(&docs, "ValidatingAdmissionPolicy", None, name);
+        let spec = policy.spec.unwrap();
+        assert_eq!(spec.failure_policy.as_deref(), Some("Fail"));
+        let rules = spec.match_constraints.unwrap().resource_rules.unwrap();
+        assert_eq!(rules.len(), 1);
+        assert_eq!(
+            rules[0].resources.as_deref(),
+            Some(&["services".to_string()][..])
+        );
+        let ops: BTreeSet<&str> = rules[0]
+            .operations
+            .iter()
+            .flatten()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(ops, BTreeSet::from(["CREATE", "UPDATE"]));
+        let validations = spec.validations.unwrap();
+        assert_eq!(validations.len(), 1);
+
+        let (binding, _): (ValidatingAdmissionPolicyBinding, _) =
+            find(&docs, "ValidatingAdmissionPolicyBinding", None, name);
+        let binding = binding.spec.unwrap();
+        assert_eq!(binding.policy_name.as_deref(), Some(name));
+        assert_eq!(
+            binding.validation_actions.as_deref(),
+            Some(&["Deny".to_string()][..])
+        );
+
+        let env = std::sync::Arc::new(cel::Env::stdlib());
+        let program = env
+            .compile(&validations[0].expression)
+            .unwrap_or_else(|e| panic!("the policy's CEL does not parse: {e}"));
+        ExternalIpPolicy { program, env }
+    }
+
+    fn admits(&self, object: &Value, old_object: Option<&Value>) -> bool {
+        let mut ctx = cel::Context::with_env(self.env.clone());
+        ctx.add_variable("object", object).unwrap();
+        ctx.add_variable("oldObject", old_object.unwrap_or(&Value::Null))
+            .unwrap();
+        match self.program.execute(&ctx) {
+            Ok(cel::Value::Bool(b)) => b,
+            other => panic!("the policy evaluated to {other:?} for {object}"),
+        }
+    }
+}
+
+fn service_with_external_ips(ips: Option<&[&str]>) -> Value {
+    let mut spec = serde_json::json!({"type": "ClusterIP", "ports": [{"port": 80}]});
+    if let Some(ips) = ips {
+        spec["externalIPs"] = serde_json::json!(ips);
+    }
+    serde_json::json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web", "namespace": "team-a"}, "spec": spec})
+}
+
+#[test]
+fn the_external_ip_policy_refuses_new_addresses() {
+    let policy = ExternalIpPolicy::shipped();
+    let none = service_with_external_ips(None);
+    let empty = service_with_external_ips(Some(&[]));
+    let one = service_with_external_ips(Some(&["203.0.113.7"]));
+    let two = service_with_external_ips(Some(&["203.0.113.7", "8.8.8.8"]));
+    let other = service_with_external_ips(Some(&["8.8.8.8"]));
+
+    // CREATE: without externalIPs (or with an empty list) only.
+    assert!(policy.admits(&none, None));
+    assert!(policy.admits(&empty, None));
+    assert!(!policy.admits(&one, None));
+    // UPDATE: keeping or dropping addresses is fine, adding is not.
+    assert!(policy.admits(&one, Some(&one)));
+    assert!(policy.admits(&one, Some(&two)));
+    assert!(policy.admits(&none, Some(&one)));
+    assert!(policy.admits(&none, Some(&none)));
+    assert!(!policy.admits(&two, Some(&one)));
+    assert!(!policy.admits(&other, Some(&one)));
+    assert!(!policy.admits(&one, Some(&none)));
 }

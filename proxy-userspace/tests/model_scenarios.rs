@@ -4,12 +4,15 @@
 //! Rendering:
 //!
 //! ```text
-//! fe <ip:port/proto> <kind> <ns/name:port> [local-only] -> <backends | none>
+//! fe <ip:port/proto> <kind> <ns/name:port> [local-only] -> <backends | none> [extras]
 //! ep <ns/name:port> cluster: <backends | none> | local: <backends | none>
 //! problem <label> <object kind> <ns/name>
 //! ```
 //!
 //! A backend is `ip:port`, followed by `local` and `terminating` when set.
+//! Extras, when set: `| internal: <backends>` (externalTrafficPolicy Local:
+//! the set pods and node processes use), `| drop-when-empty`, `| affinity
+//! <seconds>s`, `| ranges <cidrs>`.
 //! `fe` and `problem` lines are always compared; `ep` lines only in cases
 //! whose expectation has some.
 
@@ -154,8 +157,22 @@ fn render(state: &DesiredState) -> Vec<String> {
     };
     let mut out = Vec::new();
     for (key, fe) in &state.frontends {
+        let mut extras = String::new();
+        if let Some(internal) = &fe.internal_backends {
+            extras += &format!(" | internal: {}", list(internal));
+        }
+        if fe.drop_when_empty {
+            extras += " | drop-when-empty";
+        }
+        if let Some(t) = fe.affinity_timeout {
+            extras += &format!(" | affinity {t}s");
+        }
+        if !fe.source_ranges.is_empty() {
+            let ranges: Vec<String> = fe.source_ranges.iter().map(|c| c.to_string()).collect();
+            extras += &format!(" | ranges {}", ranges.join(","));
+        }
         out.push(format!(
-            "fe {key} {} {}{} -> {}",
+            "fe {key} {} {}{} -> {}{extras}",
             fe.kind,
             fe.service,
             if fe.local_only { " local-only" } else { "" },
@@ -346,7 +363,7 @@ fn local_policies() {
                 web("internalTrafficPolicy: Local"),
                 web_slice(&[ep("10.0.0.2", "node-b", ""), ep("10.0.0.3", "node-c", "")]),
             ]),
-            "fe 10.96.0.10:80/TCP cluster-ip default/web:http local-only -> none
+            "fe 10.96.0.10:80/TCP cluster-ip default/web:http local-only -> none | drop-when-empty
              ep default/web:http cluster: 10.0.0.2:8080, 10.0.0.3:8080 | local: none",
         ),
         case(
@@ -384,7 +401,8 @@ fn local_policies() {
                 web_np("externalTrafficPolicy: Local"),
                 web_slice(&[ep("10.0.0.1", "node-a", ""), ep("10.0.0.2", "node-b", "")]),
             ]),
-            "fe 0.0.0.0:30080/TCP node-port default/web:http local-only -> 10.0.0.1:8080 local
+            "fe 0.0.0.0:30080/TCP node-port default/web:http local-only -> 10.0.0.1:8080 local \
+                | internal: 10.0.0.1:8080 local, 10.0.0.2:8080
              fe 10.96.0.10:80/TCP cluster-ip default/web:http -> 10.0.0.1:8080 local, 10.0.0.2:8080",
         ),
         case(
@@ -396,10 +414,11 @@ fn local_policies() {
                 ),
                 web_slice(&[ep("10.0.0.2", "node-b", "")]),
             ]),
-            "fe 0.0.0.0:30080/TCP node-port default/web:http local-only -> none
+            "fe 0.0.0.0:30080/TCP node-port default/web:http local-only -> none | internal: 10.0.0.2:8080
              fe 10.96.0.10:80/TCP cluster-ip default/web:http -> 10.0.0.2:8080
-             fe 192.0.2.7:80/TCP external-ip default/web:http local-only -> none
-             fe 198.51.100.9:80/TCP load-balancer-ip default/web:http local-only -> none",
+             fe 192.0.2.7:80/TCP external-ip default/web:http local-only -> none | internal: 10.0.0.2:8080
+             fe 198.51.100.9:80/TCP load-balancer-ip default/web:http local-only -> none \
+                | internal: 10.0.0.2:8080",
         ),
         case(
             "ETP Local, all local",
@@ -407,7 +426,8 @@ fn local_policies() {
                 web_np("externalTrafficPolicy: Local"),
                 web_slice(&[ep("10.0.0.1", "node-a", "")]),
             ]),
-            "fe 0.0.0.0:30080/TCP node-port default/web:http local-only -> 10.0.0.1:8080 local
+            "fe 0.0.0.0:30080/TCP node-port default/web:http local-only -> 10.0.0.1:8080 local \
+                | internal: 10.0.0.1:8080 local
              fe 10.96.0.10:80/TCP cluster-ip default/web:http -> 10.0.0.1:8080 local",
         ),
         case(
@@ -420,7 +440,8 @@ fn local_policies() {
                     ep("10.0.0.2", "node-b", ""),
                 ]),
             ]),
-            "fe 0.0.0.0:30080/TCP node-port default/web:http local-only -> 10.0.0.1:8080 local terminating
+            "fe 0.0.0.0:30080/TCP node-port default/web:http local-only -> 10.0.0.1:8080 local terminating \
+                | internal: 10.0.0.2:8080
              fe 10.96.0.10:80/TCP cluster-ip default/web:http -> 10.0.0.2:8080",
         ),
         case(
@@ -438,7 +459,50 @@ fn local_policies() {
                 web("internalTrafficPolicy: Local"),
                 web_slice(&[ep("10.0.0.1", "", "")]),
             ]),
-            "fe 10.96.0.10:80/TCP cluster-ip default/web:http local-only -> none",
+            "fe 10.96.0.10:80/TCP cluster-ip default/web:http local-only -> none | drop-when-empty",
+        ),
+    ]);
+}
+
+#[test]
+fn affinity_and_source_ranges() {
+    run_all(vec![
+        case(
+            "sessionAffinity ClientIP: default timeout on every frontend",
+            cat(&[
+                web_np("sessionAffinity: ClientIP"),
+                web_slice(&[ep("10.0.0.1", "node-a", "")]),
+            ]),
+            "fe 0.0.0.0:30080/TCP node-port default/web:http -> 10.0.0.1:8080 local | affinity 10800s
+             fe 10.96.0.10:80/TCP cluster-ip default/web:http -> 10.0.0.1:8080 local | affinity 10800s",
+        ),
+        case(
+            "sessionAffinity ClientIP with timeoutSeconds; None is no affinity",
+            cat(&[
+                web("sessionAffinity: ClientIP, \
+                     sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}"),
+                web_slice(&[ep("10.0.0.1", "node-a", "")]),
+                svc("other", "clusterIP: 10.96.0.11, sessionAffinity: None, ports: [{port: 80}]"),
+            ]),
+            "fe 10.96.0.10:80/TCP cluster-ip default/web:http -> 10.0.0.1:8080 local | affinity 60s
+             fe 10.96.0.11:80/TCP cluster-ip default/other -> none",
+        ),
+        case(
+            "loadBalancerSourceRanges: on the LB IP only; a bad range is reported, the others kept",
+            cat(&[
+                web(
+                    "type: LoadBalancer, externalIPs: [192.0.2.7], \
+                     loadBalancerSourceRanges: [10.0.0.0/8, ' 192.168.1.0/24', bogus]}, \
+                     status: {loadBalancer: {ingress: [{ip: 198.51.100.9}]}",
+                ),
+                web_slice(&[ep("10.0.0.1", "node-a", "")]),
+            ]),
+            "fe 0.0.0.0:30080/TCP node-port default/web:http -> 10.0.0.1:8080 local
+             fe 10.96.0.10:80/TCP cluster-ip default/web:http -> 10.0.0.1:8080 local
+             fe 192.0.2.7:80/TCP external-ip default/web:http -> 10.0.0.1:8080 local
+             fe 198.51.100.9:80/TCP load-balancer-ip default/web:http -> 10.0.0.1:8080 local \
+                | ranges 10.0.0.0/8,192.168.1.0/24
+             problem invalid_source_range Service default/web",
         ),
     ]);
 }
@@ -461,7 +525,8 @@ fn policies_on_services_not_reachable_from_outside() {
                 web_slice(&[ep("10.0.0.1", "node-a", ""), ep("10.0.0.2", "node-b", "")]),
             ]),
             "fe 10.96.0.10:80/TCP cluster-ip default/web:http -> 10.0.0.1:8080 local, 10.0.0.2:8080
-             fe 192.0.2.7:80/TCP external-ip default/web:http local-only -> 10.0.0.1:8080 local",
+             fe 192.0.2.7:80/TCP external-ip default/web:http local-only -> 10.0.0.1:8080 local \
+                | internal: 10.0.0.1:8080 local, 10.0.0.2:8080",
         ),
         case(
             "load-balancer status on a non-LoadBalancer service is not a frontend",

@@ -91,7 +91,7 @@ fn prometheus_scrapes_per_service_counters_that_grow_with_traffic() -> Result<()
         "kube_ebpf_proxy_service_new_connections_total{namespace=\"lab\",name=\"web-11-tcp\",port=\"main\"} 1",
         "kube_ebpf_proxy_datapath_drops_total{reason=\"no_endpoint\"}",
         "kube_ebpf_proxy_conntrack_entries{map=\"KEP_CT_V1\"}",
-        "kube_ebpf_proxy_desired_map_fill_ratio{map=\"KEP_SVC_V1\"}",
+        "kube_ebpf_proxy_desired_map_fill_ratio{map=\"KEP_SVC_V2\"}",
     ] {
         assert!(text.contains(name), "{name} missing from /metrics:\n{text}");
     }

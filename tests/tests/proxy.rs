@@ -329,10 +329,11 @@ fn the_datapath_outlives_the_daemon_and_cleanup_removes_everything() -> Result<(
     let pod_ns = CLIENT_POD;
     let vip = sa("10.96.0.12:80");
     tcp_request(c.lab.ns(pod_ns), vip)?;
-    // 3 devices on node-a (eth0, web-a, client-a), 2 links each.
+    // 3 devices on node-a (eth0, web-a, client-a), 2 links each, and lo's
+    // egress.
     let node = c.lab.ns(addr::NODE_A);
     let links = pinned_link_ids(node, &c.bpffs(addr::NODE_A));
-    assert_eq!(links.len(), 6, "{links:?}");
+    assert_eq!(links.len(), 7, "{links:?}");
     assert!(links.iter().all(|id| link_exists(node, id)));
 
     c.lab.stop_daemon(addr::NODE_A, Signal::SIGTERM)?;

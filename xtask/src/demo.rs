@@ -131,8 +131,8 @@ pub fn run(daemon: &Path) -> Result<()> {
         )?;
         print!("{}", String::from_utf8_lossy(&out.stdout));
     }
-    section("bpftool map dump pinned <bpffs>/maps/KEP_SVC_V1 (first entries, node-a)");
-    let map = format!("{bpffs}/maps/KEP_SVC_V1");
+    section("bpftool map dump pinned <bpffs>/maps/KEP_SVC_V2 (first entries, node-a)");
+    let map = format!("{bpffs}/maps/KEP_SVC_V2");
     let out = lab
         .ns(addr::NODE_A)
         .exec("bpftool", &["map", "dump", "pinned", &map])?;

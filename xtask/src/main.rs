@@ -1,7 +1,8 @@
-//! Project tasks: `cargo xtask <setup|demo|test|bench>`.
+//! Project tasks: `cargo xtask <setup|demo|test|bench|image>`.
 
 mod crr;
 mod demo;
+mod image;
 mod kube_proxy_rules;
 mod setup;
 
@@ -37,6 +38,9 @@ enum Task {
     /// connections per second through a ClusterIP: kube-ebpf-proxy next to
     /// kube-proxy's iptables and nftables rules and direct to pod.
     Bench(BenchArgs),
+    /// Build the container image (static musl binary, FROM scratch) into
+    /// an OCI archive with buildah; prints the archive's path last.
+    Image,
 }
 
 #[derive(clap::Args)]
@@ -122,12 +126,15 @@ fn test(extra: &[String]) -> Result<()> {
     ];
     args.extend(&extra);
     cmd("cargo", &args)?;
+    // The lab test of the container image runs this archive with podman.
+    let image = image::build()?;
     // Lab tests run one at a time: they time real traffic on two cores.
     let mut args = vec!["test", "-p", "lab", "--", "--test-threads=1"];
     args.extend(&extra);
     let status = Command::new("cargo")
         .args(&args)
         .env("KEP_BIN", &daemon)
+        .env("KEP_IMAGE", &image)
         .current_dir(root())
         .status()?;
     if !status.success() {
@@ -181,5 +188,17 @@ fn main() -> Result<()> {
             demo::run(&daemon)
         }
         Task::Bench(args) => bench(&args),
+        Task::Image => {
+            setup::setup()?;
+            let archive = image::build()?;
+            let size = std::fs::metadata(&archive)?.len();
+            eprintln!(
+                "image: {IMAGE} ({:.1} MB)",
+                size as f64 / 1e6,
+                IMAGE = image::IMAGE_NAME
+            );
+            println!("{}", archive.display());
+            Ok(())
+        }
     }
 }

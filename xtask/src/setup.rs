@@ -6,6 +6,8 @@
 //! * bpf-linker, linked against the libLLVM shipped inside that nightly
 //!   (Debian has no LLVM of the version rustc uses; see
 //!   ../shared/TOOLCHAIN.md);
+//! * the musl target of the stable toolchain (the container image holds one
+//!   statically linked binary);
 //! * the Debian tools the tests and the demo use.
 
 use std::{
@@ -32,7 +34,19 @@ const PACKAGES: &[(&str, &str)] = &[
     // A real Prometheus scrapes the daemon in a lab test; promtool lints
     // our exposition.
     ("prometheus", "promtool"),
+    // The container image: buildah builds it (`cargo xtask image`), podman
+    // runs it in a lab test, with runc (crun refuses this machine's hybrid
+    // cgroups). musl-gcc compiles ring's C and assembly for the musl target.
+    ("buildah", "buildah"),
+    ("podman", "podman"),
+    ("runc", "runc"),
+    ("musl-tools", "musl-gcc"),
+    // The image's CA bundle (/etc/ssl/certs/ca-certificates.crt).
+    ("ca-certificates", "update-ca-certificates"),
 ];
+
+/// The target of the image's static binary.
+pub const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
 
 /// Debian's "do not start services from maintainer scripts" switch: the
 /// prometheus package would otherwise start a server on the machine.
@@ -40,6 +54,7 @@ const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 
 pub fn setup() -> Result<()> {
     rust_src()?;
+    musl_target()?;
     bpf_linker()?;
     packages()?;
     Ok(())
@@ -61,6 +76,16 @@ fn rust_src() -> Result<()> {
         "rustup",
         &["component", "add", "rust-src", "--toolchain", "nightly"],
     )
+}
+
+fn musl_target() -> Result<()> {
+    // The toolchain that builds the daemon (stable, rustup's default here).
+    let installed = cmd_output("rustup", &["target", "list", "--installed"])?;
+    if installed.lines().any(|l| l.trim() == MUSL_TARGET) {
+        return Ok(());
+    }
+    eprintln!("setup: adding the {MUSL_TARGET} target");
+    cmd("rustup", &["target", "add", MUSL_TARGET])
 }
 
 fn bpf_linker_works() -> bool {

@@ -15,8 +15,9 @@ use tracing::{debug, info, warn};
 use super::{Datapath, Device};
 use crate::cidr::Cidr;
 
-/// Which devices get our programs: every device but loopback, or the ones
-/// named with `--devices`.
+/// Which devices get our programs: every device, or the ones named with
+/// `--devices` and lo (whose egress carries node processes' traffic to the
+/// node's own addresses: see `Direction::for_device`).
 #[derive(Clone, Debug, Default)]
 pub struct DeviceFilter {
     pub only: Vec<String>,
@@ -24,11 +25,7 @@ pub struct DeviceFilter {
 
 impl DeviceFilter {
     pub fn wants(&self, name: &str) -> bool {
-        if self.only.is_empty() {
-            name != "lo"
-        } else {
-            self.only.iter().any(|n| n == name)
-        }
+        self.only.is_empty() || name == "lo" || self.only.iter().any(|n| n == name)
     }
 }
 
@@ -164,14 +161,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn default_filter_skips_loopback_only() {
+    fn lo_is_always_wanted() {
         let f = DeviceFilter::default();
-        assert!(!f.wants("lo"));
+        assert!(f.wants("lo"));
         assert!(f.wants("eth0"));
         let f = DeviceFilter {
             only: vec!["eth1".into()],
         };
         assert!(f.wants("eth1"));
+        assert!(f.wants("lo"));
         assert!(!f.wants("eth0"));
     }
 }

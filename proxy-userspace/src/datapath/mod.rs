@@ -5,7 +5,7 @@
 //! Layout under the bpffs directory (default /sys/fs/bpf/kube-ebpf-proxy):
 //!
 //! ```text
-//! maps/KEP_SVC_V1 ...              one pin per map (proxy_common::ALL_MAPS)
+//! maps/KEP_SVC_V2 ...              one pin per map (proxy_common::ALL_MAPS)
 //! links/<ifname>@<ifindex>-ingress one pin per attached device and direction
 //! links/<ifname>@<ifindex>-egress
 //! ```
@@ -42,8 +42,73 @@ use aya::{
     },
 };
 use proxy_common::{
-    ALL_MAPS, CONFIG_MAP, Config, HAIRPIN_ADDR, PROG_EGRESS, PROG_INGRESS, PROG_NOOP,
+    ALL_MAPS, CFG_F_CLUSTER_CIDR, CFG_F_MASQUERADE_ALL, CONFIG_MAP, Config, HAIRPIN_ADDR,
+    PROG_EGRESS, PROG_INGRESS, PROG_NOOP, SERVICE_CIDRS,
 };
+
+/// The settings the datapath reads, from the daemon's: IPv4 CIDRs only
+/// (IPv6 ones are for the IPv6 datapath). At most [`SERVICE_CIDRS`] IPv4
+/// service CIDRs, none a /0 (it would drop all traffic).
+pub fn datapath_config(
+    snat_port_range: (u16, u16),
+    cluster_cidr: &[crate::cidr::Cidr],
+    masquerade_all: bool,
+    service_cidrs: &[crate::cidr::Cidr],
+) -> Result<Config> {
+    let v4 = |c: &crate::cidr::Cidr| match c.network() {
+        std::net::IpAddr::V4(a) => Some((a.octets(), c.prefix())),
+        std::net::IpAddr::V6(_) => None,
+    };
+    let mut value = Config {
+        snat_port_min: snat_port_range.0,
+        snat_port_max: snat_port_range.1,
+        hairpin_addr: HAIRPIN_ADDR,
+        ..Config::default()
+    };
+    if let Some((addr, len)) = cluster_cidr.iter().find_map(v4) {
+        value.cluster_cidr = addr;
+        value.cluster_cidr_len = len;
+        value.flags |= CFG_F_CLUSTER_CIDR;
+    }
+    if masquerade_all {
+        value.flags |= CFG_F_MASQUERADE_ALL;
+    }
+    let ranges: Vec<([u8; 4], u8)> = service_cidrs.iter().filter_map(v4).collect();
+    if ranges.len() > SERVICE_CIDRS {
+        bail!(
+            "--service-cluster-ip-range: at most {SERVICE_CIDRS} IPv4 CIDRs, got {}",
+            ranges.len()
+        );
+    }
+    if ranges.iter().any(|(_, len)| *len == 0) {
+        bail!("--service-cluster-ip-range: a /0 would drop all traffic");
+    }
+    for (i, (addr, len)) in ranges.into_iter().enumerate() {
+        value.service_cidrs[i] = addr;
+        value.service_cidr_lens[i] = len;
+    }
+    Ok(value)
+}
+
+/// Where the kernel keeps lo's `accept_local`.
+const LO_ACCEPT_LOCAL: &str = "/proc/sys/net/ipv4/conf/lo/accept_local";
+
+/// Lets lo take the packets the datapath delivers into the node's own stack
+/// with a source that is one of the node's addresses (a node process's
+/// flow to a hostNetwork backend on this node, the replies to a node
+/// process that dialed a NodePort on its own address). Without it the
+/// kernel drops them as martians: only these paths fail, and the error
+/// says so. Only lo's setting changes; lo carries nothing else that lacks
+/// a route already.
+pub fn enable_local_delivery() -> std::result::Result<bool, String> {
+    match fs::read_to_string(LO_ACCEPT_LOCAL) {
+        Ok(v) if v.trim() == "1" => Ok(false),
+        Ok(_) => fs::write(LO_ACCEPT_LOCAL, "1")
+            .map(|()| true)
+            .map_err(|e| format!("writing {LO_ACCEPT_LOCAL}: {e}")),
+        Err(e) => Err(format!("reading {LO_ACCEPT_LOCAL}: {e}")),
+    }
+}
 
 /// The datapath object, built by build.rs from proxy-ebpf.
 pub static EBPF_OBJECT: &[u8] =
@@ -60,6 +125,19 @@ pub enum Direction {
 
 impl Direction {
     pub const BOTH: [Direction; 2] = [Direction::Ingress, Direction::Egress];
+
+    /// The hooks a device gets. lo only gets egress: what leaves a node
+    /// process for one of the node's own addresses passes there (a
+    /// NodePort on the node's address, the replies of hostNetwork
+    /// backends to node processes), and everything arriving on lo's
+    /// ingress has passed its egress or was put there translated already.
+    pub fn for_device(dev: &Device) -> &'static [Direction] {
+        if dev.name == "lo" {
+            &[Direction::Egress]
+        } else {
+            &Direction::BOTH
+        }
+    }
 
     fn suffix(self) -> &'static str {
         match self {
@@ -191,14 +269,9 @@ impl Datapath {
         typed(map, name)
     }
 
-    /// Writes the datapath's settings (`KEP_CFG_V1`).
-    pub fn write_config(&mut self, snat_port_range: (u16, u16)) -> Result<()> {
+    /// Writes the datapath's settings (`KEP_CFG_V2`).
+    pub fn write_config(&mut self, value: Config) -> Result<()> {
         let mut cfg: Array<_, Config> = self.map(CONFIG_MAP)?;
-        let value = Config {
-            snat_port_min: snat_port_range.0,
-            snat_port_max: snat_port_range.1,
-            hairpin_addr: HAIRPIN_ADDR,
-        };
         cfg.set(0, value, 0)?;
         Ok(())
     }
@@ -237,7 +310,7 @@ impl Datapath {
     /// Attaches both programs to `dev`; a pinned link from an earlier run is
     /// updated to the new program in place (no moment without a program).
     pub fn attach(&mut self, dev: &Device) -> Result<()> {
-        for dir in Direction::BOTH {
+        for dir in Direction::for_device(dev).iter().copied() {
             let pin = link_pin(&self.root, dev, dir);
             let prog: &mut SchedClassifier = self
                 .ebpf

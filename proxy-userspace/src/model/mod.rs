@@ -40,6 +40,8 @@ pub mod slim;
 
 use std::{collections::BTreeMap, fmt, net::IpAddr};
 
+use crate::cidr::Cidr;
+
 use k8s_openapi::{api::core::v1::Node, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 
 pub use cache::{
@@ -197,7 +199,25 @@ pub struct Frontend {
     /// Local` (ClusterIP frontends) or `externalTrafficPolicy: Local` (the
     /// others).
     pub local_only: bool,
+    /// `externalTrafficPolicy: Local` on an external frontend: the cluster
+    /// set, which pods and processes of the node use (no external load
+    /// balancer is involved for them, as kube-proxy's short-circuit).
+    /// `backends` is the local set, for everyone else.
+    pub internal_backends: Option<Vec<Endpoint>>,
+    /// `internalTrafficPolicy: Local` with no local endpoint but endpoints
+    /// on other nodes: connections are dropped rather than rejected, as
+    /// kube-proxy does.
+    pub drop_when_empty: bool,
+    /// `sessionAffinity: ClientIP`: seconds a client keeps its backend
+    /// without a new connection (`timeoutSeconds`, default 10800).
+    pub affinity_timeout: Option<u32>,
+    /// `loadBalancerSourceRanges`, on load-balancer IP frontends only (of
+    /// the frontend's family): other sources are dropped.
+    pub source_ranges: Vec<Cidr>,
 }
+
+/// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds`.
+pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
 
 /// An endpoint a frontend balances to, as the model sees it (kube-proxy's
 /// `Endpoint`); the syncer turns it into a `proxy_common::Backend` entry.
@@ -272,6 +292,8 @@ pub enum ProblemKind {
     InvalidSlice,
     /// A frontend claimed by an earlier Service (or port).
     DuplicateFrontend,
+    /// A loadBalancerSourceRanges entry that is not a CIDR.
+    InvalidSourceRange,
 }
 
 impl ProblemKind {
@@ -290,6 +312,7 @@ impl ProblemKind {
             ProblemKind::SliceTooLarge => "slice_too_large",
             ProblemKind::InvalidSlice => "invalid_slice",
             ProblemKind::DuplicateFrontend => "duplicate_frontend",
+            ProblemKind::InvalidSourceRange => "invalid_source_range",
         }
     }
 }

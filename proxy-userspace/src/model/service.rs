@@ -34,15 +34,17 @@
 
 use std::{collections::BTreeSet, net::IpAddr};
 
+use crate::cidr::Cidr;
+
 use k8s_openapi::api::{
     core::v1::{Service, ServicePort, ServiceSpec},
     discovery::v1::EndpointSlice,
 };
 
 use super::{
-    DesiredState, Endpoint, Frontend, FrontendKey, FrontendKind, LABEL_SERVICE_PROXY_NAME,
-    NamespacedName, NodeInfo, Options, ProblemKind, Protocol, ServicePortEndpoints,
-    ServicePortName,
+    DEFAULT_AFFINITY_TIMEOUT, DesiredState, Endpoint, Frontend, FrontendKey, FrontendKind,
+    LABEL_SERVICE_PROXY_NAME, NamespacedName, NodeInfo, Options, ProblemKind, Protocol,
+    ServicePortEndpoints, ServicePortName,
     endpoints::{self, CheckedSlice, Family, Names, Topology, valid_port},
 };
 
@@ -98,6 +100,8 @@ struct ServiceFacts<'s> {
     etp_local: bool,
     topology: Topology,
     slices: &'s [&'s CheckedSlice],
+    affinity_timeout: Option<u32>,
+    source_ranges: Vec<Cidr>,
 }
 
 impl ServiceFacts<'_> {
@@ -168,6 +172,7 @@ impl Builder<'_> {
         for slice in slices {
             self.state.problems.extend_from_slice(slice.problems());
         }
+        let source_ranges = self.source_ranges(spec);
         Some(ServiceFacts {
             svc_type: svc_type.to_string(),
             cluster_ips,
@@ -181,6 +186,8 @@ impl Builder<'_> {
                 && spec.external_traffic_policy.as_deref() == Some("Local"),
             topology: Topology::of(svc, spec),
             slices,
+            affinity_timeout: affinity_timeout(spec),
+            source_ranges,
         })
     }
 
@@ -281,25 +288,43 @@ impl Builder<'_> {
         port: u16,
         kind: FrontendKind,
     ) {
-        let local_only = match kind {
-            FrontendKind::ClusterIp => facts.itp_local,
-            _ => facts.etp_local,
-        };
-        let set = if local_only {
-            &pf.eps.local
+        let is_cluster_ip = kind == FrontendKind::ClusterIp;
+        let local_only = if is_cluster_ip {
+            facts.itp_local
         } else {
-            &pf.eps.cluster
+            facts.etp_local
         };
         let key = FrontendKey {
             ip,
             port,
             protocol: pf.protocol,
         };
-        let backends: Vec<Endpoint> = set
-            .iter()
-            .filter(|be| be.ip.is_ipv4() == ip.is_ipv4())
-            .copied()
-            .collect();
+        let of_family = |set: &[Endpoint]| -> Vec<Endpoint> {
+            set.iter()
+                .filter(|be| be.ip.is_ipv4() == ip.is_ipv4())
+                .copied()
+                .collect()
+        };
+        let cluster = of_family(&pf.eps.cluster);
+        let backends = if local_only {
+            of_family(&pf.eps.local)
+        } else {
+            cluster.clone()
+        };
+        // kube-proxy drops (not rejects) when a Local policy finds no local
+        // endpoint but the Service has some elsewhere.
+        let drop_when_empty =
+            local_only && is_cluster_ip && backends.is_empty() && !cluster.is_empty();
+        let internal_backends = (local_only && !is_cluster_ip).then_some(cluster);
+        let source_ranges = match kind {
+            FrontendKind::LoadBalancerIp => facts
+                .source_ranges
+                .iter()
+                .filter(|c| c.is_ipv4() == ip.is_ipv4())
+                .copied()
+                .collect(),
+            _ => Vec::new(),
+        };
         if let Some(other) = self.state.frontends.get(&key) {
             let reason = format!(
                 "{}: {kind} frontend {key} is taken by {} ({}); skipped",
@@ -315,6 +340,10 @@ impl Builder<'_> {
                 kind,
                 backends,
                 local_only,
+                internal_backends,
+                drop_when_empty,
+                affinity_timeout: facts.affinity_timeout,
+                source_ranges,
             },
         );
     }
@@ -380,6 +409,23 @@ impl Builder<'_> {
         Some(ips)
     }
 
+    /// `loadBalancerSourceRanges` that parse; the others are reported (the
+    /// valid ones still apply: a range left out only narrows who may
+    /// connect).
+    fn source_ranges(&mut self, spec: &ServiceSpec) -> Vec<Cidr> {
+        let mut out = Vec::new();
+        for raw in spec.load_balancer_source_ranges.iter().flatten() {
+            match raw.trim().parse::<Cidr>() {
+                Ok(c) => out.push(c),
+                Err(e) => self.problem(
+                    ProblemKind::InvalidSourceRange,
+                    format!("loadBalancerSourceRanges: {e}; skipped"),
+                ),
+            }
+        }
+        out
+    }
+
     /// externalIPs and load-balancer IPs, checked.
     fn external_ips(
         &mut self,
@@ -424,6 +470,22 @@ impl Builder<'_> {
 
 /// The load balancer's ingress addresses that traffic is sent to (not
 /// hostnames, not `ipMode: Proxy`).
+/// `sessionAffinity: ClientIP` and its timeout (kube-proxy's default when
+/// unset; the API server keeps it within 1..=86400).
+fn affinity_timeout(spec: &ServiceSpec) -> Option<u32> {
+    if spec.session_affinity.as_deref() != Some("ClientIP") {
+        return None;
+    }
+    let seconds = spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|c| c.client_ip.as_ref())
+        .and_then(|c| c.timeout_seconds)
+        .filter(|s| *s > 0)
+        .map_or(DEFAULT_AFFINITY_TIMEOUT, |s| s as u32);
+    Some(seconds)
+}
+
 fn load_balancer_ips(svc: &Service) -> impl Iterator<Item = &str> {
     svc.status
         .as_ref()

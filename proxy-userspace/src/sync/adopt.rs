@@ -9,7 +9,9 @@
 
 use std::collections::BTreeSet;
 
-use proxy_common::{SlotKey, SvcValue};
+use std::collections::BTreeMap;
+
+use proxy_common::{ADDR_CLUSTER_IP, ADDR_EXTERNAL, AddrKey, SlotKey, SvcKey, SvcValue};
 
 use super::{
     Programmed, Syncer, is_vip,
@@ -26,6 +28,7 @@ impl<M: LbMaps> Syncer<M> {
             s.backends.adopt(k.backend_id, *b);
         }
         let live_slots = s.adopt_frontends(&pinned);
+        s.adopt_extras(&pinned);
         for sk in pinned.slots.keys() {
             if !live_slots.contains(sk) {
                 s.garbage.push(Key::Slot(*sk));
@@ -52,6 +55,12 @@ impl<M: LbMaps> Syncer<M> {
         let mut live_slots = BTreeSet::new();
         for (key, v) in &pinned.services {
             let backend_ids = self.adopt_slots(v, pinned, &mut live_slots);
+            // An external IP's address has the external class alone (a
+            // ClusterIP's may have it too, if both share it).
+            let external_addr = pinned
+                .addrs
+                .get(&AddrKey { addr: key.addr })
+                .is_some_and(|c| c.class & (ADDR_EXTERNAL | ADDR_CLUSTER_IP) == ADDR_EXTERNAL);
             self.frontends.insert(
                 *key,
                 Programmed {
@@ -59,10 +68,14 @@ impl<M: LbMaps> Syncer<M> {
                     generation: v.generation,
                     flags: v.flags,
                     backend_ids,
+                    local_count: v.local_count,
+                    affinity_timeout: v.affinity_timeout,
+                    external_addr,
+                    ..Programmed::default()
                 },
             );
             if is_vip(key) {
-                *self.vips.entry(key.addr).or_default() += 1;
+                *self.vips.entry((key.addr, external_addr)).or_default() += 1;
             }
         }
         live_slots
@@ -78,8 +91,9 @@ impl<M: LbMaps> Syncer<M> {
         // A hole (missing slot or backend) becomes u32::MAX, which never
         // matches a wanted backend: the frontend is rewritten at the next
         // sync, and its old slots are deleted then.
-        let mut ids = Vec::with_capacity(v.count as usize);
-        for slot in 0..v.count {
+        let slot_count = v.count.saturating_add(v.local_count);
+        let mut ids = Vec::with_capacity(slot_count as usize);
+        for slot in 0..slot_count {
             let sk = SlotKey {
                 svc_id: v.svc_id,
                 generation: v.generation,
@@ -95,5 +109,29 @@ impl<M: LbMaps> Syncer<M> {
             }
         }
         ids
+    }
+
+    /// Affinity members and source ranges found in the pins: kept with
+    /// their frontend, garbage without one.
+    fn adopt_extras(&mut self, pinned: &MapContents) {
+        let by_id: BTreeMap<u32, SvcKey> =
+            self.frontends.iter().map(|(k, p)| (p.svc_id, *k)).collect();
+        for m in &pinned.members {
+            match by_id.get(&m.svc_id).and_then(|k| self.frontends.get_mut(k)) {
+                Some(p) => {
+                    p.members.insert(m.backend_id);
+                }
+                None => self.garbage.push(Key::AffMember(*m)),
+            }
+        }
+        for (r, len) in &pinned.ranges {
+            let svc_id = u32::from_be_bytes(r.svc_id);
+            match by_id.get(&svc_id).and_then(|k| self.frontends.get_mut(k)) {
+                Some(p) => {
+                    p.ranges.insert((r.addr, *len));
+                }
+                None => self.garbage.push(Key::SrcRange(*r, *len)),
+            }
+        }
     }
 }

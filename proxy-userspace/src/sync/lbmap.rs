@@ -5,12 +5,16 @@
 //! [`BpfLbMaps`] writes the real maps; [`MemLbMaps`] keeps them in memory,
 //! optionally with capacities, so the syncer is tested without root.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use aya::maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuValues};
+use aya::maps::{
+    HashMap, MapData, MapError, PerCpuArray, PerCpuValues,
+    lpm_trie::{Key as LpmKey, LpmTrie},
+};
 use proxy_common::{
-    ADDR_MAP, AddrKey, AddrValue, BACKEND_MAP, Backend, BackendKey, NAME_MAP, SLOT_MAP, SVC_MAP,
-    SVC_STATS_MAP, SlotKey, SlotValue, SvcKey, SvcName, SvcStats, SvcValue,
+    ADDR_MAP, AFFMEM_MAP, AddrKey, AddrValue, AffMemberKey, BACKEND_MAP, Backend, BackendKey,
+    NAME_MAP, SLOT_MAP, SRCRNG_MAP, SVC_MAP, SVC_STATS_MAP, SlotKey, SlotValue, SrcRangeKey,
+    SvcKey, SvcName, SvcStats, SvcValue,
 };
 
 /// One entry of a desired-state map.
@@ -22,6 +26,11 @@ pub enum Entry {
     Addr(AddrKey, AddrValue),
     /// The name of a service port id.
     Name(u32, SvcName),
+    /// A backend an affinity frontend may keep its clients on.
+    AffMember(AffMemberKey),
+    /// A source range of a service port: the key and the prefix length of
+    /// its address.
+    SrcRange(SrcRangeKey, u8),
 }
 
 /// The key of one entry.
@@ -32,6 +41,8 @@ pub enum Key {
     Backend(BackendKey),
     Addr(AddrKey),
     Name(u32),
+    AffMember(AffMemberKey),
+    SrcRange(SrcRangeKey, u8),
 }
 
 impl Entry {
@@ -42,6 +53,8 @@ impl Entry {
             Entry::Backend(k, _) => Key::Backend(*k),
             Entry::Addr(k, _) => Key::Addr(*k),
             Entry::Name(id, _) => Key::Name(*id),
+            Entry::AffMember(k) => Key::AffMember(*k),
+            Entry::SrcRange(k, len) => Key::SrcRange(*k, *len),
         }
     }
 }
@@ -54,6 +67,8 @@ impl Key {
             Key::Backend(_) => BACKEND_MAP,
             Key::Addr(_) => ADDR_MAP,
             Key::Name(_) => NAME_MAP,
+            Key::AffMember(_) => AFFMEM_MAP,
+            Key::SrcRange(..) => SRCRNG_MAP,
         }
     }
 }
@@ -94,6 +109,8 @@ pub struct MapContents {
     pub backends: BTreeMap<BackendKey, Backend>,
     pub addrs: BTreeMap<AddrKey, AddrValue>,
     pub names: BTreeMap<u32, String>,
+    pub members: BTreeSet<AffMemberKey>,
+    pub ranges: BTreeSet<(SrcRangeKey, u8)>,
 }
 
 pub trait LbMaps {
@@ -115,6 +132,12 @@ pub struct BpfLbMaps {
     addrs: HashMap<MapData, AddrKey, AddrValue>,
     names: HashMap<MapData, u32, SvcName>,
     stats: PerCpuArray<MapData, SvcStats>,
+    members: HashMap<MapData, AffMemberKey, u8>,
+    ranges: LpmTrie<MapData, SrcRangeKey, u8>,
+}
+
+fn lpm_key(k: &SrcRangeKey, len: u8) -> LpmKey<SrcRangeKey> {
+    LpmKey::new(SrcRangeKey::prefix_len(len), *k)
 }
 
 impl BpfLbMaps {
@@ -126,6 +149,8 @@ impl BpfLbMaps {
             addrs: dp.map(ADDR_MAP)?,
             names: dp.map(NAME_MAP)?,
             stats: dp.map(SVC_STATS_MAP)?,
+            members: dp.map(AFFMEM_MAP)?,
+            ranges: dp.map(SRCRNG_MAP)?,
         })
     }
 
@@ -184,6 +209,8 @@ impl LbMaps for BpfLbMaps {
             Entry::Backend(k, v) => self.backends.insert(k, v, 0),
             Entry::Addr(k, v) => self.addrs.insert(k, v, 0),
             Entry::Name(k, v) => self.names.insert(k, v, 0),
+            Entry::AffMember(k) => self.members.insert(k, 1, 0),
+            Entry::SrcRange(k, len) => self.ranges.insert(&lpm_key(k, *len), 1, 0),
         }
         .map_err(|e| write_error(map, e))
     }
@@ -196,6 +223,8 @@ impl LbMaps for BpfLbMaps {
             Key::Backend(k) => self.backends.remove(k),
             Key::Addr(k) => self.addrs.remove(k),
             Key::Name(k) => self.names.remove(k),
+            Key::AffMember(k) => self.members.remove(k),
+            Key::SrcRange(k, len) => self.ranges.remove(&lpm_key(k, *len)),
         };
         ignore_missing(map, r)
     }
@@ -226,6 +255,17 @@ impl LbMaps for BpfLbMaps {
                 .into_iter()
                 .map(|(id, n)| (id, n.as_str().to_string()))
                 .collect(),
+            members: self.members.keys().collect::<Result<_, _>>()?,
+            ranges: self
+                .ranges
+                .keys()
+                .map(|k| {
+                    k.map(|k| {
+                        let len = k.prefix_len().saturating_sub(32).min(32) as u8;
+                        (k.data(), len)
+                    })
+                })
+                .collect::<Result<_, _>>()?,
         })
     }
 }
@@ -262,6 +302,11 @@ impl LbMaps for MemLbMaps {
                 self.check(map, s.backends.len(), s.backends.contains_key(k))?
             }
             Entry::Addr(k, _) => self.check(map, s.addrs.len(), s.addrs.contains_key(k))?,
+            Entry::AffMember(k) => self.check(map, s.members.len(), s.members.contains(k))?,
+            Entry::SrcRange(k, len) => {
+                let exists = s.ranges.contains(&(*k, *len));
+                self.check(map, s.ranges.len(), exists)?
+            }
             Entry::Name(..) => {}
         }
         let s = &mut self.state;
@@ -271,6 +316,8 @@ impl LbMaps for MemLbMaps {
             Entry::Backend(k, v) => s.backends.insert(*k, *v).is_some(),
             Entry::Addr(k, v) => s.addrs.insert(*k, *v).is_some(),
             Entry::Name(k, v) => s.names.insert(*k, v.as_str().to_string()).is_some(),
+            Entry::AffMember(k) => !s.members.insert(*k),
+            Entry::SrcRange(k, len) => !s.ranges.insert((*k, *len)),
         };
         self.log.push(match entry {
             Entry::Name(k, v) => format!("put Name({k}, {:?})", v.as_str()),
@@ -287,6 +334,8 @@ impl LbMaps for MemLbMaps {
             Key::Backend(k) => s.backends.remove(k).is_some(),
             Key::Addr(k) => s.addrs.remove(k).is_some(),
             Key::Name(k) => s.names.remove(k).is_some(),
+            Key::AffMember(k) => s.members.remove(k),
+            Key::SrcRange(k, len) => s.ranges.remove(&(*k, *len)),
         };
         self.log.push(format!("delete {key:?}"));
         Ok(())

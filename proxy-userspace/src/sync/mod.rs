@@ -23,7 +23,8 @@ pub mod lbmap;
 use std::collections::{BTreeMap, BTreeSet};
 
 use proxy_common::{
-    ADDR_NODE, ADDR_VIP, AddrKey, AddrValue, Backend, BackendKey, SlotKey, SlotValue, SvcKey,
+    ADDR_CLUSTER_IP, ADDR_EXTERNAL, ADDR_HOST, ADDR_NODEPORT, AddrKey, AddrValue, AffMemberKey,
+    Backend, BackendKey, SVC_F_AFFINITY, SVC_F_SRC_RANGES, SlotKey, SlotValue, SrcRangeKey, SvcKey,
     SvcName, SvcValue,
 };
 
@@ -33,14 +34,57 @@ use self::{
 };
 
 /// What one frontend should do.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FrontendWant {
     /// `namespace/name:port` (for logs, metrics and inspection).
     pub name: String,
     /// `SVC_F_*`.
     pub flags: u16,
-    /// Backends in slot order (each gets one slot).
+    /// The primary set, in slot order (each backend gets one slot).
     pub backends: Vec<Backend>,
+    /// The local set (`SVC_F_ETP_LOCAL`), in the slots after the primary set.
+    pub local_backends: Vec<Backend>,
+    /// Seconds (`SVC_F_AFFINITY`).
+    pub affinity_timeout: u32,
+    /// Source prefixes allowed, address and length (`SVC_F_SRC_RANGES`).
+    pub source_ranges: Vec<([u8; 4], u8)>,
+    /// The address is an externalIP or load-balancer IP (`ADDR_EXTERNAL`:
+    /// only its frontends are ours), not a ClusterIP.
+    pub external_addr: bool,
+}
+
+impl FrontendWant {
+    /// Both sets as they go into slots, capped at [`MAX_BACKENDS`] in all.
+    fn slotted(&self) -> (&[Backend], &[Backend]) {
+        let primary = &self.backends[..self.backends.len().min(MAX_BACKENDS)];
+        let room = MAX_BACKENDS - primary.len();
+        let local = &self.local_backends[..self.local_backends.len().min(room)];
+        (primary, local)
+    }
+
+    /// Affinity members: every backend id in the slots.
+    fn members(&self, ids: &[u32]) -> BTreeSet<u32> {
+        if self.flags & SVC_F_AFFINITY == 0 {
+            return BTreeSet::new();
+        }
+        ids.iter().copied().collect()
+    }
+
+    fn ranges(&self) -> BTreeSet<([u8; 4], u8)> {
+        if self.flags & SVC_F_SRC_RANGES == 0 {
+            return BTreeSet::new();
+        }
+        self.source_ranges.iter().copied().collect()
+    }
+}
+
+/// The addresses of this node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeAddrs {
+    /// Those NodePorts answer on (`--nodeport-addresses`).
+    pub nodeport: BTreeSet<[u8; 4]>,
+    /// Every address of the node (a NodePort address is one too).
+    pub host: BTreeSet<[u8; 4]>,
 }
 
 /// A frontend's address is a VIP (a ClusterIP, externalIP or LB IP) unless
@@ -54,15 +98,35 @@ pub struct Desired {
     pub frontends: BTreeMap<SvcKey, FrontendWant>,
     /// Addresses NodePorts answer on.
     pub node_addrs: BTreeSet<[u8; 4]>,
+    /// Other addresses of this node (hostNetwork backends answer from
+    /// them).
+    pub host_addrs: BTreeSet<[u8; 4]>,
+}
+
+impl Desired {
+    fn addrs(&self) -> NodeAddrs {
+        NodeAddrs {
+            nodeport: self.node_addrs.clone(),
+            host: self.host_addrs.union(&self.node_addrs).copied().collect(),
+        }
+    }
 }
 
 /// A frontend as it is in the maps.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Programmed {
     svc_id: u32,
     generation: u16,
     flags: u16,
+    /// Primary set, then local set.
     backend_ids: Vec<u32>,
+    local_count: u16,
+    affinity_timeout: u32,
+    /// Affinity membership entries written (backend ids).
+    members: BTreeSet<u32>,
+    /// Source range entries written.
+    ranges: BTreeSet<([u8; 4], u8)>,
+    external_addr: bool,
 }
 
 /// What a sync did.
@@ -88,11 +152,11 @@ pub struct Syncer<M: LbMaps> {
     svc_ids: ServicePortIds,
     /// The desired state last asked for; a sync is a diff against it.
     wanted: BTreeMap<SvcKey, FrontendWant>,
-    node_addrs: BTreeSet<[u8; 4]>,
+    node_addrs: NodeAddrs,
     /// Frontends whose last write failed: retried at every sync.
     failed: BTreeSet<SvcKey>,
-    /// Programmed frontends per VIP address.
-    vips: BTreeMap<[u8; 4], usize>,
+    /// Programmed frontends per VIP address and kind (true: external).
+    vips: BTreeMap<([u8; 4], bool), usize>,
     /// Addresses found in the pins, checked at the next sync.
     stale_addrs: BTreeSet<[u8; 4]>,
 }
@@ -106,6 +170,8 @@ pub const MAX_BACKENDS: usize = u16::MAX as usize;
 struct Created {
     backends: Vec<u32>,
     slots: Vec<SlotKey>,
+    /// Affinity members and source ranges.
+    extras: Vec<Key>,
 }
 
 impl<M: LbMaps> Syncer<M> {
@@ -119,7 +185,7 @@ impl<M: LbMaps> Syncer<M> {
             garbage: Vec::new(),
             svc_ids: ServicePortIds::default(),
             wanted: BTreeMap::new(),
-            node_addrs: BTreeSet::new(),
+            node_addrs: NodeAddrs::default(),
             failed: BTreeSet::new(),
             vips: BTreeMap::new(),
             stale_addrs: BTreeSet::new(),
@@ -176,7 +242,7 @@ impl<M: LbMaps> Syncer<M> {
                 .into_iter()
                 .map(|k| (*k, None)),
         );
-        self.apply(&changes, Some(&desired.node_addrs))
+        self.apply(&changes, Some(&desired.addrs()))
     }
 
     /// Applies changed frontends (None: removed) and, if given, the new set
@@ -185,7 +251,7 @@ impl<M: LbMaps> Syncer<M> {
     pub fn apply(
         &mut self,
         changes: &[(SvcKey, Option<FrontendWant>)],
-        node_addrs: Option<&BTreeSet<[u8; 4]>>,
+        node_addrs: Option<&NodeAddrs>,
     ) -> SyncReport {
         let mut report = SyncReport::default();
         let mut touched: BTreeSet<SvcKey> = std::mem::take(&mut self.failed);
@@ -198,7 +264,9 @@ impl<M: LbMaps> Syncer<M> {
         }
         let mut addrs: BTreeSet<[u8; 4]> = BTreeSet::new();
         if let Some(node_addrs) = node_addrs {
-            addrs.extend(self.node_addrs.symmetric_difference(node_addrs));
+            let old = &self.node_addrs;
+            addrs.extend(old.nodeport.symmetric_difference(&node_addrs.nodeport));
+            addrs.extend(old.host.symmetric_difference(&node_addrs.host));
             self.node_addrs = node_addrs.clone();
         }
         // Removals first: their ids are free for the frontends added below.
@@ -244,11 +312,16 @@ impl<M: LbMaps> Syncer<M> {
         let Some(p) = self.frontends.get(key) else {
             return false;
         };
+        let (primary, local) = want.slotted();
         p.flags == want.flags
-            && p.backend_ids.len() == want.backends.len()
+            && p.external_addr == want.external_addr
+            && p.affinity_timeout == want.affinity_timeout
+            && p.ranges == want.ranges()
+            && p.local_count as usize == local.len()
+            && p.backend_ids.len() == primary.len() + local.len()
             && p.backend_ids
                 .iter()
-                .zip(&want.backends)
+                .zip(primary.iter().chain(local))
                 .all(|(id, b)| self.backends.get(*id) == Some(b))
     }
 
@@ -258,10 +331,11 @@ impl<M: LbMaps> Syncer<M> {
         want: &FrontendWant,
         writes: &mut usize,
     ) -> Result<(), WriteError> {
-        let backends = &want.backends[..want.backends.len().min(MAX_BACKENDS)];
+        let (primary, local) = want.slotted();
+        let slotted: Vec<Backend> = primary.iter().chain(local).copied().collect();
         let mut created = Created::default();
         // Backends first: a slot must never point at a missing backend.
-        let ids = match self.write_backends(backends, &mut created, writes) {
+        let ids = match self.write_backends(&slotted, &mut created, writes) {
             Ok(ids) => ids,
             Err(e) => {
                 self.undo(&created, writes);
@@ -269,33 +343,87 @@ impl<M: LbMaps> Syncer<M> {
             }
         };
         let old = self.frontends.get(key).cloned();
+        let new = Programmed {
+            flags: want.flags,
+            local_count: local.len() as u16,
+            affinity_timeout: want.affinity_timeout,
+            members: want.members(&ids),
+            ranges: want.ranges(),
+            external_addr: want.external_addr,
+            backend_ids: ids,
+            ..Programmed::default()
+        };
         let result = self
-            .switch_to(key, old.as_ref(), &ids, want.flags, &mut created, writes)
+            .switch_to(key, old.as_ref(), &new, &mut created, writes)
             .inspect_err(|_| self.undo(&created, writes));
         let (svc_id, generation) = result?;
-        if old.is_none() {
-            self.svc_ids.take(svc_id);
-            if is_vip(key) {
-                *self.vips.entry(key.addr).or_default() += 1;
-            }
-        }
-        for id in &ids {
-            self.backends.add_ref(*id);
-        }
-        if let Some(old) = old {
-            self.release(&old, writes);
-        }
+        self.switched(key, old, &new, writes);
         let _ = self.write_name(svc_id, &want.name, writes);
         self.frontends.insert(
             *key,
             Programmed {
                 svc_id,
                 generation,
-                flags: want.flags,
-                backend_ids: ids,
+                ..new
             },
         );
         Ok(())
+    }
+
+    /// Bookkeeping once a frontend's new state is live: ids, address
+    /// users, references; then the old generation and extras go.
+    fn switched(
+        &mut self,
+        key: &SvcKey,
+        old: Option<Programmed>,
+        new: &Programmed,
+        writes: &mut usize,
+    ) {
+        match &old {
+            None => self.count_vip(key, new.external_addr, true),
+            Some(o) if o.external_addr != new.external_addr => {
+                self.count_vip(key, o.external_addr, false);
+                self.count_vip(key, new.external_addr, true);
+            }
+            Some(_) => {}
+        }
+        for id in &new.backend_ids {
+            self.backends.add_ref(*id);
+        }
+        if let Some(old) = old {
+            self.release(&old, writes);
+            let gone = Programmed {
+                members: &old.members - &new.members,
+                ranges: &old.ranges - &new.ranges,
+                ..old
+            };
+            self.delete_extras(&gone, writes);
+        }
+    }
+
+    fn count_vip(&mut self, key: &SvcKey, external: bool, up: bool) {
+        if !is_vip(key) {
+            return;
+        }
+        let k = (key.addr, external);
+        if up {
+            *self.vips.entry(k).or_default() += 1;
+        } else if let Some(n) = self.vips.get_mut(&k) {
+            *n -= 1;
+            if *n == 0 {
+                self.vips.remove(&k);
+            }
+        }
+    }
+
+    /// Deletes the affinity members and source ranges listed in `p`.
+    fn delete_extras(&mut self, p: &Programmed, writes: &mut usize) {
+        let keys = extra_keys(p.svc_id, &p.members, &p.ranges);
+        for key in keys {
+            if self.maps.delete(&key).is_ok() {
+                *writes += 1;
+            }
+        }
     }
 
     /// The ids of `backends`, writing those not in the map yet.
@@ -335,8 +463,7 @@ impl<M: LbMaps> Syncer<M> {
         &mut self,
         key: &SvcKey,
         old: Option<&Programmed>,
-        ids: &[u32],
-        flags: u16,
+        new: &Programmed,
         created: &mut Created,
         writes: &mut usize,
     ) -> Result<(u32, u16), WriteError> {
@@ -351,6 +478,7 @@ impl<M: LbMaps> Syncer<M> {
                 (id, 0)
             }
         };
+        let ids = &new.backend_ids;
         for (i, id) in ids.iter().enumerate() {
             let sk = SlotKey {
                 svc_id,
@@ -362,20 +490,49 @@ impl<M: LbMaps> Syncer<M> {
             *writes += 1;
             created.slots.push(sk);
         }
+        // Members and ranges the frontend gains, before the switch (those it
+        // loses go after it).
+        let none = Programmed::default();
+        let (old_members, old_ranges) =
+            old.map_or((&none.members, &none.ranges), |o| (&o.members, &o.ranges));
+        let added = extra_keys(
+            svc_id,
+            &(&new.members - old_members),
+            &(&new.ranges - old_ranges),
+        );
+        for key in added {
+            let entry = match key {
+                Key::AffMember(k) => Entry::AffMember(k),
+                Key::SrcRange(k, len) => Entry::SrcRange(k, len),
+                _ => unreachable!("extra_keys makes members and ranges only"),
+            };
+            self.maps.put(&entry)?;
+            *writes += 1;
+            created.extras.push(key);
+        }
         let value = SvcValue {
             svc_id,
             generation,
-            count: ids.len() as u16,
-            flags,
-            _pad: [0; 2],
+            count: ids.len() as u16 - new.local_count,
+            local_count: new.local_count,
+            flags: new.flags,
+            affinity_timeout: new.affinity_timeout,
         };
         self.maps.put(&Entry::Service(*key, value))?;
         *writes += 1;
+        if old.is_none() {
+            self.svc_ids.take(svc_id);
+        }
         Ok((svc_id, generation))
     }
 
     /// Rolls back a frontend write that failed before its switch.
     fn undo(&mut self, created: &Created, writes: &mut usize) {
+        for key in &created.extras {
+            if self.maps.delete(key).is_ok() {
+                *writes += 1;
+            }
+        }
         for sk in &created.slots {
             if self.maps.delete(&Key::Slot(*sk)).is_ok() {
                 *writes += 1;
@@ -415,20 +572,14 @@ impl<M: LbMaps> Syncer<M> {
         let Some(old) = self.frontends.remove(key) else {
             return;
         };
-        if is_vip(key)
-            && let Some(n) = self.vips.get_mut(&key.addr)
-        {
-            *n -= 1;
-            if *n == 0 {
-                self.vips.remove(&key.addr);
-            }
-        }
+        self.count_vip(key, old.external_addr, false);
         // The service entry first: no new flow may pick a slot being
         // deleted.
         if self.maps.delete(&Key::Service(*key)).is_ok() {
             *writes += 1;
         }
         self.release(&old, writes);
+        self.delete_extras(&old, writes);
         if self.maps.delete(&Key::Name(old.svc_id)).is_ok() {
             *writes += 1;
         }
@@ -451,19 +602,31 @@ impl<M: LbMaps> Syncer<M> {
         Ok(())
     }
 
-    /// Re-derives the class of the addresses a sync touched: a VIP while a
-    /// programmed frontend uses it (a VIP wins over a node address), a node
-    /// address while NodePorts answer on it, nothing otherwise.
+    /// The class bits of an address: ClusterIP or external IP while a
+    /// programmed frontend of that kind uses it, NodePort address, address
+    /// of this node.
+    fn class_of(&self, addr: &[u8; 4]) -> u8 {
+        let mut c = 0;
+        if self.vips.contains_key(&(*addr, false)) {
+            c |= ADDR_CLUSTER_IP;
+        }
+        if self.vips.contains_key(&(*addr, true)) {
+            c |= ADDR_EXTERNAL;
+        }
+        if self.node_addrs.nodeport.contains(addr) {
+            c |= ADDR_NODEPORT;
+        }
+        if self.node_addrs.host.contains(addr) {
+            c |= ADDR_HOST;
+        }
+        c
+    }
+
+    /// Re-derives the class of the addresses a sync touched.
     fn sync_addrs(&mut self, touched: &BTreeSet<[u8; 4]>, report: &mut SyncReport) {
         for addr in touched {
             let k = AddrKey { addr: *addr };
-            let want = if self.vips.contains_key(addr) {
-                Some(class(ADDR_VIP))
-            } else if self.node_addrs.contains(addr) {
-                Some(class(ADDR_NODE))
-            } else {
-                None
-            };
+            let want = Some(self.class_of(addr)).filter(|c| *c != 0).map(class);
             if self.addrs.get(&k) == want.as_ref() {
                 continue;
             }
@@ -505,6 +668,24 @@ impl<M: LbMaps> Syncer<M> {
     }
 }
 
+/// The map keys of a frontend's affinity members and source ranges.
+fn extra_keys(svc_id: u32, members: &BTreeSet<u32>, ranges: &BTreeSet<([u8; 4], u8)>) -> Vec<Key> {
+    let members = members.iter().map(|backend_id| {
+        Key::AffMember(AffMemberKey {
+            svc_id,
+            backend_id: *backend_id,
+        })
+    });
+    let ranges = ranges.iter().map(|(addr, len)| {
+        let k = SrcRangeKey {
+            svc_id: svc_id.to_be_bytes(),
+            addr: *addr,
+        };
+        Key::SrcRange(k, *len)
+    });
+    members.chain(ranges).collect()
+}
+
 fn class(class: u8) -> AddrValue {
     AddrValue {
         class,
@@ -542,6 +723,7 @@ mod tests {
             name: name.into(),
             flags: 0,
             backends: backends.to_vec(),
+            ..Default::default()
         }
     }
 
@@ -549,6 +731,7 @@ mod tests {
         Desired {
             frontends: items.iter().cloned().collect(),
             node_addrs: BTreeSet::from([[192, 168, 200, 11]]),
+            ..Default::default()
         }
     }
 
@@ -593,14 +776,14 @@ mod tests {
                 addr: [10, 96, 0, 1]
             }]
                 .class,
-            ADDR_VIP
+            ADDR_CLUSTER_IP
         );
         assert_eq!(
             m.state.addrs[&AddrKey {
                 addr: [192, 168, 200, 11]
             }]
                 .class,
-            ADDR_NODE
+            ADDR_NODEPORT | ADDR_HOST
         );
         let r = s.sync(&d);
         assert_eq!(r.writes, 0, "an unchanged state must not be rewritten");
@@ -822,14 +1005,14 @@ mod tests {
                 addr: [10, 96, 0, 2]
             }]
                 .class,
-            ADDR_VIP
+            ADDR_CLUSTER_IP
         );
         assert_eq!(
             addrs[&AddrKey {
                 addr: [192, 168, 200, 11]
             }]
                 .class,
-            ADDR_NODE
+            ADDR_NODEPORT | ADDR_HOST
         );
     }
 
@@ -838,5 +1021,98 @@ mod tests {
         let mut s = Syncer::adopt(MemLbMaps::default()).unwrap();
         s.sync(&desired(&[(key(1, 80), want("a", &[]))]));
         assert_eq!(s.maps().state.services[&key(1, 80)].count, 0);
+    }
+    /// An externalIP frontend with every extra: local set, affinity,
+    /// source ranges.
+    fn rich(backends: &[Backend], local: &[Backend], ranges: &[([u8; 4], u8)]) -> FrontendWant {
+        FrontendWant {
+            name: "x".into(),
+            flags: proxy_common::SVC_F_EXTERNAL
+                | proxy_common::SVC_F_ETP_LOCAL
+                | SVC_F_AFFINITY
+                | SVC_F_SRC_RANGES,
+            backends: backends.to_vec(),
+            local_backends: local.to_vec(),
+            affinity_timeout: 30,
+            source_ranges: ranges.to_vec(),
+            external_addr: true,
+        }
+    }
+
+    #[test]
+    fn local_sets_affinity_members_and_source_ranges_follow_the_frontend() {
+        let mut s = Syncer::adopt(MemLbMaps::default()).unwrap();
+        let lb = SvcKey {
+            addr: [192, 168, 200, 11],
+            ..key(0, 443)
+        };
+        let r1 = ([10, 0, 0, 0], 8);
+        let mut d = desired(&[(lb, rich(&[be(1, 80), be(2, 80)], &[be(2, 80)], &[r1]))]);
+        d.host_addrs = BTreeSet::from([[192, 168, 200, 12]]);
+        assert!(s.sync(&d).failed.is_empty());
+        let st = &s.maps().state;
+        let v = st.services[&lb];
+        assert_eq!((v.count, v.local_count, v.affinity_timeout), (2, 1, 30));
+        let local_slot = SlotKey {
+            svc_id: v.svc_id,
+            generation: v.generation,
+            slot: 2,
+        };
+        let local_id = st.slots[&local_slot].backend_id;
+        assert_eq!(
+            st.backends[&BackendKey {
+                backend_id: local_id
+            }],
+            be(2, 80)
+        );
+        assert_eq!(st.members.len(), 2, "one member per distinct backend");
+        assert_eq!(
+            st.ranges
+                .iter()
+                .map(|(k, l)| (k.addr, *l))
+                .collect::<Vec<_>>(),
+            [r1]
+        );
+        // An LB IP that is a node address, and another node address.
+        let class_of = |a: [u8; 4]| st.addrs[&AddrKey { addr: a }].class;
+        assert_eq!(
+            class_of([192, 168, 200, 11]),
+            ADDR_EXTERNAL | ADDR_NODEPORT | ADDR_HOST
+        );
+        assert_eq!(class_of([192, 168, 200, 12]), ADDR_HOST);
+
+        // Backend 1 leaves, a range changes: members and ranges follow.
+        let r2 = ([172, 16, 0, 0], 12);
+        d.frontends
+            .insert(lb, rich(&[be(2, 80)], &[be(2, 80)], &[r2]));
+        assert!(s.sync(&d).failed.is_empty());
+        let st = &s.maps().state;
+        assert_eq!(st.members.len(), 1);
+        assert_eq!(
+            st.ranges
+                .iter()
+                .map(|(k, l)| (k.addr, *l))
+                .collect::<Vec<_>>(),
+            [r2]
+        );
+        assert_eq!(s.sync(&d).writes, 0, "unchanged: nothing rewritten");
+
+        // A restart adopts all of it without a write.
+        let maps = s.maps().clone();
+        let mut again = Syncer::adopt(maps).unwrap();
+        assert_eq!(again.sync(&d).writes, 0);
+
+        // Gone: everything of it goes.
+        d.frontends.clear();
+        again.sync(&d);
+        let st = &again.maps().state;
+        assert!(st.members.is_empty() && st.ranges.is_empty() && st.services.is_empty());
+        assert_eq!(
+            st.addrs[&AddrKey {
+                addr: [192, 168, 200, 11]
+            }]
+                .class,
+            ADDR_NODEPORT | ADDR_HOST
+        );
     }
 }

@@ -93,7 +93,11 @@ pub fn run(dp: &mut Datapath) -> Result<()> {
     let started = Instant::now();
     model.replace(&services, &slices);
     model.update();
-    let report = syncer.sync(&convert::to_desired(model.frontends(), &node_addrs));
+    let report = syncer.sync(&convert::to_desired(
+        model.frontends(),
+        &node_addrs,
+        &BTreeSet::new(),
+    ));
     let from_empty = started.elapsed();
     ensure!(report.failed.is_empty(), "{:?}", report.failed);
     ensure!(
@@ -103,7 +107,7 @@ pub fn run(dp: &mut Datapath) -> Result<()> {
     );
 
     // One slice changes (as a watch event would bring it), 100 times.
-    let addrs: BTreeSet<[u8; 4]> = node_addrs.iter().map(|a| a.octets()).collect();
+    let addrs = convert::to_node_addrs(&node_addrs, &BTreeSet::new());
     let mut took = Vec::new();
     let mut writes = 0;
     for round in 0..100 {

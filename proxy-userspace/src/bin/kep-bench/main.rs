@@ -70,6 +70,7 @@ fn desired(services: usize) -> Desired {
                 name: format!("bench/svc-{i}:http"),
                 flags: 0,
                 backends,
+                ..Default::default()
             },
         );
     }
