@@ -191,7 +191,11 @@ pub fn model_rss(n: usize) -> Result<()> {
     }
     model.update();
     let node_addrs = BTreeSet::from([Ipv4Addr::new(192, 168, 200, 11)]);
-    let report = syncer.sync(&convert::to_desired(model.frontends(), &node_addrs));
+    let report = syncer.sync(&convert::to_desired(
+        model.frontends(),
+        &node_addrs,
+        &BTreeSet::new(),
+    ));
     ensure!(report.failed.is_empty(), "{:?}", report.failed);
     release_freed_memory();
     println!("{}", own_rss()?);
