@@ -109,13 +109,16 @@ impl SliceEndpoint {
 pub struct CheckedSlice {
     /// (name, protocol, port) of each valid port; protocol as written,
     /// upper-case, TCP when unset.
-    ports: Box<[(Box<str>, Box<str>, u16)]>,
+    ports: Box<[SlicePort]>,
     endpoints: Box<[SliceEndpoint]>,
     /// What was skipped, reported with the Service the slice belongs to.
     problems: Box<[Problem]>,
     /// The `endpoints.kubernetes.io/last-change-trigger-time` annotation.
     last_change_trigger_time: Option<Box<str>>,
 }
+
+/// A slice port: (name, protocol, number).
+type SlicePort = (Box<str>, Box<str>, u16);
 
 /// Shares the strings many endpoints repeat (node names, zones).
 #[derive(Default)]
