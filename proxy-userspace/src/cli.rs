@@ -108,8 +108,10 @@ pub struct RunArgs {
     #[arg(long, default_value = "61000-65535", value_parser = parse_port_range)]
     pub snat_port_range: (u16, u16),
 
-    /// How often the manifest directory, devices and addresses are checked.
-    #[arg(long, default_value = "200", value_name = "MILLISECONDS")]
+    /// The safety poll: how often the manifest directory, devices and
+    /// addresses are checked even without an inotify or netlink
+    /// notification (which are acted on at once).
+    #[arg(long, default_value = "2000", value_name = "MILLISECONDS")]
     pub poll_interval_ms: u64,
 
     #[arg(long, value_enum, default_value = "text")]

@@ -726,7 +726,7 @@ healthzBindAddress: 0.0.0.0:9998
         assert_eq!(args.snat_port_range, (50000, 50010));
         assert_eq!(args.healthz_bind_address.port(), 9998);
         // In neither: the flag's default.
-        assert_eq!(args.poll_interval_ms, 200);
+        assert_eq!(args.poll_interval_ms, 2000);
         assert_eq!(args.metrics_bind_address.port(), 10249);
     }
 

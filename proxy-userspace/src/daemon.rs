@@ -25,8 +25,8 @@ use crate::{
     datapath::{
         Datapath, bpffs, datapath_config,
         devices::{self, Attachments, DeviceFilter},
-        open_pinned,
-        sockets,
+        linkwatch::LinkWatch,
+        open_pinned, sockets,
     },
     health::{self, Health},
     http::{self, Endpoints},
@@ -45,6 +45,9 @@ struct Context {
     dp: Datapath,
     syncer: Syncer<BpfLbMaps>,
     devices: Attachments,
+    /// Netlink link and address notifications; None if the socket could
+    /// not be made (the safety poll alone then).
+    links: Option<LinkWatch>,
     node_addrs: BTreeSet<Ipv4Addr>,
     /// Every address of the node (hostNetwork backends answer from them).
     host_addrs: BTreeSet<Ipv4Addr>,
@@ -145,6 +148,15 @@ async fn serve_endpoints(args: &RunArgs, source: &Source) -> Result<(Arc<Metrics
     Ok((metrics, health))
 }
 
+/// Resolves when netlink says a link or address changed; never without
+/// a netlink socket.
+async fn links_changed(links: &mut Option<LinkWatch>) -> std::io::Result<()> {
+    match links {
+        Some(w) => w.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
 impl Context {
     async fn start(args: RunArgs) -> Result<Context> {
         let node_name = node_name(&args)?;
@@ -178,6 +190,9 @@ impl Context {
             }),
             dp,
             syncer,
+            links: LinkWatch::new()
+                .inspect_err(|e| warn!(error = %e, "no netlink notifications; devices are polled"))
+                .ok(),
             node_addrs: BTreeSet::new(),
             host_addrs: BTreeSet::new(),
             source,
@@ -246,9 +261,11 @@ impl Context {
         }
     }
 
-    /// The loop: polls manifests, devices and addresses at every tick,
-    /// coalesces the API server's changes into at most one sync per
-    /// `--min-sync-period-ms`, and returns on SIGTERM or SIGINT.
+    /// The loop: acts on netlink notifications (devices, addresses) and on
+    /// the source's changes (inotify for manifests, watch events from an
+    /// API server) at once, coalescing them into at most one sync per
+    /// `--min-sync-period-ms`; checks everything again at every tick of the
+    /// safety poll; returns on SIGTERM or SIGINT.
     async fn serve_until_signal(&mut self) -> Result<()> {
         let mut sigterm = signal(SignalKind::terminate())?;
         let mut sigint = signal(SignalKind::interrupt())?;
@@ -260,13 +277,20 @@ impl Context {
             let coalesce_until = tokio::time::Instant::from_std(self.last_sync + min_sync);
             tokio::select! {
                 _ = tick.tick() => self.on_tick(),
+                heard = links_changed(&mut self.links) => match heard {
+                    Ok(()) => self.on_tick(),
+                    Err(e) => {
+                        warn!(error = %e, "netlink notifications failed; devices are polled");
+                        self.links = None;
+                    }
+                },
                 // Until the pending changes are synced there is no need to
                 // hear of more (changed() would resolve at once, again).
                 _ = self.source.changed(), if !self.kube_pending => {
                     self.kube_pending = true;
                     self.queued();
                 }
-                // A burst of API changes: one sync at most every min_sync.
+                // A burst of changes: one sync at most every min_sync.
                 _ = tokio::time::sleep_until(coalesce_until), if self.kube_pending => {
                     self.sync_kube();
                 }
@@ -299,8 +323,9 @@ impl Context {
         );
     }
 
-    /// Hands the API server's objects to the model and syncs, once every
-    /// initial list is complete.
+    /// Hands the source's changes (the API server's objects, changed
+    /// manifest files) to the model and syncs, once every initial list is
+    /// complete.
     fn sync_kube(&mut self) {
         self.kube_pending = false;
         let fed = self.source.feed(&mut self.model);

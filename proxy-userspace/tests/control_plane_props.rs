@@ -182,7 +182,7 @@ impl Proxy {
     fn step(&mut self, op: Op) -> Result<(), TestCaseError> {
         match op {
             Op::UpsertService(s) => {
-                self.model.upsert_service(&s);
+                self.model.upsert_service(&*s);
                 self.services.insert(NamespacedName::of(&s.metadata), *s);
             }
             Op::DeleteService(id) => {
@@ -190,7 +190,7 @@ impl Proxy {
                 self.services.remove(&id);
             }
             Op::UpsertSlice(e) => {
-                self.model.upsert_slice(&e);
+                self.model.upsert_slice(&*e);
                 self.slices.insert(NamespacedName::of(&e.metadata), *e);
             }
             Op::DeleteSlice(id) => {

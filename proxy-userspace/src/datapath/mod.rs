@@ -23,6 +23,7 @@
 
 pub mod bpffs;
 pub mod devices;
+pub mod linkwatch;
 pub mod sockets;
 
 use std::{

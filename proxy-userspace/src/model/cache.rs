@@ -13,6 +13,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     hash::{DefaultHasher, Hash, Hasher},
+    sync::Arc,
 };
 
 use k8s_openapi::{
@@ -22,9 +23,11 @@ use k8s_openapi::{
 use serde::Serialize;
 
 use super::{
-    DesiredState, Frontend, FrontendKey, HealthCheck, LABEL_HEADLESS, LABEL_SERVICE_NAME,
-    NamespacedName, NodeInfo, Options, Problem, ProblemKind, service::service_state,
+    CheckedSlice, DesiredState, Frontend, FrontendKey, HealthCheck, LABEL_HEADLESS,
+    LABEL_SERVICE_NAME, Names, NamespacedName, NodeInfo, Options, Problem, ProblemKind,
+    service::service_state_checked, slim,
 };
+use super::{ServicePortEndpoints, ServicePortName};
 
 /// Computes the desired state (see the [model](super) documentation): the
 /// cache run once over every object.
@@ -63,20 +66,144 @@ struct SliceEntry {
     fingerprint: u64,
     /// The Service it belongs to (its namespace, its service-name label).
     owner: NamespacedName,
-    slice: EndpointSlice,
+    /// What the model reads of it (not the object).
+    slice: Arc<CheckedSlice>,
+}
+
+/// An EndpointSlice checked ahead of time, as a manifest directory keeps
+/// it per file: handing it to the cache again costs no copy.
+#[derive(Clone, Debug)]
+pub struct PreparedSlice {
+    id: NamespacedName,
+    /// The Service it belongs to; None if it is not ours (headless, or no
+    /// service-name label).
+    owner: Option<NamespacedName>,
+    fingerprint: u64,
+    slice: Arc<CheckedSlice>,
+}
+
+impl PreparedSlice {
+    pub fn new(slice: &EndpointSlice, names: &mut Names) -> PreparedSlice {
+        let id = NamespacedName::of(&slice.metadata);
+        PreparedSlice {
+            owner: owner_of(&id, slice),
+            fingerprint: fingerprint(&slice.metadata, slice),
+            slice: Arc::new(CheckedSlice::new(slice, names)),
+            id,
+        }
+    }
+
+    pub fn id(&self) -> &NamespacedName {
+        &self.id
+    }
+}
+
+/// The Service a slice belongs to (its namespace, its service-name label);
+/// None if it is headless or has no such label.
+fn owner_of(id: &NamespacedName, slice: &EndpointSlice) -> Option<NamespacedName> {
+    slice
+        .metadata
+        .labels
+        .as_ref()
+        .filter(|l| !l.contains_key(LABEL_HEADLESS))
+        .and_then(|l| l.get(LABEL_SERVICE_NAME))
+        .map(|svc| NamespacedName::new(&id.namespace, svc))
+}
+
+/// An EndpointSlice as the cache takes it: an object (checked if it
+/// changed) or a [`PreparedSlice`].
+pub trait SliceInput {
+    fn id(&self) -> NamespacedName;
+    fn owner(&self, id: &NamespacedName) -> Option<NamespacedName>;
+    fn fingerprint(&self) -> u64;
+    fn into_checked(self, names: &mut Names) -> Arc<CheckedSlice>;
+}
+
+impl SliceInput for &EndpointSlice {
+    fn id(&self) -> NamespacedName {
+        NamespacedName::of(&self.metadata)
+    }
+    fn owner(&self, id: &NamespacedName) -> Option<NamespacedName> {
+        owner_of(id, self)
+    }
+    fn fingerprint(&self) -> u64 {
+        fingerprint(&self.metadata, *self)
+    }
+    fn into_checked(self, names: &mut Names) -> Arc<CheckedSlice> {
+        Arc::new(CheckedSlice::new(self, names))
+    }
+}
+
+impl SliceInput for &PreparedSlice {
+    fn id(&self) -> NamespacedName {
+        self.id.clone()
+    }
+    fn owner(&self, _: &NamespacedName) -> Option<NamespacedName> {
+        self.owner.clone()
+    }
+    fn fingerprint(&self) -> u64 {
+        self.fingerprint
+    }
+    fn into_checked(self, _: &mut Names) -> Arc<CheckedSlice> {
+        self.slice.clone()
+    }
+}
+
+/// A Service as the cache takes it: borrowed (copied, without what the
+/// model does not read, if it changed) or already shared (an API
+/// watcher's store holds it: the cache keeps the same allocation).
+pub trait ServiceInput {
+    /// The very object the cache holds (nothing to compare).
+    fn is(&self, _held: &Arc<Service>) -> bool {
+        false
+    }
+    fn metadata(&self) -> &ObjectMeta;
+    fn fingerprint(&self) -> u64;
+    fn into_shared(self) -> Arc<Service>;
+}
+
+impl ServiceInput for &Service {
+    fn metadata(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn fingerprint(&self) -> u64 {
+        fingerprint(&self.metadata, *self)
+    }
+    fn into_shared(self) -> Arc<Service> {
+        let mut svc = self.clone();
+        slim::service(&mut svc);
+        Arc::new(svc)
+    }
+}
+
+impl ServiceInput for Arc<Service> {
+    fn is(&self, held: &Arc<Service>) -> bool {
+        Arc::ptr_eq(self, held)
+    }
+    fn metadata(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn fingerprint(&self) -> u64 {
+        fingerprint(&self.metadata, self.as_ref())
+    }
+    fn into_shared(self) -> Arc<Service> {
+        self
+    }
 }
 
 pub struct ModelCache {
     node: NodeInfo,
     opts: Options,
-    services: BTreeMap<NamespacedName, (u64, Service)>,
+    services: BTreeMap<NamespacedName, (u64, Arc<Service>)>,
     slices: BTreeMap<NamespacedName, SliceEntry>,
+    /// Node and zone names the slices share.
+    names: Names,
     /// Slice names of each Service, in name order.
     by_service: BTreeMap<NamespacedName, BTreeSet<String>>,
     /// The result of each Service on its own.
-    parts: BTreeMap<NamespacedName, DesiredState>,
+    parts: BTreeMap<NamespacedName, Part>,
     /// Services claiming each frontend; the first one has it.
-    claims: BTreeMap<FrontendKey, BTreeSet<NamespacedName>>,
+    claims: BTreeMap<FrontendKey, Claimants>,
     /// The frontends in force (the first claimant's).
     winners: BTreeMap<FrontendKey, Frontend>,
     /// Problems of the input as a whole (duplicate objects).
@@ -94,6 +221,7 @@ impl ModelCache {
             opts,
             services: BTreeMap::new(),
             slices: BTreeMap::new(),
+            names: Names::default(),
             by_service: BTreeMap::new(),
             parts: BTreeMap::new(),
             claims: BTreeMap::new(),
@@ -121,46 +249,48 @@ impl ModelCache {
     /// Replaces every object (a manifest directory read again); only
     /// Services whose object or slices differ are marked for recomputation,
     /// and only changed objects are copied.
-    pub fn replace<'a>(
+    pub fn replace<S: ServiceInput, E: SliceInput>(
         &mut self,
-        services: impl IntoIterator<Item = &'a Service>,
-        slices: impl IntoIterator<Item = &'a EndpointSlice>,
+        services: impl IntoIterator<Item = S>,
+        slices: impl IntoIterator<Item = E>,
     ) {
         self.replace_services(services);
         self.replace_slices(slices);
     }
 
     /// Replaces every Service (see [`ModelCache::replace`]).
-    pub fn replace_services<'a>(&mut self, services: impl IntoIterator<Item = &'a Service>) {
+    pub fn replace_services<S: ServiceInput>(&mut self, services: impl IntoIterator<Item = S>) {
         self.service_problems.clear();
         let sorted = sorted_unique(services, "Service", &mut self.service_problems, |s| {
-            &s.metadata
+            NamespacedName::of(s.metadata())
         });
-        for (key, svc) in &sorted {
-            self.put_service(key.clone(), svc);
+        let gone = absent(&self.services, &sorted);
+        for (key, svc) in sorted {
+            self.put_service(key, svc);
         }
-        for id in absent(&self.services, &sorted) {
+        for id in gone {
             self.delete_service(&id);
         }
     }
 
     /// Replaces every EndpointSlice (see [`ModelCache::replace`]).
-    pub fn replace_slices<'a>(&mut self, slices: impl IntoIterator<Item = &'a EndpointSlice>) {
+    pub fn replace_slices<E: SliceInput>(&mut self, slices: impl IntoIterator<Item = E>) {
         self.slice_problems.clear();
         let sorted = sorted_unique(slices, "EndpointSlice", &mut self.slice_problems, |s| {
-            &s.metadata
+            s.id()
         });
-        for (key, slice) in &sorted {
-            self.put_slice(key.clone(), slice);
+        let gone = absent(&self.slices, &sorted);
+        for (key, slice) in sorted {
+            self.put_slice(key, slice);
         }
-        for id in absent(&self.slices, &sorted) {
+        for id in gone {
             self.delete_slice(&id);
         }
     }
 
     /// A Service was added or changed (a watch event).
-    pub fn upsert_service(&mut self, svc: &Service) {
-        self.put_service(NamespacedName::of(&svc.metadata), svc);
+    pub fn upsert_service(&mut self, svc: impl ServiceInput) {
+        self.put_service(NamespacedName::of(svc.metadata()), svc);
     }
 
     pub fn delete_service(&mut self, id: &NamespacedName) {
@@ -171,8 +301,8 @@ impl ModelCache {
     }
 
     /// An EndpointSlice was added or changed (a watch event).
-    pub fn upsert_slice(&mut self, slice: &EndpointSlice) {
-        self.put_slice(NamespacedName::of(&slice.metadata), slice);
+    pub fn upsert_slice(&mut self, slice: impl SliceInput) {
+        self.put_slice(slice.id(), slice);
     }
 
     pub fn delete_slice(&mut self, id: &NamespacedName) {
@@ -188,30 +318,32 @@ impl ModelCache {
         std::mem::take(&mut self.changes)
     }
 
-    fn put_service(&mut self, key: NamespacedName, svc: &Service) {
-        let fp = fingerprint(&svc.metadata, svc);
+    fn put_service(&mut self, key: NamespacedName, svc: impl ServiceInput) {
+        if self
+            .services
+            .get(&key)
+            .is_some_and(|(_, held)| svc.is(held))
+        {
+            return;
+        }
+        let fp = svc.fingerprint();
         if self.services.get(&key).is_some_and(|(old, _)| *old == fp) {
             return;
         }
         self.dirty.insert(key.clone());
         self.changes.services += 1;
-        self.services.insert(key, (fp, svc.clone()));
+        self.services.insert(key, (fp, svc.into_shared()));
     }
 
-    fn put_slice(&mut self, key: NamespacedName, slice: &EndpointSlice) {
-        let labels = slice.metadata.labels.as_ref();
-        let owner = labels
-            .filter(|l| !l.contains_key(LABEL_HEADLESS))
-            .and_then(|l| l.get(LABEL_SERVICE_NAME))
-            .map(|svc| NamespacedName::new(&key.namespace, svc));
-        let Some(owner) = owner else {
+    fn put_slice(&mut self, key: NamespacedName, slice: impl SliceInput) {
+        let Some(owner) = slice.owner(&key) else {
             // Headless, or no service-name label: not ours (any earlier
             // version of it is dropped).
             tracing::debug!(slice = %key, "EndpointSlice ignored");
             self.delete_slice(&key);
             return;
         };
-        let fp = fingerprint(&slice.metadata, slice);
+        let fp = slice.fingerprint();
         if let Some(old) = self.slices.get(&key) {
             if old.fingerprint == fp && old.owner == owner {
                 return;
@@ -226,7 +358,7 @@ impl ModelCache {
             SliceEntry {
                 fingerprint: fp,
                 owner,
-                slice: slice.clone(),
+                slice: slice.into_checked(&mut self.names),
             },
         );
     }
@@ -255,7 +387,7 @@ impl ModelCache {
         let mut touched: BTreeSet<FrontendKey> = BTreeSet::new();
         for svc_key in std::mem::take(&mut self.dirty) {
             if let Some(old) = self.parts.remove(&svc_key) {
-                for fk in old.frontends.keys() {
+                for (fk, _) in old.frontends.iter() {
                     if let Some(c) = self.claims.get_mut(fk) {
                         c.remove(&svc_key);
                     }
@@ -265,7 +397,7 @@ impl ModelCache {
             let Some((_, svc)) = self.services.get(&svc_key) else {
                 continue;
             };
-            let slices: Vec<&EndpointSlice> = self
+            let slices: Vec<&CheckedSlice> = self
                 .by_service
                 .get(&svc_key)
                 .into_iter()
@@ -274,10 +406,10 @@ impl ModelCache {
                     self.slices
                         .get(&NamespacedName::new(&svc_key.namespace, name))
                 })
-                .map(|e| &e.slice)
+                .map(|e| e.slice.as_ref())
                 .collect();
-            let part = service_state(svc, &slices, &self.node, &self.opts);
-            for fk in part.frontends.keys() {
+            let part = Part::from(service_state_checked(svc, &slices, &self.node, &self.opts));
+            for (fk, _) in part.frontends.iter() {
                 self.claims.entry(*fk).or_default().insert(svc_key.clone());
                 touched.insert(*fk);
             }
@@ -290,7 +422,7 @@ impl ModelCache {
                 .get(&fk)
                 .and_then(|c| c.first())
                 .and_then(|owner| self.parts.get(owner))
-                .and_then(|p| p.frontends.get(&fk));
+                .and_then(|p| p.frontend(&fk));
             if self.winners.get(&fk) != winner {
                 match winner {
                     Some(w) => self.winners.insert(fk, w.clone()),
@@ -298,7 +430,7 @@ impl ModelCache {
                 };
                 changed.insert(fk);
             }
-            if self.claims.get(&fk).is_some_and(BTreeSet::is_empty) {
+            if self.claims.get(&fk).is_some_and(Claimants::is_empty) {
                 self.claims.remove(&fk);
             }
         }
@@ -322,7 +454,7 @@ impl ModelCache {
         let mut by_port: BTreeMap<u16, &NamespacedName> = BTreeMap::new();
         let mut checks = BTreeMap::new();
         let mut problems = Vec::new();
-        for (id, hc) in self.parts.values().flat_map(|p| &p.health_checks) {
+        for (id, hc) in self.parts.values().flat_map(|p| p.health_checks.iter()) {
             match by_port.get(&hc.node_port) {
                 Some(owner) => problems.push(Problem::new(
                     ProblemKind::DuplicateHealthCheckNodePort,
@@ -348,7 +480,7 @@ impl ModelCache {
         out.extend(self.slice_problems.iter().cloned());
         for (key, part) in &self.parts {
             out.extend(part.problems.iter().cloned());
-            for (fk, fe) in &part.frontends {
+            for (fk, fe) in part.frontends.iter() {
                 let Some(owner) = self.claims.get(fk).and_then(|c| c.first()) else {
                     continue;
                 };
@@ -385,19 +517,71 @@ impl ModelCache {
     }
 }
 
+/// One Service's result, kept compact: sorted boxed slices, not maps (a
+/// B-tree map allocates a whole node, ~1.4 KB here, for a single entry,
+/// and most Services have one port).
+struct Part {
+    frontends: Box<[(FrontendKey, Frontend)]>,
+    endpoints: Box<[(ServicePortName, ServicePortEndpoints)]>,
+    problems: Box<[Problem]>,
+    /// Nearly always none or one.
+    health_checks: Box<[(NamespacedName, HealthCheck)]>,
+}
+
+impl From<DesiredState> for Part {
+    fn from(state: DesiredState) -> Part {
+        Part {
+            frontends: state.frontends.into_iter().collect(),
+            endpoints: state.endpoints.into_iter().collect(),
+            problems: state.problems.into(),
+            health_checks: state.health_checks.into_iter().collect(),
+        }
+    }
+}
+
+impl Part {
+    fn frontend(&self, key: &FrontendKey) -> Option<&Frontend> {
+        let i = self.frontends.binary_search_by(|(k, _)| k.cmp(key)).ok()?;
+        Some(&self.frontends[i].1)
+    }
+}
+
+/// The Services claiming one frontend, sorted (nearly always one).
+#[derive(Default)]
+struct Claimants(Vec<NamespacedName>);
+
+impl Claimants {
+    fn insert(&mut self, id: NamespacedName) {
+        if let Err(at) = self.0.binary_search(&id) {
+            self.0.insert(at, id);
+        }
+    }
+
+    fn remove(&mut self, id: &NamespacedName) {
+        if let Ok(at) = self.0.binary_search(id) {
+            self.0.remove(at);
+        }
+    }
+
+    fn first(&self) -> Option<&NamespacedName> {
+        self.0.first()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// The objects by key, sorted, each key once: of two objects with one name
 /// the first in input order is kept (deterministic for sorted input) and the
 /// other reported. Keys are computed once.
-fn sorted_unique<'a, T>(
-    objects: impl IntoIterator<Item = &'a T>,
+fn sorted_unique<T>(
+    objects: impl IntoIterator<Item = T>,
     kind: &'static str,
     problems: &mut Vec<Problem>,
-    meta: fn(&T) -> &ObjectMeta,
-) -> Vec<(NamespacedName, &'a T)> {
-    let mut sorted: Vec<(NamespacedName, &T)> = objects
-        .into_iter()
-        .map(|o| (NamespacedName::of(meta(o)), o))
-        .collect();
+    id: fn(&T) -> NamespacedName,
+) -> Vec<(NamespacedName, T)> {
+    let mut sorted: Vec<(NamespacedName, T)> = objects.into_iter().map(|o| (id(&o), o)).collect();
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
     sorted.dedup_by(|later, first| {
         let dup = later.0 == first.0;
@@ -417,7 +601,7 @@ fn sorted_unique<'a, T>(
 /// Keys held that the new objects no longer have.
 fn absent<V, T>(
     held: &BTreeMap<NamespacedName, V>,
-    sorted: &[(NamespacedName, &T)],
+    sorted: &[(NamespacedName, T)],
 ) -> Vec<NamespacedName> {
     held.keys()
         .filter(|k| sorted.binary_search_by(|(s, _)| s.cmp(k)).is_err())

@@ -35,8 +35,9 @@
 //!   are never narrowed (they are as narrow as it gets).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
 };
 
 use k8s_openapi::api::{
@@ -68,21 +69,27 @@ impl Family {
     }
 }
 
-/// An endpoint of a slice, checked.
-#[derive(Clone, Debug)]
+/// An endpoint of a slice, checked: about 80 bytes, where the API object
+/// holds several hundred (node and hint names are shared).
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct SliceEndpoint {
     ip: IpAddr,
-    local: bool,
     ready: bool,
     serving: bool,
     terminating: bool,
+    /// The endpoint's `nodeName`.
+    node: Option<Arc<str>>,
     /// Zone hints; None when there is none.
-    zones: Option<Vec<String>>,
+    zones: Option<Box<[Arc<str>]>>,
     /// Node hints; None when there is none.
-    nodes: Option<Vec<String>>,
+    nodes: Option<Box<[Arc<str>]>>,
 }
 
 impl SliceEndpoint {
+    fn is_local(&self, node: &NodeInfo) -> bool {
+        !node.name.is_empty() && self.node.as_deref() == Some(node.name.as_str())
+    }
+
     /// Merge preference between copies of one address and port.
     fn rank(&self) -> u8 {
         if self.ready {
@@ -95,12 +102,37 @@ impl SliceEndpoint {
     }
 }
 
-/// A slice of the Service, checked.
-pub(super) struct CheckedSlice {
+/// What the model reads of an EndpointSlice, checked once when it arrives
+/// (the model keeps this, not the object). It does not depend on the node:
+/// whether an endpoint is local is decided when a Service is computed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CheckedSlice {
     /// (name, protocol, port) of each valid port; protocol as written,
     /// upper-case, TCP when unset.
-    ports: Vec<(String, String, u16)>,
-    endpoints: Vec<SliceEndpoint>,
+    ports: Box<[SlicePort]>,
+    endpoints: Box<[SliceEndpoint]>,
+    /// What was skipped, reported with the Service the slice belongs to.
+    problems: Box<[Problem]>,
+    /// The `endpoints.kubernetes.io/last-change-trigger-time` annotation.
+    last_change_trigger_time: Option<Box<str>>,
+}
+
+/// A slice port: (name, protocol, number).
+type SlicePort = (Box<str>, Box<str>, u16);
+
+/// Shares the strings many endpoints repeat (node names, zones).
+#[derive(Default)]
+pub struct Names(HashSet<Arc<str>>);
+
+impl Names {
+    fn get(&mut self, name: &str) -> Arc<str> {
+        if let Some(n) = self.0.get(name) {
+            return n.clone();
+        }
+        let n: Arc<str> = Arc::from(name);
+        self.0.insert(n.clone());
+        n
+    }
 }
 
 /// How the cluster set is narrowed by topology.
@@ -137,11 +169,36 @@ pub(super) fn valid_port(n: i32) -> Option<u16> {
     u16::try_from(n).ok().filter(|p| *p != 0)
 }
 
-/// Checks a slice once for all ports of its Service; None if it is
-/// skipped whole. What is skipped is added to `problems`.
-pub(super) fn check_slice(
+impl CheckedSlice {
+    /// Checks a slice once for all ports of its Service and every node.
+    /// A slice skipped whole has no ports and no endpoints.
+    pub fn new(slice: &EndpointSlice, names: &mut Names) -> CheckedSlice {
+        let mut problems = Vec::new();
+        let mut checked = check_slice(slice, names, &mut problems).unwrap_or_default();
+        checked.problems = problems.into();
+        checked.last_change_trigger_time = slice
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(super::ANNOTATION_LAST_CHANGE_TRIGGER_TIME))
+            .map(|t| t.as_str().into());
+        checked
+    }
+
+    /// What was skipped in the slice.
+    pub fn problems(&self) -> &[Problem] {
+        &self.problems
+    }
+
+    /// The slice's `endpoints.kubernetes.io/last-change-trigger-time`.
+    pub fn last_change_trigger_time(&self) -> Option<&str> {
+        self.last_change_trigger_time.as_deref()
+    }
+}
+
+fn check_slice(
     slice: &EndpointSlice,
-    node: &NodeInfo,
+    names: &mut Names,
     problems: &mut Vec<Problem>,
 ) -> Option<CheckedSlice> {
     let id = NamespacedName::of(&slice.metadata);
@@ -173,11 +230,11 @@ pub(super) fn check_slice(
         // A port without number means "all ports": nothing to translate
         // to, as for kube-proxy.
         let Some(number) = p.port else { continue };
-        let pname = p.name.clone().unwrap_or_default();
+        let pname = p.name.as_deref().unwrap_or_default();
         match valid_port(number) {
             Some(n) => ports.push((
-                pname,
-                p.protocol.clone().unwrap_or_else(|| "TCP".to_string()),
+                pname.into(),
+                p.protocol.as_deref().unwrap_or("TCP").into(),
                 n,
             )),
             None => skip(
@@ -188,7 +245,7 @@ pub(super) fn check_slice(
     }
     let mut endpoints = Vec::new();
     for (i, ep) in slice.endpoints.iter().enumerate() {
-        match check_endpoint(ep, family, node) {
+        match check_endpoint(ep, family, names) {
             Ok(e) => endpoints.push(e),
             Err(reason) => skip(
                 ProblemKind::InvalidEndpointAddress,
@@ -196,13 +253,17 @@ pub(super) fn check_slice(
             ),
         }
     }
-    Some(CheckedSlice { ports, endpoints })
+    Some(CheckedSlice {
+        ports: ports.into(),
+        endpoints: endpoints.into(),
+        ..Default::default()
+    })
 }
 
 fn check_endpoint(
     ep: &ApiEndpoint,
     family: Family,
-    node: &NodeInfo,
+    names: &mut Names,
 ) -> Result<SliceEndpoint, String> {
     let first = ep.addresses.first().ok_or("no address")?;
     let ip: IpAddr = first
@@ -219,14 +280,14 @@ fn check_endpoint(
     let zones = hints
         .and_then(|h| h.for_zones.as_ref())
         .filter(|z| !z.is_empty())
-        .map(|z| z.iter().map(|z| z.name.clone()).collect());
+        .map(|z| z.iter().map(|z| names.get(&z.name)).collect());
     let nodes = hints
         .and_then(|h| h.for_nodes.as_ref())
         .filter(|n| !n.is_empty())
-        .map(|n| n.iter().map(|n| n.name.clone()).collect());
+        .map(|n| n.iter().map(|n| names.get(&n.name)).collect());
     Ok(SliceEndpoint {
         ip,
-        local: !node.name.is_empty() && ep.node_name.as_deref() == Some(&node.name),
+        node: ep.node_name.as_deref().map(|n| names.get(n)),
         ready,
         serving,
         terminating,
@@ -237,7 +298,7 @@ fn check_endpoint(
 
 /// The cluster and local sets of one service port.
 pub(super) fn endpoint_sets(
-    slices: &[CheckedSlice],
+    slices: &[&CheckedSlice],
     port_name: &str,
     protocol: Protocol,
     node: &NodeInfo,
@@ -257,12 +318,16 @@ pub(super) fn endpoint_sets(
             .collect();
         let cluster = choose(&of_family);
         let cluster = narrow_by_topology(cluster, node, topology);
-        let local_eps: Vec<(u16, &SliceEndpoint)> =
-            of_family.iter().filter(|(_, e)| e.local).copied().collect();
+        let local_eps: Vec<(u16, &SliceEndpoint)> = of_family
+            .iter()
+            .filter(|(_, e)| e.is_local(node))
+            .copied()
+            .collect();
         let local = choose(&local_eps);
         out.cluster
-            .extend(cluster.iter().map(|(p, e)| endpoint(*p, e)));
-        out.local.extend(local.iter().map(|(p, e)| endpoint(*p, e)));
+            .extend(cluster.iter().map(|(p, e)| endpoint(*p, e, node)));
+        out.local
+            .extend(local.iter().map(|(p, e)| endpoint(*p, e, node)));
     }
     out.cluster.sort();
     out.local.sort();
@@ -272,7 +337,7 @@ pub(super) fn endpoint_sets(
 /// The slices' endpoints of one service port, merged: one entry per address
 /// and port, the best copy; as (backend port, endpoint).
 fn merge<'a>(
-    slices: &'a [CheckedSlice],
+    slices: &[&'a CheckedSlice],
     port_name: &str,
     protocol: Protocol,
 ) -> Vec<(u16, &'a SliceEndpoint)> {
@@ -281,11 +346,11 @@ fn merge<'a>(
         let Some((_, _, target)) = slice
             .ports
             .iter()
-            .find(|(n, p, _)| n == port_name && p == protocol.as_str())
+            .find(|(n, p, _)| &**n == port_name && &**p == protocol.as_str())
         else {
             continue;
         };
-        for ep in &slice.endpoints {
+        for ep in slice.endpoints.iter() {
             merged
                 .entry((ep.ip, *target))
                 .and_modify(|e| {
@@ -299,11 +364,11 @@ fn merge<'a>(
     merged.iter().map(|((_, p), e)| (*p, *e)).collect()
 }
 
-fn endpoint(port: u16, e: &SliceEndpoint) -> Endpoint {
+fn endpoint(port: u16, e: &SliceEndpoint, node: &NodeInfo) -> Endpoint {
     Endpoint {
         ip: e.ip,
         port,
-        local: e.local,
+        local: e.is_local(node),
         terminating: e.terminating,
     }
 }
@@ -329,7 +394,7 @@ fn narrow_by_topology<'a>(
     // hints and one names it.
     fn by_hints<'a>(
         set: &[(u16, &'a SliceEndpoint)],
-        hints: impl Fn(&SliceEndpoint) -> Option<&Vec<String>>,
+        hints: impl Fn(&SliceEndpoint) -> Option<&[Arc<str>]>,
         want: &str,
     ) -> Option<Vec<(u16, &'a SliceEndpoint)>> {
         if set.is_empty() || !set.iter().all(|(_, e)| hints(e).is_some()) {
@@ -337,20 +402,20 @@ fn narrow_by_topology<'a>(
         }
         let kept: Vec<_> = set
             .iter()
-            .filter(|(_, e)| hints(e).is_some_and(|h| h.iter().any(|z| z == want)))
+            .filter(|(_, e)| hints(e).is_some_and(|h| h.iter().any(|z| &**z == want)))
             .copied()
             .collect();
         (!kept.is_empty()).then_some(kept)
     }
     if topology == Topology::NodeThenZone
         && !node.name.is_empty()
-        && let Some(kept) = by_hints(&set, |e| e.nodes.as_ref(), &node.name)
+        && let Some(kept) = by_hints(&set, |e| e.nodes.as_deref(), &node.name)
     {
         return kept;
     }
     if topology != Topology::None
         && let Some(zone) = &node.zone
-        && let Some(kept) = by_hints(&set, |e| e.zones.as_ref(), zone)
+        && let Some(kept) = by_hints(&set, |e| e.zones.as_deref(), zone)
     {
         return kept;
     }

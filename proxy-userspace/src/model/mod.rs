@@ -9,6 +9,8 @@
 //!   redoes only what changed; [`desired_state`] runs it once;
 //! * [`service_cidrs`]: the service CIDRs in force (flags and ServiceCIDR
 //!   objects).
+//! * [`slim`]: what is kept of each object (the cache is the only copy the
+//!   daemon holds, so it keeps only what the model reads).
 //!
 //! This module holds the types they share. Nothing here does I/O.
 //!
@@ -37,6 +39,7 @@ pub mod cache;
 pub mod endpoints;
 pub mod service;
 pub mod service_cidrs;
+pub mod slim;
 
 use std::{collections::BTreeMap, fmt, net::IpAddr};
 
@@ -44,8 +47,11 @@ use crate::cidr::Cidr;
 
 use k8s_openapi::{api::core::v1::Node, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 
-pub use cache::{ModelCache, ObjectChanges, desired_state};
-pub use service::service_state;
+pub use cache::{
+    ModelCache, ObjectChanges, PreparedSlice, ServiceInput, SliceInput, desired_state,
+};
+pub use endpoints::{CheckedSlice, Names};
+pub use service::{service_state, service_state_checked};
 
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
@@ -53,6 +59,9 @@ pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
 pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
 pub const ANNOTATION_TOPOLOGY_MODE: &str = "service.kubernetes.io/topology-mode";
 pub const ANNOTATION_TOPOLOGY_AWARE_HINTS: &str = "service.kubernetes.io/topology-aware-hints";
+/// Kept on EndpointSlices: when the change they record was triggered.
+pub const ANNOTATION_LAST_CHANGE_TRIGGER_TIME: &str =
+    "endpoints.kubernetes.io/last-change-trigger-time";
 /// The API server accepts no more endpoints in one slice.
 pub const MAX_ENDPOINTS_PER_SLICE: usize = 1000;
 

@@ -49,7 +49,7 @@ use super::{
     DEFAULT_AFFINITY_TIMEOUT, DesiredState, Endpoint, Frontend, FrontendKey, FrontendKind,
     HealthCheck, LABEL_SERVICE_PROXY_NAME, NamespacedName, NodeInfo, Options, ProblemKind,
     Protocol, ServicePortEndpoints, ServicePortName,
-    endpoints::{self, CheckedSlice, Family, Topology, valid_port},
+    endpoints::{self, CheckedSlice, Family, Names, Topology, valid_port},
 };
 
 /// What one Service produces on its own, from its slices: its frontends
@@ -58,6 +58,23 @@ use super::{
 pub fn service_state(
     svc: &Service,
     slices: &[&EndpointSlice],
+    node: &NodeInfo,
+    opts: &Options,
+) -> DesiredState {
+    let mut names = Names::default();
+    let checked: Vec<CheckedSlice> = slices
+        .iter()
+        .map(|s| CheckedSlice::new(s, &mut names))
+        .collect();
+    let checked: Vec<&CheckedSlice> = checked.iter().collect();
+    service_state_checked(svc, &checked, node, opts)
+}
+
+/// [`service_state`] from slices checked beforehand (as the
+/// [`ModelCache`](super::ModelCache) keeps them).
+pub fn service_state_checked(
+    svc: &Service,
+    slices: &[&CheckedSlice],
     node: &NodeInfo,
     opts: &Options,
 ) -> DesiredState {
@@ -78,7 +95,7 @@ struct Builder<'a> {
 }
 
 /// What every port of a Service shares.
-struct ServiceFacts {
+struct ServiceFacts<'s> {
     svc_type: String,
     cluster_ips: Vec<IpAddr>,
     families: Vec<Family>,
@@ -86,12 +103,12 @@ struct ServiceFacts {
     itp_local: bool,
     etp_local: bool,
     topology: Topology,
-    slices: Vec<CheckedSlice>,
+    slices: &'s [&'s CheckedSlice],
     affinity_timeout: Option<u32>,
     source_ranges: Vec<Cidr>,
 }
 
-impl ServiceFacts {
+impl ServiceFacts<'_> {
     fn has_node_ports(&self) -> bool {
         matches!(self.svc_type.as_str(), "NodePort" | "LoadBalancer")
     }
@@ -111,7 +128,7 @@ impl Builder<'_> {
         super::skipped(&mut self.state.problems, kind, "Service", &self.id, reason);
     }
 
-    fn service(&mut self, svc: &Service, slices: &[&EndpointSlice], opts: &Options) {
+    fn service(&mut self, svc: &Service, slices: &[&CheckedSlice], opts: &Options) {
         if let Some(proxy) = svc
             .metadata
             .labels
@@ -172,12 +189,12 @@ impl Builder<'_> {
 
     /// What the Service's ports share; None when it has no frontend at all
     /// (ExternalName, headless, or without a valid cluster IP).
-    fn facts(
+    fn facts<'s>(
         &mut self,
         svc: &Service,
         spec: &ServiceSpec,
-        slices: &[&EndpointSlice],
-    ) -> Option<ServiceFacts> {
+        slices: &'s [&'s CheckedSlice],
+    ) -> Option<ServiceFacts<'s>> {
         let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
         if svc_type == "ExternalName" {
             return None;
@@ -187,12 +204,9 @@ impl Builder<'_> {
         let external_ips = self.external_ips(svc, spec, &families);
         let externally_accessible =
             matches!(svc_type, "NodePort" | "LoadBalancer") || !external_ips.is_empty();
-        let mut problems = Vec::new();
-        let checked = slices
-            .iter()
-            .filter_map(|s| endpoints::check_slice(s, self.node, &mut problems))
-            .collect();
-        self.state.problems.extend(problems);
+        for slice in slices {
+            self.state.problems.extend_from_slice(slice.problems());
+        }
         let source_ranges = self.source_ranges(spec);
         Some(ServiceFacts {
             svc_type: svc_type.to_string(),
@@ -206,7 +220,7 @@ impl Builder<'_> {
             etp_local: externally_accessible
                 && spec.external_traffic_policy.as_deref() == Some("Local"),
             topology: Topology::of(svc, spec),
-            slices: checked,
+            slices,
             affinity_timeout: affinity_timeout(spec),
             source_ranges,
         })
@@ -252,7 +266,7 @@ impl Builder<'_> {
             return None;
         }
         let eps = endpoints::endpoint_sets(
-            &facts.slices,
+            facts.slices,
             &port_name,
             protocol,
             self.node,

@@ -115,6 +115,20 @@ pub fn fill_in(services: &mut [Service], config: &AllocConfig) -> AllocReport {
     report
 }
 
+/// Whether [`fill_in`] would give `svc` anything (if no Service needs a
+/// value, it need not run).
+pub fn needs_allocation(svc: &Service) -> bool {
+    svc.spec.as_ref().is_some_and(|spec| {
+        needs_cluster_ip(spec)
+            || (needs_node_ports(spec)
+                && spec
+                    .ports
+                    .iter()
+                    .flatten()
+                    .any(|p| p.node_port.unwrap_or(0) == 0))
+    })
+}
+
 /// Values no allocation may give.
 struct Taken {
     ips: BTreeSet<IpAddr>,

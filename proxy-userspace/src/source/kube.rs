@@ -60,7 +60,7 @@ use tracing::{info, warn};
 use crate::{
     health,
     log_limit::{LogLimiter, REMIND_EVERY},
-    model::{LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, ModelCache, NamespacedName, NodeInfo},
+    model::{LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, ModelCache, NamespacedName, NodeInfo, slim},
 };
 
 /// How long a watch lasts before the server ends it and the watcher resumes
@@ -403,7 +403,7 @@ impl KubeSource {
                 .modify(slim_service)
                 .default_backoff(),
             watcher(Api::<EndpointSlice>::all(client.clone()), slices)
-                .modify(|s: &mut EndpointSlice| s.managed_fields_mut().clear())
+                .modify(slim::slice)
                 .default_backoff(),
             watcher(Api::<Node>::all(client.clone()), node)
                 .modify(slim_node)
@@ -540,11 +540,12 @@ impl KubeSource {
         // After a (re)list, everything; otherwise the objects the watch
         // events named, as the stores have them now (gone: deleted).
         if services.all {
-            cache.replace_services(self.services.state().iter().map(|s| s.as_ref()));
+            // The cache shares the store's (slimmed) objects, not copies.
+            cache.replace_services(self.services.state());
         } else {
             for id in &services.objects {
                 match self.services.get(&object_ref(id)) {
-                    Some(svc) => cache.upsert_service(&svc),
+                    Some(svc) => cache.upsert_service(svc),
                     None => cache.delete_service(id),
                 }
             }
@@ -554,7 +555,7 @@ impl KubeSource {
         } else {
             for id in &slices.objects {
                 match self.slices.get(&object_ref(id)) {
-                    Some(slice) => cache.upsert_slice(&slice),
+                    Some(slice) => cache.upsert_slice(slice.as_ref()),
                     None => cache.delete_slice(id),
                 }
             }
@@ -733,11 +734,9 @@ where
 }
 
 /// Drops what the proxy never reads and can be large, to keep the stores
-/// small: managed fields, and the copy `kubectl apply` keeps of the object.
+/// small (see [`slim`]); the model shares these objects.
 fn slim_service(svc: &mut Service) {
-    svc.managed_fields_mut().clear();
-    svc.annotations_mut()
-        .remove("kubectl.kubernetes.io/last-applied-configuration");
+    slim::service(svc);
 }
 
 /// A Node's status lists every image on the node (often hundreds of

@@ -30,16 +30,18 @@
 //! as written.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap, HashSet},
     fmt, fs, io,
     path::{Path, PathBuf},
+    sync::Arc,
     time::SystemTime,
 };
 
-use anyhow::Context as _;
 use k8s_openapi::api::{
     core::v1::Service, discovery::v1::EndpointSlice, networking::v1::ServiceCIDR,
 };
+
+use crate::model::{Names, NamespacedName, PreparedSlice, slim};
 
 /// The namespace of an object that names none.
 pub const DEFAULT_NAMESPACE: &str = "default";
@@ -661,50 +663,258 @@ fn is_blank_yaml(text: &str) -> bool {
     })
 }
 
-/// A manifest directory, reloaded when any file in it changes.
+/// A manifest directory, read again file by file: a load parses only the
+/// files whose size, modification time or inode changed since the last
+/// one (the others' objects are kept, slimmed, and handed to the model
+/// again at no cost). The caller decides when to look: at an inotify event
+/// ([`DirWatch`]) or at the safety poll.
 pub struct ManifestDir {
     dir: PathBuf,
-    fingerprint: Option<Vec<(PathBuf, u64, SystemTime)>>,
+    files: BTreeMap<PathBuf, ManifestFile>,
+    names: Names,
+    loaded: bool,
+    /// Bytes parsed by the last load.
+    parsed: u64,
+}
+
+/// What one file held, as the model keeps it.
+struct ManifestFile {
+    stamp: Stamp,
+    /// Slimmed, as written (before allocation).
+    services: Vec<Arc<Service>>,
+    slices: Vec<PreparedSlice>,
+    service_cidrs: Vec<ServiceCIDR>,
+    problems: Vec<ManifestProblem>,
+}
+
+/// What tells a file changed without reading it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    modified: SystemTime,
+    inode: u64,
+    ctime_ns: i128,
+}
+
+impl Stamp {
+    fn of(meta: &fs::Metadata) -> Stamp {
+        use std::os::unix::fs::MetadataExt as _;
+        Stamp {
+            len: meta.len(),
+            modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            inode: meta.ino(),
+            ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
+        }
+    }
+}
+
+/// Every object of a directory, ready for the model.
+#[derive(Debug, Default)]
+pub struct DirObjects {
+    /// In file name order, each name once, cluster IPs and node ports
+    /// filled in.
+    pub services: Vec<Arc<Service>>,
+    pub slices: Vec<PreparedSlice>,
+    /// ServiceCIDR objects, sorted by name, each name once.
+    pub service_cidrs: Vec<ServiceCIDR>,
+    pub problems: Vec<ManifestProblem>,
 }
 
 impl ManifestDir {
     pub fn new(dir: PathBuf) -> Self {
         ManifestDir {
             dir,
-            fingerprint: None,
+            files: BTreeMap::new(),
+            names: Names::default(),
+            loaded: false,
+            parsed: 0,
         }
     }
 
-    fn fingerprint(dir: &Path) -> anyhow::Result<Vec<(PathBuf, u64, SystemTime)>> {
-        let mut out = Vec::new();
-        for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
-            let entry = entry?;
-            let meta = entry.metadata()?;
-            out.push((entry.path(), meta.len(), meta.modified()?));
-        }
-        out.sort();
-        Ok(out)
+    pub fn path(&self) -> &Path {
+        &self.dir
     }
 
-    /// The objects, if any file changed since the last call (the first call
-    /// always loads).
-    pub fn load_if_changed(&mut self) -> anyhow::Result<Option<Objects>> {
-        let fp = Self::fingerprint(&self.dir)?;
-        if self.fingerprint.as_ref() == Some(&fp) {
+    /// Bytes of the files the last [`load_if_changed`](Self::load_if_changed)
+    /// parsed.
+    pub fn parsed_bytes(&self) -> u64 {
+        self.parsed
+    }
+
+    /// The objects, if a file changed, appeared or went since the last call
+    /// (the first call always loads). Only changed files are parsed.
+    pub fn load_if_changed(&mut self) -> Result<Option<DirObjects>, ManifestError> {
+        let listing = manifest_files(&self.dir)?;
+        let before = self.files.len();
+        self.files.retain(|path, _| listing.contains_key(path));
+        let mut changed = self.files.len() != before;
+        self.parsed = 0;
+        for (path, stamp) in listing {
+            if self.files.get(&path).is_some_and(|f| f.stamp == stamp) {
+                continue;
+            }
+            let file = read_manifest_file(&path, stamp, &mut self.names);
+            self.parsed += stamp.len;
+            tracing::debug!(file = %path.display(), "manifest file read");
+            self.files.insert(path, file);
+            changed = true;
+        }
+        if self.loaded && !changed {
             return Ok(None);
         }
-        let mut objects = load_dir(&self.dir)?;
-        // No API server allocates for us: Services without clusterIP or
-        // nodePort get deterministic ones (logged).
-        let report = super::allocate::fill_in(
-            &mut objects.services,
-            &super::allocate::AllocConfig::default(),
-        );
-        for failure in report.failures {
-            tracing::warn!(%failure, "allocation failed");
+        self.loaded = true;
+        Ok(Some(self.assemble()))
+    }
+
+    /// Every file's objects in file name order, the first of each name kept
+    /// (as [`load_dir`] does), with the values no API server allocated
+    /// filled in.
+    fn assemble(&self) -> DirObjects {
+        let mut out = DirObjects::default();
+        let mut seen: HashMap<(&'static str, NamespacedName), &Path> = HashMap::new();
+        for (path, file) in &self.files {
+            out.problems.extend(file.problems.iter().cloned());
+            for svc in &file.services {
+                let id = NamespacedName::of(&svc.metadata);
+                if first_of_name(&mut seen, "Service", id, path, &mut out.problems) {
+                    out.services.push(svc.clone());
+                }
+            }
+            for slice in &file.slices {
+                let id = slice.id().clone();
+                if first_of_name(&mut seen, "EndpointSlice", id, path, &mut out.problems) {
+                    out.slices.push(slice.clone());
+                }
+            }
         }
-        self.fingerprint = Some(fp);
-        Ok(Some(objects))
+        out.services = allocated(std::mem::take(&mut out.services));
+        out.service_cidrs = self
+            .files
+            .values()
+            .flat_map(|f| f.service_cidrs.iter().cloned())
+            .collect();
+        out.service_cidrs
+            .sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+        out.service_cidrs
+            .dedup_by(|later, first| later.metadata.name == first.metadata.name);
+        out
+    }
+}
+
+/// Records where an object was first read; false (and a problem) if an
+/// object of its kind and name was read from an earlier file.
+fn first_of_name<'a>(
+    seen: &mut HashMap<(&'static str, NamespacedName), &'a Path>,
+    kind: &'static str,
+    id: NamespacedName,
+    path: &'a Path,
+    problems: &mut Vec<ManifestProblem>,
+) -> bool {
+    if let Some(first) = seen.get(&(kind, id.clone())) {
+        problems.push(ManifestProblem {
+            origin: path.display().to_string(),
+            document: 0,
+            item: None,
+            line: None,
+            reason: format!(
+                "{kind} {id} was already read from {}; skipped",
+                first.display()
+            ),
+        });
+        return false;
+    }
+    seen.insert((kind, id), path);
+    true
+}
+
+/// The Services with what no API server allocated filled in: only those
+/// given a value are copied.
+fn allocated(services: Vec<Arc<Service>>) -> Vec<Arc<Service>> {
+    if !services
+        .iter()
+        .any(|s| super::allocate::needs_allocation(s))
+    {
+        return services;
+    }
+    let mut owned: Vec<Service> = services.iter().map(|s| (**s).clone()).collect();
+    // No API server allocates for us: Services without clusterIP or
+    // nodePort get deterministic ones (logged).
+    let report = super::allocate::fill_in(&mut owned, &super::allocate::AllocConfig::default());
+    for failure in &report.failures {
+        tracing::warn!(%failure, "allocation failed");
+    }
+    let given: HashSet<(&str, &str)> = report
+        .allocated
+        .iter()
+        .map(|a| (a.namespace.as_str(), a.name.as_str()))
+        .collect();
+    services
+        .into_iter()
+        .zip(owned)
+        .map(|(shared, filled)| {
+            let id = (
+                filled.metadata.namespace.as_deref().unwrap_or_default(),
+                filled.metadata.name.as_deref().unwrap_or_default(),
+            );
+            if given.contains(&id) {
+                Arc::new(filled)
+            } else {
+                shared
+            }
+        })
+        .collect()
+}
+
+/// The manifest files of `dir` (see [`load_dir`]) and their stamps.
+fn manifest_files(dir: &Path) -> Result<BTreeMap<PathBuf, Stamp>, ManifestError> {
+    let read_err = |source| ManifestError::ReadDir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut files = BTreeMap::new();
+    for entry in fs::read_dir(dir).map_err(read_err)? {
+        let entry = entry.map_err(read_err)?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.starts_with('.') || !is_manifest_name(name) {
+            continue;
+        }
+        // fs::metadata follows symbolic links.
+        if let Ok(m) = fs::metadata(entry.path())
+            && m.is_file()
+        {
+            files.insert(entry.path(), Stamp::of(&m));
+        }
+    }
+    Ok(files)
+}
+
+/// One file parsed on its own, its objects slimmed for the model.
+fn read_manifest_file(path: &Path, stamp: Stamp, names: &mut Names) -> ManifestFile {
+    let origin = path.display().to_string();
+    let mut loader = Loader::default();
+    match fs::read_to_string(path) {
+        Ok(text) => loader.parse_text(&text, &origin, is_json_name(path)),
+        Err(e) => loader.problem(&origin, 0, None, None, format!("cannot read file: {e}")),
+    }
+    let objects = loader.finish();
+    ManifestFile {
+        stamp,
+        services: objects
+            .services
+            .into_iter()
+            .map(|mut svc| {
+                slim::service(&mut svc);
+                Arc::new(svc)
+            })
+            .collect(),
+        slices: objects
+            .slices
+            .iter()
+            .map(|s| PreparedSlice::new(s, names))
+            .collect(),
+        service_cidrs: objects.service_cidrs,
+        problems: objects.problems,
     }
 }
 
@@ -1076,5 +1286,84 @@ endpoints: []
         assert!(o.problems[0].origin.ends_with("z.yaml"));
         fs::remove_dir_all(&dir).unwrap();
         assert!(load_dir(&dir).is_err());
+    }
+
+    #[test]
+    fn manifest_dir_reads_only_the_files_that_changed() {
+        let dir = std::env::temp_dir().join(format!("kep-manifest-dir-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let svc = |name: &str, ip: &str| {
+            format!(
+                "{{apiVersion: v1, kind: Service, metadata: {{name: {name}}}, \
+                 spec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}}}\n"
+            )
+        };
+        fs::write(dir.join("a.yaml"), svc("a", "10.96.0.1")).unwrap();
+        fs::write(dir.join("b.yaml"), svc("b", "10.96.0.2")).unwrap();
+        let mut md = ManifestDir::new(dir.clone());
+        let first = md.load_if_changed().unwrap().expect("first load");
+        let names = |o: &DirObjects| -> Vec<String> {
+            o.services
+                .iter()
+                .map(|s| s.metadata.name.clone().unwrap())
+                .collect()
+        };
+        assert_eq!(names(&first), ["a", "b"]);
+        assert!(md.load_if_changed().unwrap().is_none(), "nothing changed");
+
+        // Added, and an editor-style save of b (temporary, then rename).
+        fs::write(dir.join("c.yaml"), svc("c", "10.96.0.3")).unwrap();
+        fs::write(dir.join(".b.yaml.swp"), svc("b", "10.96.0.22")).unwrap();
+        fs::rename(dir.join(".b.yaml.swp"), dir.join("b.yaml")).unwrap();
+        let second = md.load_if_changed().unwrap().expect("changed");
+        assert_eq!(names(&second), ["a", "b", "c"]);
+        assert!(
+            Arc::ptr_eq(&first.services[0], &second.services[0]),
+            "a.yaml was not read again"
+        );
+        let b_ip = second.services[1].spec.as_ref().unwrap().cluster_ip.clone();
+        assert_eq!(b_ip.as_deref(), Some("10.96.0.22"));
+
+        // A second file naming an object already read: the first file wins.
+        fs::write(dir.join("d.yaml"), svc("a", "10.96.0.9")).unwrap();
+        let third = md.load_if_changed().unwrap().expect("changed");
+        assert_eq!(names(&third), ["a", "b", "c"]);
+        assert_eq!(third.problems.len(), 1);
+        assert!(third.problems[0].reason.contains("already read from"));
+
+        // Removed.
+        fs::remove_file(dir.join("a.yaml")).unwrap();
+        fs::remove_file(dir.join("d.yaml")).unwrap();
+        let fourth = md.load_if_changed().unwrap().expect("changed");
+        assert_eq!(names(&fourth), ["b", "c"]);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn dir_watch_wakes_on_writes_renames_and_removals() {
+        use super::super::dirwatch::DirWatch;
+        let dir = std::env::temp_dir().join(format!("kep-dirwatch-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let mut w = DirWatch::new(&dir).unwrap();
+        // One wake-up, then whatever else the same change queued.
+        async fn woke(w: &mut DirWatch) -> bool {
+            let wait = |ms| std::time::Duration::from_millis(ms);
+            let ok = tokio::time::timeout(wait(2000), w.changed()).await.is_ok();
+            while tokio::time::timeout(wait(50), w.changed()).await.is_ok() {}
+            ok
+        }
+        fs::write(dir.join("a.yaml"), "x").unwrap();
+        assert!(woke(&mut w).await, "a written file");
+        fs::write(dir.join(".a.tmp"), "y").unwrap();
+        fs::rename(dir.join(".a.tmp"), dir.join("a.yaml")).unwrap();
+        assert!(woke(&mut w).await, "a rename into place");
+        fs::remove_file(dir.join("a.yaml")).unwrap();
+        assert!(woke(&mut w).await, "a removal");
+        assert!(!w.is_void());
+        fs::remove_dir_all(&dir).unwrap();
+        assert!(woke(&mut w).await, "the directory removed");
+        assert!(w.is_void());
     }
 }

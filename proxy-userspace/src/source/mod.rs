@@ -5,14 +5,16 @@
 //! [`ModelCache`] what changed.
 
 pub mod allocate;
+pub mod dirwatch;
 pub mod kube;
 pub mod manifests;
 
 use anyhow::Result;
 use k8s_openapi::api::networking::v1::ServiceCIDR;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use self::{
+    dirwatch::DirWatch,
     kube::{KubeOptions, KubeSource},
     manifests::ManifestDir,
 };
@@ -20,9 +22,12 @@ use crate::{cli::RunArgs, log_limit::LogLimiter, model::ModelCache};
 
 /// Where Services and EndpointSlices come from.
 pub enum Source {
-    /// The embedded default: a directory of manifests, polled.
+    /// The embedded default: a directory of manifests, watched with
+    /// inotify and polled slowly in case an event was missed.
     Manifests {
         dir: ManifestDir,
+        /// None when inotify is unavailable (the poll alone then).
+        watch: Option<DirWatch>,
         /// Parts of the manifests that could not be read, at the last load.
         unreadable: usize,
         /// The ServiceCIDR objects of the last load.
@@ -54,6 +59,7 @@ impl Source {
     pub async fn start(args: &RunArgs, node_name: &str) -> Result<Source> {
         if let Some(dir) = &args.manifests {
             return Ok(Source::Manifests {
+                watch: watch_dir(dir),
                 dir: ManifestDir::new(dir.clone()),
                 unreadable: 0,
                 service_cidrs: Vec::new(),
@@ -74,17 +80,28 @@ impl Source {
         )))
     }
 
-    /// Manifests are polled (fed at every tick); an API server says when
-    /// it has changes ([`Source::changed`]).
+    /// Manifests are also polled (fed at every tick, in case inotify
+    /// missed something); an API server says when it has changes
+    /// ([`Source::changed`]).
     pub fn is_polled(&self) -> bool {
         matches!(self, Source::Manifests { .. })
     }
 
-    /// Resolves when the API server sent changes not yet fed; never for
-    /// manifests. Cancel-safe.
+    /// Resolves when the API server sent changes not yet fed, or when
+    /// inotify saw the manifest directory change. Cancel-safe.
     pub async fn changed(&mut self) {
         match self {
             Source::Kube(k) => k.changed().await,
+            Source::Manifests {
+                watch: Some(w),
+                dir,
+                ..
+            } if !w.is_void() => {
+                if let Err(e) = w.changed().await {
+                    warn!(dir = %dir.path().display(), error = %e, "inotify failed; polling only");
+                    std::future::pending::<()>().await;
+                }
+            }
             Source::Manifests { .. } => std::future::pending().await,
         }
     }
@@ -98,11 +115,24 @@ impl Source {
                 unreadable,
                 service_cidrs,
                 read_errors,
-            } => Fed {
-                changed: feed_manifests(dir, unreadable, service_cidrs, read_errors, model),
-                ready: true,
-                trigger_times: Vec::new(),
-            },
+                watch,
+            } => {
+                // The directory was replaced (or inotify failed earlier):
+                // watch it anew.
+                if watch.as_ref().is_none_or(DirWatch::is_void) {
+                    *watch = watch_dir(dir.path());
+                }
+                let loaded = Loaded {
+                    unreadable,
+                    service_cidrs,
+                    read_errors,
+                };
+                Fed {
+                    changed: feed_manifests(dir, loaded, model),
+                    ready: true,
+                    trigger_times: Vec::new(),
+                }
+            }
             Source::Kube(k) => {
                 let (ready, trigger_times) = k.feed(model);
                 Fed {
@@ -149,24 +179,34 @@ impl Source {
     }
 }
 
-/// Reloads the manifests when the directory changed; true if it did. A
-/// directory that cannot be read keeps the last state, and is logged when
-/// that starts, changes and ends, not at every poll.
-fn feed_manifests(
-    dir: &mut ManifestDir,
-    unreadable: &mut usize,
-    service_cidrs: &mut Vec<ServiceCIDR>,
-    read_errors: &mut LogLimiter,
-    model: &mut ModelCache,
-) -> bool {
+fn watch_dir(dir: &std::path::Path) -> Option<DirWatch> {
+    DirWatch::new(dir)
+        .inspect_err(
+            |e| debug!(dir = %dir.display(), error = %e, "cannot watch the manifest directory"),
+        )
+        .ok()
+}
+
+/// What the last load of the manifest directory left.
+struct Loaded<'a> {
+    /// Parts of the manifests that could not be read.
+    unreadable: &'a mut usize,
+    service_cidrs: &'a mut Vec<ServiceCIDR>,
+    read_errors: &'a mut LogLimiter,
+}
+
+/// Reloads the manifests when the directory changed (the files that did);
+/// true if it did. A directory that cannot be read keeps the last state,
+/// and is logged when that starts, changes and ends, not at every poll.
+fn feed_manifests(dir: &mut ManifestDir, last: Loaded, model: &mut ModelCache) -> bool {
     let loaded = dir.load_if_changed();
     if loaded.is_ok()
-        && let Some(times) = read_errors.succeeded()
+        && let Some(times) = last.read_errors.succeeded()
     {
         info!(failed_reads = times, "manifest directory readable again");
     }
     match loaded {
-        Ok(Some(mut objects)) => {
+        Ok(Some(objects)) => {
             for p in &objects.problems {
                 warn!(problem = %p, "skipped part of a manifest");
             }
@@ -175,20 +215,28 @@ fn feed_manifests(
                 endpoint_slices = objects.slices.len(),
                 "manifests loaded"
             );
-            // The model keeps what it needs; the parsed manifests go.
-            model.replace(&objects.services, &objects.slices);
-            *unreadable = objects.problems.len();
-            let mut cidrs = std::mem::take(&mut objects.service_cidrs);
-            cidrs.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
-            *service_cidrs = cidrs;
-            drop(objects);
-            release_freed_memory();
+            // The model shares the directory's slimmed objects.
+            let manifests::DirObjects {
+                services,
+                slices,
+                service_cidrs,
+                problems,
+            } = objects;
+            model.replace(services, &slices);
+            *last.unreadable = problems.len();
+            *last.service_cidrs = service_cidrs;
+            drop(slices);
+            // Worth it after a large parse only: trimming walks the whole
+            // heap, which would slow every small change down.
+            if dir.parsed_bytes() > 1 << 20 {
+                release_freed_memory();
+            }
             true
         }
         Ok(None) => false,
         Err(e) => {
             let e = format!("{e:#}");
-            if read_errors.failed(&e).is_some() {
+            if last.read_errors.failed(&e).is_some() {
                 warn!(error = %e, "reading manifests failed; keeping the last state (logged again when this changes)");
             }
             false

@@ -211,11 +211,14 @@ impl Cluster {
             node.into(),
             "--bpffs".into(),
             self.bpffs(node).display().to_string(),
-            "--poll-interval-ms".into(),
-            "100".into(),
         ];
+        // A fast safety poll, unless the test sets its own (to prove that
+        // notifications alone do the work).
+        let poll = ["--poll-interval-ms".to_string(), "100".into()];
+        let own_poll = self.extra_args.iter().any(|a| a == "--poll-interval-ms");
         let args: Vec<String> = args
             .into_iter()
+            .chain(poll.into_iter().filter(|_| !own_poll))
             .chain(self.source_args.iter().cloned())
             .chain(self.extra_args.iter().cloned())
             .collect();

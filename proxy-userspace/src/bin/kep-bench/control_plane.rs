@@ -1,10 +1,14 @@
 //! Control-plane figures: programming 10,000 Services x 10 endpoints from
 //! empty, the latency of one EndpointSlice change with 10,000 Services
-//! present, and the daemon's memory at 10,000 and 50,000 Services.
+//! present, memory at 1,000, 10,000 and 50,000 Services, and how long a
+//! new manifest file takes to be programmed.
 //!
 //! The first two run the daemon's own path in-process (objects ->
-//! ModelCache -> Syncer -> real BPF maps, private to this benchmark); the
-//! memory figure runs the real daemon on a manifest directory.
+//! ModelCache -> Syncer -> real BPF maps, private to this benchmark).
+//! Memory is measured twice: in a child process that takes the objects one
+//! by one as the API watchers hand them over ([`model_rss`], API-server
+//! mode without the network), and in the real daemon on a manifest
+//! directory ([`daemon_run`]), which also times a new file.
 
 use std::{
     collections::BTreeSet,
@@ -19,7 +23,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use proxy_userspace::{
     datapath::Datapath,
-    model::{ModelCache, NodeInfo, Options},
+    model::{ModelCache, NodeInfo, Options, slim},
     sync::{Syncer, convert, lbmap::BpfLbMaps},
 };
 use serde_json::json;
@@ -147,9 +151,87 @@ pub fn run(dp: &mut Datapath) -> Result<()> {
     Ok(())
 }
 
-/// VmRSS of the real daemon once it has programmed `n` Services from a
-/// manifest directory (one JSON List), in KiB.
-pub fn daemon_rss(n: usize, scratch: &Path) -> Result<u64> {
+/// VmRSS of this process, in KiB.
+fn own_rss() -> Result<u64> {
+    rss_of("self")
+}
+
+fn rss_of(pid: &str) -> Result<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .context("no VmRSS")
+}
+
+/// Run in a child process (`kep-bench model-rss N`): takes `n` Services and
+/// their slices one at a time as the API watchers hand them over (slimmed;
+/// the watchers' stores keep the slice objects, the model shares the
+/// Service objects), programs private maps, and prints its VmRSS in KiB.
+pub fn model_rss(n: usize) -> Result<()> {
+    let mut dp = Datapath::load_private(false)?;
+    let mut model = ModelCache::new(
+        NodeInfo {
+            name: "node-a".into(),
+            zone: None,
+        },
+        Options::default(),
+    );
+    let mut syncer = Syncer::adopt(BpfLbMaps::new(&mut dp)?)?;
+    let mut store = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut svc: Service = serde_json::from_value(service(i))?;
+        slim::service(&mut svc);
+        model.upsert_service(std::sync::Arc::new(svc));
+        let mut s: EndpointSlice = serde_json::from_value(slice(i, 1))?;
+        slim::slice(&mut s);
+        model.upsert_slice(&s);
+        store.push(s);
+    }
+    model.update();
+    let node_addrs = BTreeSet::from([Ipv4Addr::new(192, 168, 200, 11)]);
+    let report = syncer.sync(&convert::to_desired(
+        model.frontends(),
+        &node_addrs,
+        &BTreeSet::new(),
+    ));
+    ensure!(report.failed.is_empty(), "{:?}", report.failed);
+    release_freed_memory();
+    println!("{}", own_rss()?);
+    Ok(())
+}
+
+/// [`model_rss`] in a fresh process.
+pub fn model_rss_in_child(n: usize) -> Result<u64> {
+    let out = Command::new(std::env::current_exe()?)
+        .args(["model-rss", &n.to_string()])
+        .stderr(Stdio::inherit())
+        .output()?;
+    ensure!(out.status.success(), "model-rss {n} failed");
+    Ok(String::from_utf8(out.stdout)?.trim().parse()?)
+}
+
+fn release_freed_memory() {
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// What [`daemon_run`] measured.
+pub struct DaemonFigures {
+    /// VmRSS once ready, in KiB.
+    pub rss_kib: u64,
+    /// From writing a new file with one more Service to the daemon's
+    /// "synced" line for it.
+    pub new_file: Duration,
+}
+
+/// Runs the real daemon on a manifest directory of `n` Services (one JSON
+/// List): its VmRSS once it has programmed them, then how long a Service in
+/// a new file takes to be programmed.
+pub fn daemon_run(n: usize, scratch: &Path) -> Result<DaemonFigures> {
     let dir = scratch.join(format!("manifests-{n}"));
     fs::create_dir_all(&dir)?;
     let items: Vec<_> = (0..n).flat_map(|i| [service(i), slice(i, 1)]).collect();
@@ -157,6 +239,7 @@ pub fn daemon_rss(n: usize, scratch: &Path) -> Result<u64> {
         dir.join("services.json"),
         serde_json::to_vec(&json!({"apiVersion": "v1", "kind": "List", "items": items}))?,
     )?;
+    drop(items);
     let daemon = std::env::current_exe()?
         .parent()
         .context("bench binary has a directory")?
@@ -174,29 +257,12 @@ pub fn daemon_rss(n: usize, scratch: &Path) -> Result<u64> {
             "--healthz-bind-address",
             "127.0.0.1:0",
         ])
+        .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(fs::File::create(&log)?)
         .spawn()
         .with_context(|| format!("starting {}", daemon.display()))?;
-    let started = Instant::now();
-    let result = loop {
-        if fs::read_to_string(&log)?.contains(" ready ") {
-            let status = fs::read_to_string(format!("/proc/{}/status", child.id()))?;
-            let rss = status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-                .context("no VmRSS")?;
-            break Ok(rss);
-        }
-        if started.elapsed() > Duration::from_secs(300) || child.try_wait()?.is_some() {
-            break Err(anyhow::anyhow!(
-                "daemon not ready: {}",
-                fs::read_to_string(&log).unwrap_or_default()
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let result = measure_daemon(child.id(), n, &dir, &log);
     let _ = child.kill();
     let _ = child.wait();
     let cleanup = Command::new(&daemon)
@@ -209,4 +275,37 @@ pub fn daemon_rss(n: usize, scratch: &Path) -> Result<u64> {
     }
     let _ = fs::remove_dir_all(&dir);
     result
+}
+
+fn measure_daemon(pid: u32, n: usize, dir: &Path, log: &Path) -> Result<DaemonFigures> {
+    wait_for_log(log, " ready ", Duration::from_secs(300))?;
+    let rss_kib = rss_of(&pid.to_string())?;
+    // A new Service (and its slice) in a new file, written whole under a
+    // hidden name and renamed, as an editor or `kubectl`-like tool would.
+    let extra = json!({"apiVersion": "v1", "kind": "List", "items": [service(n), slice(n, 1)]});
+    let tmp = dir.join(".new.json.tmp");
+    fs::write(&tmp, serde_json::to_vec(&extra)?)?;
+    let synced = format!("frontends={}", n + 1);
+    let started = Instant::now();
+    fs::rename(&tmp, dir.join("new.json"))?;
+    wait_for_log(log, &synced, Duration::from_secs(60))?;
+    Ok(DaemonFigures {
+        rss_kib,
+        new_file: started.elapsed(),
+    })
+}
+
+/// Waits until the log holds `needle`, looking every millisecond.
+fn wait_for_log(log: &Path, needle: &str, timeout: Duration) -> Result<()> {
+    let started = Instant::now();
+    loop {
+        let text = fs::read_to_string(log)?;
+        if text.contains(needle) {
+            return Ok(());
+        }
+        if started.elapsed() > timeout {
+            bail!("daemon log has no {needle:?}: {text}");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }

@@ -107,6 +107,18 @@ fn main() -> Result<()> {
         nix::unistd::geteuid().is_root(),
         "the benchmark loads BPF programs: run it as root"
     );
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+        [] => {}
+        // The control-plane figures alone.
+        ["control-plane"] => {
+            let _ns = NetNsGuard::new()?;
+            return control_plane_figures();
+        }
+        // A child of control_plane_figures (see control_plane::model_rss).
+        ["model-rss", n] => return control_plane::model_rss(n.parse()?),
+        _ => anyhow::bail!("usage: kep-bench [control-plane]"),
+    }
     let _ns = NetNsGuard::new()?;
     let mut bench = Bench {
         dp: Datapath::load_private(false)?,
@@ -206,17 +218,29 @@ fn packet_costs(bench: &mut Bench, services: usize) -> Result<PacketCosts> {
     })
 }
 
-/// Control-plane figures on fresh maps, and the daemon's resident size.
+/// Control-plane figures on fresh maps, memory, and the daemon's change
+/// latency in manifests mode.
 fn control_plane_figures() -> Result<()> {
     let mut dp = Datapath::load_private(false)?;
     control_plane::run(&mut dp)?;
+    drop(dp);
     let scratch = std::env::temp_dir().join(format!("kep-bench-{}", std::process::id()));
     std::fs::create_dir_all(&scratch)?;
-    for n in [10_000, 50_000] {
-        let rss = control_plane::daemon_rss(n, &scratch)?;
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    for n in [1_000, 10_000, 50_000] {
+        let model = control_plane::model_rss_in_child(n)?;
+        println!(
+            "| RSS with {n} Services, objects as the API watchers hand them over (in-process) | {:.0} MiB |",
+            mib(model)
+        );
+        let d = control_plane::daemon_run(n, &scratch)?;
         println!(
             "| daemon RSS with {n} Services programmed (manifests) | {:.0} MiB |",
-            rss as f64 / 1024.0
+            mib(d.rss_kib)
+        );
+        println!(
+            "| daemon: a new Service in a new manifest file to maps updated, {n} Services | {:.0} ms |",
+            d.new_file.as_secs_f64() * 1e3
         );
     }
     let _ = std::fs::remove_dir_all(&scratch);
