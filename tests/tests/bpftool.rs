@@ -33,8 +33,11 @@ fn every_pinned_map_dumps_with_named_fields() -> Result<()> {
     let Some(c) = Cluster::start("bpftool_fields", &placement_manifests()) else {
         return Ok(());
     };
-    // A connection, so that conntrack and the counters have entries.
+    // Connections, so that conntrack and the counters have entries: a pod's
+    // (balanced at its socket when socket-level LB is on) and an outside
+    // client's to a NodePort (balanced per packet, with conntrack).
     lab::tcp_request(c.lab.ns(CLIENT_POD), sa("10.96.0.11:80"))?;
+    lab::tcp_request(c.lab.ns(addr::CLIENT), sa("192.168.200.11:30011"))?;
     let maps = c.bpffs(addr::NODE_A).join("maps");
     let mut checked = Vec::new();
     let mut empty = Vec::new();
