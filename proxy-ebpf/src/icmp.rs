@@ -10,20 +10,21 @@ use proxy_common::{Counter, IPPROTO_TCP, IPPROTO_UDP, NatEntry};
 use crate::{
     maps::{KEP_RNAT_V1, count},
     nat::fold,
-    packet::{IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, Ipv4, bytes},
+    packet::{ICMP_QUOTE, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, Ipv4, bytes},
     route,
 };
 
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETERPROB: u8 = 12;
-/// Inner IPv4 header (without options) plus the 8 quoted L4 bytes.
-const QUOTE: usize = 28;
 
 // Its own BPF function, to keep its buffers off the main stack frame.
 #[inline(never)]
 pub fn translate_error(ctx: &TcContext, ip: &Ipv4) -> Result<i32, i32> {
     let pass = Ok(TC_ACT_OK as i32);
+    if ip.l4_cut {
+        return pass;
+    }
     let Some(icmp) = bytes::<8>(ctx, ip.l4) else {
         return pass;
     };
@@ -34,7 +35,7 @@ pub fn translate_error(ctx: &TcContext, ip: &Ipv4) -> Result<i32, i32> {
         return pass;
     }
     let inner_off = ip.l4 + 8;
-    let Some(old) = bytes::<QUOTE>(ctx, inner_off) else {
+    let Some(old) = bytes::<ICMP_QUOTE>(ctx, inner_off) else {
         return pass;
     };
     // Quotes with IP options are left alone: rare, and not worth the code.

@@ -3,16 +3,25 @@
 //! pulled in first. Everything is kept in wire byte order.
 
 use aya_ebpf::programs::TcContext;
-use proxy_common::{FragKey, IPPROTO_TCP, IPPROTO_UDP};
+use proxy_common::{FragKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::maps::KEP_FRAG_V1;
 
 pub const ETH_HLEN: usize = 14;
+pub const ETH_TYPE_OFF: usize = 12;
 pub const ETH_P_IP: [u8; 2] = [0x08, 0x00];
 pub const IP_OFF: usize = ETH_HLEN;
 pub const IP_CSUM_OFF: usize = IP_OFF + 10;
 pub const IP_SRC_OFF: usize = IP_OFF + 12;
 pub const IP_DST_OFF: usize = IP_OFF + 16;
+
+pub const TCP_HLEN: usize = 20;
+pub const UDP_HLEN: usize = 8;
+/// What an ICMP error must quote of the offending packet for translation:
+/// its IPv4 header (without options) and 8 bytes of L4.
+pub const ICMP_QUOTE: usize = 28;
+/// An ICMP error's own header and the quote.
+pub const ICMP_ERROR_MIN: usize = 8 + ICMP_QUOTE;
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
@@ -62,6 +71,10 @@ pub struct Ipv4 {
     pub proto: u8,
     /// Offset of the L4 header (the IP header may carry options).
     pub l4: usize,
+    /// The total length is too short for the L4 header the datapath reads
+    /// (TCP, UDP, or an ICMP error's quote), though the frame may be long
+    /// enough: the rest is padding or a lie, never to be read as L4.
+    pub l4_cut: bool,
     pub id: [u8; 2],
     pub frag: Frag,
 }
@@ -70,19 +83,21 @@ pub struct Ipv4 {
 /// for headers the kernel itself will discard: those are not ours to touch.
 #[inline(always)]
 pub fn parse_ipv4(ctx: &TcContext) -> Option<Ipv4> {
-    let eth: [u8; ETH_HLEN] = bytes(ctx, 0)?;
-    if [eth[12], eth[13]] != ETH_P_IP {
+    // Only the ethertype: every byte read here is stack in the deepest
+    // call chain.
+    let ethertype: [u8; 2] = bytes(ctx, ETH_TYPE_OFF)?;
+    if ethertype != ETH_P_IP {
         return None;
     }
-    let h: [u8; 20] = bytes(ctx, IP_OFF)?;
+    // The addresses are read last, after the checks: read together with
+    // the rest, their bytes stay live across the checks and spill to the
+    // stack of the deepest call chain.
+    let h: [u8; 10] = bytes(ctx, IP_OFF)?;
     let ihl = (h[0] & 0x0f) as usize * 4;
     if h[0] >> 4 != 4 || ihl < 20 {
         return None;
     }
     let tot_len = u16::from_be_bytes([h[2], h[3]]) as usize;
-    if tot_len < ihl {
-        return None;
-    }
     let frag_field = u16::from_be_bytes([h[6], h[7]]);
     let more_fragments = frag_field & 0x2000 != 0;
     let frag = if frag_field & 0x1fff != 0 {
@@ -92,11 +107,31 @@ pub fn parse_ipv4(ctx: &TcContext) -> Option<Ipv4> {
     } else {
         Frag::No
     };
+    // A total length shorter than the IP header or longer than the frame is
+    // a lie the kernel's ip_rcv drops: not ours to touch. (Shorter than the
+    // frame is fine: Ethernet pads.)
+    if tot_len < ihl || tot_len > (ctx.len() as usize).saturating_sub(IP_OFF) {
+        return None;
+    }
+    // One too short for its L4 header is judged by who reads the header:
+    // service traffic is dropped as malformed rather than forwarded with
+    // the lie. Decided here, once, as a flag: a length carried along and
+    // compared later costs the deepest call chain stack it does not have.
+    let l4_min = match (frag, h[9]) {
+        (Frag::Later, _) => 0,
+        (_, IPPROTO_TCP) => TCP_HLEN,
+        (_, IPPROTO_UDP) => UDP_HLEN,
+        (_, IPPROTO_ICMP) => ICMP_ERROR_MIN,
+        _ => 0,
+    };
+    let l4_cut = tot_len < ihl + l4_min;
+    let a: [u8; 8] = bytes(ctx, IP_SRC_OFF)?;
     Some(Ipv4 {
-        saddr: [h[12], h[13], h[14], h[15]],
-        daddr: [h[16], h[17], h[18], h[19]],
+        saddr: [a[0], a[1], a[2], a[3]],
+        daddr: [a[4], a[5], a[6], a[7]],
         proto: h[9],
         l4: IP_OFF + ihl,
+        l4_cut,
         id: [h[4], h[5]],
         frag,
     })
@@ -146,6 +181,9 @@ pub fn ports(ctx: &TcContext, ip: &Ipv4) -> Result<Ports, PortsError> {
             csum_off: None,
             has_l4: false,
         });
+    }
+    if ip.l4_cut {
+        return Err(PortsError::Truncated);
     }
     match ip.proto {
         IPPROTO_TCP => {
