@@ -32,7 +32,24 @@ fn section(title: &str) {
 }
 
 pub fn run(daemon: &Path) -> Result<()> {
-    let examples = root().join("deploy/examples");
+    let (mut lab, servers) = build_lab()?;
+    start_daemons(&mut lab, daemon)?;
+    show_traffic(&lab)?;
+    let bpffs = lab.dir().join("node-a-bpffs");
+    show_maps(&lab, daemon, &bpffs)?;
+    teardown(&mut lab, daemon)?;
+    drop(servers);
+    drop(lab);
+    println!("lab removed");
+    Ok(())
+}
+
+/// The servers of the backend pods: they answer while they are alive.
+type Servers = (Vec<TcpServer>, Vec<UdpServer>);
+
+/// Two nodes, the backend pods of deploy/examples/ with their servers, and
+/// a client pod.
+fn build_lab() -> Result<(Lab, Servers)> {
     let mut lab = Lab::new().context("building the lab (needs root)")?;
     let mut servers = (Vec::new(), Vec::new());
     for (node, name, ip, port) in PODS {
@@ -54,7 +71,13 @@ pub fn run(daemon: &Path) -> Result<()> {
     for p in lab.pods() {
         println!("  pod {:<10} {:<12} on {}", p.name, p.ip, p.node);
     }
+    Ok((lab, servers))
+}
 
+/// The daemon on both nodes, on the manifests of deploy/examples/; waits
+/// until both say they are ready.
+fn start_daemons(lab: &mut Lab, daemon: &Path) -> Result<()> {
+    let examples = root().join("deploy/examples");
     for node in addr::NODES {
         let bpffs = lab.dir().join(format!("{node}-bpffs"));
         lab.start_daemon(
@@ -81,7 +104,12 @@ pub fn run(daemon: &Path) -> Result<()> {
     }
     section("daemon log of node-a");
     print!("{}", lab.daemon_log(addr::NODE_A));
+    Ok(())
+}
 
+/// Real connections through a ClusterIP (from a pod and from the node),
+/// over UDP, and through a NodePort from outside.
+fn show_traffic(lab: &Lab) -> Result<()> {
     section("pod client (node-a) -> ClusterIP web 10.96.0.10:80, 12 new TCP connections");
     let web: SocketAddrV4 = "10.96.0.10:80".parse()?;
     let mut seen = BTreeMap::new();
@@ -120,8 +148,12 @@ pub fn run(daemon: &Path) -> Result<()> {
     section("seed example: backend-service (ClusterIP 10.96.0.80:80 -> :8080)");
     let r = tcp_request(lab.ns("pod-client"), "10.96.0.80:80".parse()?)?;
     println!("  answered by {} (reply from {})", r.identity, r.remote);
+    Ok(())
+}
 
-    let bpffs = lab.dir().join("node-a-bpffs");
+/// What node-a's daemon wrote: `inspect`, a bpftool map dump, and the
+/// pinned TCX links.
+fn show_maps(lab: &Lab, daemon: &Path, bpffs: &Path) -> Result<()> {
     let bpffs = bpffs.to_str().context("lab path")?;
     for what in ["services", "conntrack", "stats"] {
         section(&format!("kube-ebpf-proxy inspect {what} (node-a)"));
@@ -157,7 +189,11 @@ pub fn run(daemon: &Path) -> Result<()> {
             first.lines().next().unwrap_or("")
         );
     }
+    Ok(())
+}
 
+/// Stops both daemons and removes what they pinned.
+fn teardown(lab: &mut Lab, daemon: &Path) -> Result<()> {
     section("teardown");
     for node in addr::NODES {
         lab.stop_daemon(node, lab::Signal::SIGTERM)?;
@@ -168,8 +204,5 @@ pub fn run(daemon: &Path) -> Result<()> {
         )?;
         print!("{}", String::from_utf8_lossy(&out.stderr));
     }
-    drop(servers);
-    drop(lab);
-    println!("lab removed");
     Ok(())
 }

@@ -633,81 +633,110 @@ async fn reflect<K>(
     K: Resource + Clone + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone,
 {
-    let resource = watched.name();
     let mut stream = std::pin::pin!(stream);
     let mut listed = 0usize;
     let mut errors = LogLimiter::reminding(REMIND_EVERY);
     while let Some(item) = stream.next().await {
         let event = match item {
             Ok(event) => event,
-            Err(e) if watched.optional() && unavailable(&e) => {
-                counters.errors.fetch_add(1, Ordering::Relaxed);
-                if !counters.ready.swap(true, Ordering::AcqRel) {
-                    warn!(
-                        resource,
-                        error = %e,
-                        "not served or not allowed; going on without, retrying with backoff"
-                    );
-                    shared.bump();
-                }
-                continue;
-            }
             Err(e) => {
-                counters.errors.fetch_add(1, Ordering::Relaxed);
-                let e = e.to_string();
-                if let Some(times) = errors.failed(&e) {
-                    warn!(
-                        resource,
-                        error = %e,
-                        times,
-                        "watch failed; keeping the last state, retrying with backoff"
-                    );
-                }
+                watch_failed(watched, &e, &counters, &shared, &mut errors);
                 continue;
             }
         };
         if let Some(times) = errors.succeeded() {
-            info!(resource, failed = times, "watch works again");
+            info!(
+                resource = watched.name(),
+                failed = times,
+                "watch works again"
+            );
         }
         // A re-list buffers in the writer and swaps at InitDone, so the store
         // never shows a half-listed state.
         writer.apply_watcher_event(&event);
-        match event {
-            watcher::Event::Init => {
-                counters.lists.fetch_add(1, Ordering::Relaxed);
-                listed = 0;
-            }
-            watcher::Event::InitApply(_) => listed += 1,
-            watcher::Event::InitDone => {
-                shared.record(watched, |changed| changed.all = true);
-                let first = !counters.ready.swap(true, Ordering::AcqRel);
-                info!(
-                    resource,
-                    objects = listed,
-                    relist = !first,
-                    "listed; watching"
-                );
-                shared.bump();
-            }
-            watcher::Event::Apply(obj) => {
-                let trigger = (watched == Watched::EndpointSlices)
-                    .then(|| trigger_time(&obj))
-                    .flatten()
-                    .filter(|t| *t > shared.started);
-                shared.record(watched, |changed| {
-                    changed.objects.insert(NamespacedName::of(obj.meta()));
-                    changed.trigger_times.extend(trigger);
-                });
-                counters.events.fetch_add(1, Ordering::Relaxed);
-                shared.bump();
-            }
-            watcher::Event::Delete(obj) => {
-                shared.record(watched, |changed| {
-                    changed.objects.insert(NamespacedName::of(obj.meta()));
-                });
-                counters.events.fetch_add(1, Ordering::Relaxed);
-                shared.bump();
-            }
+        record_event(watched, event, &mut listed, &counters, &shared);
+    }
+}
+
+/// A failed list or watch: the watcher retries with backoff and the last
+/// state stays. An optional resource the server does not serve (or does not
+/// let us read) counts as ready, so the daemon goes on without it.
+fn watch_failed(
+    watched: Watched,
+    e: &watcher::Error,
+    counters: &Counters,
+    shared: &Shared,
+    errors: &mut LogLimiter,
+) {
+    let resource = watched.name();
+    counters.errors.fetch_add(1, Ordering::Relaxed);
+    if watched.optional() && unavailable(e) {
+        if !counters.ready.swap(true, Ordering::AcqRel) {
+            warn!(
+                resource,
+                error = %e,
+                "not served or not allowed; going on without, retrying with backoff"
+            );
+            shared.bump();
+        }
+        return;
+    }
+    let e = e.to_string();
+    if let Some(times) = errors.failed(&e) {
+        warn!(
+            resource,
+            error = %e,
+            times,
+            "watch failed; keeping the last state, retrying with backoff"
+        );
+    }
+}
+
+/// Tells the sync loop what one watcher event changed, and counts it.
+fn record_event<K>(
+    watched: Watched,
+    event: watcher::Event<K>,
+    listed: &mut usize,
+    counters: &Counters,
+    shared: &Shared,
+) where
+    K: Resource,
+{
+    match event {
+        watcher::Event::Init => {
+            counters.lists.fetch_add(1, Ordering::Relaxed);
+            *listed = 0;
+        }
+        watcher::Event::InitApply(_) => *listed += 1,
+        watcher::Event::InitDone => {
+            shared.record(watched, |changed| changed.all = true);
+            let first = !counters.ready.swap(true, Ordering::AcqRel);
+            info!(
+                resource = watched.name(),
+                objects = *listed,
+                relist = !first,
+                "listed; watching"
+            );
+            shared.bump();
+        }
+        watcher::Event::Apply(obj) => {
+            let trigger = (watched == Watched::EndpointSlices)
+                .then(|| trigger_time(&obj))
+                .flatten()
+                .filter(|t| *t > shared.started);
+            shared.record(watched, |changed| {
+                changed.objects.insert(NamespacedName::of(obj.meta()));
+                changed.trigger_times.extend(trigger);
+            });
+            counters.events.fetch_add(1, Ordering::Relaxed);
+            shared.bump();
+        }
+        watcher::Event::Delete(obj) => {
+            shared.record(watched, |changed| {
+                changed.objects.insert(NamespacedName::of(obj.meta()));
+            });
+            counters.events.fetch_add(1, Ordering::Relaxed);
+            shared.bump();
         }
     }
 }
