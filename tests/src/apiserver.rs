@@ -137,6 +137,9 @@ pub struct KindCounters {
     pub watches: u64,
     /// Watches answered with 410 Gone.
     pub gone: u64,
+    /// Watches answered with headers and then nothing
+    /// ([`ApiServer::set_hanging_watches`]).
+    pub hung: u64,
 }
 
 /// What the server has seen.
@@ -148,6 +151,8 @@ pub struct Counters {
     pub connections: u64,
     /// Connections reset at once because the server was down.
     pub refused: u64,
+    /// Requests answered with the error status of [`ApiServer::set_failing`].
+    pub failed: u64,
     pub kinds: BTreeMap<Kind, KindCounters>,
 }
 
@@ -164,10 +169,15 @@ impl Counters {
         self.kinds.get(&kind).map_or(0, |k| k.gone)
     }
 
+    pub fn hung(&self, kind: Kind) -> u64 {
+        self.kinds.get(&kind).map_or(0, |k| k.hung)
+    }
+
     /// List and watch requests of every kind, and refused connections: what
     /// a client retrying in a loop would drive up.
     pub fn attempts(&self) -> u64 {
         self.refused
+            + self.failed
             + self
                 .kinds
                 .values()
@@ -182,6 +192,10 @@ struct Inner {
     counters: Mutex<Counters>,
     log: Mutex<VecDeque<String>>,
     delay: Mutex<Duration>,
+    /// Every request is answered with this HTTP status.
+    failing: Mutex<Option<u16>>,
+    /// New watches get their headers and then nothing, for good.
+    hanging_watches: Mutex<bool>,
     /// Down: connections are reset and open ones cut. Connection tasks wait
     /// on it.
     down: watch::Sender<bool>,
@@ -233,6 +247,8 @@ impl ApiServer {
             counters: Mutex::default(),
             log: Mutex::default(),
             delay: Mutex::default(),
+            failing: Mutex::default(),
+            hanging_watches: Mutex::default(),
             down: watch::Sender::new(false),
         });
         runtime.spawn(http::accept(listener, inner.clone()));
@@ -340,6 +356,24 @@ impl ApiServer {
     /// Delays every response (list, get, the start of a watch) by `delay`.
     pub fn set_delay(&self, delay: Duration) {
         *lock(&self.inner.delay) = delay;
+    }
+
+    /// Answers every request with `status` (500, 429 with `Retry-After: 1`,
+    /// ...) until called with None. Open watches are cut, as an API server
+    /// in trouble does, so that the clients' next requests fail too.
+    pub fn set_failing(&self, status: Option<u16>) {
+        *lock(&self.inner.failing) = status;
+        if status.is_some() {
+            self.drop_watches();
+        }
+    }
+
+    /// While on, a new watch is answered 200 with its headers and then
+    /// never a byte, nor an end (a watch stuck behind a broken proxy).
+    /// Watches that hung stay hung after it is turned off, until their
+    /// client gives up on them.
+    pub fn set_hanging_watches(&self, hang: bool) {
+        *lock(&self.inner.hanging_watches) = hang;
     }
 
     pub fn counters(&self) -> Counters {

@@ -2,8 +2,9 @@
 //! `apiserver`, the real list/watch protocol) runs in the underlay
 //! namespace, the daemons on both nodes talk to it with the real kube
 //! client, and real traffic shows what reached the datapath: creates,
-//! updates, deletes, and recovery from dropped watches, 410 Gone and an
-//! outage, with traffic flowing during the outage.
+//! updates, deletes, and recovery from dropped watches, 410 Gone, an
+//! outage, 500s and 429s, and a watch that hangs, with traffic flowing on
+//! the last state meanwhile; each prints how long convergence took.
 
 use std::{
     collections::BTreeMap,
@@ -264,5 +265,101 @@ fn service_cidr_objects_make_unallocated_addresses_drop() -> Result<()> {
     );
     assert!(!attempt());
     assert_eq!(unallocated_drops(&c), drops);
+    Ok(())
+}
+
+/// Requests to `vip` for `period`, one every 20 ms: which backends
+/// answered, and how many requests failed.
+fn serve_for(c: &Cluster, vip: SocketAddrV4, period: Duration) -> (BTreeMap<String, u32>, u32) {
+    let (mut served, mut failed) = (BTreeMap::new(), 0);
+    let t0 = Instant::now();
+    while t0.elapsed() < period {
+        match tcp_request_timeout(c.lab.ns(CLIENT_POD), vip, Duration::from_secs(1)) {
+            Ok(r) => *served.entry(r.identity).or_insert(0) += 1,
+            Err(_) => failed += 1,
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (served, failed)
+}
+
+#[test]
+fn errors_500_and_429_keep_the_state_back_off_and_converge() -> Result<()> {
+    let Some((c, api)) = start("kube_errors", &placement_manifests()) else {
+        return Ok(());
+    };
+    let vip = sa("10.96.0.10:80");
+    let everyone = [WEB_A.name, WEB_B1.name, WEB_B2.name];
+    for (status, only) in [(500, &WEB_A), (429, &WEB_B1)] {
+        let before = api.counters().failed;
+        api.set_failing(Some(status));
+        // A change the daemons cannot see yet.
+        apply_yaml(&api, &web(vec![(only, true)], "10.96.0.10", Some(30010)));
+        let (served, failed) = serve_for(&c, vip, Duration::from_secs(4));
+        let answered = api.counters().failed - before;
+        eprintln!(
+            "4 s of {status}s: {served:?} served, {failed} failed, {answered} requests answered {status}"
+        );
+        assert_eq!(failed, 0, "the last state keeps serving");
+        assert!(served.keys().all(|b| everyone.contains(&b.as_str())));
+        assert!(answered >= 1, "the daemons tried again");
+        assert!(answered < 60, "backoff, not a busy loop: {answered}");
+
+        api.set_failing(None);
+        let took = converges(
+            &c,
+            "change made during the errors",
+            Duration::from_secs(60),
+            || {
+                backends_hit(c.lab.ns(CLIENT_POD), vip, 10)
+                    .keys()
+                    .eq([only.name].iter())
+            },
+        );
+        eprintln!("after the {status}s: converged in {took:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn a_watch_that_hangs_is_given_up_and_the_change_arrives() -> Result<()> {
+    let Some((c, api)) = start("kube_hang", &placement_manifests()) else {
+        return Ok(());
+    };
+    let vip = sa("10.96.0.10:80");
+    // Every daemon's slice watch is re-opened into a server that answers
+    // with headers and then nothing.
+    api.set_hanging_watches(true);
+    api.drop_watches();
+    c.lab.wait_for(
+        "both daemons' slice watches hang",
+        Duration::from_secs(30),
+        || api.counters().hung(Kind::EndpointSlice) >= 2,
+    )?;
+    // Later watches would work: only the hung ones are stuck.
+    api.set_hanging_watches(false);
+    let hung_at = Instant::now();
+    apply_yaml(&api, &web(vec![(&WEB_B2, true)], "10.96.0.10", Some(30010)));
+    let (served, failed) = serve_for(&c, vip, Duration::from_secs(3));
+    assert_eq!(failed, 0, "the last state keeps serving: {served:?}");
+    assert!(
+        served.len() > 1,
+        "the change has not arrived through a hung watch: {served:?}"
+    );
+    converges(
+        &c,
+        "change behind a hung watch",
+        Duration::from_secs(180),
+        || {
+            backends_hit(c.lab.ns(CLIENT_POD), vip, 10)
+                .keys()
+                .eq(["web-b2"].iter())
+        },
+    );
+    eprintln!(
+        "a hung watch: given up and the change served {:?} after it hung \
+",
+        hung_at.elapsed()
+    );
     Ok(())
 }

@@ -91,7 +91,48 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Response<Bo
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
+    if let Some(status) = *lock(&inner.failing) {
+        lock(&inner.counters).failed += 1;
+        return Ok(failing_response(status));
+    }
+    if *lock(&inner.hanging_watches) && is_watch(&req) {
+        if let Some(target) = parse_path(req.uri().path()) {
+            count(&inner, target.kind, |c| c.hung += 1);
+        }
+        return Ok(hanging_response());
+    }
     Ok(route(&inner, &req).unwrap_or_else(|e| error_response(&e)))
+}
+
+fn is_watch(req: &Request<Incoming>) -> bool {
+    Query::parse(req.uri().query()).is_ok_and(|q| q.watch)
+}
+
+/// The answer of an API server in trouble: a Status object, and for 429 the
+/// Retry-After a real server sends.
+fn failing_response(status: u16) -> Response<Body> {
+    let reason = match status {
+        429 => "TooManyRequests",
+        503 => "ServiceUnavailable",
+        _ => "InternalError",
+    };
+    let mut response = error_response(&ApiError::new(status, reason, "injected by the test"));
+    if status == 429 {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    }
+    response
+}
+
+/// A watch that never sends an event and never ends.
+fn hanging_response() -> Response<Body> {
+    let body = futures::stream::pending::<Result<Frame<Bytes>, Infallible>>();
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(BodyExt::boxed(StreamBody::new(body)))
+        .expect("a valid response")
 }
 
 /// The query parameters this server reads.
