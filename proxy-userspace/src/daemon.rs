@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use aya::maps::{Array, MapData};
 use proxy_common::{CONFIG_MAP, Config, SERVICE_CIDRS};
 use tokio::signal::unix::{SignalKind, signal};
@@ -276,7 +276,10 @@ impl Context {
         loop {
             let coalesce_until = tokio::time::Instant::from_std(self.last_sync + min_sync);
             tokio::select! {
-                _ = tick.tick() => self.on_tick(),
+                _ = tick.tick() => {
+                    self.check_pins()?;
+                    self.on_tick();
+                }
                 heard = links_changed(&mut self.links) => match heard {
                     Ok(()) => self.on_tick(),
                     Err(e) => {
@@ -298,6 +301,21 @@ impl Context {
                 _ = sigint.recv() => return Ok(()),
             }
         }
+    }
+
+    /// Carrying on over a datapath whose pins were unmounted would report
+    /// healthy while serving nothing; exiting makes the DaemonSet start the
+    /// daemon again over a fresh bpffs, which loads and attaches anew (the
+    /// state in the old maps is lost; the objects are programmed again).
+    fn check_pins(&self) -> Result<()> {
+        if self.dp.pins_intact() {
+            return Ok(());
+        }
+        bail!(
+            "the bpffs at {} was unmounted under the daemon: the links pinned there are gone and \
+             the datapath is detached; exiting so that a restart loads it again",
+            self.dp.root().display()
+        )
     }
 
     fn on_tick(&mut self) {

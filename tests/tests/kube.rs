@@ -357,8 +357,7 @@ fn a_watch_that_hangs_is_given_up_and_the_change_arrives() -> Result<()> {
         },
     );
     eprintln!(
-        "a hung watch: given up and the change served {:?} after it hung \
-",
+        "a hung watch: given up and the change served {:?} after it hung",
         hung_at.elapsed()
     );
     Ok(())

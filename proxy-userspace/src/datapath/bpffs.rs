@@ -16,7 +16,7 @@ use nix::{
 /// there first, as most distributions do at boot.
 const SYS_BPF: &str = "/sys/fs/bpf";
 
-fn is_bpffs(path: &Path) -> bool {
+pub fn is_bpffs(path: &Path) -> bool {
     statfs(path)
         .map(|s| s.filesystem_type() == BPF_FS_MAGIC)
         .unwrap_or(false)

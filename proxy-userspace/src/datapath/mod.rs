@@ -351,6 +351,13 @@ impl Datapath {
         Ok(())
     }
 
+    /// Whether the pin directory is still on a BPF filesystem. Unmounted
+    /// under us, the links pinned there lose their last reference and the
+    /// kernel detaches them: the programs no longer see a packet.
+    pub fn pins_intact(&self) -> bool {
+        bpffs::is_bpffs(&self.root)
+    }
+
     /// Devices with a pinned link of ours.
     pub fn attached(&self) -> Result<BTreeSet<Device>> {
         pinned_devices(&self.root)

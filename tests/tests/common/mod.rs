@@ -58,7 +58,7 @@ pub struct Svc<'a> {
 }
 
 impl Svc<'_> {
-    fn yaml(&self) -> String {
+    pub fn yaml(&self) -> String {
         let svc_type = if self.node_port.is_some() {
             "NodePort"
         } else {
