@@ -9,7 +9,6 @@
 
 use std::{
     fs,
-    net::SocketAddrV4,
     time::{Duration, Instant},
 };
 
