@@ -14,36 +14,9 @@ use std::{
 
 use anyhow::Result;
 use common::*;
-use lab::{
-    addr,
-    apiserver::{ApiServer, Kind},
-    servers::tcp_request_timeout,
-    tcp_request,
-};
-use serde::Deserialize;
+use lab::{addr, apiserver::Kind, servers::tcp_request_timeout, tcp_request};
 
 mod common;
-
-/// Every document of a manifest string, to the API server.
-fn apply_yaml(api: &ApiServer, yaml: &str) {
-    for doc in serde_yaml::Deserializer::from_str(yaml) {
-        let value = serde_json::Value::deserialize(doc).expect("valid YAML");
-        if !value.is_null() {
-            api.apply_json(value).expect("apply");
-        }
-    }
-}
-
-/// The lab with daemons watching a stand-in API server that holds `yaml`.
-fn start(test: &str, yaml: &str) -> Option<(Cluster, ApiServer)> {
-    let mut c = Cluster::build(test)?;
-    let at = SocketAddrV4::new(addr::UNDERLAY_GATEWAY, 6443);
-    let api = ApiServer::start_in(c.lab.ns(addr::UNDERLAY), at).expect("API server");
-    apply_yaml(&api, yaml);
-    c.source_args = vec!["--master".into(), api.url()];
-    c.start_daemons();
-    Some((c, api))
-}
 
 fn reaches(c: &Cluster, target: &str) -> Option<String> {
     tcp_request_timeout(c.lab.ns(CLIENT_POD), sa(target), Duration::from_millis(300))
@@ -62,7 +35,7 @@ fn converges(c: &Cluster, what: &str, timeout: Duration, mut f: impl FnMut() -> 
 
 #[test]
 fn creates_updates_and_deletes_reach_the_datapath() -> Result<()> {
-    let Some((c, api)) = start("kube_crud", &placement_manifests()) else {
+    let Some((c, api)) = start_with_api("kube_crud", &placement_manifests()) else {
         return Ok(());
     };
     let pod = c.lab.ns(CLIENT_POD);
@@ -138,7 +111,7 @@ fn creates_updates_and_deletes_reach_the_datapath() -> Result<()> {
 
 #[test]
 fn dropped_watches_410_and_an_outage_are_survived() -> Result<()> {
-    let Some((c, api)) = start("kube_faults", &placement_manifests()) else {
+    let Some((c, api)) = start_with_api("kube_faults", &placement_manifests()) else {
         return Ok(());
     };
     let pod = c.lab.ns(CLIENT_POD);
@@ -224,7 +197,8 @@ fn unallocated_drops(c: &Cluster) -> u64 {
 fn service_cidr_objects_make_unallocated_addresses_drop() -> Result<()> {
     // A Service in a range that no flag names.
     let svc = web(vec![(&WEB_A, true)], "10.97.0.10", None);
-    let Some((c, api)) = start("kube_servicecidr", &[placement_manifests(), svc].concat()) else {
+    let Some((c, api)) = start_with_api("kube_servicecidr", &[placement_manifests(), svc].concat())
+    else {
         return Ok(());
     };
     let pod = c.lab.ns(CLIENT_POD);
@@ -285,7 +259,7 @@ fn serve_for(c: &Cluster, vip: SocketAddrV4, period: Duration) -> (BTreeMap<Stri
 
 #[test]
 fn errors_500_and_429_keep_the_state_back_off_and_converge() -> Result<()> {
-    let Some((c, api)) = start("kube_errors", &placement_manifests()) else {
+    let Some((c, api)) = start_with_api("kube_errors", &placement_manifests()) else {
         return Ok(());
     };
     let vip = sa("10.96.0.10:80");
@@ -323,7 +297,7 @@ fn errors_500_and_429_keep_the_state_back_off_and_converge() -> Result<()> {
 
 #[test]
 fn a_watch_that_hangs_is_given_up_and_the_change_arrives() -> Result<()> {
-    let Some((c, api)) = start("kube_hang", &placement_manifests()) else {
+    let Some((c, api)) = start_with_api("kube_hang", &placement_manifests()) else {
         return Ok(());
     };
     let vip = sa("10.96.0.10:80");

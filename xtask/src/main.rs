@@ -33,7 +33,8 @@ enum Task {
     },
     /// The long variants of the fuzz and property tests (KEP_SOAK=1: fifty
     /// times the cases, a fresh seed each run, printed; KEP_SEED=N replays
-    /// one), with their figures printed.
+    /// one) and of the lab's churn test (30 rounds of 5,000 Services), with
+    /// their figures printed.
     Soak {
         /// Extra arguments for the test binaries (a filter...).
         #[arg(trailing_var_arg = true)]
@@ -189,6 +190,8 @@ fn test(extra: &[String]) -> Result<()> {
 
 /// Test binaries with a long variant behind KEP_SOAK.
 const SOAK_TESTS: &[&str] = &["control_plane_props", "parser_fuzz", "datapath_fuzz"];
+/// Lab test binaries with a long variant behind KEP_SOAK.
+const SOAK_LAB_TESTS: &[&str] = &["churn"];
 
 fn soak(extra: &[String]) -> Result<()> {
     setup::setup()?;
@@ -205,6 +208,23 @@ fn soak(extra: &[String]) -> Result<()> {
         .status()?;
     if !status.success() {
         bail!("soak failed");
+    }
+    // The lab's long variants, with the daemon.
+    let daemon = build_daemon()?;
+    let mut args = vec!["test", "-p", "lab"];
+    for t in SOAK_LAB_TESTS {
+        args.extend(["--test", t]);
+    }
+    args.extend(["--", "--nocapture", "--test-threads=1"]);
+    args.extend(extra.iter().map(String::as_str));
+    let status = Command::new("cargo")
+        .args(&args)
+        .env("KEP_SOAK", "1")
+        .env("KEP_BIN", &daemon)
+        .current_dir(root())
+        .status()?;
+    if !status.success() {
+        bail!("lab soak failed");
     }
     Ok(())
 }

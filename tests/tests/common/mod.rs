@@ -13,7 +13,10 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use lab::{Lab, Netns, TcpServer, UdpServer, addr, require_root_or_skip, tcp_request};
+use lab::{
+    Lab, Netns, TcpServer, UdpServer, addr, apiserver::ApiServer, require_root_or_skip, tcp_request,
+};
+use serde::Deserialize;
 
 pub fn daemon_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("KEP_BIN") {
@@ -346,4 +349,25 @@ pub fn http_get_full(
 /// A plain HTTP/1.0 GET from inside `ns`: (status, body).
 pub fn http_get(ns: &Netns, target: SocketAddrV4, path: &str) -> Result<(u16, String)> {
     http_get_full(ns, target, path).map(|(status, _, body)| (status, body))
+}
+
+/// Every document of a manifest string, to the API server.
+pub fn apply_yaml(api: &ApiServer, yaml: &str) {
+    for doc in serde_yaml::Deserializer::from_str(yaml) {
+        let value = serde_json::Value::deserialize(doc).expect("valid YAML");
+        if !value.is_null() {
+            api.apply_json(value).expect("apply");
+        }
+    }
+}
+
+/// The lab with daemons watching a stand-in API server that holds `yaml`.
+pub fn start_with_api(test: &str, yaml: &str) -> Option<(Cluster, ApiServer)> {
+    let mut c = Cluster::build(test)?;
+    let at = SocketAddrV4::new(addr::UNDERLAY_GATEWAY, 6443);
+    let api = ApiServer::start_in(c.lab.ns(addr::UNDERLAY), at).expect("API server");
+    apply_yaml(&api, yaml);
+    c.source_args = vec!["--master".into(), api.url()];
+    c.start_daemons();
+    Some((c, api))
 }
