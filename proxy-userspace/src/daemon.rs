@@ -74,6 +74,22 @@ struct Context {
     address_errors: LogLimiter,
 }
 
+/// A sync that wrote or removed this many frontends follows a large
+/// change (a first list, a big manifest file): what parsing and the model
+/// rebuild freed is handed back to the system.
+const TRIM_AFTER_FRONTENDS: usize = 1000;
+
+/// Returns the allocator's free memory to the system. glibc keeps freed
+/// memory of large transient structures (a parsed manifest file, a
+/// re-list) in its arenas: without this the daemon's RSS stays at the
+/// peak of its largest change.
+fn release_freed_memory() {
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 pub async fn run(args: RunArgs) -> Result<()> {
     preflight::check(&args)?;
     let mut ctx = Context::start(args).await?;
@@ -426,6 +442,9 @@ impl Context {
         let wall = m.record_sync(started, self.pending_since.take(), &triggers);
         if report.failed.is_empty() {
             self.health.synced(started, wall);
+        }
+        if report.frontends_written + report.frontends_removed >= TRIM_AFTER_FRONTENDS {
+            release_freed_memory();
         }
         if report.writes > 0 {
             info!(
