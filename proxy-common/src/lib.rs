@@ -22,9 +22,15 @@
 //! ([`AddrKey`] → [`AddrValue`]), and the two halves of connection tracking:
 //! original-direction entries ([`CT_MAP`]) and reply-direction reverse-NAT
 //! entries ([`RNAT_MAP`]), both [`FlowKey`] → [`NatEntry`].
+//!
+//! IPv6 has twins of the maps that hold addresses (`KEP_SVC6_V1` ...), in
+//! [`v6`]; the maps without addresses serve both families.
 #![no_std]
 
 use bytemuck::{Pod, Zeroable};
+
+pub mod v6;
+pub use v6::*;
 
 /// Frontends: (address, port, protocol) → service port. NodePorts use the
 /// address 0.0.0.0 and apply to every address in [`ADDR_MAP`] with the
@@ -76,8 +82,8 @@ pub const SOCK_RNAT_MAP: &str = "KEP_SKRNAT_V1";
 /// per-packet path keeps it.
 pub const SOCK_FWD_MAP: &str = "KEP_SKFWD_V1";
 
-/// Every map name, for pinning and cleanup.
-pub const ALL_MAPS: [&str; 16] = [
+/// Every map name, for pinning and cleanup (the IPv6 ones included).
+pub const ALL_MAPS: [&str; 25] = [
     SVC_MAP,
     SLOT_MAP,
     BACKEND_MAP,
@@ -94,6 +100,15 @@ pub const ALL_MAPS: [&str; 16] = [
     SRCRNG_MAP,
     SOCK_RNAT_MAP,
     SOCK_FWD_MAP,
+    SVC6_MAP,
+    BACKEND6_MAP,
+    ADDR6_MAP,
+    CT6_MAP,
+    RNAT6_MAP,
+    FRAG6_MAP,
+    AFF6_MAP,
+    SRCRNG6_MAP,
+    CONFIG6_MAP,
 ];
 
 /// Capacities. Hash maps holding desired state are created without

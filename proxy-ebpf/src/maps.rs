@@ -144,3 +144,40 @@ pub fn in_service_cidr(addr: [u8; 4]) -> bool {
     }
     false
 }
+
+// IPv6 twins of the maps that hold addresses (proxy_common::v6).
+
+#[btf_map]
+pub static KEP_SVC6_V1: HashMap<SvcKey6, SvcValue, { SVC6_MAP_SIZE as usize }, NO_PREALLOC> =
+    HashMap::new();
+
+#[btf_map]
+pub static KEP_BE6_V1: HashMap<BackendKey, Backend6, { BACKEND6_MAP_SIZE as usize }, NO_PREALLOC> =
+    HashMap::new();
+
+#[btf_map]
+pub static KEP_ADDR6_V1: HashMap<AddrKey6, AddrValue, { ADDR6_MAP_SIZE as usize }, NO_PREALLOC> =
+    HashMap::new();
+
+#[btf_map]
+pub static KEP_CT6_V1: LruHashMap<FlowKey6, NatEntry6, { CT6_MAP_SIZE as usize }> =
+    LruHashMap::new();
+
+#[btf_map]
+pub static KEP_RNAT6_V1: LruHashMap<FlowKey6, NatEntry6, { RNAT6_MAP_SIZE as usize }> =
+    LruHashMap::new();
+
+#[btf_map]
+pub static KEP_FRAG6_V1: LruHashMap<FragKey6, FragValue, { FRAG6_MAP_SIZE as usize }> =
+    LruHashMap::new();
+
+#[btf_map]
+pub static KEP_AFF6_V1: LruHashMap<AffKey6, AffValue, { AFF6_MAP_SIZE as usize }> =
+    LruHashMap::new();
+
+#[btf_map]
+pub static KEP_SRCRNG6_V1: LpmTrie<SrcRangeKey6, u8, { SRCRNG6_MAP_SIZE as usize }, NO_PREALLOC> =
+    LpmTrie::new();
+
+#[btf_map]
+pub static KEP_CFG6_V1: Array<Config6, 1> = Array::new();

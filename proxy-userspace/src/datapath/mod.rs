@@ -43,8 +43,8 @@ use aya::{
     },
 };
 use proxy_common::{
-    ALL_MAPS, CFG_F_CLUSTER_CIDR, CFG_F_MASQUERADE_ALL, CONFIG_MAP, Config, HAIRPIN_ADDR,
-    PROG_EGRESS, PROG_INGRESS, PROG_NOOP, SERVICE_CIDRS,
+    ALL_MAPS, CFG_F_CLUSTER_CIDR, CFG_F_MASQUERADE_ALL, CONFIG_MAP, CONFIG6_MAP, Config, Config6,
+    HAIRPIN_ADDR, HAIRPIN_ADDR6, PROG_EGRESS, PROG_INGRESS, PROG_NOOP, SERVICE_CIDRS,
 };
 
 /// The settings the datapath reads, from the daemon's: IPv4 CIDRs only
@@ -74,17 +74,61 @@ pub fn datapath_config(
     if masquerade_all {
         value.flags |= CFG_F_MASQUERADE_ALL;
     }
-    let ranges: Vec<([u8; 4], u8)> = service_cidrs.iter().filter_map(v4).collect();
+    for (i, (addr, len)) in service_ranges(service_cidrs, v4, "IPv4")?
+        .into_iter()
+        .enumerate()
+    {
+        value.service_cidrs[i] = addr;
+        value.service_cidr_lens[i] = len;
+    }
+    Ok(value)
+}
+
+/// The service CIDRs of one family, checked: at most [`SERVICE_CIDRS`],
+/// none a /0 (it would drop all traffic).
+fn service_ranges<A>(
+    service_cidrs: &[crate::cidr::Cidr],
+    of_family: impl Fn(&crate::cidr::Cidr) -> Option<(A, u8)>,
+    family: &str,
+) -> Result<Vec<(A, u8)>> {
+    let ranges: Vec<(A, u8)> = service_cidrs.iter().filter_map(of_family).collect();
     if ranges.len() > SERVICE_CIDRS {
         bail!(
-            "--service-cluster-ip-range: at most {SERVICE_CIDRS} IPv4 CIDRs, got {}",
+            "--service-cluster-ip-range: at most {SERVICE_CIDRS} {family} CIDRs, got {}",
             ranges.len()
         );
     }
     if ranges.iter().any(|(_, len)| *len == 0) {
         bail!("--service-cluster-ip-range: a /0 would drop all traffic");
     }
-    for (i, (addr, len)) in ranges.into_iter().enumerate() {
+    Ok(ranges)
+}
+
+/// The IPv6 settings the datapath reads (`KEP_CFG6_V1`): the IPv6 cluster
+/// CIDR and at most [`SERVICE_CIDRS`] IPv6 service CIDRs, none a /0. The
+/// SNAT port range and masquerade-all come from [`datapath_config`]'s
+/// value for both families.
+pub fn datapath_config6(
+    cluster_cidr: &[crate::cidr::Cidr],
+    service_cidrs: &[crate::cidr::Cidr],
+) -> Result<Config6> {
+    let v6 = |c: &crate::cidr::Cidr| match c.network() {
+        std::net::IpAddr::V6(a) => Some((a.octets(), c.prefix())),
+        std::net::IpAddr::V4(_) => None,
+    };
+    let mut value = Config6 {
+        hairpin_addr: HAIRPIN_ADDR6,
+        ..Config6::default()
+    };
+    if let Some((addr, len)) = cluster_cidr.iter().find_map(v6) {
+        value.cluster_cidr = addr;
+        value.cluster_cidr_len = len;
+        value.flags |= CFG_F_CLUSTER_CIDR;
+    }
+    for (i, (addr, len)) in service_ranges(service_cidrs, v6, "IPv6")?
+        .into_iter()
+        .enumerate()
+    {
         value.service_cidrs[i] = addr;
         value.service_cidr_lens[i] = len;
     }
@@ -282,6 +326,13 @@ impl Datapath {
     /// Writes the datapath's settings (`KEP_CFG_V2`).
     pub fn write_config(&mut self, value: Config) -> Result<()> {
         let mut cfg: Array<_, Config> = self.map(CONFIG_MAP)?;
+        cfg.set(0, value, 0)?;
+        Ok(())
+    }
+
+    /// Writes the datapath's IPv6 settings (`KEP_CFG6_V1`).
+    pub fn write_config6(&mut self, value: Config6) -> Result<()> {
+        let mut cfg: Array<_, Config6> = self.map(CONFIG6_MAP)?;
         cfg.set(0, value, 0)?;
         Ok(())
     }
