@@ -144,6 +144,8 @@ struct Figures {
     syncs: usize,
     /// Frontends programmed, summed over syncs.
     frontends: usize,
+    /// Of them, IPv6 ones (in `KEP_SVC6_V1`).
+    frontends6: usize,
     failed_writes: usize,
 }
 
@@ -252,6 +254,7 @@ impl Proxy {
             let mut f = f.borrow_mut();
             f.syncs += 1;
             f.frontends += self.syncer.frontend_count();
+            f.frontends6 += self.syncer.maps().state.services6.len();
             f.failed_writes += report.failed.len();
         });
         report.failed.len()
@@ -499,12 +502,13 @@ fn run(
         let f = f.borrow();
         eprintln!(
             "{} cases, {} operations, {} objects fuzzed, {} syncs, {:.1} frontends \
-             per sync, {} failed frontend writes, {:.1} s",
+             per sync ({:.1} IPv6), {} failed frontend writes, {:.1} s",
             runner.config().cases,
             steps.get(),
             objects.get(),
             f.syncs,
             f.frontends as f64 / f.syncs.max(1) as f64,
+            f.frontends6 as f64 / f.syncs.max(1) as f64,
             f.failed_writes,
             started.elapsed().as_secs_f64()
         )
