@@ -218,13 +218,29 @@ pub const HAIRPIN_ADDR6: [u8; 16] = [
 ];
 
 /// Whether `addr` is inside `net/len` (len 0: never, an unset prefix).
+/// In 64-bit halves: BPF has no 128-bit shifts.
 #[inline(always)]
 pub fn in_prefix6(addr: [u8; 16], net: [u8; 16], len: u8) -> bool {
     if len == 0 || len > 128 {
         return false;
     }
-    let mask = u128::MAX << (128 - len as u32);
-    (u128::from_be_bytes(addr) ^ u128::from_be_bytes(net)) & mask == 0
+    let half = |a: &[u8; 16], i: usize| {
+        u64::from_be_bytes([
+            a[i],
+            a[i + 1],
+            a[i + 2],
+            a[i + 3],
+            a[i + 4],
+            a[i + 5],
+            a[i + 6],
+            a[i + 7],
+        ])
+    };
+    // Whether the top `bits` bits of `diff` are zero.
+    let same = |diff: u64, bits: u32| bits == 0 || diff >> (64 - bits) == 0;
+    let len = len as u32;
+    same(half(&addr, 0) ^ half(&net, 0), len.min(64))
+        && same(half(&addr, 8) ^ half(&net, 8), len.saturating_sub(64))
 }
 
 #[cfg(feature = "user")]

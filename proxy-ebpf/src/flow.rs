@@ -10,38 +10,25 @@
 //! | anything else (egress)        | class, source class, (reverse NAT from a node address) |
 //! | a ClusterIP                   | class, conntrack, then service + slot + backend |
 //! | a node address / external IP  | class, reverse NAT, conntrack, then the frontend, NodePort |
+//!
+//! Written once for both families ([`Addr`]): IPv4 and IPv6 flows take the
+//! same steps in their own maps.
 
 use aya_ebpf::programs::TcContext;
 use proxy_common::*;
 
 use crate::{
     Hook, drop_packet,
+    family::{Addr, Be, Nat, Scratch, Tuple, scratch},
     lb::{self, Pick, Scope},
-    maps::{
-        KEP_BE_V1, KEP_CT_V1, KEP_RNAT_V1, KEP_SVC_V2, addr_class, config, config_ref, count,
-        count_service, in_service_cidr,
-    },
+    maps::{config, config_ref, count, count_service},
     nat,
-    packet::{Frag, Ipv4, Ports, PortsError, ports, remember_fragment},
+    packet::{Frag, Ip, Ports, PortsError, ports, remember_fragment},
     route,
 };
 
 /// Attempts at finding a free SNAT source port before giving up.
 const SNAT_TRIES: u32 = 16;
-
-/// Before the daemon wrote its configuration: no cluster CIDR, no
-/// masquerade-all.
-static NO_CONFIG: Config = Config {
-    snat_port_min: SNAT_PORT_MIN,
-    snat_port_max: SNAT_PORT_MAX,
-    hairpin_addr: HAIRPIN_ADDR,
-    cluster_cidr: [0; 4],
-    cluster_cidr_len: 0,
-    flags: 0,
-    _pad: [0; 2],
-    service_cidrs: [[0; 4]; SERVICE_CIDRS],
-    service_cidr_lens: [0; SERVICE_CIDRS],
-};
 
 /// Classes whose addresses carry frontends of their own.
 const FRONTEND_ADDR: u8 = ADDR_CLUSTER_IP | ADDR_EXTERNAL;
@@ -52,8 +39,9 @@ const FRONTEND_ADDR: u8 = ADDR_CLUSTER_IP | ADDR_EXTERNAL;
 /// shares 512 bytes of stack.
 pub enum Action {
     Pass,
-    /// The packet was rewritten to this tuple: send it on its way.
-    Forward(NatEntry),
+    /// The packet was rewritten (its translation had these `NAT_F_*`
+    /// flags): send it on its way.
+    Forward(u8),
     /// Answer ICMP port unreachable, counted under this reason.
     Reject(Counter),
     /// A new flow to this frontend: hand it to [`new_flow`]. (Small on
@@ -70,8 +58,8 @@ pub struct Frontend {
 
 // A BPF function of its own, as is the ICMP path.
 #[inline(never)]
-pub fn handle(ctx: &TcContext, hook: Hook, ip: &Ipv4) -> Result<Action, i32> {
-    let class = addr_class(ip.daddr);
+pub fn handle<A: Addr>(ctx: &TcContext, hook: Hook, ip: &Ip<A>) -> Result<Action, i32> {
+    let class = ip.daddr.class();
     if class == 0 {
         return other_destination(ctx, hook, ip);
     }
@@ -85,15 +73,17 @@ pub fn handle(ctx: &TcContext, hook: Hook, ip: &Ipv4) -> Result<Action, i32> {
         }
         Err(_) => return Ok(Action::Pass),
     };
-    let key = flow_key(ip, &ports);
+    let s = scratch::<A>().ok_or_else(|| drop_packet(Counter::DropMapError))?;
+    s.key = flow_key(ip, &ports);
+    let key = &s.key;
     // Replies go to clients, never to a ClusterIP.
     if class & ADDR_CLUSTER_IP == 0
-        && let Some(rev) = reverse_nat(&key)
+        && let Some(rev) = reverse_nat(key)
     {
-        return translate_reply(ctx, hook, ip, &ports, &rev);
+        return translate_reply(ctx, hook, ip, &ports, rev);
     }
-    if let Some(fwd) = tracked(&key, &ports) {
-        return translate(ctx, ip, &ports, &fwd, Counter::Forward);
+    if let Some(fwd) = tracked(key, &ports) {
+        return translate(ctx, ip, &ports, fwd, Counter::Forward);
     }
     if !ports.has_l4 {
         // A later fragment of a flow we do not track.
@@ -124,30 +114,30 @@ pub fn handle(ctx: &TcContext, hook: Hook, ip: &Ipv4) -> Result<Action, i32> {
 /// (ingress), a reply a hostNetwork backend of this node sends (egress,
 /// from a node address), an unallocated service address, or not ours.
 #[inline(always)]
-fn other_destination(ctx: &TcContext, hook: Hook, ip: &Ipv4) -> Result<Action, i32> {
-    if hook == Hook::Egress && addr_class(ip.saddr) & ADDR_HOST == 0 {
+fn other_destination<A: Addr>(ctx: &TcContext, hook: Hook, ip: &Ip<A>) -> Result<Action, i32> {
+    if hook == Hook::Egress && ip.saddr.class() & ADDR_HOST == 0 {
         return unallocated_or_pass(ip);
     }
     let Ok(ports) = ports(ctx, ip) else {
         return unallocated_or_pass(ip);
     };
     match reverse_nat(&flow_key(ip, &ports)) {
-        Some(rev) => translate_reply(ctx, hook, ip, &ports, &rev),
+        Some(rev) => translate_reply(ctx, hook, ip, &ports, rev),
         None => unallocated_or_pass(ip),
     }
 }
 
 #[inline(always)]
-fn unallocated_or_pass(ip: &Ipv4) -> Result<Action, i32> {
-    if in_service_cidr(ip.daddr) {
+fn unallocated_or_pass<A: Addr>(ip: &Ip<A>) -> Result<Action, i32> {
+    if ip.daddr.in_service_cidr() {
         return Err(drop_packet(Counter::DropUnallocated));
     }
     Ok(Action::Pass)
 }
 
 #[inline(always)]
-fn flow_key(ip: &Ipv4, ports: &Ports) -> FlowKey {
-    FlowKey {
+fn flow_key<A: Addr>(ip: &Ip<A>, ports: &Ports) -> Tuple<A> {
+    Tuple {
         saddr: ip.saddr,
         daddr: ip.daddr,
         sport: ports.sport,
@@ -158,56 +148,47 @@ fn flow_key(ip: &Ipv4, ports: &Ports) -> FlowKey {
 }
 
 #[inline(always)]
-fn reverse_nat(key: &FlowKey) -> Option<NatEntry> {
-    // SAFETY: copied out at once.
-    unsafe { KEP_RNAT_V1.get(*key) }.copied()
+fn reverse_nat<A: Addr>(key: &Tuple<A>) -> Option<&'static Nat<A>> {
+    A::rnat(key)
 }
 
 /// The conntrack entry of a flow that keeps its backend.
 #[inline(always)]
-fn tracked(key: &FlowKey, ports: &Ports) -> Option<NatEntry> {
-    let entry = KEP_CT_V1.get_ptr_mut(*key)?;
+fn tracked<A: Addr>(key: &Tuple<A>, ports: &Ports) -> Option<&'static Nat<A>> {
+    let entry = A::ct(key)?;
     // SAFETY: the pointer is valid for this program run; a concurrent
     // update of the same entry can at worst lose a flag bit.
-    let fwd = unsafe { *entry };
-    if !still_valid(&fwd, ports) {
+    if !still_valid(unsafe { &*entry }, ports) {
         return None;
     }
-    if ports.is_closing() && fwd.flags & NAT_F_CLOSING == 0 {
-        unsafe { (*entry).flags |= NAT_F_CLOSING };
+    unsafe {
+        if ports.is_closing() && (*entry).flags & NAT_F_CLOSING == 0 {
+            (*entry).flags |= NAT_F_CLOSING;
+        }
+        Some(&*entry)
     }
-    Some(fwd)
 }
 
 /// The frontend of a new flow: the address's own (ClusterIP, external IP)
-/// or, on a NodePort address, the NodePort (address 0.0.0.0).
+/// or, on a NodePort address, the NodePort (the unspecified address).
 #[inline(always)]
-fn frontend(ip: &Ipv4, ports: &Ports, class: u8) -> Option<SvcValue> {
-    let mut key = SvcKey {
-        addr: ip.daddr,
-        port: ports.dport,
-        proto: ip.proto,
-        _pad: 0,
-    };
-    if class & FRONTEND_ADDR != 0 {
-        // SAFETY: copied out at once.
-        if let Some(svc) = unsafe { KEP_SVC_V2.get(key) } {
-            return Some(*svc);
-        }
+fn frontend<A: Addr>(ip: &Ip<A>, ports: &Ports, class: u8) -> Option<SvcValue> {
+    if class & FRONTEND_ADDR != 0
+        && let Some(svc) = A::service(ip.daddr, ports.dport, ip.proto)
+    {
+        return Some(svc);
     }
     if class & ADDR_NODEPORT == 0 {
         return None;
     }
-    key.addr = [0; 4];
-    // SAFETY: copied out at once.
-    unsafe { KEP_SVC_V2.get(key) }.copied()
+    A::service(A::ZERO, ports.dport, ip.proto)
 }
 
 /// Whether a tracked flow keeps its backend. A new TCP connection reusing
 /// the tuple of a closed one, and any UDP packet, re-check that the backend
 /// still exists, so a removed endpoint is not used again.
 #[inline(always)]
-fn still_valid(fwd: &NatEntry, ports: &Ports) -> bool {
+fn still_valid<A: Addr>(fwd: &Nat<A>, ports: &Ports) -> bool {
     if !ports.has_l4 {
         return true;
     }
@@ -218,12 +199,7 @@ fn still_valid(fwd: &NatEntry, ports: &Ports) -> bool {
     if !syn && ports.tcp_flags != 0 {
         return true;
     }
-    // SAFETY: copied out at once.
-    match unsafe {
-        KEP_BE_V1.get(BackendKey {
-            backend_id: fwd.backend_id,
-        })
-    } {
+    match A::backend(fwd.backend_id) {
         Some(be) => be.addr == fwd.daddr && be.port == fwd.dport,
         None => false,
     }
@@ -232,11 +208,10 @@ fn still_valid(fwd: &NatEntry, ports: &Ports) -> bool {
 /// Where the source of a new flow stands for externalTrafficPolicy Local:
 /// a process of this node or a pod of the cluster CIDR is internal.
 #[inline(always)]
-fn scope(hook: Hook, saddr: [u8; 4], cfg: &Config) -> Scope {
+fn scope<A: Addr>(hook: Hook, saddr: A) -> Scope {
     let internal = hook == Hook::Egress
-        || (cfg.flags & CFG_F_CLUSTER_CIDR != 0
-            && in_prefix(saddr, cfg.cluster_cidr, cfg.cluster_cidr_len))
-        || addr_class(saddr) & ADDR_HOST != 0;
+        || saddr.in_cluster_cidr() == Some(true)
+        || saddr.class() & ADDR_HOST != 0;
     if internal {
         Scope::Internal
     } else {
@@ -245,28 +220,52 @@ fn scope(hook: Hook, saddr: [u8; 4], cfg: &Config) -> Scope {
 }
 
 /// Balances a new flow, sets up its conntrack and reverse-NAT entries and
-/// rewrites its first packet.
+/// rewrites its first packet. In two BPF functions, called one after the
+/// other so that their frames do not add up; what the first decides waits
+/// in this CPU's scratch space.
+#[inline(always)]
+pub fn new_flow<A: Addr>(
+    ctx: &TcContext,
+    hook: Hook,
+    ip: &Ip<A>,
+    fe: &Frontend,
+) -> Result<Action, i32> {
+    if let Some(reason) = choose_backend(ctx, hook, ip, fe)? {
+        return Ok(Action::Reject(reason));
+    }
+    set_up_flow(ctx, hook, ip, fe)
+}
+
+/// Picks the backend and fills in the scratch space's key, translations and
+/// backend. `Some(reason)`: reject the packet.
 #[inline(never)]
-pub fn new_flow(ctx: &TcContext, hook: Hook, ip: &Ipv4, fe: &Frontend) -> Result<Action, i32> {
+fn choose_backend<A: Addr>(
+    ctx: &TcContext,
+    hook: Hook,
+    ip: &Ip<A>,
+    fe: &Frontend,
+) -> Result<Option<Counter>, i32> {
     let (svc, class) = (&fe.svc, fe.class);
     // Read again rather than kept in the caller's frame (see Action::New).
     let Ok(ports) = ports(ctx, ip) else {
         return Err(drop_packet(Counter::DropMalformed));
     };
-    let (ports, key) = (&ports, &flow_key(ip, &ports));
-    let cfg = config_ref().unwrap_or(&NO_CONFIG);
-    let mut scope_seen = None;
-    let pick = lb::select(svc, key.saddr, || {
-        let s = scope(hook, key.saddr, &cfg);
-        scope_seen = Some(s);
-        s
+    let s = scratch::<A>().ok_or_else(|| drop_packet(Counter::DropMapError))?;
+    s.key = flow_key(ip, &ports);
+    s.scope = SCOPE_UNKNOWN;
+    let client = s.key.saddr;
+    let pick = lb::select(svc, client, || {
+        let scope = scope(hook, client);
+        s.scope = scope as u8;
+        scope
     });
     let (backend_id, be) = match pick {
         Pick::Backend(id, be) => (id, be),
-        Pick::Reject(reason) => return Ok(Action::Reject(reason)),
+        Pick::Reject(reason) => return Ok(Some(reason)),
         Pick::Drop(reason) => return Err(drop_packet(reason)),
     };
-    let mut fwd = NatEntry {
+    let key = &s.key;
+    s.fwd = Nat {
         saddr: key.saddr,
         daddr: be.addr,
         sport: key.sport,
@@ -277,7 +276,7 @@ pub fn new_flow(ctx: &TcContext, hook: Hook, ip: &Ipv4, fe: &Frontend) -> Result
         _pad: [0; 3],
     };
     // The reply must look like it comes from the frontend the client dialed.
-    let mut rev = NatEntry {
+    s.rev = Nat {
         saddr: key.daddr,
         daddr: key.saddr,
         sport: key.dport,
@@ -288,45 +287,69 @@ pub fn new_flow(ctx: &TcContext, hook: Hook, ip: &Ipv4, fe: &Frontend) -> Result
         _pad: [0; 3],
     };
     if hook == Hook::Egress {
-        fwd.flags = NAT_F_HOST | delivery_to_self(be.addr);
+        s.fwd.flags = NAT_F_HOST | delivery_to_self(be.addr);
         // A node process dialing one of the node's own addresses: the reply
         // will come from that address, to that address.
-        rev.flags = NAT_F_HOST
+        s.rev.flags = NAT_F_HOST
             | if class & ADDR_HOST != 0 {
                 NAT_F_TO_LO
             } else {
                 0
             };
     }
-    let internal = || scope_seen.unwrap_or_else(|| scope(hook, key.saddr, &cfg)) == Scope::Internal;
-    let snat_to = match snat_reason(hook, key, svc, &be, &cfg, internal) {
+    s.be = be;
+    Ok(None)
+}
+
+/// `Scratch::scope` before the source's scope was needed.
+const SCOPE_UNKNOWN: u8 = u8::MAX;
+
+/// SNATs the flow chosen by [`choose_backend`] if it must be, records it
+/// and rewrites the packet.
+#[inline(never)]
+fn set_up_flow<A: Addr>(
+    ctx: &TcContext,
+    hook: Hook,
+    ip: &Ip<A>,
+    fe: &Frontend,
+) -> Result<Action, i32> {
+    let svc = &fe.svc;
+    let Ok(ports) = ports(ctx, ip) else {
+        return Err(drop_packet(Counter::DropMalformed));
+    };
+    let s = scratch::<A>().ok_or_else(|| drop_packet(Counter::DropMapError))?;
+    let (key, be) = (&s.key, &s.be);
+    let internal = || match s.scope {
+        SCOPE_UNKNOWN => scope(hook, key.saddr) == Scope::Internal,
+        known => known == Scope::Internal as u8,
+    };
+    let snat_to = match snat_reason(hook, key, svc, be, internal) {
         Snat::No => None,
-        Snat::Hairpin => Some(config().hairpin_addr),
+        Snat::Hairpin => Some(A::hairpin()),
         Snat::ToNode => Some(route::source_for(ctx, be.addr, key.proto).unwrap_or(key.daddr)),
     };
     match snat_to {
-        None => claim_reply(key, &be, &rev)?,
+        None => claim_reply(s)?,
         Some(src) => {
-            fwd.sport = snat_port(src, &be, key.proto, &rev)?;
-            fwd.saddr = src;
-            fwd.flags |= NAT_F_SNAT;
+            s.fwd.sport = snat_port(s, src)?;
+            s.fwd.saddr = src;
+            s.fwd.flags |= NAT_F_SNAT;
         }
     }
-    KEP_CT_V1
-        .insert(*key, fwd, 0)
-        .map_err(|_| drop_packet(Counter::DropMapError))?;
+    let s = &*s;
+    A::set_ct(&s.key, &s.fwd).map_err(|_| drop_packet(Counter::DropMapError))?;
     count(Counter::NewFlow);
     count_service(svc.svc_id, 0, true);
-    log_new_flow(ctx, key, svc, &be);
-    translate(ctx, ip, ports, &fwd, Counter::Forward)
+    A::log_new_flow(ctx, &s.key, svc.svc_id, &s.be);
+    translate(ctx, ip, &ports, &s.fwd, Counter::Forward)
 }
 
 /// A node process's flow to a backend that is this node itself (hostNetwork)
 /// must be delivered into the node's stack, not sent out with a local
 /// destination.
 #[inline(always)]
-fn delivery_to_self(backend: [u8; 4]) -> u8 {
-    if addr_class(backend) & ADDR_HOST != 0 {
+fn delivery_to_self<A: Addr>(backend: A) -> u8 {
+    if backend.class() & ADDR_HOST != 0 {
         NAT_F_TO_LO
     } else {
         0
@@ -346,12 +369,11 @@ enum Snat {
 /// anyway). Flows of node processes (egress) come from a node address
 /// already.
 #[inline(always)]
-fn snat_reason(
+fn snat_reason<A: Addr>(
     hook: Hook,
-    key: &FlowKey,
+    key: &Tuple<A>,
     svc: &SvcValue,
-    be: &Backend,
-    cfg: &Config,
+    be: &Be<A>,
     internal: impl FnOnce() -> bool,
 ) -> Snat {
     if hook == Hook::Egress {
@@ -360,7 +382,8 @@ fn snat_reason(
     if be.addr == key.saddr {
         return Snat::Hairpin;
     }
-    let masquerade = if cfg.flags & CFG_F_MASQUERADE_ALL != 0 {
+    let masquerade_all = config_ref().is_some_and(|c| c.flags & CFG_F_MASQUERADE_ALL != 0);
+    let masquerade = if masquerade_all {
         true
     } else if be.flags & BE_F_LOCAL != 0 {
         false
@@ -372,13 +395,12 @@ fn snat_reason(
         // A ClusterIP dialed from outside the cluster CIDR (routers
         // announcing the service range): the backend's reply must come back
         // through this node.
-        cfg.flags & CFG_F_CLUSTER_CIDR != 0
-            && !in_prefix(key.saddr, cfg.cluster_cidr, cfg.cluster_cidr_len)
+        key.saddr.in_cluster_cidr() == Some(false)
     };
     // A backend that is this node itself (hostNetwork) answers through this
     // node anyway, and a packet from and to the node's own address would
     // be a martian.
-    if masquerade && addr_class(be.addr) & ADDR_HOST == 0 {
+    if masquerade && be.addr.class() & ADDR_HOST == 0 {
         Snat::ToNode
     } else {
         Snat::No
@@ -387,57 +409,40 @@ fn snat_reason(
 
 /// The reverse-NAT entry of a flow whose source is kept.
 #[inline(always)]
-fn claim_reply(key: &FlowKey, be: &Backend, rev: &NatEntry) -> Result<(), i32> {
-    let reply = FlowKey {
-        saddr: be.addr,
-        daddr: key.saddr,
-        sport: be.port,
-        dport: key.sport,
-        proto: key.proto,
+fn claim_reply<A: Addr>(s: &mut Scratch<A>) -> Result<(), i32> {
+    s.reply = Tuple {
+        saddr: s.be.addr,
+        daddr: s.key.saddr,
+        sport: s.be.port,
+        dport: s.key.sport,
+        proto: s.key.proto,
         _pad: [0; 3],
     };
-    KEP_RNAT_V1
-        .insert(reply, *rev, 0)
-        .map_err(|_| drop_packet(Counter::DropMapError))
-}
-
-#[inline(always)]
-fn log_new_flow(ctx: &TcContext, key: &FlowKey, svc: &SvcValue, be: &Backend) {
-    // Compiled in, but the verifier removes it unless the daemon was started
-    // with --bpf-debug (AYA_LOG_LEVEL is a read-only global set at load).
-    aya_log_ebpf::debug!(
-        ctx,
-        "new flow {:i}:{} -> service port {} backend {:i}:{}",
-        key.saddr,
-        u16::from_be_bytes(key.sport),
-        svc.svc_id,
-        be.addr,
-        u16::from_be_bytes(be.port)
-    );
+    A::set_rnat(&s.reply, &s.rev, 0).map_err(|_| drop_packet(Counter::DropMapError))
 }
 
 /// Picks a source port for SNAT that no other flow from `src` to this
 /// backend uses, by claiming its reverse-NAT entry (BPF_NOEXIST).
 #[inline(always)]
-fn snat_port(src: [u8; 4], be: &Backend, proto: u8, rev: &NatEntry) -> Result<[u8; 2], i32> {
+fn snat_port<A: Addr>(s: &mut Scratch<A>, src: A) -> Result<[u8; 2], i32> {
     let cfg = config();
     let span = (cfg.snat_port_max - cfg.snat_port_min) as u32 + 1;
     // SAFETY: plain helper call.
     let start = unsafe { aya_ebpf::helpers::generated::bpf_get_prandom_u32() };
+    s.reply = Tuple {
+        saddr: s.be.addr,
+        daddr: src,
+        sport: s.be.port,
+        dport: [0; 2],
+        proto: s.key.proto,
+        _pad: [0; 3],
+    };
     for i in 0..SNAT_TRIES {
         let port = (cfg.snat_port_min as u32 + start.wrapping_add(i) % span) as u16;
-        let port = port.to_be_bytes();
-        let reply = FlowKey {
-            saddr: be.addr,
-            daddr: src,
-            sport: be.port,
-            dport: port,
-            proto,
-            _pad: [0; 3],
-        };
+        s.reply.dport = port.to_be_bytes();
         const BPF_NOEXIST: u64 = 1;
-        if KEP_RNAT_V1.insert(reply, *rev, BPF_NOEXIST).is_ok() {
-            return Ok(port);
+        if A::set_rnat(&s.reply, &s.rev, BPF_NOEXIST).is_ok() {
+            return Ok(s.reply.dport);
         }
     }
     Err(drop_packet(Counter::DropNoSnatPort))
@@ -447,12 +452,12 @@ fn snat_port(src: [u8; 4], be: &Backend, proto: u8, rev: &NatEntry) -> Result<[u
 /// backend of this node answering) the route was chosen for the client
 /// already: the packet only continues.
 #[inline(always)]
-fn translate_reply(
+fn translate_reply<A: Addr>(
     ctx: &TcContext,
     hook: Hook,
-    ip: &Ipv4,
+    ip: &Ip<A>,
     ports: &Ports,
-    rev: &NatEntry,
+    rev: &'static Nat<A>,
 ) -> Result<Action, i32> {
     let action = translate(ctx, ip, ports, rev, Counter::Reply)?;
     if hook == Hook::Egress {
@@ -462,11 +467,11 @@ fn translate_reply(
 }
 
 #[inline(always)]
-fn translate(
+fn translate<A: Addr>(
     ctx: &TcContext,
-    ip: &Ipv4,
+    ip: &Ip<A>,
     ports: &Ports,
-    to: &NatEntry,
+    to: &'static Nat<A>,
     counter: Counter,
 ) -> Result<Action, i32> {
     if ip.frag == Frag::First {
@@ -475,5 +480,5 @@ fn translate(
     nat::rewrite(ctx, ip, ports, to)?;
     count(counter);
     count_service(to.svc_id, ctx.len(), false);
-    Ok(Action::Forward(*to))
+    Ok(Action::Forward(to.flags))
 }

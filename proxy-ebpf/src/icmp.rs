@@ -4,14 +4,14 @@
 //! client sent, and an error sent by the backend itself must come from the
 //! service address. Path MTU discovery through a service depends on this.
 
-use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
-use proxy_common::{Counter, IPPROTO_TCP, IPPROTO_UDP, NatEntry};
+use aya_ebpf::programs::TcContext;
+use proxy_common::{Counter, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::{
-    maps::{KEP_RNAT_V1, count},
-    nat::fold,
-    packet::{IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, Ipv4, bytes},
-    route,
+    family::{Addr, Tuple},
+    maps::count,
+    nat::{csum_diff, fold},
+    packet::{IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, Ip, bytes},
 };
 
 const ICMP_DEST_UNREACH: u8 = 3;
@@ -22,8 +22,10 @@ const QUOTE: usize = 28;
 
 // Its own BPF function, to keep its buffers off the main stack frame.
 #[inline(never)]
-pub fn translate_error(ctx: &TcContext, ip: &Ipv4) -> Result<i32, i32> {
-    let pass = Ok(TC_ACT_OK as i32);
+/// `Some(flags)`: translated, to be forwarded by the caller (with the
+/// `NAT_F_*` of the flow), outside this function's frame.
+pub fn translate_error(ctx: &TcContext, ip: &Ip<[u8; 4]>) -> Result<Option<u8>, i32> {
+    let pass = Ok(None);
     let Some(icmp) = bytes::<8>(ctx, ip.l4) else {
         return pass;
     };
@@ -43,7 +45,7 @@ pub fn translate_error(ctx: &TcContext, ip: &Ipv4) -> Result<i32, i32> {
     }
     // The quoted packet went towards the backend; its reply tuple is the
     // reverse-NAT key of the flow.
-    let key = proxy_common::FlowKey {
+    let key = Tuple {
         saddr: [old[16], old[17], old[18], old[19]],
         daddr: [old[12], old[13], old[14], old[15]],
         sport: [old[22], old[23]],
@@ -51,8 +53,7 @@ pub fn translate_error(ctx: &TcContext, ip: &Ipv4) -> Result<i32, i32> {
         proto: old[9],
         _pad: [0; 3],
     };
-    // SAFETY: copied out at once.
-    let Some(rev) = (unsafe { KEP_RNAT_V1.get(key) }).copied() else {
+    let Some(rev) = <[u8; 4]>::rnat(&key) else {
         return pass;
     };
 
@@ -84,12 +85,7 @@ pub fn translate_error(ctx: &TcContext, ip: &Ipv4) -> Result<i32, i32> {
     set_addr(ctx, IP_SRC_OFF, ip.saddr, outer_src)?;
     set_addr(ctx, IP_DST_OFF, ip.daddr, rev.daddr)?;
     count(Counter::IcmpError);
-    let to = NatEntry {
-        saddr: outer_src,
-        daddr: rev.daddr,
-        ..rev
-    };
-    Ok(route::forward(ctx, &to, ip.proto))
+    Ok(Some(rev.flags))
 }
 
 #[inline(always)]
@@ -107,26 +103,6 @@ fn set_addr(ctx: &TcContext, off: usize, old: [u8; 4], new: [u8; 4]) -> Result<(
 }
 
 #[inline(always)]
-fn helper_error() -> i32 {
+pub fn helper_error() -> i32 {
     crate::drop_packet(Counter::DropHelperError)
-}
-
-#[inline(always)]
-fn csum_diff(from: &[u8], to: &[u8], seed: u32) -> i64 {
-    // SAFETY: both slices are readable stack memory of the sizes passed;
-    // the helper does not write through its pointers.
-    let from_ptr = if from.is_empty() {
-        core::ptr::null_mut()
-    } else {
-        from.as_ptr() as *mut u32
-    };
-    unsafe {
-        aya_ebpf::helpers::generated::bpf_csum_diff(
-            from_ptr,
-            from.len() as u32,
-            to.as_ptr() as *mut u32,
-            to.len() as u32,
-            seed,
-        )
-    }
 }

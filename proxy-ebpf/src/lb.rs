@@ -1,15 +1,19 @@
 //! Choosing a backend for a new flow: the one place where a frontend's
 //! rules apply (source ranges, traffic policies, session affinity, empty
 //! sets). The TC programs use it for every new flow; the socket-level hooks
-//! and the IPv6 path are meant to call the same function.
+//! call the same function, and both families compile it.
 
 use aya_ebpf::helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use proxy_common::*;
 
-use crate::maps::{KEP_AFF_V1, KEP_AFFMEM_V1, KEP_BE_V1, KEP_SLOT_V1, KEP_SRCRNG_V1};
+use crate::{
+    family::{Addr, Be},
+    maps::{KEP_AFFMEM_V1, KEP_SLOT_V1},
+};
 
 /// Where a new flow comes from, for externalTrafficPolicy Local.
 #[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub enum Scope {
     /// A pod of the cluster or a process of this node: no external load
     /// balancer is involved, so every endpoint may serve it.
@@ -19,8 +23,8 @@ pub enum Scope {
 }
 
 /// The outcome of [`select`].
-pub enum Pick {
-    Backend(u32, Backend),
+pub enum Pick<A> {
+    Backend(u32, Be<A>),
     /// Answer ICMP port unreachable (kube-proxy's REJECT), counted so.
     Reject(Counter),
     /// Drop silently, counted so.
@@ -31,8 +35,8 @@ pub enum Pick {
 /// `scope` is only read for externalTrafficPolicy Local frontends, so the
 /// caller may compute it lazily.
 #[inline(always)]
-pub fn select(svc: &SvcValue, client: [u8; 4], scope: impl FnOnce() -> Scope) -> Pick {
-    if svc.flags & SVC_F_SRC_RANGES != 0 && !source_allowed(svc.svc_id, client) {
+pub fn select<A: Addr>(svc: &SvcValue, client: A, scope: impl FnOnce() -> Scope) -> Pick<A> {
+    if svc.flags & SVC_F_SRC_RANGES != 0 && !A::source_allowed(svc.svc_id, client) {
         return Pick::Drop(Counter::DropSourceRange);
     }
     if svc.count == 0 {
@@ -57,21 +61,9 @@ pub fn select(svc: &SvcValue, client: [u8; 4], scope: impl FnOnce() -> Scope) ->
     with_affinity(svc, client, first, n, local_only)
 }
 
-#[inline(always)]
-fn source_allowed(svc_id: SvcId, client: [u8; 4]) -> bool {
-    let key = aya_ebpf::maps::lpm_trie::Key::new(
-        SrcRangeKey::prefix_len(32),
-        SrcRangeKey {
-            svc_id: svc_id.to_be_bytes(),
-            addr: client,
-        },
-    );
-    KEP_SRCRNG_V1.get(&key).is_some()
-}
-
 /// A uniformly random slot among `n` from `first`.
 #[inline(always)]
-fn random_slot(svc: &SvcValue, first: u16, n: u16) -> Pick {
+fn random_slot<A: Addr>(svc: &SvcValue, first: u16, n: u16) -> Pick<A> {
     // SAFETY: plain helper call.
     let random = unsafe { bpf_get_prandom_u32() };
     let slot = SlotKey {
@@ -83,16 +75,10 @@ fn random_slot(svc: &SvcValue, first: u16, n: u16) -> Pick {
     let Some(backend_id) = (unsafe { KEP_SLOT_V1.get(slot) }).map(|s| s.backend_id) else {
         return Pick::Drop(Counter::DropMapError);
     };
-    match backend(backend_id) {
+    match A::backend(backend_id) {
         Some(be) => Pick::Backend(backend_id, be),
         None => Pick::Drop(Counter::DropMapError),
     }
-}
-
-#[inline(always)]
-fn backend(backend_id: u32) -> Option<Backend> {
-    // SAFETY: copied out at once.
-    unsafe { KEP_BE_V1.get(BackendKey { backend_id }) }.copied()
 }
 
 /// sessionAffinity ClientIP: the client's backend while it is still a
@@ -100,26 +86,27 @@ fn backend(backend_id: u32) -> Option<Backend> {
 /// the client opened a flow within the timeout; otherwise a fresh pick,
 /// remembered. Like kube-proxy, the timeout counts from the last new flow.
 #[inline(always)]
-fn with_affinity(svc: &SvcValue, client: [u8; 4], first: u16, n: u16, local_only: bool) -> Pick {
+fn with_affinity<A: Addr>(
+    svc: &SvcValue,
+    client: A,
+    first: u16,
+    n: u16,
+    local_only: bool,
+) -> Pick<A> {
     // SAFETY: plain helper call.
     let now = (unsafe { bpf_ktime_get_ns() } / 1_000_000_000) as u32;
-    let key = AffKey {
-        svc_id: svc.svc_id,
-        client,
-    };
-    // SAFETY: copied out at once.
-    if let Some(aff) = unsafe { KEP_AFF_V1.get(key) }.copied()
+    if let Some(aff) = A::affinity(svc.svc_id, client)
         && now.wrapping_sub(aff.last_seen) <= svc.affinity_timeout
         && is_member(svc.svc_id, aff.backend_id)
-        && let Some(be) = backend(aff.backend_id)
+        && let Some(be) = A::backend(aff.backend_id)
         && (!local_only || be.flags & BE_F_LOCAL != 0)
     {
-        remember(key, aff.backend_id, now);
+        remember(svc.svc_id, client, aff.backend_id, now);
         return Pick::Backend(aff.backend_id, be);
     }
     let pick = random_slot(svc, first, n);
     if let Pick::Backend(id, _) = pick {
-        remember(key, id, now);
+        remember(svc.svc_id, client, id, now);
     }
     pick
 }
@@ -131,12 +118,10 @@ fn is_member(svc_id: SvcId, backend_id: u32) -> bool {
 }
 
 #[inline(always)]
-fn remember(key: AffKey, backend_id: u32, now: u32) {
+fn remember<A: Addr>(svc_id: SvcId, client: A, backend_id: u32, now: u32) {
     let value = AffValue {
         backend_id,
         last_seen: now,
     };
-    // A full LRU evicts its oldest entry; an error here only costs the
-    // client its affinity, never the flow.
-    let _ = KEP_AFF_V1.insert(key, value, 0);
+    A::set_affinity(svc_id, client, value);
 }

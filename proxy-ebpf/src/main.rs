@@ -6,9 +6,14 @@
 //! and handles what local processes send, which never passes an ingress
 //! hook: flows to service addresses, and the replies of hostNetwork
 //! backends. See docs/architecture.md for the packet walks.
+//!
+//! Both programs serve IPv4 and IPv6: the flow logic is written once over
+//! the address family ([`family`]); parsing, ICMP and rejecting are the
+//! family's own ([`v6`] for IPv6).
 #![no_std]
 #![no_main]
 
+mod family;
 mod flow;
 mod icmp;
 mod lb;
@@ -18,13 +23,16 @@ mod packet;
 mod reject;
 mod route;
 mod sock;
+mod v4;
+mod v6;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     macros::classifier,
     programs::TcContext,
 };
-use packet::Ipv4;
+use family::Addr;
+use packet::{ETH_P_IP, ETH_P_IPV6, ETH_TYPE_OFF, Ip};
 use proxy_common::{Counter, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -55,29 +63,44 @@ pub fn kep_noop(_ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn try_handle(ctx: &TcContext, hook: Hook) -> Result<i32, i32> {
+    match packet::bytes::<2>(ctx, ETH_TYPE_OFF) {
+        Some(ETH_P_IP) => handle_ipv4(ctx, hook),
+        Some(ETH_P_IPV6) => v6::handle(ctx, hook),
+        // ARP, VLAN tags, anything else: not ours.
+        _ => Ok(TC_ACT_OK as i32),
+    }
+}
+
+/// A BPF function of its own, as is [`v6::handle`]: the programs' own
+/// frame stays small for the longer IPv6 chain.
+#[inline(never)]
+fn handle_ipv4(ctx: &TcContext, hook: Hook) -> Result<i32, i32> {
     let Some(ip) = packet::parse_ipv4(ctx) else {
         return Ok(TC_ACT_OK as i32);
     };
     match ip.proto {
         IPPROTO_TCP | IPPROTO_UDP => flow_verdict(ctx, hook, &ip),
-        IPPROTO_ICMP if hook == Hook::Ingress => icmp::translate_error(ctx, &ip),
+        IPPROTO_ICMP if hook == Hook::Ingress => Ok(match icmp::translate_error(ctx, &ip)? {
+            Some(flags) => route::forward::<[u8; 4]>(ctx, flags, IPPROTO_ICMP),
+            None => TC_ACT_OK as i32,
+        }),
         _ => Ok(TC_ACT_OK as i32),
     }
 }
 
-/// TCP and UDP. A BPF function of its own, so that the flow's frames and
-/// the ICMP path's do not add up: a chain of calls shares 512 bytes of
-/// stack.
+/// TCP and UDP, of either family. A BPF function of its own, so that the
+/// flow's frames and the ICMP path's do not add up: a chain of calls shares
+/// 512 bytes of stack.
 #[inline(never)]
-fn flow_verdict(ctx: &TcContext, hook: Hook, ip: &Ipv4) -> Result<i32, i32> {
+fn flow_verdict<A: Addr>(ctx: &TcContext, hook: Hook, ip: &Ip<A>) -> Result<i32, i32> {
     let mut action = flow::handle(ctx, hook, ip)?;
     if let flow::Action::New(fe) = &action {
         action = flow::new_flow(ctx, hook, ip, fe)?;
     }
     Ok(match action {
         flow::Action::Pass | flow::Action::New(_) => TC_ACT_OK as i32,
-        flow::Action::Forward(to) => route::forward(ctx, &to, ip.proto),
-        flow::Action::Reject(reason) => reject::port_unreachable(ctx, ip, hook, reason),
+        flow::Action::Forward(flags) => route::forward::<A>(ctx, flags, ip.proto),
+        flow::Action::Reject(reason) => A::reject(ctx, ip, hook, reason),
     })
 }
 

@@ -65,6 +65,17 @@ pub static KEP_AFFMEM_V1: HashMap<AffMemberKey, u8, { AFFMEM_MAP_SIZE as usize }
 pub static KEP_SRCRNG_V1: LpmTrie<SrcRangeKey, u8, { SRCRNG_MAP_SIZE as usize }, NO_PREALLOC> =
     LpmTrie::new();
 
+/// Per-CPU working space of the flow logic ([`crate::family::scratch`]);
+/// never pinned, never read by userspace.
+#[btf_map]
+pub static KEP_SCRATCH: PerCpuArray<[u64; crate::family::SCRATCH_WORDS], 1> = PerCpuArray::new();
+
+/// Per-CPU place of the IPv6 header fields of the packet being handled
+/// ([`crate::v6`]): parsed by one BPF function, read by the next, and off
+/// both their stacks.
+#[btf_map]
+pub static KEP_IP6SCR: PerCpuArray<[u64; 6], 1> = PerCpuArray::new();
+
 /// Written and read by userspace only; defined here so that the object
 /// carries it (and its BTF) like every other map.
 #[btf_map]

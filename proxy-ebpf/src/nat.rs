@@ -6,16 +6,22 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
-use proxy_common::{Counter, IPPROTO_UDP, NatEntry};
+use proxy_common::{Counter, IPPROTO_UDP};
 
 use crate::{
     drop_packet,
-    packet::{IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, Ipv4, Ports},
+    family::{Addr, Nat},
+    packet::{IP_CSUM_OFF, Ip, Ports},
 };
 
 /// Rewrites the packet's addresses and ports to those of `to`.
 #[inline(always)]
-pub fn rewrite(ctx: &TcContext, ip: &Ipv4, ports: &Ports, to: &NatEntry) -> Result<(), i32> {
+pub fn rewrite<A: Addr>(
+    ctx: &TcContext,
+    ip: &Ip<A>,
+    ports: &Ports,
+    to: &Nat<A>,
+) -> Result<(), i32> {
     // A zero UDP checksum means "none"; MARK_MANGLED_0 keeps a computed zero
     // from turning into that.
     let mangled = if ip.proto == IPPROTO_UDP {
@@ -24,10 +30,10 @@ pub fn rewrite(ctx: &TcContext, ip: &Ipv4, ports: &Ports, to: &NatEntry) -> Resu
         0
     };
     if to.saddr != ip.saddr {
-        addr(ctx, IP_SRC_OFF, ip.saddr, to.saddr, ports.csum_off, mangled)?;
+        A::rewrite_addr(ctx, A::SRC_OFF, ip.saddr, to.saddr, ports.csum_off, mangled)?;
     }
     if to.daddr != ip.daddr {
-        addr(ctx, IP_DST_OFF, ip.daddr, to.daddr, ports.csum_off, mangled)?;
+        A::rewrite_addr(ctx, A::DST_OFF, ip.daddr, to.daddr, ports.csum_off, mangled)?;
     }
     if ports.has_l4 {
         if to.sport != ports.sport {
@@ -47,8 +53,10 @@ pub fn rewrite(ctx: &TcContext, ip: &Ipv4, ports: &Ports, to: &NatEntry) -> Resu
     Ok(())
 }
 
+/// An IPv4 address: the IP header checksum covers it, and the L4 checksum
+/// through the pseudo-header.
 #[inline(always)]
-fn addr(
+pub fn addr4(
     ctx: &TcContext,
     off: usize,
     old: [u8; 4],
@@ -66,6 +74,54 @@ fn addr(
         .map_err(|_| drop_packet(Counter::DropHelperError))?;
     ctx.store(off, &new, 0)
         .map_err(|_| drop_packet(Counter::DropHelperError))
+}
+
+/// An IPv6 address: no IP header checksum, only the L4 checksum through
+/// the pseudo-header, adjusted by the difference of the 16 bytes.
+#[inline(always)]
+pub fn addr6(
+    ctx: &TcContext,
+    off: usize,
+    old: [u8; 16],
+    new: [u8; 16],
+    l4_csum: Option<usize>,
+    mangled: u64,
+) -> Result<(), i32> {
+    if let Some(csum) = l4_csum {
+        let diff = csum_diff(&old, &new, 0);
+        // Size 0: `to` is a checksum difference to fold in.
+        ctx.l4_csum_replace(
+            csum,
+            0,
+            diff as u32 as u64,
+            BPF_F_PSEUDO_HDR as u64 | mangled,
+        )
+        .map_err(|_| drop_packet(Counter::DropHelperError))?;
+    }
+    ctx.store(off, &new, 0)
+        .map_err(|_| drop_packet(Counter::DropHelperError))
+}
+
+/// The one's complement difference of replacing `from` by `to` (both
+/// multiples of 4 bytes), added to `seed`.
+#[inline(always)]
+pub fn csum_diff(from: &[u8], to: &[u8], seed: u32) -> i64 {
+    let from_ptr = if from.is_empty() {
+        core::ptr::null_mut()
+    } else {
+        from.as_ptr() as *mut u32
+    };
+    // SAFETY: both slices are readable memory of the sizes passed; the
+    // helper does not write through its pointers.
+    unsafe {
+        aya_ebpf::helpers::generated::bpf_csum_diff(
+            from_ptr,
+            from.len() as u32,
+            to.as_ptr() as *mut u32,
+            to.len() as u32,
+            seed,
+        )
+    }
 }
 
 #[inline(always)]

@@ -3,12 +3,14 @@
 //! pulled in first. Everything is kept in wire byte order.
 
 use aya_ebpf::programs::TcContext;
-use proxy_common::{FragKey, IPPROTO_TCP, IPPROTO_UDP};
+use proxy_common::{FragValue, IPPROTO_TCP, IPPROTO_UDP};
 
-use crate::maps::KEP_FRAG_V1;
+use crate::family::Addr;
 
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: [u8; 2] = [0x08, 0x00];
+pub const ETH_P_IPV6: [u8; 2] = [0x86, 0xdd];
+pub const ETH_TYPE_OFF: usize = 12;
 pub const IP_OFF: usize = ETH_HLEN;
 pub const IP_CSUM_OFF: usize = IP_OFF + 10;
 pub const IP_SRC_OFF: usize = IP_OFF + 12;
@@ -31,8 +33,16 @@ pub fn bytes<const N: usize>(ctx: &TcContext, off: usize) -> Option<[u8; N]> {
     direct(ctx, off)
 }
 
+/// Headers are looked for this far into a packet at the most. Offsets read
+/// back from a map are unknown to the verifier; this bound lets it accept
+/// them.
+pub const MAX_HEADER_OFF: usize = 4096;
+
 #[inline(always)]
 fn direct<const N: usize>(ctx: &TcContext, off: usize) -> Option<[u8; N]> {
+    if off > MAX_HEADER_OFF {
+        return None;
+    }
     // The verifier tracks the bound on this very pointer: check and read
     // through the same value.
     let start = ctx.data();
@@ -55,25 +65,24 @@ pub enum Frag {
     Later,
 }
 
-/// The IPv4 header fields the datapath uses.
-pub struct Ipv4 {
-    pub saddr: [u8; 4],
-    pub daddr: [u8; 4],
+/// The IP header fields the datapath uses, of either family.
+pub struct Ip<A> {
+    pub saddr: A,
+    pub daddr: A,
+    /// The upper-layer protocol (for IPv6, after the extension headers).
     pub proto: u8,
-    /// Offset of the L4 header (the IP header may carry options).
+    /// Offset of the L4 header (after IPv4 options or IPv6 extension
+    /// headers).
     pub l4: usize,
-    pub id: [u8; 2],
+    /// The fragment identification (IPv4: 16 bits, then zeroes).
+    pub id: [u8; 4],
     pub frag: Frag,
 }
 
-/// Parses Ethernet + IPv4. `None` for anything else (IPv6, ARP, VLAN...) and
-/// for headers the kernel itself will discard: those are not ours to touch.
+/// Parses IPv4 (the caller checked the Ethernet type). `None` for headers
+/// the kernel itself will discard: those are not ours to touch.
 #[inline(always)]
-pub fn parse_ipv4(ctx: &TcContext) -> Option<Ipv4> {
-    let eth: [u8; ETH_HLEN] = bytes(ctx, 0)?;
-    if [eth[12], eth[13]] != ETH_P_IP {
-        return None;
-    }
+pub fn parse_ipv4(ctx: &TcContext) -> Option<Ip<[u8; 4]>> {
     let h: [u8; 20] = bytes(ctx, IP_OFF)?;
     let ihl = (h[0] & 0x0f) as usize * 4;
     if h[0] >> 4 != 4 || ihl < 20 {
@@ -92,12 +101,12 @@ pub fn parse_ipv4(ctx: &TcContext) -> Option<Ipv4> {
     } else {
         Frag::No
     };
-    Some(Ipv4 {
+    Some(Ip {
         saddr: [h[12], h[13], h[14], h[15]],
         daddr: [h[16], h[17], h[18], h[19]],
         proto: h[9],
         l4: IP_OFF + ihl,
-        id: [h[4], h[5]],
+        id: [h[4], h[5], 0, 0],
         frag,
     })
 }
@@ -121,24 +130,12 @@ pub enum PortsError {
     UnknownFragment,
 }
 
-#[inline(always)]
-fn frag_key(ip: &Ipv4) -> FragKey {
-    FragKey {
-        saddr: ip.saddr,
-        daddr: ip.daddr,
-        id: ip.id,
-        proto: ip.proto,
-        _pad: 0,
-    }
-}
-
 /// Reads the ports of a TCP or UDP packet; a later fragment gets the ports its
 /// first fragment recorded with [`remember_fragment`].
 #[inline(always)]
-pub fn ports(ctx: &TcContext, ip: &Ipv4) -> Result<Ports, PortsError> {
+pub fn ports<A: Addr>(ctx: &TcContext, ip: &Ip<A>) -> Result<Ports, PortsError> {
     if ip.frag == Frag::Later {
-        // SAFETY: copied out at once.
-        let v = unsafe { KEP_FRAG_V1.get(frag_key(ip)) }.ok_or(PortsError::UnknownFragment)?;
+        let v = A::fragment(ip).ok_or(PortsError::UnknownFragment)?;
         return Ok(Ports {
             sport: v.sport,
             dport: v.dport,
@@ -179,13 +176,13 @@ pub fn ports(ctx: &TcContext, ip: &Ipv4) -> Result<Ports, PortsError> {
 /// A first fragment that is being translated records its ports so that the
 /// later fragments of the datagram find the same flow.
 #[inline(always)]
-pub fn remember_fragment(ip: &Ipv4, ports: &Ports) {
+pub fn remember_fragment<A: Addr>(ip: &Ip<A>, ports: &Ports) {
     if ip.frag == Frag::First {
-        let v = proxy_common::FragValue {
+        let v = FragValue {
             sport: ports.sport,
             dport: ports.dport,
         };
-        let _ = KEP_FRAG_V1.insert(frag_key(ip), v, 0);
+        A::set_fragment(ip, v);
     }
 }
 

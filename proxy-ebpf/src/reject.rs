@@ -3,7 +3,8 @@
 //! REJECT rules send icmp-port-unreachable). A TCP client's connect() then
 //! fails at once with ECONNREFUSED instead of timing out.
 //!
-//! The packet is turned into the ICMP error in place: trimmed to its IP
+//! The packet is turned into the ICMP error in place (by the helpers
+//! here, which the ICMPv6 error of [`crate::v6`] uses too): trimmed to its IP
 //! header plus its L4 header (RFC 792 asks for at least 8 bytes; RFC 1812
 //! allows more), grown by a new IP and ICMP header, and sent back where it
 //! came from.
@@ -23,7 +24,7 @@ use crate::{
     Hook,
     maps::count,
     nat::fold,
-    packet::{ETH_HLEN, Frag, IP_OFF, Ipv4, bytes},
+    packet::{ETH_HLEN, Frag, IP_OFF, Ip, bytes},
     route::ifindex,
 };
 
@@ -35,7 +36,7 @@ const MAX_QUOTE: usize = 120;
 const NEW_HDRS: usize = 20 + 8;
 
 #[inline(always)]
-pub fn port_unreachable(ctx: &TcContext, ip: &Ipv4, hook: Hook, reason: Counter) -> i32 {
+pub fn port_unreachable(ctx: &TcContext, ip: &Ip<[u8; 4]>, hook: Hook, reason: Counter) -> i32 {
     count(reason);
     aya_log_ebpf::debug!(
         ctx,
@@ -53,44 +54,18 @@ pub fn port_unreachable(ctx: &TcContext, ip: &Ipv4, hook: Hook, reason: Counter)
 // A function of its own (a BPF-to-BPF call): its buffers would otherwise
 // add to the stack frame of the whole program, which has 512 bytes.
 #[inline(never)]
-fn build(ctx: &TcContext, ip: &Ipv4, hook: Hook) -> Option<i32> {
+fn build(ctx: &TcContext, ip: &Ip<[u8; 4]>, hook: Hook) -> Option<i32> {
     let ihl = ip.l4 - IP_OFF;
     if !(20..=60).contains(&ihl) {
         return None;
     }
-    let l4_len = if ip.proto == IPPROTO_TCP {
-        let tcp: [u8; 13] = bytes(ctx, ip.l4)?;
-        let doff = (tcp[12] >> 4) as usize * 4;
-        if !(20..=60).contains(&doff) {
-            return None;
-        }
-        doff
-    } else {
-        8
-    };
-    let quote_len = ihl + l4_len;
+    let quote_len = ihl + l4_quote_len(ctx, ip.l4, ip.proto)?;
     if quote_len > MAX_QUOTE {
         return None;
     }
     let eth: [u8; ETH_HLEN] = bytes(ctx, 0)?;
     let mut quote = [0u8; MAX_QUOTE];
-    // SAFETY: quote_len is at most MAX_QUOTE, the buffer's size; plain
-    // helper calls on our own skb.
-    unsafe {
-        if bpf_skb_load_bytes(
-            ctx.skb.skb.cast(),
-            IP_OFF as u32,
-            quote.as_mut_ptr().cast(),
-            quote_len as u32,
-        ) != 0
-        {
-            return None;
-        }
-        if bpf_skb_change_tail(ctx.skb.skb, (ETH_HLEN + quote_len) as u32, 0) != 0 {
-            return None;
-        }
-    }
-    ctx.adjust_room(NEW_HDRS as i32, BPF_ADJ_ROOM_MAC, 0).ok()?;
+    cut_and_open(ctx, &mut quote, quote_len, NEW_HDRS)?;
 
     let mut iph = [0u8; 20];
     iph[0] = 0x45;
@@ -110,17 +85,65 @@ fn build(ctx: &TcContext, ip: &Ipv4, hook: Hook) -> Option<i32> {
     let sum = csum(quote.as_mut_ptr(), quote_len as u32, sum);
     icmp[2..4].copy_from_slice(&fold(sum).to_ne_bytes());
 
+    ctx.store(IP_OFF, &iph, 0).ok()?;
+    ctx.store(IP_OFF + 20, &icmp, 0).ok()?;
+    send_back(ctx, &eth, hook)
+}
+
+/// How much of the L4 header to quote: all of TCP's (see the module
+/// documentation), UDP's 8 bytes.
+#[inline(always)]
+pub fn l4_quote_len(ctx: &TcContext, l4: usize, proto: u8) -> Option<usize> {
+    if proto != IPPROTO_TCP {
+        return Some(8);
+    }
+    let tcp: [u8; 13] = bytes(ctx, l4)?;
+    let doff = (tcp[12] >> 4) as usize * 4;
+    (20..=60).contains(&doff).then_some(doff)
+}
+
+/// Copies the first `len` bytes after the Ethernet header into `quote`,
+/// trims the packet to them and opens `room` bytes in front of them for
+/// the new IP and ICMP headers.
+#[inline(always)]
+pub fn cut_and_open<const N: usize>(
+    ctx: &TcContext,
+    quote: &mut [u8; N],
+    len: usize,
+    room: usize,
+) -> Option<()> {
+    if len == 0 || len > N {
+        return None;
+    }
+    // SAFETY: len is at most N, the buffer's size; plain helper calls on
+    // our own skb.
+    unsafe {
+        if bpf_skb_load_bytes(
+            ctx.skb.skb.cast(),
+            ETH_HLEN as u32,
+            quote.as_mut_ptr().cast(),
+            len as u32,
+        ) != 0
+        {
+            return None;
+        }
+        if bpf_skb_change_tail(ctx.skb.skb, (ETH_HLEN + len) as u32, 0) != 0 {
+            return None;
+        }
+    }
+    ctx.adjust_room(room as i32, BPF_ADJ_ROOM_MAC, 0).ok()
+}
+
+/// Sends the error back where the packet came from, with the Ethernet
+/// addresses of `eth` swapped: out of the device it arrived on, or, for a
+/// packet a local process was sending, into the node's own stack.
+#[inline(always)]
+pub fn send_back(ctx: &TcContext, eth: &[u8; ETH_HLEN], hook: Hook) -> Option<i32> {
     let mut new_eth = [0u8; ETH_HLEN];
     new_eth[..6].copy_from_slice(&eth[6..12]);
     new_eth[6..12].copy_from_slice(&eth[..6]);
     new_eth[12..].copy_from_slice(&eth[12..]);
-
     ctx.store(0, &new_eth, 0).ok()?;
-    ctx.store(IP_OFF, &iph, 0).ok()?;
-    ctx.store(IP_OFF + 20, &icmp, 0).ok()?;
-
-    // Back where the packet came from: out of the device it arrived on, or,
-    // for a packet a local process was sending, into the node's own stack.
     let flags = match hook {
         Hook::Ingress => 0,
         Hook::Egress => BPF_F_INGRESS as u64,
@@ -129,8 +152,9 @@ fn build(ctx: &TcContext, ip: &Ipv4, hook: Hook) -> Option<i32> {
     Some(unsafe { bpf_redirect(ifindex(ctx), flags) as i32 })
 }
 
+/// The one's complement sum of `len` bytes at `data` added to `seed`.
 #[inline(always)]
-fn csum(data: *mut u8, len: u32, seed: i64) -> i64 {
+pub fn csum(data: *mut u8, len: u32, seed: i64) -> i64 {
     // SAFETY: `data` points at `len` readable bytes of our stack.
     unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, data.cast(), len, seed as u32) }
 }

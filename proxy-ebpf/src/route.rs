@@ -17,12 +17,12 @@ use aya_ebpf::{
     helpers::generated::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
-use proxy_common::{NAT_F_TO_LO, NatEntry};
+use proxy_common::NAT_F_TO_LO;
+
+use crate::family::Addr;
 
 /// The loopback device's index, the same in every network namespace.
 const LOOPBACK_IFINDEX: u32 = 1;
-
-const AF_INET: u8 = 2;
 
 #[inline(always)]
 pub fn ifindex(ctx: &TcContext) -> u32 {
@@ -31,33 +31,36 @@ pub fn ifindex(ctx: &TcContext) -> u32 {
 }
 
 #[inline(always)]
-fn lookup(ctx: &TcContext, src: [u8; 4], dst: [u8; 4], proto: u8, flags: u32) -> (i64, FibParams) {
+fn lookup<A: Addr>(ctx: &TcContext, src: A, dst: A, proto: u8, flags: u32) -> (i64, FibParams) {
     // SAFETY: bpf_fib_lookup is plain old data; all-zero is a valid request.
     let mut p: FibParams = unsafe { zeroed() };
-    p.family = AF_INET;
+    A::fib_request(&mut p, src, dst);
     p.l4_protocol = proto;
     p.ifindex = ifindex(ctx);
-    p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
-    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
     // SAFETY: p is a valid, writable bpf_fib_lookup of the size we pass.
     let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut p, size_of::<FibParams>() as i32, flags) };
     (rc, p)
 }
 
-/// Forwards a packet that now carries the tuple `to`: straight to the
-/// egress of the device the FIB names, or to the stack when the destination
-/// is local or the FIB has no answer. A BPF function of its own: its
-/// lookup parameters stay off the frames of the flow handling.
+/// Forwards a translated packet (its translation's `NAT_F_*` are `flags`):
+/// straight to the egress of the device the FIB names, or to the stack
+/// when the destination is local or the FIB has no answer. The addresses
+/// are read back from the packet, which carries the new ones. A BPF
+/// function of its own: its lookup parameters stay off the frames of the
+/// flow handling.
 #[inline(never)]
-pub fn forward(ctx: &TcContext, to: &NatEntry, proto: u8) -> i32 {
-    if to.flags & NAT_F_TO_LO != 0 {
+pub fn forward<A: Addr>(ctx: &TcContext, flags: u8, proto: u8) -> i32 {
+    if flags & NAT_F_TO_LO != 0 {
         return to_loopback(ctx);
     }
+    let (Some(saddr), Some(daddr)) = (A::read(ctx, A::SRC_OFF), A::read(ctx, A::DST_OFF)) else {
+        return TC_ACT_OK as i32;
+    };
     // An input-style lookup from the device the packet is on, also on
     // egress: an output lookup would be pinned to that device (the kernel
     // takes `ifindex` as the output interface), and a local process's packet
     // may have to leave by another one.
-    let (rc, p) = lookup(ctx, to.saddr, to.daddr, proto, 0);
+    let (rc, p) = lookup(ctx, saddr, daddr, proto, 0);
     match rc as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => {
             let mut macs = [0u8; 12];
@@ -82,13 +85,13 @@ pub fn forward(ctx: &TcContext, to: &NatEntry, proto: u8) -> i32 {
 /// The address this node would use as source towards `dst`: what a
 /// masquerading NAT picks for SNAT.
 #[inline(always)]
-pub fn source_for(ctx: &TcContext, dst: [u8; 4], proto: u8) -> Option<[u8; 4]> {
-    let (rc, p) = lookup(ctx, [0; 4], dst, proto, BPF_FIB_LOOKUP_SRC);
-    // SAFETY: reading the union member the kernel filled for AF_INET.
-    let src = unsafe { p.__bindgen_anon_3.ipv4_src };
-    if (rc as u32 == BPF_FIB_LKUP_RET_SUCCESS || rc as u32 == BPF_FIB_LKUP_RET_NO_NEIGH) && src != 0
+pub fn source_for<A: Addr>(ctx: &TcContext, dst: A, proto: u8) -> Option<A> {
+    let (rc, p) = lookup(ctx, A::ZERO, dst, proto, BPF_FIB_LOOKUP_SRC);
+    let src = A::fib_source(&p);
+    if (rc as u32 == BPF_FIB_LKUP_RET_SUCCESS || rc as u32 == BPF_FIB_LKUP_RET_NO_NEIGH)
+        && src != A::ZERO
     {
-        Some(src.to_ne_bytes())
+        Some(src)
     } else {
         None
     }

@@ -44,11 +44,9 @@ use aya_ebpf::{
 use proxy_common::*;
 
 use crate::{
+    family::{Addr, Be},
     lb::{self, Pick, Scope},
-    maps::{
-        KEP_BE_V1, KEP_SKFWD_V1, KEP_SKRNAT_V1, KEP_SVC_V2, addr_class, config_ref, count,
-        count_service,
-    },
+    maps::{KEP_SKFWD_V1, KEP_SKRNAT_V1, KEP_SVC_V2, addr_class, config_ref, count, count_service},
 };
 
 /// Verdicts of a cgroup sock_addr program.
@@ -222,7 +220,7 @@ fn refuse(proto: u8, reason: Counter) -> i32 {
 /// The backend of a new flow of the service, chosen as the per-packet path
 /// chooses for an internal client.
 #[inline(always)]
-fn pick_backend(ctx: &SockAddrContext, svc: &SvcValue) -> Pick {
+fn pick_backend(ctx: &SockAddrContext, svc: &SvcValue) -> Pick<[u8; 4]> {
     let pick = lb::select(svc, client_id(ctx), || Scope::Internal);
     if let Pick::Backend(..) = pick {
         count_service(svc.svc_id, 0, true);
@@ -250,7 +248,7 @@ fn sticky_backend(
     addr: [u8; 4],
     port: [u8; 2],
     svc: &SvcValue,
-) -> Pick {
+) -> Pick<[u8; 4]> {
     let key = SockFwdKey {
         cookie,
         addr,
@@ -283,14 +281,8 @@ fn sticky_backend(
 /// and its id reused for another must not keep receiving the socket's
 /// traffic).
 #[inline(always)]
-fn backend_of(nat: &SockNat) -> Option<Backend> {
-    // SAFETY: copied out at once.
-    let be = unsafe {
-        KEP_BE_V1.get(BackendKey {
-            backend_id: nat.backend_id,
-        })
-    }
-    .copied()?;
+fn backend_of(nat: &SockNat) -> Option<Be<[u8; 4]>> {
+    let be = <[u8; 4]>::backend(nat.backend_id)?;
     (be.addr == nat.addr && be.port == nat.port).then_some(be)
 }
 
