@@ -309,3 +309,153 @@ fn an_ipv6_service_without_endpoint_refuses_at_once() {
         );
     }
 }
+
+/// An IPv6-only Service `name`: `spec` lines after `ports`, an optional
+/// status, TCP port `port` -> 8080, endpoints (address, node).
+fn v6_service(name: &str, spec: &str, status: &str, port: u16, eps: &[(Ipv6Addr, &str)]) -> String {
+    let mut endpoints = String::new();
+    for (ip, node) in eps {
+        endpoints += &format!("  - {{addresses: [\"{ip}\"], nodeName: {node}}}\n");
+    }
+    if endpoints.is_empty() {
+        endpoints = "  []\n".into();
+    }
+    let target = if spec.contains("hostNetwork") {
+        6443
+    } else {
+        8080
+    };
+    let spec = spec.replace("hostNetwork", "");
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: lab}}
+spec:
+  ipFamilies: [IPv6]
+  ports: [{{name: main, protocol: TCP, port: {port}, targetPort: {target}}}]
+{spec}
+{status}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {name}-1, namespace: lab, labels: {{kubernetes.io/service-name: {name}}}}}
+addressType: IPv6
+ports: [{{name: main, protocol: TCP, port: {target}}}]
+endpoints:
+{endpoints}---
+"
+    )
+}
+
+#[test]
+fn ipv6_external_traffic_policy_local_and_session_affinity() {
+    let both = [(ip6(&WEB_A), addr::NODE_A), (ip6(&WEB_B1), addr::NODE_B)];
+    let three = [
+        (ip6(&WEB_A), addr::NODE_A),
+        (ip6(&WEB_B1), addr::NODE_B),
+        (ip6(&WEB_B2), addr::NODE_B),
+    ];
+    let manifests = [
+        v6_service(
+            "local",
+            "  clusterIP: \"fd00:10:96::30\"\n  type: NodePort\n  externalTrafficPolicy: Local",
+            "",
+            80,
+            &both,
+        )
+        .replace("targetPort: 8080}", "targetPort: 8080, nodePort: 30030}"),
+        v6_service(
+            "sticky",
+            "  clusterIP: \"fd00:10:96::32\"\n  sessionAffinity: ClientIP",
+            "",
+            80,
+            &three,
+        ),
+    ]
+    .concat();
+    let Some(c) = Cluster::start_with(
+        "ipv6_etp_local",
+        &manifests,
+        &["--cluster-cidr", "10.244.0.0/16,fd00:10:244::/56"],
+    ) else {
+        return;
+    };
+    let _v6 = serve_v6(&c);
+    let client = c.lab.ns(addr::CLIENT);
+    for (node, backend) in [(addr::NODE_A_IP6, "web-a"), (addr::NODE_B_IP6, "web-b1")] {
+        for _ in 0..5 {
+            let r = tcp_request(client, SocketAddrV6::new(node, 30030, 0, 0)).unwrap();
+            assert_eq!(r.identity, backend, "local endpoint only");
+            assert_eq!(*r.seen_peer.ip(), addr::CLIENT_IP6, "client address kept");
+        }
+    }
+    // Affinity: one backend for the client pod, over many connections.
+    let pod = c.lab.ns(CLIENT_POD);
+    let mut hits = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        hits.insert(
+            tcp_request(pod, sa6("[fd00:10:96::32]:80"))
+                .unwrap()
+                .identity,
+        );
+    }
+    assert_eq!(hits.len(), 1, "{hits:?}");
+}
+
+#[test]
+fn ipv6_source_ranges_and_host_network_backends() {
+    let manifests = [
+        v6_service(
+            "api",
+            "  clusterIP: \"fd00:10:96::1\"\n  hostNetwork",
+            "",
+            443,
+            &[(addr::NODE_A_IP6, addr::NODE_A)],
+        ),
+        v6_service(
+            "lb",
+            "  clusterIP: \"fd00:10:96::21\"\n  type: LoadBalancer\n  \
+             loadBalancerSourceRanges: [\"fd00:200::100/128\"]",
+            "status: {loadBalancer: {ingress: [{ip: \"2001:db8:50::10\"}]}}",
+            80,
+            &[(ip6(&WEB_A), addr::NODE_A), (ip6(&WEB_B1), addr::NODE_B)],
+        ),
+    ]
+    .concat();
+    let Some(c) = Cluster::start("ipv6_ranges_host", &manifests) else {
+        return;
+    };
+    let _v6 = serve_v6(&c);
+    let _host = TcpServer::start(
+        c.lab.ns(addr::NODE_A),
+        SocketAddrV6::new(addr::NODE_A_IP6, 6443, 0, 0),
+        "host-a",
+    )
+    .unwrap();
+    // hostNetwork backend: from a pod of its node, its node, the other node.
+    let api = sa6("[fd00:10:96::1]:443");
+    for ns in [CLIENT_POD, addr::NODE_A, addr::NODE_B] {
+        let r = tcp_request(c.lab.ns(ns), api).unwrap_or_else(|e| panic!("{ns}: {e:#}"));
+        assert_eq!((r.identity.as_str(), r.remote), ("host-a", api), "{ns}");
+    }
+    // The LB IP is routed to node-a, as a load balancer would send it:
+    // the client is in the source ranges, node-b is not.
+    let lb = sa6("[2001:db8:50::10]:80");
+    for ns in [addr::CLIENT, addr::NODE_B] {
+        c.lab
+            .ns(ns)
+            .ip(&[
+                "-6",
+                "route",
+                "add",
+                "2001:db8:50::10/128",
+                "via",
+                "fd00:200::11",
+            ])
+            .unwrap();
+    }
+    let r = tcp_request(c.lab.ns(addr::CLIENT), lb).unwrap();
+    assert_eq!(r.remote, lb);
+    let blocked = tcp_request_timeout(c.lab.ns(addr::NODE_B), lb, Duration::from_millis(700));
+    assert!(blocked.is_err(), "outside the source ranges: {blocked:?}");
+}
