@@ -459,3 +459,102 @@ fn ipv6_source_ranges_and_host_network_backends() {
     let blocked = tcp_request_timeout(c.lab.ns(addr::NODE_B), lb, Duration::from_millis(700));
     assert!(blocked.is_err(), "outside the source ranges: {blocked:?}");
 }
+
+#[test]
+fn ipv6_cluster_cidr_masquerade_and_unallocated_service_addresses() {
+    let Some(c) = Cluster::start_with(
+        "ipv6_cluster_cidr",
+        &manifests(),
+        &[
+            "--cluster-cidr",
+            "10.244.0.0/16,fd00:10:244::/56",
+            "--service-cluster-ip-range",
+            "10.96.0.0/16,fd00:10:96::/112",
+        ],
+    ) else {
+        return;
+    };
+    let _v6 = serve_v6(&c);
+    let client = c.lab.ns(addr::CLIENT);
+    // A router announcing the IPv6 service range: towards node-a.
+    client
+        .ip(&[
+            "-6",
+            "route",
+            "add",
+            "fd00:10:96::/112",
+            "via",
+            "fd00:200::11",
+        ])
+        .unwrap();
+    let r = tcp_request(client, sa6("[fd00:10:96::12]:80")).unwrap();
+    assert_eq!(r.identity, "web-b1");
+    assert_eq!(*r.seen_peer.ip(), addr::NODE_A_IP6, "masqueraded to node-a");
+    let r = tcp_request(client, sa6("[fd00:10:96::11]:80")).unwrap();
+    assert_eq!(
+        *r.seen_peer.ip(),
+        addr::CLIENT_IP6,
+        "a local backend sees the client"
+    );
+    let r = tcp_request(c.lab.ns(CLIENT_POD), sa6("[fd00:10:96::12]:80")).unwrap();
+    assert_eq!(
+        *r.seen_peer.ip(),
+        client_pod_ip6(),
+        "pods are not masqueraded"
+    );
+
+    // An address of the IPv6 service range that no Service holds: dropped
+    // on the node, from pods, node processes and outside alike.
+    for ns in [CLIENT_POD, addr::NODE_A, addr::CLIENT] {
+        let r = tcp_request_timeout(
+            c.lab.ns(ns),
+            sa6("[fd00:10:96::99]:80"),
+            Duration::from_millis(700),
+        );
+        assert!(r.is_err(), "{ns}: {r:?}");
+    }
+    let stats = c.cli(addr::NODE_A, &["inspect", "stats"]).unwrap();
+    let line = stats
+        .lines()
+        .find(|l| l.contains("unallocated_service_ip"))
+        .unwrap_or_else(|| panic!("{stats}"));
+    assert!(!line.trim_end().ends_with(" 0"), "{line}");
+}
+
+#[test]
+fn ipv6_node_ports_and_external_ips_dialed_from_inside() {
+    let manifests = [
+        manifests(),
+        v6_service(
+            "ext",
+            "  clusterIP: \"fd00:10:96::20\"\n  externalIPs: [\"fd00:200::11\"]",
+            "",
+            8443,
+            &[(ip6(&WEB_B1), addr::NODE_B)],
+        ),
+    ]
+    .concat();
+    let Some(c) = Cluster::start("ipv6_from_inside", &manifests) else {
+        return;
+    };
+    let _v6 = serve_v6(&c);
+    let node_a = c.lab.ns(addr::NODE_A);
+    let pod = c.lab.ns(CLIENT_POD);
+    // A node process to its own address's NodePort, and to the other
+    // node's; a pod to both.
+    for (ns, who) in [(node_a, "node-a"), (pod, "pod")] {
+        for (node, port, backend) in [
+            (addr::NODE_A_IP6, 30011, "web-a"),
+            (addr::NODE_A_IP6, 30012, "web-b1"),
+            (addr::NODE_B_IP6, 30011, "web-a"),
+        ] {
+            let to = SocketAddrV6::new(node, port, 0, 0);
+            let r = tcp_request(ns, to).unwrap_or_else(|e| panic!("{who} -> {to}: {e:#}"));
+            assert_eq!((r.identity.as_str(), r.remote), (backend, to), "{who}");
+        }
+    }
+    // An externalIP that is node-a's own address, from the client.
+    let to = sa6("[fd00:200::11]:8443");
+    let r = tcp_request(c.lab.ns(addr::CLIENT), to).unwrap();
+    assert_eq!((r.identity.as_str(), r.remote), ("web-b1", to));
+}
