@@ -243,6 +243,17 @@ fn a_dual_stack_service_answers_on_both_families() {
     );
     assert_eq!(r4.remote, sa("10.96.0.12:80"));
     assert_eq!(r6.remote, sa6("[fd00:10:96::12]:80"));
+    // IPv6 takes the per-packet path: `inspect conntrack` shows the flow
+    // as the pod sent it and as it was rewritten.
+    let ct = c.cli(addr::NODE_A, &["inspect", "conntrack"]).unwrap();
+    let flow = format!("[{}]", client_pod_ip6());
+    let to_backend = format!("[{}]:8080", ip6(&WEB_B1));
+    assert!(
+        ct.lines().any(|l| l.contains(&flow)
+            && l.contains("[fd00:10:96::12]:80")
+            && l.contains(&to_backend)),
+        "{ct}"
+    );
 }
 
 #[test]
