@@ -290,3 +290,257 @@ mod tests {
         assert_eq!(parse(&bad).unwrap().l4_checksum_ok, Some(false));
     }
 }
+
+/// IPv6 frames: the same checks for the IPv6 datapath.
+pub mod v6 {
+    use std::net::{Ipv6Addr, SocketAddrV6};
+
+    use super::{DST_MAC, SRC_MAC, TCP, UDP, checksum};
+
+    pub const ICMPV6: u8 = proxy_common::IPPROTO_ICMPV6;
+    pub const HOP_BY_HOP: u8 = 0;
+    pub const ROUTING: u8 = 43;
+    pub const FRAGMENT: u8 = 44;
+    pub const DEST_OPTS: u8 = 60;
+
+    fn pseudo_header(src: Ipv6Addr, dst: Ipv6Addr, proto: u8, len: usize) -> Vec<u8> {
+        let mut p = Vec::with_capacity(40);
+        p.extend_from_slice(&src.octets());
+        p.extend_from_slice(&dst.octets());
+        p.extend_from_slice(&(len as u32).to_be_bytes());
+        p.extend_from_slice(&[0, 0, 0, proto]);
+        p
+    }
+
+    /// The checksum of an upper-layer message, pseudo-header included.
+    pub fn l4_checksum(src: Ipv6Addr, dst: Ipv6Addr, proto: u8, l4: &[u8]) -> u16 {
+        let mut s = pseudo_header(src, dst, proto, l4.len());
+        s.extend_from_slice(l4);
+        checksum(&s)
+    }
+
+    /// An extension header of `kind` with `len8` 8-byte units after the
+    /// first 8 (padding options); its next-header byte is set by
+    /// [`Pkt6::build`].
+    pub fn ext(kind: u8, len8: u8) -> (u8, Vec<u8>) {
+        let mut h = vec![0u8; 8 + 8 * len8 as usize];
+        h[1] = len8;
+        // PadN over the rest of the options area.
+        h[2] = 1;
+        h[3] = (h.len() - 4) as u8;
+        (kind, h)
+    }
+
+    /// A routing header (type 4, segment routing) with `segments_left`.
+    pub fn routing(segments_left: u8) -> (u8, Vec<u8>) {
+        let mut h = vec![0u8; 24];
+        h[1] = 2;
+        h[2] = 4;
+        h[3] = segments_left;
+        (ROUTING, h)
+    }
+
+    /// A fragment header: offset in 8-byte units, more fragments, id.
+    pub fn fragment(offset: u16, more: bool, id: u32) -> (u8, Vec<u8>) {
+        let mut h = vec![0u8; 8];
+        h[2..4].copy_from_slice(&((offset << 3) | more as u16).to_be_bytes());
+        h[4..8].copy_from_slice(&id.to_be_bytes());
+        (FRAGMENT, h)
+    }
+
+    /// An IPv6 packet description, as [`super::Pkt`] for IPv4.
+    #[derive(Clone, Debug)]
+    pub struct Pkt6 {
+        pub src: SocketAddrV6,
+        pub dst: SocketAddrV6,
+        pub proto: u8,
+        pub tcp_flags: u8,
+        /// Extension headers in order: (kind, bytes).
+        pub ext: Vec<(u8, Vec<u8>)>,
+        pub payload: Vec<u8>,
+    }
+
+    impl Pkt6 {
+        pub fn tcp(src: SocketAddrV6, dst: SocketAddrV6, flags: u8) -> Pkt6 {
+            Pkt6 {
+                src,
+                dst,
+                proto: TCP,
+                tcp_flags: flags,
+                ext: Vec::new(),
+                payload: Vec::new(),
+            }
+        }
+
+        pub fn udp(src: SocketAddrV6, dst: SocketAddrV6, payload: &[u8]) -> Pkt6 {
+            Pkt6 {
+                proto: UDP,
+                payload: payload.to_vec(),
+                ..Pkt6::tcp(src, dst, 0)
+            }
+        }
+
+        pub fn with_ext(mut self, ext: Vec<(u8, Vec<u8>)>) -> Pkt6 {
+            self.ext = ext;
+            self
+        }
+
+        /// The whole L4 segment with its checksum.
+        pub fn l4(&self) -> Vec<u8> {
+            let (s, d) = (self.src.port().to_be_bytes(), self.dst.port().to_be_bytes());
+            let mut l4 = Vec::new();
+            l4.extend_from_slice(&s);
+            l4.extend_from_slice(&d);
+            let csum_at = match self.proto {
+                TCP => {
+                    l4.extend_from_slice(&1000u32.to_be_bytes());
+                    l4.extend_from_slice(&0u32.to_be_bytes());
+                    l4.push(5 << 4);
+                    l4.push(self.tcp_flags);
+                    l4.extend_from_slice(&64240u16.to_be_bytes());
+                    l4.extend_from_slice(&[0, 0, 0, 0]);
+                    16
+                }
+                _ => {
+                    l4.extend_from_slice(&((8 + self.payload.len()) as u16).to_be_bytes());
+                    l4.extend_from_slice(&[0, 0]);
+                    6
+                }
+            };
+            l4.extend_from_slice(&self.payload);
+            let c = match l4_checksum(*self.src.ip(), *self.dst.ip(), self.proto, &l4) {
+                0 if self.proto == UDP => 0xffff,
+                c => c,
+            };
+            l4[csum_at..csum_at + 2].copy_from_slice(&c.to_be_bytes());
+            l4
+        }
+
+        pub fn build(&self) -> Vec<u8> {
+            self.build_with_payload(&self.l4())
+        }
+
+        /// The frame around `payload` (an L4 segment or a fragment of one).
+        pub fn build_with_payload(&self, payload: &[u8]) -> Vec<u8> {
+            let mut chain = Vec::new();
+            for (i, (_, h)) in self.ext.iter().enumerate() {
+                let mut h = h.clone();
+                h[0] = self.ext.get(i + 1).map_or(self.proto, |(k, _)| *k);
+                chain.extend_from_slice(&h);
+            }
+            let first = self.ext.first().map_or(self.proto, |(k, _)| *k);
+            chain.extend_from_slice(payload);
+            ipv6_frame(*self.src.ip(), *self.dst.ip(), first, &chain)
+        }
+    }
+
+    /// Ethernet + IPv6 header (next header `nh`) around `payload`.
+    pub fn ipv6_frame(src: Ipv6Addr, dst: Ipv6Addr, nh: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = Vec::with_capacity(54 + payload.len());
+        f.extend_from_slice(&DST_MAC);
+        f.extend_from_slice(&SRC_MAC);
+        f.extend_from_slice(&[0x86, 0xdd]);
+        f.extend_from_slice(&[0x60, 0, 0, 0]);
+        f.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        f.push(nh);
+        f.push(64);
+        f.extend_from_slice(&src.octets());
+        f.extend_from_slice(&dst.octets());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// An ICMPv6 message (type, code, 4 bytes of data) quoting `body`.
+    pub fn icmp6(
+        src: Ipv6Addr,
+        dst: Ipv6Addr,
+        ty: u8,
+        code: u8,
+        data: u32,
+        body: &[u8],
+    ) -> Vec<u8> {
+        let mut m = vec![ty, code, 0, 0];
+        m.extend_from_slice(&data.to_be_bytes());
+        m.extend_from_slice(body);
+        let c = l4_checksum(src, dst, ICMPV6, &m);
+        m[2..4].copy_from_slice(&c.to_be_bytes());
+        ipv6_frame(src, dst, ICMPV6, &m)
+    }
+
+    /// What the tests check in an IPv6 packet out of the datapath.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct Parsed6 {
+        pub src: Ipv6Addr,
+        pub dst: Ipv6Addr,
+        /// The upper-layer protocol after the extension headers.
+        pub proto: u8,
+        /// Extension header kinds, in order.
+        pub ext: Vec<u8>,
+        pub sport: Option<u16>,
+        pub dport: Option<u16>,
+        /// `None` for fragments.
+        pub l4_checksum_ok: Option<bool>,
+        /// The bytes after the extension headers.
+        pub l4: Vec<u8>,
+    }
+
+    pub fn parse6(frame: &[u8]) -> Option<Parsed6> {
+        if frame.len() < 54 || frame[12..14] != [0x86, 0xdd] {
+            return None;
+        }
+        let ip = &frame[14..];
+        let plen = u16::from_be_bytes([ip[4], ip[5]]) as usize;
+        if ip.len() < 40 + plen {
+            return None;
+        }
+        let src = Ipv6Addr::from(<[u8; 16]>::try_from(&ip[8..24]).ok()?);
+        let dst = Ipv6Addr::from(<[u8; 16]>::try_from(&ip[24..40]).ok()?);
+        let (mut nh, mut off, mut ext, mut fragmented) = (ip[6], 40, Vec::new(), false);
+        while matches!(nh, HOP_BY_HOP | ROUTING | DEST_OPTS | FRAGMENT) {
+            let h = ip.get(off..off + 8)?;
+            ext.push(nh);
+            let len = if nh == FRAGMENT {
+                fragmented = true;
+                8
+            } else {
+                (h[1] as usize + 1) * 8
+            };
+            nh = h[0];
+            off += len;
+        }
+        let l4 = ip.get(off..40 + plen)?.to_vec();
+        let ports = (nh == TCP || nh == UDP) && l4.len() >= 4;
+        let l4_checksum_ok = (!fragmented && matches!(nh, TCP | UDP | ICMPV6))
+            .then(|| l4_checksum(src, dst, nh, &l4) == 0);
+        Some(Parsed6 {
+            src,
+            dst,
+            proto: nh,
+            ext,
+            sport: ports.then(|| u16::from_be_bytes([l4[0], l4[1]])),
+            dport: ports.then(|| u16::from_be_bytes([l4[2], l4[3]])),
+            l4_checksum_ok,
+            l4,
+        })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn built_ipv6_packets_have_valid_checksums_and_chains() {
+            let a: SocketAddrV6 = "[fd00::1]:1000".parse().unwrap();
+            let b: SocketAddrV6 = "[fd00::2]:80".parse().unwrap();
+            let p = Pkt6::tcp(a, b, super::super::TCP_SYN)
+                .with_ext(vec![ext(HOP_BY_HOP, 0), ext(DEST_OPTS, 1)]);
+            let parsed = parse6(&p.build()).unwrap();
+            assert_eq!(parsed.ext, vec![HOP_BY_HOP, DEST_OPTS]);
+            assert_eq!(parsed.proto, TCP);
+            assert_eq!(parsed.l4_checksum_ok, Some(true));
+            assert_eq!(parsed.dport, Some(80));
+            let u = parse6(&Pkt6::udp(a, b, b"odd").build()).unwrap();
+            assert_eq!(u.l4_checksum_ok, Some(true));
+        }
+    }
+}

@@ -9,6 +9,8 @@
 //! many calls. The kernel's timer reads are inside every figure, the
 //! trivial program's included, so "added" (figure minus trivial program) is
 //! the cost of our work.
+//!
+//! A second table ([`family`]) puts IPv6 next to IPv4.
 
 use std::{
     collections::BTreeSet,
@@ -17,6 +19,7 @@ use std::{
 };
 
 mod control_plane;
+mod family;
 mod socket;
 
 use anyhow::{Context as _, Result, ensure};
@@ -117,9 +120,14 @@ fn main() -> Result<()> {
             let _ns = NetNsGuard::new()?;
             return control_plane_figures();
         }
+        // The IPv4 / IPv6 comparison alone.
+        ["families"] => {
+            let _ns = NetNsGuard::new()?;
+            return family::figures();
+        }
         // A child of control_plane_figures (see control_plane::model_rss).
         ["model-rss", n] => return control_plane::model_rss(n.parse()?),
-        _ => anyhow::bail!("usage: kep-bench [control-plane]"),
+        _ => anyhow::bail!("usage: kep-bench [control-plane | families]"),
     }
     let _ns = NetNsGuard::new()?;
     let mut bench = Bench {
@@ -164,6 +172,7 @@ fn main() -> Result<()> {
     println!("Cells: median ns (added over the trivial program). Programming time: the syncer");
     println!("writing the services added since the previous row, from userspace.");
     socket::figures(&mut bench.dp, &mut syncer, desired)?;
+    family::figures()?;
 
     // Fresh maps for the control-plane figures.
     drop(syncer);

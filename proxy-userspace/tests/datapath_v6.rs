@@ -1,0 +1,683 @@
+//! IPv6 datapath unit tests: IPv6 frames built in Rust go through the real
+//! TC programs with BPF_PROG_TEST_RUN, and the tests check addresses,
+//! ports, checksums and verdicts of the output.
+//!
+//! The IPv6 maps are filled directly here (the syncer's IPv6 side is tested
+//! with it), in the layout proxy_common::v6 documents. Each test runs in a
+//! network namespace of its own (testkit::testns) with, in addition:
+//!   d0 fd00:244:2::1/64 (no DAD), forwarding on, a permanent neighbour
+//!   entry for fd00:244:2::11 (BACKEND_MAC) and none for fd00:244:2::12.
+
+use std::{
+    net::{Ipv6Addr, SocketAddrV6},
+    process::Command,
+};
+
+use aya::maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key};
+use aya::programs::{TestRun, TestRunOptions};
+use proxy_common::*;
+use proxy_userspace::{
+    datapath::Datapath,
+    testkit::{
+        pktgen::{
+            TCP, TCP_ACK, TCP_SYN, UDP,
+            v6::{
+                DEST_OPTS, HOP_BY_HOP, ICMPV6, Parsed6, Pkt6, ext, fragment, icmp6, parse6, routing,
+            },
+        },
+        testns::{BACKEND_MAC, NetNsGuard},
+    },
+};
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+
+const VIP: &str = "[fd00:96::10]:80";
+const CLIENT: &str = "[fd00:244:1::5]:40000";
+/// A backend with a neighbour entry (the FIB lookup succeeds).
+const BE_A: &str = "[fd00:244:2::11]:8080";
+/// A backend without one.
+const BE_B: &str = "[fd00:244:2::12]:8080";
+const NODE_IP: &str = "fd00:c0a8::b";
+const OUTSIDE: &str = "[2001:db8:1::7]:5555";
+const NODEPORT: u16 = 30080;
+
+fn sa(s: &str) -> SocketAddrV6 {
+    s.parse().unwrap()
+}
+
+fn ip6(s: &str) -> Ipv6Addr {
+    s.parse().unwrap()
+}
+
+/// Privileged tests never skip silently in CI.
+fn privileged(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{test} needs root (CAP_BPF, CAP_NET_ADMIN) and CI=true: refusing to skip");
+    }
+    eprintln!("skipping {test}: needs root");
+    false
+}
+
+/// Runs `ip` (or sysctl) in the test thread's network namespace.
+fn run(cmd: &str, args: &str) {
+    let out = Command::new(cmd).args(args.split(' ')).output().unwrap();
+    assert!(out.status.success(), "{cmd} {args}: {out:?}");
+}
+
+struct Fixture {
+    dp: Datapath,
+    svc: HashMap<MapData, SvcKey6, SvcValue>,
+    slots: HashMap<MapData, SlotKey, SlotValue>,
+    backends: HashMap<MapData, BackendKey, Backend6>,
+    addrs: HashMap<MapData, AddrKey6, AddrValue>,
+    members: HashMap<MapData, AffMemberKey, u8>,
+    ranges: LpmTrie<MapData, SrcRangeKey6, u8>,
+    ct: HashMap<MapData, FlowKey6, NatEntry6>,
+    aff: HashMap<MapData, AffKey6, AffValue>,
+    stats: PerCpuArray<MapData, u64>,
+    _config: Array<MapData, Config6>,
+    next_svc_id: u32,
+    // Last: the namespace goes after the maps and programs.
+    _ns: NetNsGuard,
+}
+
+/// A frontend to program: its backends, flags and local count.
+struct Frontend<'a> {
+    addr: &'a str,
+    proto: u8,
+    backends: &'a [(&'a str, bool)],
+    flags: u16,
+    /// ETP Local: how many of the backends (the last ones) are local.
+    local: u16,
+    affinity_timeout: u32,
+}
+
+impl<'a> Frontend<'a> {
+    fn new(addr: &'a str, proto: u8, backends: &'a [(&'a str, bool)]) -> Frontend<'a> {
+        Frontend {
+            addr,
+            proto,
+            backends,
+            flags: 0,
+            local: 0,
+            affinity_timeout: 0,
+        }
+    }
+}
+
+impl Fixture {
+    fn new(test: &str) -> Option<Fixture> {
+        if !privileged(test) {
+            return None;
+        }
+        let ns = NetNsGuard::new().expect("test namespace");
+        run("ip", "-6 addr add fd00:244:2::1/64 dev d0 nodad");
+        run(
+            "ip",
+            "-6 neigh add fd00:244:2::11 lladdr 02:00:00:00:02:0b dev d0 nud permanent",
+        );
+        run("sysctl", "-qw net.ipv6.conf.all.forwarding=1");
+        let mut dp = Datapath::load_private(false).expect("load datapath");
+        let mut config: Array<MapData, Config6> = dp.map(CONFIG6_MAP).unwrap();
+        config
+            .set(
+                0,
+                Config6 {
+                    hairpin_addr: HAIRPIN_ADDR6,
+                    ..Default::default()
+                },
+                0,
+            )
+            .unwrap();
+        let mut f = Fixture {
+            svc: dp.map(SVC6_MAP).unwrap(),
+            slots: dp.map(SLOT_MAP).unwrap(),
+            backends: dp.map(BACKEND6_MAP).unwrap(),
+            addrs: dp.map(ADDR6_MAP).unwrap(),
+            members: dp.map(AFFMEM_MAP).unwrap(),
+            ranges: dp.map(SRCRNG6_MAP).unwrap(),
+            ct: dp.map(CT6_MAP).unwrap(),
+            aff: dp.map(AFF6_MAP).unwrap(),
+            stats: dp.map(STATS_MAP).unwrap(),
+            _config: config,
+            dp,
+            next_svc_id: 1,
+            _ns: ns,
+        };
+        f.class(ip6(NODE_IP), ADDR_NODEPORT | ADDR_HOST);
+        f.class(ip6("fd00:244:2::1"), ADDR_HOST);
+        Some(f)
+    }
+
+    fn class(&mut self, addr: Ipv6Addr, class: u8) {
+        let key = AddrKey6 {
+            addr: addr.octets(),
+        };
+        self.addrs
+            .insert(
+                key,
+                AddrValue {
+                    class,
+                    _pad: [0; 3],
+                },
+                0,
+            )
+            .unwrap();
+    }
+
+    /// Programs a frontend; returns its service port id.
+    fn frontend(&mut self, fe: Frontend) -> u32 {
+        let svc_id = self.next_svc_id;
+        self.next_svc_id += 1;
+        for (i, (addr, local)) in fe.backends.iter().enumerate() {
+            let backend_id = svc_id * 100 + i as u32;
+            let be = sa(addr);
+            self.backends
+                .insert(
+                    BackendKey { backend_id },
+                    Backend6 {
+                        addr: be.ip().octets(),
+                        port: be.port().to_be_bytes(),
+                        proto: fe.proto,
+                        flags: if *local { BE_F_LOCAL } else { 0 },
+                    },
+                    0,
+                )
+                .unwrap();
+            let slot = SlotKey {
+                svc_id,
+                generation: 1,
+                slot: i as u16,
+            };
+            self.slots
+                .insert(slot, SlotValue { backend_id }, 0)
+                .unwrap();
+            self.members
+                .insert(AffMemberKey { svc_id, backend_id }, 1, 0)
+                .unwrap();
+        }
+        let n = fe.backends.len() as u16;
+        let addr = sa(fe.addr);
+        self.svc
+            .insert(
+                SvcKey6 {
+                    addr: addr.ip().octets(),
+                    port: addr.port().to_be_bytes(),
+                    proto: fe.proto,
+                    _pad: 0,
+                },
+                SvcValue {
+                    svc_id,
+                    generation: 1,
+                    count: n - fe.local,
+                    local_count: fe.local,
+                    flags: fe.flags,
+                    affinity_timeout: fe.affinity_timeout,
+                },
+                0,
+            )
+            .unwrap();
+        if !addr.ip().is_unspecified() {
+            self.class(*addr.ip(), ADDR_CLUSTER_IP);
+        }
+        svc_id
+    }
+
+    /// The standard ClusterIP VIP (TCP and UDP) with `backends`.
+    fn cluster_ip(&mut self, backends: &[(&str, bool)]) {
+        self.frontend(Frontend::new(VIP, TCP, backends));
+        self.frontend(Frontend::new(VIP, UDP, backends));
+    }
+
+    fn run(&self, prog: &str, frame: &[u8]) -> (u32, Vec<u8>) {
+        self.try_run(prog, frame).expect("BPF_PROG_TEST_RUN")
+    }
+
+    /// Verdict and output, or why the kernel refused the frame.
+    fn try_run(&self, prog: &str, frame: &[u8]) -> Result<(u32, Vec<u8>), String> {
+        let prog = self.dp.program(prog).unwrap();
+        let mut out = vec![0u8; 2048];
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .map_err(|e| format!("{e:#}"))?;
+        out.truncate(r.data_size_out as usize);
+        Ok((r.return_value, out))
+    }
+
+    fn ingress(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        self.run(PROG_INGRESS, frame)
+    }
+
+    fn counter(&self, c: Counter) -> u64 {
+        self.stats.get(&(c as u32), 0).unwrap().iter().sum()
+    }
+
+    fn flows(&self) -> usize {
+        self.ct.keys().count()
+    }
+}
+
+/// The output parsed, with a valid L4 checksum.
+fn valid(out: &[u8]) -> Parsed6 {
+    let p = parse6(out).expect("output is an IPv6 packet");
+    assert_ne!(p.l4_checksum_ok, Some(false), "L4 checksum broken: {p:?}");
+    p
+}
+
+fn endpoint(p: &Parsed6, src: bool) -> SocketAddrV6 {
+    if src {
+        SocketAddrV6::new(p.src, p.sport.unwrap(), 0, 0)
+    } else {
+        SocketAddrV6::new(p.dst, p.dport.unwrap(), 0, 0)
+    }
+}
+
+#[test]
+fn clusterip_is_dnated_and_replies_are_reverse_translated() {
+    let Some(mut f) = Fixture::new("clusterip_is_dnated_and_replies_are_reverse_translated") else {
+        return;
+    };
+    f.cluster_ip(&[(BE_A, false)]);
+    for proto in [TCP, UDP] {
+        let first = match proto {
+            TCP => Pkt6::tcp(sa(CLIENT), sa(VIP), TCP_SYN),
+            _ => Pkt6::udp(sa(CLIENT), sa(VIP), b"hello"),
+        };
+        let (verdict, out) = f.ingress(&first.build());
+        assert_eq!(verdict, TC_ACT_REDIRECT, "to the backend's device");
+        let p = valid(&out);
+        assert_eq!(p.proto, proto);
+        assert_eq!(endpoint(&p, false), sa(BE_A));
+        assert_eq!(
+            endpoint(&p, true),
+            sa(CLIENT),
+            "the client keeps its address"
+        );
+        assert_eq!(out[..6], BACKEND_MAC, "the FIB's next hop");
+
+        let reply = match proto {
+            TCP => Pkt6::tcp(sa(BE_A), sa(CLIENT), TCP_SYN | TCP_ACK),
+            _ => Pkt6::udp(sa(BE_A), sa(CLIENT), b"world"),
+        };
+        let (_, out) = f.ingress(&reply.build());
+        let p = valid(&out);
+        assert_eq!(
+            endpoint(&p, true),
+            sa(VIP),
+            "the reply comes from the service"
+        );
+        assert_eq!(endpoint(&p, false), sa(CLIENT));
+    }
+    assert_eq!(f.counter(Counter::NewFlow), 2);
+    assert_eq!(f.counter(Counter::Reply), 2);
+}
+
+#[test]
+fn nodeport_to_a_remote_backend_is_snated_and_replies_return() {
+    let Some(mut f) = Fixture::new("nodeport_to_a_remote_backend_is_snated_and_replies_return")
+    else {
+        return;
+    };
+    let np = format!("[::]:{NODEPORT}");
+    let mut fe = Frontend::new(&np, TCP, &[(BE_A, false)]);
+    fe.flags = SVC_F_EXTERNAL;
+    f.frontend(fe);
+    let node = SocketAddrV6::new(ip6(NODE_IP), NODEPORT, 0, 0);
+    let (verdict, out) = f.ingress(&Pkt6::tcp(sa(OUTSIDE), node, TCP_SYN).build());
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let p = valid(&out);
+    assert_eq!(endpoint(&p, false), sa(BE_A));
+    assert_eq!(
+        p.src,
+        ip6("fd00:244:2::1"),
+        "SNAT to the node's address towards the backend"
+    );
+    let snat_port = p.sport.unwrap();
+    assert!(
+        snat_port >= SNAT_PORT_MIN,
+        "SNAT port {snat_port} out of range"
+    );
+
+    let reply = Pkt6::tcp(sa(BE_A), endpoint(&p, true), TCP_SYN | TCP_ACK);
+    let (_, out) = f.ingress(&reply.build());
+    let r = valid(&out);
+    assert_eq!(endpoint(&r, true), node, "from the NodePort");
+    assert_eq!(endpoint(&r, false), sa(OUTSIDE), "back to the client");
+}
+
+#[test]
+fn no_endpoint_and_unknown_port_answer_icmpv6_port_unreachable() {
+    let Some(mut f) = Fixture::new("no_endpoint_and_unknown_port_answer_icmpv6_port_unreachable")
+    else {
+        return;
+    };
+    f.frontend(Frontend::new(VIP, TCP, &[]));
+    let unknown = SocketAddrV6::new(*sa(VIP).ip(), 81, 0, 0);
+    for (dst, proto, reason) in [
+        (sa(VIP), TCP, Counter::DropNoEndpoint),
+        (unknown, UDP, Counter::DropUnknownPort),
+    ] {
+        let syn = match proto {
+            TCP => Pkt6::tcp(sa(CLIENT), dst, TCP_SYN),
+            _ => Pkt6::udp(sa(CLIENT), dst, b"x"),
+        }
+        .with_ext(vec![ext(DEST_OPTS, 0)]);
+        let frame = syn.build();
+        let (verdict, out) = f.ingress(&frame);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "sent back at once");
+        let p = valid(&out);
+        assert_eq!(p.proto, ICMPV6);
+        assert_eq!(
+            p.l4_checksum_ok,
+            Some(true),
+            "ICMPv6 checksum with pseudo-header"
+        );
+        assert_eq!((p.l4[0], p.l4[1]), (1, 4), "destination unreachable, port");
+        assert_eq!(p.src, *dst.ip(), "from the address the client dialed");
+        assert_eq!(p.dst, *sa(CLIENT).ip());
+        assert_eq!(out[..6], frame[6..12], "back to the sender's MAC");
+        let quoted = &p.l4[8..];
+        assert_eq!(quoted, &frame[14..14 + quoted.len()], "quotes the packet");
+        assert!(
+            quoted.len() >= 40 + 8 + 8,
+            "IPv6 header, extension, L4 header"
+        );
+        assert_eq!(f.counter(reason), 1, "{reason:?}");
+    }
+    assert_eq!(f.flows(), 0);
+}
+
+#[test]
+fn extension_header_chains_are_walked_or_passed_untouched() {
+    let Some(mut f) = Fixture::new("extension_header_chains_are_walked_or_passed_untouched") else {
+        return;
+    };
+    f.cluster_ip(&[(BE_A, false)]);
+    let syn = |port: u16| {
+        let client = SocketAddrV6::new(*sa(CLIENT).ip(), port, 0, 0);
+        Pkt6::tcp(client, sa(VIP), TCP_SYN)
+    };
+    // Understood chains: translated, the chain kept.
+    let chains = [
+        vec![ext(HOP_BY_HOP, 0)],
+        vec![ext(HOP_BY_HOP, 0), ext(DEST_OPTS, 2), routing(0)],
+        vec![ext(DEST_OPTS, 0), fragment(0, false, 7)],
+    ];
+    for (i, chain) in chains.into_iter().enumerate() {
+        let kinds: Vec<u8> = chain.iter().map(|(k, _)| *k).collect();
+        let (verdict, out) = f.ingress(&syn(41000 + i as u16).with_ext(chain).build());
+        assert_eq!(verdict, TC_ACT_REDIRECT, "chain {kinds:?}");
+        let p = valid(&out);
+        assert_eq!(p.ext, kinds);
+        assert_eq!(endpoint(&p, false), sa(BE_A), "chain {kinds:?}");
+    }
+    // Not understood, or not for this hop: passed as they are.
+    let passed = [
+        vec![routing(1)],
+        vec![(253, ext(DEST_OPTS, 0).1)],
+        vec![ext(DEST_OPTS, 0); 7],
+    ];
+    for (i, chain) in passed.into_iter().enumerate() {
+        let frame = syn(42000 + i as u16).with_ext(chain).build();
+        let (verdict, out) = f.ingress(&frame);
+        assert_eq!(
+            (verdict, &out),
+            (TC_ACT_OK, &frame),
+            "chain {i} passed untouched"
+        );
+    }
+    assert_eq!(f.flows(), 3);
+}
+
+#[test]
+fn truncated_headers_at_every_offset_are_never_translated() {
+    let Some(mut f) = Fixture::new("truncated_headers_at_every_offset_are_never_translated") else {
+        return;
+    };
+    f.cluster_ip(&[(BE_A, false)]);
+    let frames = [
+        Pkt6::tcp(sa(CLIENT), sa(VIP), TCP_SYN)
+            .with_ext(vec![ext(HOP_BY_HOP, 1), fragment(0, true, 9)])
+            .build(),
+        Pkt6::udp(sa(CLIENT), sa(VIP), b"")
+            .with_ext(vec![ext(DEST_OPTS, 0)])
+            .build(),
+    ];
+    for frame in frames {
+        for len in 14..frame.len() {
+            let cut = &frame[..len];
+            let (verdict, out) = match f.try_run(PROG_INGRESS, cut) {
+                Ok(r) => r,
+                // The kernel itself refuses IPv6 frames shorter than the
+                // fixed header.
+                Err(_) if len < 14 + 40 => continue,
+                Err(e) => panic!("length {len}: {e}"),
+            };
+            assert!(
+                verdict == TC_ACT_OK || verdict == TC_ACT_SHOT,
+                "length {len}: verdict {verdict}"
+            );
+            if verdict == TC_ACT_OK {
+                assert_eq!(out, cut, "length {len}: changed");
+            }
+        }
+        let (verdict, _) = f.ingress(&frame);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "the whole frame is translated");
+    }
+    assert_eq!(f.flows(), 2, "only the whole frames opened flows");
+}
+
+#[test]
+fn fragments_follow_their_first_fragment() {
+    let Some(mut f) = Fixture::new("fragments_follow_their_first_fragment") else {
+        return;
+    };
+    f.cluster_ip(&[(BE_A, false)]);
+    let pkt = Pkt6::udp(sa(CLIENT), sa(VIP), &[7u8; 64]);
+    let l4 = pkt.l4();
+    let first = pkt
+        .clone()
+        .with_ext(vec![fragment(0, true, 0xabcd)])
+        .build_with_payload(&l4[..32]);
+    let later = pkt
+        .clone()
+        .with_ext(vec![fragment(4, false, 0xabcd)])
+        .build_with_payload(&l4[32..]);
+    let (verdict, out) = f.ingress(&first);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let p = parse6(&out).unwrap();
+    assert_eq!(endpoint(&p, false), sa(BE_A));
+    let (verdict, out) = f.ingress(&later);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "follows the first fragment");
+    let p = parse6(&out).unwrap();
+    assert_eq!(p.dst, *sa(BE_A).ip());
+    assert_eq!(
+        p.l4,
+        l4[32..],
+        "no L4 header to rewrite in a later fragment"
+    );
+
+    let stray = pkt
+        .with_ext(vec![fragment(4, false, 0x1111)])
+        .build_with_payload(&l4[32..]);
+    let (verdict, _) = f.ingress(&stray);
+    assert_eq!(
+        verdict, TC_ACT_SHOT,
+        "a later fragment of an unknown datagram"
+    );
+    assert_eq!(f.counter(Counter::DropFragment), 1);
+}
+
+/// A frame as the backend received it, quoted in an ICMPv6 error.
+fn quote(frame: &[u8], n: usize) -> Vec<u8> {
+    frame[14..14 + n].to_vec()
+}
+
+#[test]
+fn icmpv6_errors_about_a_flow_are_translated_back() {
+    let Some(mut f) = Fixture::new("icmpv6_errors_about_a_flow_are_translated_back") else {
+        return;
+    };
+    f.cluster_ip(&[(BE_A, false)]);
+    let (_, to_backend) = f.ingress(&Pkt6::tcp(sa(CLIENT), sa(VIP), TCP_SYN).build());
+    let client = *sa(CLIENT).ip();
+    // Packet Too Big from the backend itself, quoting a long packet.
+    let mut long = to_backend.clone();
+    long.extend_from_slice(&[0u8; 100]);
+    let ptb = icmp6(*sa(BE_A).ip(), client, 2, 0, 1280, &quote(&long, 148));
+    let (verdict, out) = f.ingress(&ptb);
+    assert_ne!(verdict, TC_ACT_SHOT);
+    let p = valid(&out);
+    assert_eq!(p.l4_checksum_ok, Some(true));
+    assert_eq!(
+        (p.l4[0], &p.l4[4..8]),
+        (2, &1280u32.to_be_bytes()[..]),
+        "PTB, MTU kept"
+    );
+    assert_eq!(p.src, *sa(VIP).ip(), "from the service address");
+    assert_eq!(p.dst, client);
+    let inner = &p.l4[8..];
+    assert_eq!(
+        &inner[24..40],
+        &sa(VIP).ip().octets(),
+        "quote shows the service"
+    );
+    assert_eq!(&inner[42..44], &80u16.to_be_bytes());
+    // From a router on the way: the source stays the router's.
+    let router = ip6("fd00:244:2::fe");
+    let unreach = icmp6(router, client, 3, 0, 0, &quote(&to_backend, 48));
+    let (_, out) = f.ingress(&unreach);
+    let p = valid(&out);
+    assert_eq!((p.src, p.dst), (router, client));
+    assert_eq!(&p.l4[8 + 24..8 + 40], &sa(VIP).ip().octets());
+    assert_eq!(f.counter(Counter::IcmpError), 2);
+
+    // Quotes that are too short, or of flows we do not know: untouched.
+    let short = icmp6(*sa(BE_A).ip(), client, 1, 4, 0, &quote(&to_backend, 44));
+    let mut foreign_flow = to_backend.clone();
+    foreign_flow[14 + 40 + 1] ^= 1; // another source port
+    let foreign = icmp6(*sa(BE_A).ip(), client, 1, 4, 0, &quote(&foreign_flow, 48));
+    for frame in [short, foreign] {
+        let (verdict, out) = f.ingress(&frame);
+        assert_eq!((verdict, out), (TC_ACT_OK, frame));
+    }
+    assert_eq!(f.counter(Counter::IcmpError), 2);
+}
+
+#[test]
+fn neighbour_discovery_and_router_traffic_pass_untouched() {
+    let Some(mut f) = Fixture::new("neighbour_discovery_and_router_traffic_pass_untouched") else {
+        return;
+    };
+    f.cluster_ip(&[(BE_A, false)]);
+    let vip = *sa(VIP).ip();
+    let solicited = ip6("ff02::1:ff00:10");
+    let mut ns_body = vec![0u8; 4];
+    ns_body.extend_from_slice(&vip.octets());
+    let frames = [
+        // Neighbour solicitation for the ClusterIP, advertisement, router
+        // solicitation and advertisement, echo to the ClusterIP.
+        icmp6(ip6("fe80::1"), solicited, 135, 0, 0, &vip.octets()),
+        icmp6(
+            ip6("fe80::2"),
+            ip6("fe80::1"),
+            136,
+            0,
+            0x6000_0000,
+            &vip.octets(),
+        ),
+        icmp6(ip6("fe80::1"), ip6("ff02::2"), 133, 0, 0, &[]),
+        icmp6(ip6("fe80::2"), ip6("ff02::1"), 134, 0, 0x4000_0708, &[0; 8]),
+        icmp6(*sa(CLIENT).ip(), vip, 128, 0, 1, b"ping"),
+    ];
+    for frame in frames {
+        for prog in [PROG_INGRESS, PROG_EGRESS] {
+            let (verdict, out) = f.run(prog, &frame);
+            assert_eq!(
+                (verdict, &out),
+                (TC_ACT_OK, &frame),
+                "{prog}: type {}",
+                frame[54]
+            );
+        }
+    }
+}
+
+#[test]
+fn session_affinity_keeps_a_client_on_its_backend() {
+    let Some(mut f) = Fixture::new("session_affinity_keeps_a_client_on_its_backend") else {
+        return;
+    };
+    let backends = [(BE_A, false), (BE_B, false)];
+    let mut fe = Frontend::new(VIP, TCP, &backends);
+    fe.flags = SVC_F_AFFINITY;
+    fe.affinity_timeout = 10_800;
+    let svc_id = f.frontend(fe);
+    let mut seen = std::collections::BTreeSet::new();
+    for port in 0..20 {
+        let client = SocketAddrV6::new(*sa(CLIENT).ip(), 40000 + port, 0, 0);
+        let (_, out) = f.ingress(&Pkt6::tcp(client, sa(VIP), TCP_SYN).build());
+        seen.insert(endpoint(&valid(&out), false));
+    }
+    assert_eq!(seen.len(), 1, "one backend for every flow: {seen:?}");
+    let key = AffKey6 {
+        svc_id,
+        client: sa(CLIENT).ip().octets(),
+    };
+    assert!(
+        f.aff.get(&key, 0).is_ok(),
+        "the client's backend is remembered"
+    );
+}
+
+#[test]
+fn external_traffic_policy_local_drops_without_local_endpoint() {
+    let Some(mut f) = Fixture::new("external_traffic_policy_local_drops_without_local_endpoint")
+    else {
+        return;
+    };
+    let np = format!("[::]:{NODEPORT}");
+    let mut fe = Frontend::new(&np, TCP, &[(BE_A, false)]);
+    fe.flags = SVC_F_EXTERNAL | SVC_F_ETP_LOCAL;
+    f.frontend(fe);
+    let node = SocketAddrV6::new(ip6(NODE_IP), NODEPORT, 0, 0);
+    let (verdict, _) = f.ingress(&Pkt6::tcp(sa(OUTSIDE), node, TCP_SYN).build());
+    assert_eq!(verdict, TC_ACT_SHOT, "dropped, not rejected");
+    assert_eq!(f.counter(Counter::DropNoLocalEndpoint), 1);
+    assert_eq!(f.flows(), 0);
+}
+
+#[test]
+fn load_balancer_source_ranges_drop_other_sources() {
+    let Some(mut f) = Fixture::new("load_balancer_source_ranges_drop_other_sources") else {
+        return;
+    };
+    let lb = "[2001:db8:ff::1]:443";
+    let mut fe = Frontend::new(lb, TCP, &[(BE_A, false)]);
+    fe.flags = SVC_F_EXTERNAL | SVC_F_SRC_RANGES;
+    let svc_id = f.frontend(fe);
+    f.class(*sa(lb).ip(), ADDR_EXTERNAL);
+    let range = SrcRangeKey6 {
+        svc_id: svc_id.to_be_bytes(),
+        addr: ip6("2001:db8:1::").octets(),
+    };
+    f.ranges
+        .insert(&Key::new(SrcRangeKey6::prefix_len(48), range), 1, 0)
+        .unwrap();
+    let (verdict, out) = f.ingress(&Pkt6::tcp(sa(OUTSIDE), sa(lb), TCP_SYN).build());
+    assert_eq!(verdict, TC_ACT_REDIRECT, "inside the range");
+    assert_eq!(endpoint(&valid(&out), false), sa(BE_A));
+    let stranger = sa("[2001:db8:2::7]:5555");
+    let (verdict, _) = f.ingress(&Pkt6::tcp(stranger, sa(lb), TCP_SYN).build());
+    assert_eq!(verdict, TC_ACT_SHOT, "outside the range");
+    assert_eq!(f.counter(Counter::DropSourceRange), 1);
+}
