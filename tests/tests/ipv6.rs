@@ -283,7 +283,12 @@ fn nodeport_over_ipv6_from_outside_to_local_and_remote_backends() {
 }
 
 #[test]
-#[ignore = "the first SYN's ICMPv6 reject does not fail connect(): refused at the 1 s retransmit (datapath, v6dp)"]
+// The first SYN's ICMPv6 error reaches the socket while connect() still
+// holds it (the reject is delivered within the send), and Linux keeps it as
+// a soft error (TcpExtLockDroppedIcmps counts it); the SYN retransmitted
+// after 1 s is refused. IPv4 is refused at connect() by the socket program;
+// IPv6 would need its own (connect6).
+#[ignore = "IPv6 refusal takes 1 s: no connect6 socket hook yet (see the comment)"]
 fn an_ipv6_service_without_endpoint_refuses_at_once() {
     let Some(c) = Cluster::start("ipv6_refused", &manifests()) else {
         return;
