@@ -681,3 +681,40 @@ fn load_balancer_source_ranges_drop_other_sources() {
     assert_eq!(verdict, TC_ACT_SHOT, "outside the range");
     assert_eq!(f.counter(Counter::DropSourceRange), 1);
 }
+
+#[test]
+fn hostnetwork_backends_and_node_processes_use_the_egress_hook() {
+    let Some(mut f) = Fixture::new("hostnetwork_backends_and_node_processes_use_the_egress_hook")
+    else {
+        return;
+    };
+    // The backend is a process of this node, on its own address.
+    let node_be = "[fd00:244:2::1]:10250";
+    f.frontend(Frontend::new(VIP, TCP, &[(node_be, true)]));
+    let (_, out) = f.ingress(&Pkt6::tcp(sa(CLIENT), sa(VIP), TCP_SYN).build());
+    assert_eq!(endpoint(&valid(&out), false), sa(node_be));
+    // Its reply leaves through the egress hook and must show the service.
+    let reply = Pkt6::tcp(sa(node_be), sa(CLIENT), TCP_SYN | TCP_ACK).build();
+    let (verdict, out) = f.run(PROG_EGRESS, &reply);
+    assert_eq!(verdict, TC_ACT_OK, "routed for the client already");
+    let p = valid(&out);
+    assert_eq!(endpoint(&p, true), sa(VIP));
+    assert_eq!(endpoint(&p, false), sa(CLIENT));
+
+    // A node process dialing the ClusterIP is translated on egress; a pod's
+    // packet seen on egress (it was handled on ingress) is not.
+    let node_client = sa("[fd00:244:2::1]:45000");
+    let (_, out) = f.run(
+        PROG_EGRESS,
+        &Pkt6::tcp(node_client, sa(VIP), TCP_SYN).build(),
+    );
+    assert_eq!(endpoint(&valid(&out), false), sa(node_be));
+    let pod = Pkt6::tcp(
+        sa("[fd00:244:1::9]:45000"),
+        sa("[fd00:244:2::11]:80"),
+        TCP_SYN,
+    )
+    .build();
+    let (verdict, out) = f.run(PROG_EGRESS, &pod);
+    assert_eq!((verdict, out), (TC_ACT_OK, pod));
+}
