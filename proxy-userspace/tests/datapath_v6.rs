@@ -718,3 +718,79 @@ fn hostnetwork_backends_and_node_processes_use_the_egress_hook() {
     let (verdict, out) = f.run(PROG_EGRESS, &pod);
     assert_eq!((verdict, out), (TC_ACT_OK, pod));
 }
+
+/// A small deterministic generator (no dependency, reproducible runs).
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((self.0 >> 33) as usize) % n.max(1)
+    }
+}
+
+/// Random chains of extension headers, some spoiled in their next-header
+/// or length bytes, some truncated: every verdict is a sane one, and a
+/// packet the datapath changed is still a valid one (its L4 checksum right
+/// where a correct parser finds the L4 header).
+#[test]
+fn random_extension_chains_get_sane_verdicts_and_valid_outputs() {
+    let Some(mut f) = Fixture::new("random_extension_chains_get_sane_verdicts_and_valid_outputs")
+    else {
+        return;
+    };
+    f.cluster_ip(&[(BE_A, false)]);
+    let mut rng = Rng(0x6b6570);
+    let kinds = [HOP_BY_HOP, DEST_OPTS, 253];
+    let (mut changed, mut unchecked) = (0, 0);
+    for n in 0..3000 {
+        let mut chain = Vec::new();
+        for _ in 0..rng.below(5) {
+            chain.push(match rng.below(5) {
+                0 => routing(rng.below(2) as u8),
+                1 => fragment(0, false, n),
+                _ => ext(kinds[rng.below(kinds.len())], rng.below(3) as u8),
+            });
+        }
+        let client = SocketAddrV6::new(*sa(CLIENT).ip(), 1024 + n as u16, 0, 0);
+        let pkt = match rng.below(2) {
+            0 => Pkt6::tcp(client, sa(VIP), TCP_SYN),
+            _ => Pkt6::udp(client, sa(VIP), b"fuzz"),
+        };
+        let chain_len: usize = chain.iter().map(|(_, h)| h.len()).sum();
+        let mut frame = pkt.with_ext(chain).build();
+        if chain_len > 0 && rng.below(3) == 0 {
+            // Spoil a next-header or length byte of the chain.
+            let at = 54 + rng.below(chain_len);
+            frame[at] = rng.below(256) as u8;
+        }
+        // A truncated packet (shorter than its payload length says) may
+        // still be translated when its L4 header is whole, as in IPv4; the
+        // kernel drops it afterwards. Only its verdict is checked.
+        let truncated = rng.below(4) == 0;
+        if truncated {
+            frame.truncate(54 + rng.below(frame.len() - 54));
+        }
+        for prog in [PROG_INGRESS, PROG_EGRESS] {
+            let (verdict, out) = f.run(prog, &frame);
+            assert!(
+                [TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT].contains(&verdict),
+                "{prog} #{n}: verdict {verdict}"
+            );
+            if verdict == TC_ACT_SHOT || out == frame || truncated {
+                unchecked += 1;
+                continue;
+            }
+            changed += 1;
+            let p = parse6(&out).unwrap_or_else(|| panic!("{prog} #{n}: not IPv6: {out:?}"));
+            assert_ne!(p.l4_checksum_ok, Some(false), "{prog} #{n}: {p:?}");
+        }
+    }
+    assert!(
+        changed > 500 && unchecked > 500,
+        "{changed} changed, {unchecked} not checked"
+    );
+}
