@@ -192,3 +192,92 @@ macro_rules! map_types {
 }
 
 pub(crate) use map_types;
+
+/// The trait methods that only look up or update a family's maps, the same
+/// for both families but for the maps' names and key types.
+macro_rules! map_access {
+    (
+        ct: $ct:ident, rnat: $rnat:ident, svc: $svc:ident, svc_key: $svc_key:ident,
+        backends: $backends:ident, aff: $aff:ident, aff_key: $aff_key:ident,
+        ranges: $ranges:ident, range_key: $range_key:ident, bits: $bits:expr,
+        frags: $frags:ident $(,)?
+    ) => {
+        #[inline(always)]
+        fn ct(key: &Tuple<Self>) -> Option<*mut Nat<Self>> {
+            // Same layout (see map_types!).
+            $ct.get_ptr_mut(key.as_key()).map(|p| p.cast())
+        }
+
+        #[inline(always)]
+        fn set_ct(key: &Tuple<Self>, value: &Nat<Self>) -> Result<(), i32> {
+            $ct.insert(key.as_key(), value.as_entry(), 0)
+        }
+
+        #[inline(always)]
+        fn rnat(key: &Tuple<Self>) -> Option<&'static Nat<Self>> {
+            // SAFETY: copied out at once.
+            unsafe { $rnat.get(key.as_key()) }.map(Nat::<Self>::from_entry)
+        }
+
+        #[inline(always)]
+        fn set_rnat(key: &Tuple<Self>, value: &Nat<Self>, flags: u64) -> Result<(), i32> {
+            $rnat.insert(key.as_key(), value.as_entry(), flags)
+        }
+
+        #[inline(always)]
+        fn service(addr: Self, port: [u8; 2], proto: u8) -> Option<SvcValue> {
+            let key = $svc_key {
+                addr,
+                port,
+                proto,
+                _pad: 0,
+            };
+            // SAFETY: copied out at once.
+            unsafe { $svc.get(key) }.copied()
+        }
+
+        #[inline(always)]
+        fn backend(backend_id: u32) -> Option<Be<Self>> {
+            // SAFETY: copied out at once.
+            unsafe { $backends.get(BackendKey { backend_id }) }.map(Be::from)
+        }
+
+        #[inline(always)]
+        fn affinity(svc_id: u32, client: Self) -> Option<AffValue> {
+            // SAFETY: copied out at once.
+            unsafe { $aff.get($aff_key { svc_id, client }) }.copied()
+        }
+
+        #[inline(always)]
+        fn set_affinity(svc_id: u32, client: Self, value: AffValue) {
+            // A full LRU evicts its oldest entry; an error here only costs the
+            // client its affinity, never the flow.
+            let _ = $aff.insert($aff_key { svc_id, client }, value, 0);
+        }
+
+        #[inline(always)]
+        fn source_allowed(svc_id: u32, client: Self) -> bool {
+            let key = aya_ebpf::maps::lpm_trie::Key::new(
+                $range_key::prefix_len($bits),
+                $range_key {
+                    svc_id: svc_id.to_be_bytes(),
+                    addr: client,
+                },
+            );
+            $ranges.get(&key).is_some()
+        }
+
+        #[inline(always)]
+        fn fragment(ip: &Ip<Self>) -> Option<FragValue> {
+            // SAFETY: copied out at once.
+            unsafe { $frags.get(frag_key(ip)) }.copied()
+        }
+
+        #[inline(always)]
+        fn set_fragment(ip: &Ip<Self>, ports: FragValue) {
+            let _ = $frags.insert(frag_key(ip), ports, 0);
+        }
+    };
+}
+
+pub(crate) use map_access;

@@ -37,7 +37,6 @@ const NEW_HDRS: usize = 20 + 8;
 
 #[inline(always)]
 pub fn port_unreachable(ctx: &TcContext, ip: &Ip<[u8; 4]>, hook: Hook, reason: Counter) -> i32 {
-    count(reason);
     aya_log_ebpf::debug!(
         ctx,
         "reject ({}) {:i} -> {:i}",
@@ -45,10 +44,18 @@ pub fn port_unreachable(ctx: &TcContext, ip: &Ip<[u8; 4]>, hook: Hook, reason: C
         ip.saddr,
         ip.daddr
     );
+    answer(ip, reason, || build(ctx, ip, hook))
+}
+
+/// Counts the reason and answers with what `build` makes of the packet (of
+/// either family); a later fragment, which cannot be quoted, is dropped.
+#[inline(always)]
+pub fn answer<A>(ip: &Ip<A>, reason: Counter, build: impl FnOnce() -> Option<i32>) -> i32 {
+    count(reason);
     if ip.frag == Frag::Later {
         return TC_ACT_SHOT as i32;
     }
-    build(ctx, ip, hook).unwrap_or_else(|| crate::drop_packet(Counter::DropHelperError))
+    build().unwrap_or_else(|| crate::drop_packet(Counter::DropHelperError))
 }
 
 // A function of its own (a BPF-to-BPF call): its buffers would otherwise

@@ -6,7 +6,7 @@ use proxy_common::*;
 
 use crate::{
     Hook,
-    family::{Addr, Be, Nat, Tuple, map_types},
+    family::{Addr, Be, Nat, Tuple, map_access, map_types},
     maps::{
         KEP_AFF_V1, KEP_BE_V1, KEP_CT_V1, KEP_FRAG_V1, KEP_RNAT_V1, KEP_SRCRNG_V1, KEP_SVC_V2,
         addr_class, config, config_ref, in_service_cidr,
@@ -63,81 +63,12 @@ impl Addr for [u8; 4] {
         crate::packet::bytes::<4>(ctx, off)
     }
 
-    #[inline(always)]
-    fn ct(key: &Tuple<Self>) -> Option<*mut Nat<Self>> {
-        // Same layout (see map_types!).
-        KEP_CT_V1.get_ptr_mut(key.as_key()).map(|p| p.cast())
-    }
-
-    #[inline(always)]
-    fn set_ct(key: &Tuple<Self>, value: &Nat<Self>) -> Result<(), i32> {
-        KEP_CT_V1.insert(key.as_key(), value.as_entry(), 0)
-    }
-
-    #[inline(always)]
-    fn rnat(key: &Tuple<Self>) -> Option<&'static Nat<Self>> {
-        // SAFETY: copied out at once.
-        unsafe { KEP_RNAT_V1.get(key.as_key()) }.map(Nat::<Self>::from_entry)
-    }
-
-    #[inline(always)]
-    fn set_rnat(key: &Tuple<Self>, value: &Nat<Self>, flags: u64) -> Result<(), i32> {
-        KEP_RNAT_V1.insert(key.as_key(), value.as_entry(), flags)
-    }
-
-    #[inline(always)]
-    fn service(addr: Self, port: [u8; 2], proto: u8) -> Option<SvcValue> {
-        let key = SvcKey {
-            addr,
-            port,
-            proto,
-            _pad: 0,
-        };
-        // SAFETY: copied out at once.
-        unsafe { KEP_SVC_V2.get(key) }.copied()
-    }
-
-    #[inline(always)]
-    fn backend(backend_id: u32) -> Option<Be<Self>> {
-        // SAFETY: copied out at once.
-        unsafe { KEP_BE_V1.get(BackendKey { backend_id }) }.map(Be::from)
-    }
-
-    #[inline(always)]
-    fn affinity(svc_id: u32, client: Self) -> Option<AffValue> {
-        // SAFETY: copied out at once.
-        unsafe { KEP_AFF_V1.get(AffKey { svc_id, client }) }.copied()
-    }
-
-    #[inline(always)]
-    fn set_affinity(svc_id: u32, client: Self, value: AffValue) {
-        // A full LRU evicts its oldest entry; an error here only costs the
-        // client its affinity, never the flow.
-        let _ = KEP_AFF_V1.insert(AffKey { svc_id, client }, value, 0);
-    }
-
-    #[inline(always)]
-    fn source_allowed(svc_id: u32, client: Self) -> bool {
-        let key = aya_ebpf::maps::lpm_trie::Key::new(
-            SrcRangeKey::prefix_len(32),
-            SrcRangeKey {
-                svc_id: svc_id.to_be_bytes(),
-                addr: client,
-            },
-        );
-        KEP_SRCRNG_V1.get(&key).is_some()
-    }
-
-    #[inline(always)]
-    fn fragment(ip: &Ip<Self>) -> Option<FragValue> {
-        // SAFETY: copied out at once.
-        unsafe { KEP_FRAG_V1.get(frag_key(ip)) }.copied()
-    }
-
-    #[inline(always)]
-    fn set_fragment(ip: &Ip<Self>, ports: FragValue) {
-        let _ = KEP_FRAG_V1.insert(frag_key(ip), ports, 0);
-    }
+    map_access!(
+        ct: KEP_CT_V1, rnat: KEP_RNAT_V1, svc: KEP_SVC_V2, svc_key: SvcKey,
+        backends: KEP_BE_V1, aff: KEP_AFF_V1, aff_key: AffKey,
+        ranges: KEP_SRCRNG_V1, range_key: SrcRangeKey, bits: 32,
+        frags: KEP_FRAG_V1,
+    );
 
     #[inline(always)]
     fn fib_request(p: &mut FibParams, src: Self, dst: Self) {

@@ -88,7 +88,8 @@ pub struct RunArgs {
     /// detectLocalMode ClusterCIDR): ClusterIP traffic from outside it to a
     /// backend on another node is masqueraded, and it is "internal" for
     /// externalTrafficPolicy Local. Without it, the source of ClusterIP
-    /// traffic is never rewritten. The first IPv4 CIDR is used.
+    /// traffic is never rewritten. At most one per family (dual-stack:
+    /// IPv4,IPv6); each family's traffic is judged by its own.
     #[arg(long, value_delimiter = ',')]
     pub cluster_cidr: Vec<Cidr>,
 
@@ -102,6 +103,14 @@ pub struct RunArgs {
     /// nftables mode does).
     #[arg(long, value_delimiter = ',')]
     pub service_cluster_ip_range: Vec<Cidr>,
+
+    /// Manifest mode: the service CIDRs that cluster IPs are allocated
+    /// from for Services that have none, at most one per family, comma
+    /// separated. The first one's family is the default of single-stack
+    /// Services; Services asking for IPv6 or dual stack (`ipFamilies`,
+    /// `ipFamilyPolicy`) need an IPv6 one. Default: 10.96.0.0/12 only.
+    #[arg(long, value_delimiter = ',', value_name = "CIDRS")]
+    pub manifest_service_cidrs: Vec<Cidr>,
 
     /// Source ports for SNATed NodePort traffic, FIRST-LAST. Keep it out of
     /// net.ipv4.ip_local_port_range.

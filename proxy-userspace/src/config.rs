@@ -126,6 +126,9 @@ pub struct FileConfig {
     /// `serviceClusterIPRange` (ours; comma separated):
     /// `--service-cluster-ip-range`.
     pub service_cluster_ip_range: Option<Vec<Cidr>>,
+    /// `manifestServiceCIDRs` (ours; comma separated):
+    /// `--manifest-service-cidrs`.
+    pub manifest_service_cidrs: Option<Vec<Cidr>>,
     /// `--socket-lb`: socket-level load balancing.
     pub socket_lb: Option<bool>,
     /// `--cgroup-root`: the cgroup v2 directory socket-level load balancing
@@ -164,6 +167,8 @@ struct Raw {
     masquerade_all: Option<bool>,
     #[serde(rename = "serviceClusterIPRange")]
     service_cluster_ip_range: Option<String>,
+    #[serde(rename = "manifestServiceCIDRs")]
+    manifest_service_cidrs: Option<String>,
     #[serde(rename = "socketLB")]
     socket_lb: Option<bool>,
     cgroup_root: Option<String>,
@@ -229,6 +234,11 @@ impl TryFrom<Raw> for FileConfig {
             service_cluster_ip_range: errors.parse(
                 "serviceClusterIPRange",
                 raw.service_cluster_ip_range,
+                parse_cidr_list,
+            ),
+            manifest_service_cidrs: errors.parse(
+                "manifestServiceCIDRs",
+                raw.manifest_service_cidrs,
                 parse_cidr_list,
             ),
             socket_lb: raw.socket_lb,
@@ -413,6 +423,7 @@ pub fn merge(file: &FileConfig, mut args: RunArgs, explicit: &dyn Fn(&str) -> bo
     take!(cluster_cidr, f.cluster_cidr.clone());
     take!(masquerade_all, f.masquerade_all);
     take!(service_cluster_ip_range, f.service_cluster_ip_range.clone());
+    take!(manifest_service_cidrs, f.manifest_service_cidrs.clone());
     args
 }
 

@@ -8,14 +8,14 @@
 use std::{
     collections::BTreeSet,
     fs,
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
     sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context as _, Result, bail};
 use aya::maps::{Array, MapData};
-use proxy_common::{CONFIG_MAP, Config, SERVICE_CIDRS};
+use proxy_common::{CONFIG_MAP, CONFIG6_MAP, Config, Config6, SERVICE_CIDRS};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, info, warn};
 
@@ -23,7 +23,7 @@ use crate::{
     cidr::Cidr,
     cli::RunArgs,
     datapath::{
-        Datapath, bpffs, datapath_config,
+        Datapath, bpffs, datapath_config, datapath_config6,
         devices::{self, Attachments, DeviceFilter},
         linkwatch::LinkWatch,
         open_pinned, sockets,
@@ -48,9 +48,10 @@ struct Context {
     /// Netlink link and address notifications; None if the socket could
     /// not be made (the safety poll alone then).
     links: Option<LinkWatch>,
-    node_addrs: BTreeSet<Ipv4Addr>,
+    /// Both families.
+    node_addrs: BTreeSet<IpAddr>,
     /// Every address of the node (hostNetwork backends answer from them).
-    host_addrs: BTreeSet<Ipv4Addr>,
+    host_addrs: BTreeSet<IpAddr>,
     source: Source,
     /// The API server sent changes not yet synced.
     kube_pending: bool,
@@ -132,6 +133,10 @@ fn load_datapath(args: &RunArgs, node_name: &str) -> Result<(Datapath, Syncer<Bp
         args.snat_port_range,
         &args.cluster_cidr,
         args.masquerade_all,
+        &args.service_cluster_ip_range,
+    )?)?;
+    dp.write_config6(datapath_config6(
+        &args.cluster_cidr,
         &args.service_cluster_ip_range,
     )?)?;
     let maps = BpfLbMaps::new(&mut dp)?;
@@ -474,8 +479,11 @@ impl Context {
             &cidrs,
         )
         .and_then(|cfg| {
+            let cfg6 = datapath_config6(&self.args.cluster_cidr, &cidrs)?;
             let mut map: Array<MapData, Config> = open_pinned(self.dp.root(), CONFIG_MAP)?;
-            Ok(map.set(0, cfg, 0)?)
+            map.set(0, cfg, 0)?;
+            let mut map6: Array<MapData, Config6> = open_pinned(self.dp.root(), CONFIG6_MAP)?;
+            Ok(map6.set(0, cfg6, 0)?)
         });
         match written {
             Ok(()) => {
@@ -494,7 +502,7 @@ impl Context {
         let bind = if self.args.nodeport_addresses.is_empty() {
             Bind::Any
         } else {
-            Bind::Addresses(self.node_addrs.iter().map(|a| IpAddr::V4(*a)).collect())
+            Bind::Addresses(self.node_addrs.clone())
         };
         let done = self
             .service_health

@@ -1,9 +1,12 @@
-//! `kube-ebpf-proxy inspect`: the pinned maps, decoded. Works whether or not
-//! the daemon runs, since it only reads the pins.
+//! `kube-ebpf-proxy inspect`: the pinned maps, decoded, IPv4 and IPv6
+//! (the IPv6 maps of an older daemon's pins may be absent: then there is
+//! just no IPv6 row). Works whether or not the daemon runs, since it only
+//! reads the pins.
 
 use std::{
+    collections::BTreeMap,
     fs,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::Path,
 };
 
@@ -80,8 +83,16 @@ fn bpffs_arg(args: &[String]) -> Option<String> {
         })
 }
 
-fn endpoint(addr: [u8; 4], port: [u8; 2]) -> String {
-    SocketAddrV4::new(Ipv4Addr::from(addr), u16::from_be_bytes(port)).to_string()
+fn endpoint(addr: impl Into<IpAddr>, port: [u8; 2]) -> String {
+    SocketAddr::new(addr.into(), u16::from_be_bytes(port)).to_string()
+}
+
+fn v4(addr: [u8; 4]) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::from(addr))
+}
+
+fn v6(addr: [u8; 16]) -> IpAddr {
+    IpAddr::V6(Ipv6Addr::from(addr))
 }
 
 fn proto_name(p: u8) -> &'static str {
@@ -139,96 +150,178 @@ fn hash<K: aya::Pod + Ord, V: aya::Pod>(root: &Path, name: &str) -> Result<Vec<(
     Ok(rows)
 }
 
-pub fn services(root: &Path) -> Result<Vec<ServiceRow>> {
-    let slots: std::collections::BTreeMap<SlotKey, SlotValue> =
-        hash::<SlotKey, SlotValue>(root, SLOT_MAP)?
-            .into_iter()
-            .collect();
-    let backends: std::collections::BTreeMap<BackendKey, Backend> =
-        hash::<BackendKey, Backend>(root, BACKEND_MAP)?
-            .into_iter()
-            .collect();
-    let names: std::collections::BTreeMap<u32, SvcName> =
-        hash::<u32, SvcName>(root, NAME_MAP)?.into_iter().collect();
-    let mut rows = Vec::new();
-    for (k, v) in hash::<SvcKey, SvcValue>(root, SVC_MAP)? {
-        let bes = (0..v.count)
-            .map(|slot| {
-                let sk = SlotKey {
-                    svc_id: v.svc_id,
-                    generation: v.generation,
-                    slot,
-                };
-                match slots.get(&sk).and_then(|s| {
-                    backends.get(&BackendKey {
-                        backend_id: s.backend_id,
-                    })
-                }) {
-                    Some(b) => endpoint(b.addr, b.port),
-                    None => "<missing>".into(),
-                }
-            })
-            .collect();
-        rows.push(ServiceRow {
-            service: names
-                .get(&v.svc_id)
-                .map_or_else(|| "?".to_string(), |n| n.as_str().to_string()),
-            frontend: if k.addr == [0; 4] {
-                format!("*:{}", u16::from_be_bytes(k.port))
-            } else {
-                endpoint(k.addr, k.port)
-            },
-            protocol: proto_name(k.proto),
-            kind: if k.addr == [0; 4] {
-                "NodePort"
-            } else if v.flags & SVC_F_EXTERNAL != 0 {
-                "External"
-            } else {
-                "ClusterIP"
-            },
-            svc_id: v.svc_id,
-            generation: v.generation,
-            backends: bes,
-        });
+/// An IPv6 map: empty when it is not pinned (a daemon from before IPv6).
+fn hash6<K: aya::Pod + Ord, V: aya::Pod>(root: &Path, name: &str) -> Result<Vec<(K, V)>> {
+    if !maps_dir(root).join(name).exists() {
+        return Ok(Vec::new());
     }
-    Ok(rows)
+    hash(root, name)
+}
+
+/// A frontend as both families' service maps hold it: address, port,
+/// protocol, value.
+type Frontend = (IpAddr, [u8; 2], u8, SvcValue);
+
+pub fn services(root: &Path) -> Result<Vec<ServiceRow>> {
+    let slots: BTreeMap<SlotKey, SlotValue> = hash(root, SLOT_MAP)?.into_iter().collect();
+    let mut backends: BTreeMap<u32, String> = BTreeMap::new();
+    for (k, b) in hash::<BackendKey, Backend>(root, BACKEND_MAP)? {
+        backends.insert(k.backend_id, endpoint(v4(b.addr), b.port));
+    }
+    for (k, b) in hash6::<BackendKey, Backend6>(root, BACKEND6_MAP)? {
+        backends.insert(k.backend_id, endpoint(v6(b.addr), b.port));
+    }
+    let names: BTreeMap<u32, SvcName> = hash(root, NAME_MAP)?.into_iter().collect();
+    let mut frontends: Vec<Frontend> = hash::<SvcKey, SvcValue>(root, SVC_MAP)?
+        .into_iter()
+        .map(|(k, v)| (v4(k.addr), k.port, k.proto, v))
+        .collect();
+    frontends.extend(
+        hash6::<SvcKey6, SvcValue>(root, SVC6_MAP)?
+            .into_iter()
+            .map(|(k, v)| (v6(k.addr), k.port, k.proto, v)),
+    );
+    Ok(frontends
+        .into_iter()
+        .map(|fe| service_row(fe, &slots, &backends, &names))
+        .collect())
+}
+
+fn service_row(
+    (addr, port, proto, v): Frontend,
+    slots: &BTreeMap<SlotKey, SlotValue>,
+    backends: &BTreeMap<u32, String>,
+    names: &BTreeMap<u32, SvcName>,
+) -> ServiceRow {
+    let bes = (0..v.count)
+        .map(|slot| {
+            let sk = SlotKey {
+                svc_id: v.svc_id,
+                generation: v.generation,
+                slot,
+            };
+            slots
+                .get(&sk)
+                .and_then(|s| backends.get(&s.backend_id))
+                .cloned()
+                .unwrap_or_else(|| "<missing>".into())
+        })
+        .collect();
+    let node_port = addr.is_unspecified();
+    ServiceRow {
+        service: names
+            .get(&v.svc_id)
+            .map_or_else(|| "?".to_string(), |n| n.as_str().to_string()),
+        frontend: match (node_port, addr) {
+            (true, IpAddr::V4(_)) => format!("*:{}", u16::from_be_bytes(port)),
+            (true, IpAddr::V6(_)) => format!("[*]:{}", u16::from_be_bytes(port)),
+            (false, _) => endpoint(addr, port),
+        },
+        protocol: proto_name(proto),
+        kind: if node_port {
+            "NodePort"
+        } else if v.flags & SVC_F_EXTERNAL != 0 {
+            "External"
+        } else {
+            "ClusterIP"
+        },
+        svc_id: v.svc_id,
+        generation: v.generation,
+        backends: bes,
+    }
 }
 
 pub fn backends(root: &Path) -> Result<Vec<BackendRow>> {
-    Ok(hash::<BackendKey, Backend>(root, BACKEND_MAP)?
+    let row = |id, addr: IpAddr, port, proto, flags: u8| BackendRow {
+        id,
+        address: endpoint(addr, port),
+        protocol: proto_name(proto),
+        local: flags & BE_F_LOCAL != 0,
+    };
+    let mut rows: Vec<BackendRow> = hash::<BackendKey, Backend>(root, BACKEND_MAP)?
         .into_iter()
-        .map(|(k, b)| BackendRow {
-            id: k.backend_id,
-            address: endpoint(b.addr, b.port),
-            protocol: proto_name(b.proto),
-            local: b.flags & BE_F_LOCAL != 0,
+        .map(|(k, b)| row(k.backend_id, v4(b.addr), b.port, b.proto, b.flags))
+        .collect();
+    rows.extend(
+        hash6::<BackendKey, Backend6>(root, BACKEND6_MAP)?
+            .into_iter()
+            .map(|(k, b)| row(k.backend_id, v6(b.addr), b.port, b.proto, b.flags)),
+    );
+    Ok(rows)
+}
+
+/// A conntrack or reverse-NAT entry of either family: (from, to) as the
+/// packet has them, then as they are rewritten.
+struct Flow {
+    proto: u8,
+    ends: [(IpAddr, [u8; 2]); 4],
+    svc_id: u32,
+    backend_id: u32,
+    flags: u8,
+}
+
+fn flows(root: &Path, v4_map: &str, v6_map: &str) -> Result<Vec<Flow>> {
+    let mut out: Vec<Flow> = hash::<FlowKey, NatEntry>(root, v4_map)?
+        .into_iter()
+        .map(|(k, v)| Flow {
+            proto: k.proto,
+            ends: [
+                (v4(k.saddr), k.sport),
+                (v4(k.daddr), k.dport),
+                (v4(v.saddr), v.sport),
+                (v4(v.daddr), v.dport),
+            ],
+            svc_id: v.svc_id,
+            backend_id: v.backend_id,
+            flags: v.flags,
         })
-        .collect())
+        .collect();
+    out.extend(
+        hash6::<FlowKey6, NatEntry6>(root, v6_map)?
+            .into_iter()
+            .map(|(k, v)| Flow {
+                proto: k.proto,
+                ends: [
+                    (v6(k.saddr), k.sport),
+                    (v6(k.daddr), k.dport),
+                    (v6(v.saddr), v.sport),
+                    (v6(v.daddr), v.dport),
+                ],
+                svc_id: v.svc_id,
+                backend_id: v.backend_id,
+                flags: v.flags,
+            }),
+    );
+    Ok(out)
 }
 
 pub fn conntrack(root: &Path) -> Result<Vec<FlowRow>> {
     let mut rows = Vec::new();
-    for (map, direction) in [(CT_MAP, "original"), (RNAT_MAP, "reply")] {
-        for (k, v) in hash::<FlowKey, NatEntry>(root, map)? {
+    for (maps, direction) in [
+        ((CT_MAP, CT6_MAP), "original"),
+        ((RNAT_MAP, RNAT6_MAP), "reply"),
+    ] {
+        for f in flows(root, maps.0, maps.1)? {
             let mut flags = Vec::new();
             for (bit, name) in [
                 (NAT_F_SNAT, "snat"),
                 (NAT_F_CLOSING, "closing"),
                 (NAT_F_HOST, "host"),
             ] {
-                if v.flags & bit != 0 {
+                if f.flags & bit != 0 {
                     flags.push(name);
                 }
             }
+            let [from, to, rewritten_from, rewritten_to] = f.ends.map(|(a, p)| endpoint(a, p));
             rows.push(FlowRow {
                 direction,
-                protocol: proto_name(k.proto),
-                from: endpoint(k.saddr, k.sport),
-                to: endpoint(k.daddr, k.dport),
-                rewritten_from: endpoint(v.saddr, v.sport),
-                rewritten_to: endpoint(v.daddr, v.dport),
-                svc_id: v.svc_id,
-                backend_id: v.backend_id,
+                protocol: proto_name(f.proto),
+                from,
+                to,
+                rewritten_from,
+                rewritten_to,
+                svc_id: f.svc_id,
+                backend_id: f.backend_id,
                 flags,
             });
         }

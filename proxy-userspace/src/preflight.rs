@@ -22,6 +22,8 @@ pub fn check(args: &RunArgs) -> Result<()> {
         readable_file("--kubeconfig", path)?;
     }
     devices_exist(&args.devices)?;
+    one_per_family("--cluster-cidr", &args.cluster_cidr)?;
+    one_per_family("--manifest-service-cidrs", &args.manifest_service_cidrs)?;
     if args.bpffs.exists() && !args.bpffs.is_dir() {
         bail!("--bpffs {}: not a directory", args.bpffs.display());
     }
@@ -62,6 +64,25 @@ fn readable_file(flag: &str, path: &Path) -> Result<()> {
         Ok(_) => Ok(()),
         Err(e) => bail!("{flag} {}: {}", path.display(), reason(&e)),
     }
+}
+
+/// Dual-stack lists (kube-proxy's `--cluster-cidr`): one CIDR per family.
+fn one_per_family(flag: &str, cidrs: &[crate::cidr::Cidr]) -> Result<()> {
+    for v4 in [true, false] {
+        let of: Vec<String> = cidrs
+            .iter()
+            .filter(|c| c.is_ipv4() == v4)
+            .map(|c| c.to_string())
+            .collect();
+        if of.len() > 1 {
+            let family = if v4 { "IPv4" } else { "IPv6" };
+            bail!(
+                "{flag}: at most one {family} CIDR (one per family), got {}",
+                of.join(", ")
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Every device `--devices` names exists in this network namespace.
@@ -112,6 +133,25 @@ mod tests {
         assert_eq!(
             format!("{e:#}"),
             "--kubeconfig /nonexistent/config: No such file or directory"
+        );
+    }
+
+    #[test]
+    fn dual_stack_lists_take_one_cidr_per_family() {
+        let cidrs = |list: &[&str]| -> Vec<crate::cidr::Cidr> {
+            list.iter().map(|c| c.parse().unwrap()).collect()
+        };
+        one_per_family(
+            "--cluster-cidr",
+            &cidrs(&["10.244.0.0/16", "fd00:10:244::/56"]),
+        )
+        .unwrap();
+        one_per_family("--cluster-cidr", &cidrs(&["fd00:10:244::/56"])).unwrap();
+        let e =
+            one_per_family("--cluster-cidr", &cidrs(&["10.0.0.0/8", "10.244.0.0/16"])).unwrap_err();
+        assert_eq!(
+            format!("{e:#}"),
+            "--cluster-cidr: at most one IPv4 CIDR (one per family), got 10.0.0.0/8, 10.244.0.0/16"
         );
     }
 

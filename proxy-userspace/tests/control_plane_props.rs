@@ -22,7 +22,7 @@ mod generators;
 use std::{
     cell::Cell,
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::IpAddr,
     time::Instant,
 };
 
@@ -34,8 +34,8 @@ use proptest::{
     test_runner::{Config, RngSeed, TestCaseError, TestRunner},
 };
 use proxy_common::{
-    ADDR_CLUSTER_IP, ADDR_EXTERNAL, ADDR_HOST, ADDR_NODEPORT, AddrKey, AddrValue, Backend,
-    BackendKey, SlotKey, SvcKey,
+    ADDR_CLUSTER_IP, ADDR_EXTERNAL, ADDR_HOST, ADDR_NODEPORT, AddrValue, BackendKey, SlotKey,
+    SvcValue,
 };
 use proxy_userspace::{
     model::{
@@ -43,7 +43,7 @@ use proxy_userspace::{
         ProblemKind,
     },
     sync::{
-        Syncer, convert,
+        AnyBackend, FeKey, Syncer, convert,
         lbmap::{MapContents, MemLbMaps},
     },
 };
@@ -60,7 +60,7 @@ enum Op {
     /// included).
     Replace(Vec<Service>, Vec<EndpointSlice>),
     SetNode(NodeInfo),
-    SetNodeAddrs(BTreeSet<Ipv4Addr>),
+    SetNodeAddrs(BTreeSet<IpAddr>),
     Sync,
     /// The daemon restarts: a fresh model and a syncer adopting the maps.
     Restart,
@@ -88,11 +88,18 @@ fn name(names: &'static [&'static str]) -> impl Strategy<Value = NamespacedName>
     })
 }
 
-fn node_addrs() -> impl Strategy<Value = BTreeSet<Ipv4Addr>> {
-    // 10.96.0.1 is also a ClusterIP of the pool: a VIP and a node address.
-    let pool = [[192, 168, 200, 11], [192, 168, 200, 12], [10, 96, 0, 1]];
-    proptest::sample::subsequence(pool.to_vec(), 0..=3)
-        .prop_map(|v| v.into_iter().map(Ipv4Addr::from).collect())
+fn node_addrs() -> impl Strategy<Value = BTreeSet<IpAddr>> {
+    // 10.96.0.1 and fd00::10 are also ClusterIPs of the pool: a VIP and a
+    // node address.
+    let pool = [
+        "192.168.200.11",
+        "192.168.200.12",
+        "10.96.0.1",
+        "fd00:200::11",
+        "fd00::10",
+    ];
+    proptest::sample::subsequence(pool.to_vec(), 0..=5)
+        .prop_map(|v| v.into_iter().map(|a| a.parse().unwrap()).collect())
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -137,6 +144,8 @@ struct Figures {
     syncs: usize,
     /// Frontends programmed, summed over syncs.
     frontends: usize,
+    /// Of them, IPv6 ones (in `KEP_SVC6_V1`).
+    frontends6: usize,
     failed_writes: usize,
 }
 
@@ -150,7 +159,7 @@ struct Proxy {
     syncer: Syncer<MemLbMaps>,
     synced_once: bool,
     node: NodeInfo,
-    node_addrs: BTreeSet<Ipv4Addr>,
+    node_addrs: BTreeSet<IpAddr>,
     services: BTreeMap<NamespacedName, Service>,
     slices: BTreeMap<NamespacedName, EndpointSlice>,
     /// Map capacities (None: unlimited): writes may fail, and failing
@@ -173,7 +182,10 @@ impl Proxy {
             syncer: Syncer::adopt(maps).expect("empty maps adopt"),
             synced_once: false,
             node: node(),
-            node_addrs: BTreeSet::from([Ipv4Addr::new(192, 168, 200, 11)]),
+            node_addrs: BTreeSet::from([
+                "192.168.200.11".parse().unwrap(),
+                "fd00:200::11".parse().unwrap(),
+            ]),
             services: BTreeMap::new(),
             slices: BTreeMap::new(),
         }
@@ -242,6 +254,7 @@ impl Proxy {
             let mut f = f.borrow_mut();
             f.syncs += 1;
             f.frontends += self.syncer.frontend_count();
+            f.frontends6 += self.syncer.maps().state.services6.len();
             f.failed_writes += report.failed.len();
         });
         report.failed.len()
@@ -299,18 +312,22 @@ fn comparable(mut s: DesiredState) -> DesiredState {
 #[derive(Debug, PartialEq, Eq)]
 struct FrontendView {
     flags: u16,
-    backends: Vec<Backend>,
+    backends: Vec<AnyBackend>,
     name: Option<String>,
 }
 
-/// The frontends as the datapath sees them, after checking that every
-/// entry is reachable and every reference resolves.
-fn consistent(m: &MapContents) -> Result<BTreeMap<SvcKey, FrontendView>, String> {
+/// The frontends as the datapath sees them (both families), after checking
+/// that every entry is reachable, every reference resolves, and a
+/// frontend's backends are of its own family's map.
+fn consistent(m: &MapContents) -> Result<BTreeMap<FeKey, FrontendView>, String> {
     let mut ids = BTreeSet::new();
     let mut reachable_slots = BTreeSet::new();
     let mut used_backends = BTreeSet::new();
     let mut view = BTreeMap::new();
-    for (key, v) in &m.services {
+    let services = m.services.iter().map(|(k, v)| (FeKey::V4(*k), v));
+    let services6 = m.services6.iter().map(|(k, v)| (FeKey::V6(*k), v));
+    let all: Vec<(FeKey, &SvcValue)> = services.chain(services6).collect();
+    for (key, v) in all {
         if !ids.insert(v.svc_id) {
             return Err(format!("service id {} used twice", v.svc_id));
         }
@@ -329,17 +346,20 @@ fn consistent(m: &MapContents) -> Result<BTreeMap<SvcKey, FrontendView>, String>
             let bk = BackendKey {
                 backend_id: s.backend_id,
             };
-            let b = m
-                .backends
-                .get(&bk)
-                .ok_or(format!("{sk:?}: backend {bk:?} missing"))?;
+            let b: Option<AnyBackend> = match key {
+                FeKey::V4(_) => m.backends.get(&bk).map(|b| (*b).into()),
+                FeKey::V6(_) => m.backends6.get(&bk).map(|b| (*b).into()),
+            };
+            let b = b.ok_or(format!(
+                "{sk:?}: backend {bk:?} missing in its family's map"
+            ))?;
             reachable_slots.insert(sk);
             used_backends.insert(bk);
-            backends.push(*b);
+            backends.push(b);
         }
         let name = m.names.get(&v.svc_id).cloned();
         view.insert(
-            *key,
+            key,
             FrontendView {
                 flags: v.flags,
                 backends,
@@ -350,8 +370,14 @@ fn consistent(m: &MapContents) -> Result<BTreeMap<SvcKey, FrontendView>, String>
     if let Some(k) = m.slots.keys().find(|k| !reachable_slots.contains(k)) {
         return Err(format!("slot {k:?} leaked (no service entry reaches it)"));
     }
-    if let Some(k) = m.backends.keys().find(|k| !used_backends.contains(k)) {
+    let all_backends = m.backends.keys().chain(m.backends6.keys());
+    if let Some(k) = all_backends.clone().find(|k| !used_backends.contains(k)) {
         return Err(format!("backend {k:?} leaked (no slot uses it)"));
+    }
+    if all_backends.count() != m.backends.len() + m.backends6.len()
+        || m.backends.keys().any(|k| m.backends6.contains_key(k))
+    {
+        return Err("a backend id is in both families' maps".into());
     }
     if let Some(id) = m.names.keys().find(|id| !ids.contains(id)) {
         return Err(format!("name of service id {id} leaked"));
@@ -364,18 +390,20 @@ fn consistent(m: &MapContents) -> Result<BTreeMap<SvcKey, FrontendView>, String>
 /// address.
 fn check_addresses(
     m: &MapContents,
-    node_addrs: &BTreeSet<Ipv4Addr>,
+    node_addrs: &BTreeSet<IpAddr>,
     frontends: &BTreeMap<FrontendKey, Frontend>,
 ) -> Result<(), TestCaseError> {
-    let mut want: BTreeMap<AddrKey, u8> = BTreeMap::new();
+    let mut want: BTreeMap<IpAddr, u8> = BTreeMap::new();
     for a in node_addrs {
-        *want.entry(AddrKey { addr: a.octets() }).or_default() |= ADDR_NODEPORT | ADDR_HOST;
+        *want.entry(*a).or_default() |= ADDR_NODEPORT | ADDR_HOST;
     }
     for (k, f) in frontends {
-        let Some((sk, w)) = convert::to_want(k, f) else {
-            continue;
+        let (sk, w) = convert::to_want(k, f);
+        let programmed = match sk {
+            FeKey::V4(k) => m.services.contains_key(&k),
+            FeKey::V6(k) => m.services6.contains_key(&k),
         };
-        if sk.addr == [0; 4] || !m.services.contains_key(&sk) {
+        if !sk.is_vip() || !programmed {
             continue;
         }
         let bit = if w.external_addr {
@@ -383,9 +411,9 @@ fn check_addresses(
         } else {
             ADDR_CLUSTER_IP
         };
-        *want.entry(AddrKey { addr: sk.addr }).or_default() |= bit;
+        *want.entry(sk.addr()).or_default() |= bit;
     }
-    let want: BTreeMap<AddrKey, AddrValue> = want
+    let want: BTreeMap<IpAddr, AddrValue> = want
         .into_iter()
         .map(|(k, class)| {
             (
@@ -397,7 +425,13 @@ fn check_addresses(
             )
         })
         .collect();
-    prop_assert_eq!(&m.addrs, &want, "address classes");
+    let got: BTreeMap<IpAddr, AddrValue> = m
+        .addrs
+        .iter()
+        .map(|(k, v)| (IpAddr::from(k.addr), *v))
+        .chain(m.addrs6.iter().map(|(k, v)| (IpAddr::from(k.addr), *v)))
+        .collect();
+    prop_assert_eq!(&got, &want, "address classes");
     Ok(())
 }
 
@@ -406,9 +440,12 @@ fn check_entry_counts(s: &Syncer<MemLbMaps>) -> Result<(), TestCaseError> {
     let m = &s.maps().state;
     let sizes = [
         m.services.len(),
+        m.services6.len(),
         m.slots.len(),
         m.backends.len(),
+        m.backends6.len(),
         m.addrs.len(),
+        m.addrs6.len(),
     ];
     let counts: Vec<usize> = s.entry_counts().iter().map(|(_, n)| *n).collect();
     prop_assert_eq!(counts, sizes.to_vec(), "entry counts vs map sizes");
@@ -465,12 +502,13 @@ fn run(
         let f = f.borrow();
         eprintln!(
             "{} cases, {} operations, {} objects fuzzed, {} syncs, {:.1} frontends \
-             per sync, {} failed frontend writes, {:.1} s",
+             per sync ({:.1} IPv6), {} failed frontend writes, {:.1} s",
             runner.config().cases,
             steps.get(),
             objects.get(),
             f.syncs,
             f.frontends as f64 / f.syncs.max(1) as f64,
+            f.frontends6 as f64 / f.syncs.max(1) as f64,
             f.failed_writes,
             started.elapsed().as_secs_f64()
         )

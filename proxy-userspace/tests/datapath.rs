@@ -21,7 +21,7 @@ use proxy_common::*;
 use proxy_userspace::{
     datapath::Datapath,
     sync::{
-        Desired, FrontendWant, Syncer,
+        AnyBackend, Desired, FrontendWant, Syncer,
         lbmap::{BpfLbMaps, Entry, Key, LbMaps},
     },
     testkit::{
@@ -118,16 +118,16 @@ impl Fixture {
     /// UDP on the same address) and a NodePort 30080 with the same ones.
     fn services(&mut self, backends: &[(&str, bool)]) {
         let mut d = Desired {
-            node_addrs: BTreeSet::from([NODE_IP]),
+            node_addrs: BTreeSet::from([NODE_IP.into()]),
             ..Default::default()
         };
         for proto in [IPPROTO_TCP, IPPROTO_UDP] {
-            let bes: Vec<Backend> = backends
+            let bes: Vec<AnyBackend> = backends
                 .iter()
-                .map(|(a, local)| backend(sa(a), proto, *local))
+                .map(|(a, local)| backend(sa(a), proto, *local).into())
                 .collect();
             d.frontends.insert(
-                svc_key(sa(VIP), proto),
+                svc_key(sa(VIP), proto).into(),
                 FrontendWant {
                     name: "default/web:http".into(),
                     flags: 0,
@@ -136,7 +136,7 @@ impl Fixture {
                 },
             );
             d.frontends.insert(
-                svc_key(sa("0.0.0.0:30080"), proto),
+                svc_key(sa("0.0.0.0:30080"), proto).into(),
                 FrontendWant {
                     name: "default/web:http".into(),
                     flags: SVC_F_EXTERNAL,

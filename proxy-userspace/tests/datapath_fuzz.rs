@@ -315,7 +315,7 @@ impl Fixture {
         let mut dp = Datapath::load_private(false).expect("load datapath");
         let mut syncer = Syncer::adopt(BpfLbMaps::new(&mut dp).unwrap()).unwrap();
         let mut d = Desired {
-            node_addrs: BTreeSet::from([NODE_IP.octets()]),
+            node_addrs: BTreeSet::from([NODE_IP.into()]),
             ..Default::default()
         };
         for proto in [IPPROTO_TCP, IPPROTO_UDP] {
@@ -328,14 +328,17 @@ impl Fixture {
             let want = |flags, backends: Vec<Backend>| FrontendWant {
                 name: "fuzz/web:http".into(),
                 flags,
-                backends,
+                backends: backends.into_iter().map(Into::into).collect(),
                 ..Default::default()
             };
             let fe = &mut d.frontends;
-            fe.insert(frontend(VIP, SERVICE_PORT, proto), want(0, vec![be]));
-            fe.insert(frontend(EMPTY_VIP, SERVICE_PORT, proto), want(0, vec![]));
+            fe.insert(frontend(VIP, SERVICE_PORT, proto).into(), want(0, vec![be]));
+            fe.insert(
+                frontend(EMPTY_VIP, SERVICE_PORT, proto).into(),
+                want(0, vec![]),
+            );
             let np = frontend(Ipv4Addr::UNSPECIFIED, NODE_PORT, proto);
-            fe.insert(np, want(SVC_F_EXTERNAL, vec![be]));
+            fe.insert(np.into(), want(SVC_F_EXTERNAL, vec![be]));
         }
         let r = syncer.sync(&d);
         assert!(r.failed.is_empty(), "{:?}", r.failed);

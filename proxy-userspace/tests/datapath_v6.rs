@@ -681,3 +681,116 @@ fn load_balancer_source_ranges_drop_other_sources() {
     assert_eq!(verdict, TC_ACT_SHOT, "outside the range");
     assert_eq!(f.counter(Counter::DropSourceRange), 1);
 }
+
+#[test]
+fn hostnetwork_backends_and_node_processes_use_the_egress_hook() {
+    let Some(mut f) = Fixture::new("hostnetwork_backends_and_node_processes_use_the_egress_hook")
+    else {
+        return;
+    };
+    // The backend is a process of this node, on its own address.
+    let node_be = "[fd00:244:2::1]:10250";
+    f.frontend(Frontend::new(VIP, TCP, &[(node_be, true)]));
+    let (_, out) = f.ingress(&Pkt6::tcp(sa(CLIENT), sa(VIP), TCP_SYN).build());
+    assert_eq!(endpoint(&valid(&out), false), sa(node_be));
+    // Its reply leaves through the egress hook and must show the service.
+    let reply = Pkt6::tcp(sa(node_be), sa(CLIENT), TCP_SYN | TCP_ACK).build();
+    let (verdict, out) = f.run(PROG_EGRESS, &reply);
+    assert_eq!(verdict, TC_ACT_OK, "routed for the client already");
+    let p = valid(&out);
+    assert_eq!(endpoint(&p, true), sa(VIP));
+    assert_eq!(endpoint(&p, false), sa(CLIENT));
+
+    // A node process dialing the ClusterIP is translated on egress; a pod's
+    // packet seen on egress (it was handled on ingress) is not.
+    let node_client = sa("[fd00:244:2::1]:45000");
+    let (_, out) = f.run(
+        PROG_EGRESS,
+        &Pkt6::tcp(node_client, sa(VIP), TCP_SYN).build(),
+    );
+    assert_eq!(endpoint(&valid(&out), false), sa(node_be));
+    let pod = Pkt6::tcp(
+        sa("[fd00:244:1::9]:45000"),
+        sa("[fd00:244:2::11]:80"),
+        TCP_SYN,
+    )
+    .build();
+    let (verdict, out) = f.run(PROG_EGRESS, &pod);
+    assert_eq!((verdict, out), (TC_ACT_OK, pod));
+}
+
+/// A small deterministic generator (no dependency, reproducible runs).
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((self.0 >> 33) as usize) % n.max(1)
+    }
+}
+
+/// Random chains of extension headers, some spoiled in their next-header
+/// or length bytes, some truncated: every verdict is a sane one, and a
+/// packet the datapath changed is still a valid one (its L4 checksum right
+/// where a correct parser finds the L4 header).
+#[test]
+fn random_extension_chains_get_sane_verdicts_and_valid_outputs() {
+    let Some(mut f) = Fixture::new("random_extension_chains_get_sane_verdicts_and_valid_outputs")
+    else {
+        return;
+    };
+    f.cluster_ip(&[(BE_A, false)]);
+    let mut rng = Rng(0x6b6570);
+    let kinds = [HOP_BY_HOP, DEST_OPTS, 253];
+    let (mut changed, mut unchecked) = (0, 0);
+    for n in 0..3000 {
+        let mut chain = Vec::new();
+        for _ in 0..rng.below(5) {
+            chain.push(match rng.below(5) {
+                0 => routing(rng.below(2) as u8),
+                1 => fragment(0, false, n),
+                _ => ext(kinds[rng.below(kinds.len())], rng.below(3) as u8),
+            });
+        }
+        let client = SocketAddrV6::new(*sa(CLIENT).ip(), 1024 + n as u16, 0, 0);
+        let pkt = match rng.below(2) {
+            0 => Pkt6::tcp(client, sa(VIP), TCP_SYN),
+            _ => Pkt6::udp(client, sa(VIP), b"fuzz"),
+        };
+        let chain_len: usize = chain.iter().map(|(_, h)| h.len()).sum();
+        let mut frame = pkt.with_ext(chain).build();
+        if chain_len > 0 && rng.below(3) == 0 {
+            // Spoil a next-header or length byte of the chain.
+            let at = 54 + rng.below(chain_len);
+            frame[at] = rng.below(256) as u8;
+        }
+        // A truncated packet (shorter than its payload length says) may
+        // still be translated when its L4 header is whole, as in IPv4; the
+        // kernel drops it afterwards. Only its verdict is checked.
+        let truncated = rng.below(4) == 0;
+        if truncated {
+            frame.truncate(54 + rng.below(frame.len() - 54));
+        }
+        for prog in [PROG_INGRESS, PROG_EGRESS] {
+            let (verdict, out) = f.run(prog, &frame);
+            assert!(
+                [TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT].contains(&verdict),
+                "{prog} #{n}: verdict {verdict}"
+            );
+            if verdict == TC_ACT_SHOT || out == frame || truncated {
+                unchecked += 1;
+                continue;
+            }
+            changed += 1;
+            let p = parse6(&out).unwrap_or_else(|| panic!("{prog} #{n}: not IPv6: {out:?}"));
+            assert_ne!(p.l4_checksum_ok, Some(false), "{prog} #{n}: {p:?}");
+        }
+    }
+    assert!(
+        changed > 500 && unchecked > 500,
+        "{changed} changed, {unchecked} not checked"
+    );
+}

@@ -549,6 +549,22 @@ fn health_checks() {
              hc default/web port 32100 local 0",
         ),
         case(
+            "a dual-stack pod counts once",
+            cat(&[
+                svc(
+                    "web",
+                    "type: LoadBalancer, externalTrafficPolicy: Local, healthCheckNodePort: 32100, \
+                     clusterIP: 10.96.0.10, clusterIPs: [10.96.0.10, 'fd00::10'], \
+                     ports: [{name: http, port: 80}]",
+                ),
+                web_slice(&[ep("10.0.0.1", "node-a", "")]),
+                slice_of("IPv6", "web-v6", "web", HTTP, &[ep("fd00:1::1", "node-a", "")]),
+            ]),
+            "fe 10.96.0.10:80/TCP cluster-ip default/web:http -> 10.0.0.1:8080 local
+             fe [fd00::10]:80/TCP cluster-ip default/web:http -> [fd00:1::1]:8080 local
+             hc default/web port 32100 local 1",
+        ),
+        case(
             "one pod serving two ports counts once; two pods twice",
             cat(&[
                 svc(
@@ -1051,6 +1067,106 @@ fn dual_stack() {
              fe 10.96.0.10:80/TCP cluster-ip default/web:http -> 10.0.0.1:8080 local terminating
              fe [::]:30080/TCP node-port default/web:http -> [fd00:1::1]:8080
              fe [fd00::10]:80/TCP cluster-ip default/web:http -> [fd00:1::1]:8080",
+        ),
+        case(
+            "ipFamilies [IPv6, IPv4]: IPv6 primary, each family its own slices",
+            cat(&[
+                svc(
+                    "web",
+                    "clusterIP: 'fd00::10', clusterIPs: ['fd00::10', 10.96.0.10], \
+                     ipFamilies: [IPv6, IPv4], ipFamilyPolicy: PreferDualStack, \
+                     ports: [{name: http, port: 80}]",
+                ),
+                web_slice(&[ep("10.0.0.1", "node-b", "")]),
+                slice_of("IPv6", "web-v6", "web", HTTP, &[ep("fd00:1::1", "node-a", "")]),
+            ]),
+            "fe 10.96.0.10:80/TCP cluster-ip default/web:http -> 10.0.0.1:8080
+             fe [fd00::10]:80/TCP cluster-ip default/web:http -> [fd00:1::1]:8080 local
+             ep default/web:http cluster: 10.0.0.1:8080, [fd00:1::1]:8080 local | local: [fd00:1::1]:8080 local",
+        ),
+        case(
+            "an address not of its ipFamilies entry: the Service is skipped",
+            svc(
+                "web",
+                "clusterIP: 10.96.0.10, clusterIPs: [10.96.0.10, 'fd00::10'], \
+                 ipFamilies: [IPv6, IPv4], ports: [{name: http, port: 80}]",
+            ),
+            "problem invalid_cluster_ip Service default/web",
+        ),
+        case(
+            "clusterIPs beyond ipFamilies are skipped, with a problem",
+            svc(
+                "web",
+                "clusterIP: 10.96.0.10, clusterIPs: [10.96.0.10, 'fd00::10'], \
+                 ipFamilies: [IPv4], ipFamilyPolicy: SingleStack, ports: [{name: http, port: 80}]",
+            ),
+            "fe 10.96.0.10:80/TCP cluster-ip default/web:http -> none
+             problem invalid_cluster_ip Service default/web",
+        ),
+        case(
+            "LB IPs and externalIPs of both families; source ranges per family",
+            cat(&[
+                svc(
+                    "web",
+                    "type: LoadBalancer, clusterIP: 10.96.0.10, clusterIPs: [10.96.0.10, 'fd00::10'], \
+                     ports: [{name: http, port: 80, nodePort: 30080}], \
+                     externalIPs: [192.0.2.7, '2001:db8::7'], \
+                     loadBalancerSourceRanges: [10.0.0.0/8, '2001:db8:1::/48']}, \
+                     status: {loadBalancer: {ingress: [{ip: 198.51.100.9}, {ip: '2001:db8::9'}]}",
+                ),
+                web_slice(&[ep("10.0.0.1", "node-a", "")]),
+                slice_of("IPv6", "web-v6", "web", HTTP, &[ep("fd00:1::1", "node-a", "")]),
+            ]),
+            "fe 0.0.0.0:30080/TCP node-port default/web:http -> 10.0.0.1:8080 local
+             fe 10.96.0.10:80/TCP cluster-ip default/web:http -> 10.0.0.1:8080 local
+             fe 192.0.2.7:80/TCP external-ip default/web:http -> 10.0.0.1:8080 local
+             fe 198.51.100.9:80/TCP load-balancer-ip default/web:http -> 10.0.0.1:8080 local | ranges 10.0.0.0/8
+             fe [::]:30080/TCP node-port default/web:http -> [fd00:1::1]:8080 local
+             fe [2001:db8::7]:80/TCP external-ip default/web:http -> [fd00:1::1]:8080 local
+             fe [2001:db8::9]:80/TCP load-balancer-ip default/web:http -> [fd00:1::1]:8080 local \
+                | ranges 2001:db8:1::/48
+             fe [fd00::10]:80/TCP cluster-ip default/web:http -> [fd00:1::1]:8080 local",
+        ),
+        case(
+            "ETP Local, ITP Local and affinity apply to each family on its own",
+            cat(&[
+                svc(
+                    "web",
+                    "type: NodePort, clusterIP: 10.96.0.10, clusterIPs: [10.96.0.10, 'fd00::10'], \
+                     ports: [{name: http, port: 80, nodePort: 30080}], \
+                     externalTrafficPolicy: Local, internalTrafficPolicy: Local, \
+                     sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 30}}",
+                ),
+                web_slice(&[ep("10.0.0.1", "node-a", ""), ep("10.0.0.2", "node-b", "")]),
+                slice_of("IPv6", "web-v6", "web", HTTP, &[ep("fd00:1::2", "node-b", "")]),
+            ]),
+            "fe 0.0.0.0:30080/TCP node-port default/web:http local-only -> 10.0.0.1:8080 local \
+                | internal: 10.0.0.1:8080 local, 10.0.0.2:8080 | affinity 30s
+             fe 10.96.0.10:80/TCP cluster-ip default/web:http local-only -> 10.0.0.1:8080 local | affinity 30s
+             fe [::]:30080/TCP node-port default/web:http local-only -> none \
+                | internal: [fd00:1::2]:8080 | affinity 30s
+             fe [fd00::10]:80/TCP cluster-ip default/web:http local-only -> none | drop-when-empty | affinity 30s",
+        ),
+        case(
+            "IPv6 only: no IPv4 anywhere",
+            cat(&[
+                svc(
+                    "web",
+                    "clusterIP: 'fd00::10', clusterIPs: ['fd00::10'], ipFamilies: [IPv6], \
+                     ipFamilyPolicy: SingleStack, type: NodePort, \
+                     ports: [{name: http, port: 80, nodePort: 30080}, {name: dns, port: 53, protocol: UDP}]",
+                ),
+                slice_of(
+                    "IPv6",
+                    "web-v6",
+                    "web",
+                    "[{name: http, port: 8080}, {name: dns, port: 5353, protocol: UDP}]",
+                    &[ep("fd00:1::1", "node-a", ""), ep("fd00:1::2", "node-b", "unready")],
+                ),
+            ]),
+            "fe [::]:30080/TCP node-port default/web:http -> [fd00:1::1]:8080 local
+             fe [fd00::10]:53/UDP cluster-ip default/web:dns -> [fd00:1::1]:5353 local
+             fe [fd00::10]:80/TCP cluster-ip default/web:http -> [fd00:1::1]:8080 local",
         ),
         case(
             "single-stack IPv6 service: NodePort on ::, IPv4 slices unused",

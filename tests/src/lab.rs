@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::time::Duration;
@@ -29,6 +29,8 @@ pub struct Pod {
     pub name: String,
     pub node: String,
     pub ip: Ipv4Addr,
+    /// Its IPv6 address ([`addr::pod_ip6`]): every pod is dual-stack.
+    pub ip6: Ipv6Addr,
     /// The pod's veth peer in the node's namespace.
     pub host_veth: String,
 }
@@ -110,8 +112,9 @@ impl Lab {
         Ok(ip)
     }
 
-    /// Adds a pod with a chosen IP. An IP outside the node's pod CIDR is
-    /// allowed, but the other node has no route to it.
+    /// Adds a pod with a chosen IP (and the IPv6 address
+    /// [`addr::pod_ip6`] derives from it). An IP outside the node's pod CIDR
+    /// is allowed, but the other node has no route to it.
     pub fn add_pod_with_ip(&mut self, node: &str, name: &str, ip: Ipv4Addr) -> Result<()> {
         ensure!(addr::pod_cidr(node).is_some(), "{node:?} is not a node");
         let valid_char = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.';
@@ -127,11 +130,12 @@ impl Lab {
             bail!("{ip} already belongs to pod {}", other.name);
         }
         let host_veth = topology::host_veth_name(ip);
+        let ip6 = addr::pod_ip6(node, ip).expect("checked: a node");
         self.create_ns(name, &format!("pod-{name}"), Some(node))?;
         let wired = topology::setup_pod(
             &self.namespaces[node],
             &self.namespaces[name],
-            ip,
+            (ip, ip6),
             &host_veth,
         );
         if let Err(e) = wired {
@@ -148,6 +152,7 @@ impl Lab {
                 name: name.to_string(),
                 node: node.to_string(),
                 ip,
+                ip6,
                 host_veth,
             },
         );

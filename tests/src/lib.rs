@@ -16,6 +16,15 @@
 //!        host-side veth), node route POD_IP/32 dev <host veth>
 //! ```
 //!
+//! IPv6 beside it (dual-stack, DAD off, every address `nodad`):
+//!
+//! ```text
+//!   underlay br0 fd00:200::1/64; node-a ::11, node-b ::12, client ::100
+//!   node-a: pods in fd00:10:244:1::/64, node-b: fd00:10:244:2::/64
+//!           (a pod's IPv6 address ends in its IPv4 address: addr::pod_ip6)
+//!   pod: eth0 POD_IP6/128, default via fe80::1 (every host-side veth has it)
+//! ```
+//!
 //! The client knows no pod routes: it reaches pods only through a proxy.
 //!
 //! ```no_run
@@ -55,6 +64,8 @@ pub use lab::{Lab, Pod, STOP_TIMEOUT};
 pub use netns::Netns;
 pub use nix::sys::signal::Signal;
 pub use privilege::require_root_or_skip;
-pub use servers::{Reply, TcpConn, TcpServer, UdpServer, error_kind, tcp_request, udp_request};
+pub use servers::{
+    LabAddr, Reply, TcpConn, TcpServer, UdpServer, error_kind, tcp_request, udp_request,
+};
 pub use topology::{ETH0, UNDERLAY_BRIDGE, host_veth_name};
 pub use wait::wait_until;

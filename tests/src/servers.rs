@@ -5,9 +5,15 @@
 //! datagram (UDP) with `"<identity> <peer_ip>:<peer_port>"` (plus `\n` on
 //! TCP), where the peer is the client as the server sees it. Everything has a
 //! timeout so a broken datapath fails a test instead of hanging it.
+//!
+//! Servers, clients and replies work for either family: their address type
+//! ([`LabAddr`]: `SocketAddrV4`, the default, or `SocketAddrV6`) is the one
+//! of the address given.
 
 use std::io::{self, ErrorKind, Read, Write};
-use std::net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::net::{
+    Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream, UdpSocket,
+};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -25,34 +31,71 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 const STOP_POLL: Duration = Duration::from_millis(100);
 const REQUEST: &[u8] = b"ping\n";
 
+/// A socket address of one family: `SocketAddrV4` or `SocketAddrV6`.
+pub trait LabAddr:
+    Copy + std::fmt::Debug + std::fmt::Display + Eq + Into<SocketAddr> + Send + Sync + 'static
+{
+    /// The address if it is of this family.
+    fn of(addr: SocketAddr) -> io::Result<Self>;
+    /// The wildcard address of this family, port 0.
+    fn unspecified() -> Self;
+}
+
+impl LabAddr for SocketAddrV4 {
+    fn of(addr: SocketAddr) -> io::Result<Self> {
+        match addr {
+            SocketAddr::V4(a) => Ok(a),
+            SocketAddr::V6(a) => Err(io::Error::other(format!("{a} is not IPv4"))),
+        }
+    }
+
+    fn unspecified() -> Self {
+        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)
+    }
+}
+
+impl LabAddr for SocketAddrV6 {
+    fn of(addr: SocketAddr) -> io::Result<Self> {
+        match addr {
+            SocketAddr::V6(a) => Ok(a),
+            SocketAddr::V4(a) => Err(io::Error::other(format!("{a} is not IPv6"))),
+        }
+    }
+
+    fn unspecified() -> Self {
+        SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, 0, 0, 0)
+    }
+}
+
 /// One answer, with the addresses of both ends as each side saw them.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reply {
+pub struct Reply<A = SocketAddrV4> {
     /// Identity of the server that answered.
     pub identity: String,
     /// The client's address as the server saw it.
-    pub seen_peer: SocketAddrV4,
+    pub seen_peer: A,
     /// The client's own socket address.
-    pub local: SocketAddrV4,
+    pub local: A,
     /// Where the answer came from as the client sees it: for a correctly
     /// translated service, the address the client dialed.
-    pub remote: SocketAddrV4,
+    pub remote: A,
 }
 
 fn reply_text(identity: &str, peer: SocketAddr) -> String {
     format!("{identity} {peer}")
 }
 
-fn parse_reply(text: &str, local: SocketAddrV4, remote: SocketAddrV4) -> Result<Reply> {
+fn parse_reply<A: LabAddr>(text: &str, local: A, remote: A) -> Result<Reply<A>> {
     let (identity, peer) = text
         .trim_end_matches('\n')
         .rsplit_once(' ')
         .ok_or_else(|| anyhow!("malformed reply {text:?}"))?;
+    let peer: SocketAddr = peer
+        .parse()
+        .with_context(|| format!("malformed reply {text:?}"))?;
     Ok(Reply {
         identity: identity.to_string(),
-        seen_peer: peer
-            .parse()
-            .with_context(|| format!("malformed reply {text:?}"))?,
+        seen_peer: A::of(peer).with_context(|| format!("reply {text:?}"))?,
         local,
         remote,
     })
@@ -64,13 +107,6 @@ pub fn error_kind(err: &anyhow::Error) -> Option<ErrorKind> {
     err.chain()
         .find_map(|e| e.downcast_ref::<io::Error>())
         .map(io::Error::kind)
-}
-
-fn v4(addr: SocketAddr) -> io::Result<SocketAddrV4> {
-    match addr {
-        SocketAddr::V4(a) => Ok(a),
-        SocketAddr::V6(a) => Err(io::Error::other(format!("{a} is not IPv4"))),
-    }
 }
 
 /// A stop flag plus the thread watching it; dropping stops and joins.
@@ -101,19 +137,20 @@ impl Drop for Worker {
 }
 
 /// A TCP server in a namespace; stops (within ~0.1 s) when dropped.
-pub struct TcpServer {
-    addr: SocketAddrV4,
+pub struct TcpServer<A = SocketAddrV4> {
+    addr: A,
     accepted: Arc<AtomicUsize>,
     _worker: Worker,
 }
 
-impl TcpServer {
-    /// Listens on `addr` (port 0 picks one, see [`TcpServer::addr`]) inside `ns`.
-    pub fn start(ns: &Netns, addr: SocketAddrV4, identity: &str) -> Result<TcpServer> {
+impl<A: LabAddr> TcpServer<A> {
+    /// Listens on `addr` (port 0 picks one, see [`TcpServer::addr`]) inside
+    /// `ns`.
+    pub fn start(ns: &Netns, addr: A, identity: &str) -> Result<TcpServer<A>> {
         let listener = ns
-            .run(|| TcpListener::bind(addr))
+            .run(|| TcpListener::bind(addr.into()))
             .with_context(|| format!("tcp listen on {addr} in netns {}", ns.name()))?;
-        let addr = v4(listener.local_addr()?)?;
+        let addr = A::of(listener.local_addr()?)?;
         // Nonblocking so that accept after a wake-up never blocks (the
         // connection may be gone by then) and the stop flag stays responsive.
         listener.set_nonblocking(true)?;
@@ -129,7 +166,7 @@ impl TcpServer {
     }
 
     /// The address it listens on.
-    pub fn addr(&self) -> SocketAddrV4 {
+    pub fn addr(&self) -> A {
         self.addr
     }
 
@@ -203,19 +240,19 @@ fn serve_connection(mut stream: TcpStream, peer: SocketAddr, identity: &str, sto
 }
 
 /// A UDP server in a namespace; stops (within ~0.1 s) when dropped.
-pub struct UdpServer {
-    addr: SocketAddrV4,
+pub struct UdpServer<A = SocketAddrV4> {
+    addr: A,
     received: Arc<AtomicUsize>,
     _worker: Worker,
 }
 
-impl UdpServer {
+impl<A: LabAddr> UdpServer<A> {
     /// Binds `addr` (port 0 picks one) inside `ns`.
-    pub fn start(ns: &Netns, addr: SocketAddrV4, identity: &str) -> Result<UdpServer> {
+    pub fn start(ns: &Netns, addr: A, identity: &str) -> Result<UdpServer<A>> {
         let socket = ns
-            .run(|| UdpSocket::bind(addr))
+            .run(|| UdpSocket::bind(addr.into()))
             .with_context(|| format!("udp bind {addr} in netns {}", ns.name()))?;
-        let addr = v4(socket.local_addr()?)?;
+        let addr = A::of(socket.local_addr()?)?;
         socket.set_read_timeout(Some(STOP_POLL))?;
         let received = Arc::new(AtomicUsize::new(0));
         let counter = Arc::clone(&received);
@@ -237,7 +274,7 @@ impl UdpServer {
     }
 
     /// The address it is bound to.
-    pub fn addr(&self) -> SocketAddrV4 {
+    pub fn addr(&self) -> A {
         self.addr
     }
 
@@ -249,24 +286,24 @@ impl UdpServer {
 
 /// A client TCP connection that can carry many requests, e.g. to check that
 /// an established flow keeps its backend.
-pub struct TcpConn {
+pub struct TcpConn<A = SocketAddrV4> {
     stream: TcpStream,
     timeout: Duration,
-    local: SocketAddrV4,
-    remote: SocketAddrV4,
+    local: A,
+    remote: A,
     /// Bytes after the last newline read, kept for the next request.
     pending: Vec<u8>,
 }
 
-impl TcpConn {
+impl<A: LabAddr> TcpConn<A> {
     /// Connects from `ns` to `target` with [`DEFAULT_TIMEOUT`].
-    pub fn open(ns: &Netns, target: SocketAddrV4) -> Result<TcpConn> {
+    pub fn open(ns: &Netns, target: A) -> Result<TcpConn<A>> {
         TcpConn::open_timeout(ns, target, DEFAULT_TIMEOUT)
     }
 
     /// Connects from `ns` to `target`; `timeout` applies to the connect and
     /// to every later reply.
-    pub fn open_timeout(ns: &Netns, target: SocketAddrV4, timeout: Duration) -> Result<TcpConn> {
+    pub fn open_timeout(ns: &Netns, target: A, timeout: Duration) -> Result<TcpConn<A>> {
         let context = || format!("tcp connect from netns {} to {target}", ns.name());
         let stream = ns
             .run(|| TcpStream::connect_timeout(&target.into(), timeout))
@@ -275,8 +312,8 @@ impl TcpConn {
         stream.set_write_timeout(Some(timeout))?;
         stream.set_nodelay(true)?;
         Ok(TcpConn {
-            local: v4(stream.local_addr()?)?,
-            remote: v4(stream.peer_addr()?)?,
+            local: A::of(stream.local_addr()?)?,
+            remote: A::of(stream.peer_addr()?)?,
             stream,
             timeout,
             pending: Vec::new(),
@@ -284,7 +321,7 @@ impl TcpConn {
     }
 
     /// Sends one line and reads the one-line answer.
-    pub fn request(&mut self) -> Result<Reply> {
+    pub fn request(&mut self) -> Result<Reply<A>> {
         let (local, remote) = (self.local, self.remote);
         let context = || format!("tcp request {local} -> {remote}");
         self.stream.write_all(REQUEST).with_context(context)?;
@@ -315,12 +352,12 @@ impl TcpConn {
     }
 
     /// The client's own address.
-    pub fn local(&self) -> SocketAddrV4 {
+    pub fn local(&self) -> A {
         self.local
     }
 
     /// The address the client is connected to, as it sees it.
-    pub fn remote(&self) -> SocketAddrV4 {
+    pub fn remote(&self) -> A {
         self.remote
     }
 
@@ -336,13 +373,17 @@ fn timed_out(after: Duration) -> io::Error {
 
 /// One request on a fresh TCP connection from `ns` to `target`. A refused
 /// connection is an error with [`error_kind`] `ConnectionRefused`.
-pub fn tcp_request(ns: &Netns, target: SocketAddrV4) -> Result<Reply> {
+pub fn tcp_request<A: LabAddr>(ns: &Netns, target: A) -> Result<Reply<A>> {
     tcp_request_timeout(ns, target, DEFAULT_TIMEOUT)
 }
 
 /// [`tcp_request`] with a custom timeout, e.g. a short one when the
 /// expected outcome is no answer at all.
-pub fn tcp_request_timeout(ns: &Netns, target: SocketAddrV4, timeout: Duration) -> Result<Reply> {
+pub fn tcp_request_timeout<A: LabAddr>(
+    ns: &Netns,
+    target: A,
+    timeout: Duration,
+) -> Result<Reply<A>> {
     TcpConn::open_timeout(ns, target, timeout)?.request()
 }
 
@@ -352,17 +393,23 @@ pub fn tcp_request_timeout(ns: &Netns, target: SocketAddrV4, timeout: Duration) 
 /// `Reply::remote` is where it really came from (a proxy that forgets the
 /// reverse translation shows up as the backend's address). The flip side:
 /// ICMP port unreachable is not reported, so "nobody listens" is a timeout.
-pub fn udp_request(ns: &Netns, target: SocketAddrV4) -> Result<Reply> {
+pub fn udp_request<A: LabAddr>(ns: &Netns, target: A) -> Result<Reply<A>> {
     udp_request_timeout(ns, target, DEFAULT_TIMEOUT)
 }
 
 /// [`udp_request`] with a custom timeout.
-pub fn udp_request_timeout(ns: &Netns, target: SocketAddrV4, timeout: Duration) -> Result<Reply> {
+pub fn udp_request_timeout<A: LabAddr>(
+    ns: &Netns,
+    target: A,
+    timeout: Duration,
+) -> Result<Reply<A>> {
     let context = || format!("udp request from netns {} to {target}", ns.name());
     let socket = ns.run(|| bind_udp_source(target)).with_context(context)?;
-    let local = v4(socket.local_addr()?)?;
+    let local = A::of(socket.local_addr()?)?;
     socket.set_read_timeout(Some(timeout))?;
-    socket.send_to(REQUEST, target).with_context(context)?;
+    socket
+        .send_to(REQUEST, target.into())
+        .with_context(context)?;
     let mut buf = [0u8; 2048];
     let (n, from) = match socket.recv_from(&mut buf) {
         Ok(got) => got,
@@ -372,16 +419,17 @@ pub fn udp_request_timeout(ns: &Netns, target: SocketAddrV4, timeout: Duration) 
         Err(e) => return Err(e).with_context(context),
     };
     let text = String::from_utf8_lossy(&buf[..n]);
-    parse_reply(&text, local, v4(from)?)
+    parse_reply(&text, local, A::of(from)?)
 }
 
 /// Binds to the source address the routing table picks for `target`, so the
 /// reply's `local` is a real address rather than 0.0.0.0.
-fn bind_udp_source(target: SocketAddrV4) -> io::Result<UdpSocket> {
-    let probe = UdpSocket::bind("0.0.0.0:0")?;
-    probe.connect(target)?;
-    let source = v4(probe.local_addr()?)?;
-    UdpSocket::bind(SocketAddrV4::new(*source.ip(), 0))
+fn bind_udp_source<A: LabAddr>(target: A) -> io::Result<UdpSocket> {
+    let probe = UdpSocket::bind(A::unspecified().into())?;
+    probe.connect(target.into())?;
+    let mut source = probe.local_addr()?;
+    source.set_port(0);
+    UdpSocket::bind(source)
 }
 
 /// Fails unless `result` is an error of the given kind; for asserting e.g.

@@ -2,7 +2,7 @@
 //! what it should, and leaves nothing behind.
 
 use std::io::ErrorKind;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
 use std::os::unix::process::ExitStatusExt;
 use std::panic;
 use std::path::{Path, PathBuf};
@@ -119,6 +119,61 @@ fn pods_on_different_nodes_talk_over_tcp_and_udp() {
     let _back = TcpServer::start(lab.ns("a1"), sa(a, 80), "a1").unwrap();
     let reply = tcp_request(lab.ns("b1"), sa(a, 80)).unwrap();
     assert_eq!((reply.identity.as_str(), *reply.seen_peer.ip()), ("a1", b));
+}
+
+fn sa6(ip: Ipv6Addr, port: u16) -> SocketAddrV6 {
+    SocketAddrV6::new(ip, port, 0, 0)
+}
+
+/// The lab is dual-stack: the IPv4 paths above work over IPv6 too, from
+/// the first packet (no address waits for duplicate address detection).
+#[test]
+fn ipv6_pods_nodes_and_client_talk_from_the_first_packet() {
+    privileged!("ipv6_pods_nodes_and_client_talk_from_the_first_packet");
+    let mut lab = Lab::new().unwrap();
+    lab.add_pod(addr::NODE_A, "a1").unwrap();
+    lab.add_pod(addr::NODE_B, "b1").unwrap();
+    let a = lab.pod("a1").unwrap().ip6;
+    let b = lab.pod("b1").unwrap().ip6;
+    assert_eq!(a, "fd00:10:244:1::af4:10b".parse::<Ipv6Addr>().unwrap());
+    assert_eq!(
+        Some(b),
+        addr::pod_ip6(addr::NODE_B, Ipv4Addr::new(10, 244, 2, 11))
+    );
+
+    let target = sa6(b, 8080);
+    let _tcp = TcpServer::start(lab.ns("b1"), target, "b1").unwrap();
+    let _udp = UdpServer::start(lab.ns("b1"), target, "b1-udp").unwrap();
+    let reply = tcp_request(lab.ns("a1"), target).unwrap();
+    assert_eq!((reply.identity.as_str(), *reply.seen_peer.ip()), ("b1", a));
+    assert_eq!(reply.remote, target);
+    let reply = udp_request(lab.ns("a1"), target).unwrap();
+    assert_eq!(
+        (reply.identity.as_str(), *reply.seen_peer.ip()),
+        ("b1-udp", a)
+    );
+
+    // Node to pod (its own and the other node's), pod to node.
+    for node in addr::NODES {
+        let reply = tcp_request(lab.ns(node), target).unwrap();
+        assert_eq!(*reply.seen_peer.ip(), addr::node_ip6(node).unwrap());
+    }
+    let node_srv =
+        TcpServer::start(lab.ns(addr::NODE_B), sa6(addr::NODE_B_IP6, 9000), "nb").unwrap();
+    let reply = tcp_request(lab.ns("b1"), node_srv.addr()).unwrap();
+    assert_eq!((reply.identity.as_str(), *reply.seen_peer.ip()), ("nb", b));
+
+    // The client reaches nodes (default routes both ways), not pods.
+    let reply = tcp_request(lab.ns(addr::CLIENT), node_srv.addr()).unwrap();
+    assert_eq!(*reply.seen_peer.ip(), addr::CLIENT_IP6);
+    let short = Duration::from_millis(500);
+    let err = tcp_request_timeout(lab.ns(addr::CLIENT), target, short).unwrap_err();
+    assert_eq!(error_kind(&err), Some(ErrorKind::TimedOut), "{err:#}");
+    // Nodes reach the client too (a node's IPv6 default route).
+    let client_srv =
+        TcpServer::start(lab.ns(addr::CLIENT), sa6(addr::CLIENT_IP6, 8443), "outside").unwrap();
+    let reply = tcp_request(lab.ns(addr::NODE_A), client_srv.addr()).unwrap();
+    assert_eq!(reply.identity, "outside");
 }
 
 #[test]

@@ -129,7 +129,10 @@ fn show_traffic(lab: &Lab) -> Result<()> {
 
     section("pod-client -> ClusterIP dns 10.96.0.53:53 over UDP");
     for _ in 0..4 {
-        let r = udp_request(lab.ns("pod-client"), "10.96.0.53:53".parse()?)?;
+        let r = udp_request(
+            lab.ns("pod-client"),
+            "10.96.0.53:53".parse::<std::net::SocketAddrV4>()?,
+        )?;
         println!("  answered by {:<6} (reply from {})", r.identity, r.remote);
     }
 
@@ -146,7 +149,10 @@ fn show_traffic(lab: &Lab) -> Result<()> {
     }
 
     section("seed example: backend-service (ClusterIP 10.96.0.80:80 -> :8080)");
-    let r = tcp_request(lab.ns("pod-client"), "10.96.0.80:80".parse()?)?;
+    let r = tcp_request(
+        lab.ns("pod-client"),
+        "10.96.0.80:80".parse::<std::net::SocketAddrV4>()?,
+    )?;
     println!("  answered by {} (reply from {})", r.identity, r.remote);
     Ok(())
 }

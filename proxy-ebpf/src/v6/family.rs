@@ -10,7 +10,7 @@ use super::{
 };
 use crate::{
     Hook,
-    family::{Addr, Be, Nat, Tuple, map_types},
+    family::{Addr, Be, Nat, Tuple, map_access, map_types},
     maps::{
         KEP_ADDR6_V1, KEP_AFF6_V1, KEP_BE6_V1, KEP_CFG6_V1, KEP_CT6_V1, KEP_FRAG6_V1, KEP_RNAT6_V1,
         KEP_SRCRNG6_V1, KEP_SVC6_V1,
@@ -86,80 +86,12 @@ impl Addr for [u8; 16] {
         crate::packet::bytes::<16>(ctx, off)
     }
 
-    #[inline(always)]
-    fn ct(key: &Tuple<Self>) -> Option<*mut Nat<Self>> {
-        // Same layout (see map_types!).
-        KEP_CT6_V1.get_ptr_mut(key.as_key()).map(|p| p.cast())
-    }
-
-    #[inline(always)]
-    fn set_ct(key: &Tuple<Self>, value: &Nat<Self>) -> Result<(), i32> {
-        KEP_CT6_V1.insert(key.as_key(), value.as_entry(), 0)
-    }
-
-    #[inline(always)]
-    fn rnat(key: &Tuple<Self>) -> Option<&'static Nat<Self>> {
-        // SAFETY: copied out at once.
-        unsafe { KEP_RNAT6_V1.get(key.as_key()) }.map(Nat::<Self>::from_entry)
-    }
-
-    #[inline(always)]
-    fn set_rnat(key: &Tuple<Self>, value: &Nat<Self>, flags: u64) -> Result<(), i32> {
-        KEP_RNAT6_V1.insert(key.as_key(), value.as_entry(), flags)
-    }
-
-    #[inline(always)]
-    fn service(addr: Self, port: [u8; 2], proto: u8) -> Option<SvcValue> {
-        let key = SvcKey6 {
-            addr,
-            port,
-            proto,
-            _pad: 0,
-        };
-        // SAFETY: copied out at once.
-        unsafe { KEP_SVC6_V1.get(key) }.copied()
-    }
-
-    #[inline(always)]
-    fn backend(backend_id: u32) -> Option<Be<Self>> {
-        // SAFETY: copied out at once.
-        unsafe { KEP_BE6_V1.get(BackendKey { backend_id }) }.map(Be::from)
-    }
-
-    #[inline(always)]
-    fn affinity(svc_id: u32, client: Self) -> Option<AffValue> {
-        // SAFETY: copied out at once.
-        unsafe { KEP_AFF6_V1.get(AffKey6 { svc_id, client }) }.copied()
-    }
-
-    #[inline(always)]
-    fn set_affinity(svc_id: u32, client: Self, value: AffValue) {
-        // As for IPv4: losing the entry only costs the client its affinity.
-        let _ = KEP_AFF6_V1.insert(AffKey6 { svc_id, client }, value, 0);
-    }
-
-    #[inline(always)]
-    fn source_allowed(svc_id: u32, client: Self) -> bool {
-        let key = aya_ebpf::maps::lpm_trie::Key::new(
-            SrcRangeKey6::prefix_len(128),
-            SrcRangeKey6 {
-                svc_id: svc_id.to_be_bytes(),
-                addr: client,
-            },
-        );
-        KEP_SRCRNG6_V1.get(&key).is_some()
-    }
-
-    #[inline(always)]
-    fn fragment(ip: &Ip<Self>) -> Option<FragValue> {
-        // SAFETY: copied out at once.
-        unsafe { KEP_FRAG6_V1.get(frag_key(ip)) }.copied()
-    }
-
-    #[inline(always)]
-    fn set_fragment(ip: &Ip<Self>, ports: FragValue) {
-        let _ = KEP_FRAG6_V1.insert(frag_key(ip), ports, 0);
-    }
+    map_access!(
+        ct: KEP_CT6_V1, rnat: KEP_RNAT6_V1, svc: KEP_SVC6_V1, svc_key: SvcKey6,
+        backends: KEP_BE6_V1, aff: KEP_AFF6_V1, aff_key: AffKey6,
+        ranges: KEP_SRCRNG6_V1, range_key: SrcRangeKey6, bits: 128,
+        frags: KEP_FRAG6_V1,
+    );
 
     #[inline(always)]
     fn fib_request(p: &mut FibParams, src: Self, dst: Self) {

@@ -4,16 +4,15 @@
 //! ([`crate::reject`]'s helpers). The quote is the IPv6 header, its
 //! extension headers and the L4 header.
 
-use aya_ebpf::{bindings::TC_ACT_SHOT, programs::TcContext};
+use aya_ebpf::programs::TcContext;
 use proxy_common::{Counter, IPPROTO_ICMPV6};
 
 use super::parse::{IP6_HLEN, IP6_OFF};
 use crate::{
     Hook,
-    maps::count,
     nat::fold,
-    packet::{ETH_HLEN, Frag, Ip, bytes},
-    reject::{csum, cut_and_open, l4_quote_len, send_back},
+    packet::{ETH_HLEN, Ip, bytes},
+    reject::{answer, csum, cut_and_open, l4_quote_len, send_back},
 };
 
 const ICMP6_DST_UNREACH: u8 = 1;
@@ -25,7 +24,6 @@ const NEW_HDRS: usize = IP6_HLEN + 8;
 
 #[inline(always)]
 pub fn port_unreachable(ctx: &TcContext, ip: &Ip<[u8; 16]>, hook: Hook, reason: Counter) -> i32 {
-    count(reason);
     aya_log_ebpf::debug!(
         ctx,
         "reject ({}) {:i} -> {:i}",
@@ -33,10 +31,7 @@ pub fn port_unreachable(ctx: &TcContext, ip: &Ip<[u8; 16]>, hook: Hook, reason: 
         ip.saddr,
         ip.daddr
     );
-    if ip.frag == Frag::Later {
-        return TC_ACT_SHOT as i32;
-    }
-    build(ctx, ip, hook).unwrap_or_else(|| crate::drop_packet(Counter::DropHelperError))
+    answer(ip, reason, || build(ctx, ip, hook))
 }
 
 // Its own BPF function, for its buffers (see crate::reject).

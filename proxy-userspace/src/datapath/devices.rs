@@ -5,7 +5,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
     time::{Duration, Instant},
 };
 
@@ -46,19 +46,28 @@ pub fn list(filter: &DeviceFilter) -> Result<BTreeSet<Device>> {
         .collect())
 }
 
-/// IPv4 addresses NodePorts answer on: every address of the node except
-/// loopback ones, or those within `--nodeport-addresses` when given.
-pub fn nodeport_addresses(cidrs: &[Cidr]) -> Result<BTreeSet<Ipv4Addr>> {
+/// Addresses NodePorts answer on, both families: every address of the
+/// node except loopback and IPv6 link-local ones (the same fe80:: address
+/// may be on many links, and a NodePort is never dialed on one), or those
+/// within `--nodeport-addresses` when given.
+pub fn nodeport_addresses(cidrs: &[Cidr]) -> Result<BTreeSet<IpAddr>> {
     let mut out = BTreeSet::new();
     for ifa in nix::ifaddrs::getifaddrs()? {
-        let Some(addr) = ifa.address.as_ref().and_then(|a| a.as_sockaddr_in()) else {
+        let Some(addr) = ifa.address.as_ref() else {
             continue;
         };
-        let ip = addr.ip();
-        if ip.is_loopback() {
+        let ip = if let Some(a) = addr.as_sockaddr_in() {
+            IpAddr::V4(a.ip())
+        } else if let Some(a) = addr.as_sockaddr_in6() {
+            IpAddr::V6(a.ip())
+        } else {
+            continue;
+        };
+        let link_local = matches!(ip, IpAddr::V6(a) if a.segments()[0] & 0xffc0 == 0xfe80);
+        if ip.is_loopback() || link_local {
             continue;
         }
-        if cidrs.is_empty() || cidrs.iter().any(|c| c.contains(IpAddr::V4(ip))) {
+        if cidrs.is_empty() || cidrs.iter().any(|c| c.contains(ip)) {
             out.insert(ip);
         }
     }

@@ -356,7 +356,7 @@ impl fmt::Display for Problem {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
-    /// Both families; the datapath programs IPv4 only for now.
+    /// Both families.
     pub frontends: BTreeMap<FrontendKey, Frontend>,
     /// The endpoint sets of every service port that has frontends.
     pub endpoints: BTreeMap<ServicePortName, ServicePortEndpoints>,
@@ -375,7 +375,9 @@ pub struct HealthCheck {
     /// This node's ready endpoints of the Service, counted by address over
     /// all its ports (kube-proxy's `LocalReadyEndpoints`: an endpoint
     /// serving ports 80 and 443 counts once; terminating ones never count,
-    /// so a node with only terminating endpoints fails the check).
+    /// so a node with only terminating endpoints fails the check). A
+    /// dual-stack Service counts each family's and reports the larger, so
+    /// a dual-stack pod counts once.
     pub local_endpoints: usize,
 }
 

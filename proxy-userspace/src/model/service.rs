@@ -4,7 +4,12 @@
 //! skipped):
 //!
 //! * one [`FrontendKind::ClusterIp`] frontend per address of
-//!   `spec.clusterIPs` (or `spec.clusterIP`);
+//!   `spec.clusterIPs` (or `spec.clusterIP`), at most one per family; when
+//!   `spec.ipFamilies` is set, each address must be of the family at its
+//!   index, and addresses it has no entry for are skipped (a dual-stack
+//!   Service is two Services, one per family, as kube-proxy runs one
+//!   proxier per family: each family's frontends only get endpoints of
+//!   that family's EndpointSlices);
 //! * for types NodePort and LoadBalancer with a `nodePort`, one
 //!   [`FrontendKind::NodePort`] frontend per family of the cluster IPs, on
 //!   the unspecified address (`0.0.0.0` / `::`), as in `SVC_MAP`;
@@ -156,7 +161,11 @@ impl Builder<'_> {
             local_ready.extend(pf.eps.local.iter().filter(|e| !e.terminating).map(|e| e.ip));
             self.state.endpoints.insert(pf.spn, pf.eps);
         }
-        self.health_check(spec, &facts, local_ready.len());
+        // A dual-stack pod has an address of each family: it counts once
+        // (kube-proxy's health check of a family counts that family's).
+        let per_family = |v4| local_ready.iter().filter(|ip| ip.is_ipv4() == v4).count();
+        let local_endpoints = per_family(true).max(per_family(false));
+        self.health_check(spec, &facts, local_endpoints);
     }
 
     /// kube-proxy serves a health check for a LoadBalancer Service with
@@ -440,6 +449,42 @@ impl Builder<'_> {
                 ProblemKind::InvalidClusterIp,
                 format!("clusterIPs {raw:?}: at most one address per family; skipped"),
             );
+        }
+        self.by_ip_families(spec, ips)
+    }
+
+    /// The cluster IPs `spec.ipFamilies` names, when it is set: kube-proxy's
+    /// proxier of a family takes the address at the index of its family in
+    /// `ipFamilies`. An address of another family than its `ipFamilies`
+    /// entry makes the Service invalid (the API server never writes one);
+    /// addresses beyond the list are skipped, with a problem.
+    /// `ipFamilyPolicy` says which families to allocate (manifest mode's
+    /// [`crate::source::allocate`] reads it), not which to serve.
+    fn by_ip_families(&mut self, spec: &ServiceSpec, mut ips: Vec<IpAddr>) -> Option<Vec<IpAddr>> {
+        let Some(families) = spec.ip_families.as_ref().filter(|f| !f.is_empty()) else {
+            return Some(ips);
+        };
+        for (i, (ip, family)) in ips.iter().zip(families).enumerate() {
+            let named = match family.as_str() {
+                "IPv4" => Some(Family::V4),
+                "IPv6" => Some(Family::V6),
+                _ => None,
+            };
+            if named != Some(Family::of(*ip)) {
+                self.problem(
+                    ProblemKind::InvalidClusterIp,
+                    format!("clusterIPs[{i}] {ip} is not of ipFamilies[{i}] {family:?}; skipped"),
+                );
+                return None;
+            }
+        }
+        if ips.len() > families.len() {
+            for ip in ips.drain(families.len()..).collect::<Vec<_>>() {
+                self.problem(
+                    ProblemKind::InvalidClusterIp,
+                    format!("clusterIP {ip}: ipFamilies {families:?} has no entry for it; skipped"),
+                );
+            }
         }
         Some(ips)
     }

@@ -9,7 +9,8 @@
 //! changes nothing downstream. Each block is kept once, and blocks inside
 //! another are dropped (they add nothing). An object's entry is reported and
 //! skipped when it is not a CIDR, is a /0 (it would drop all traffic), or is
-//! an IPv4 block beyond the datapath's room (`max_v4`); the others apply.
+//! a block beyond the datapath's room for its family (`max_per_family`
+//! blocks of each); the others apply.
 
 use k8s_openapi::api::networking::v1::ServiceCIDR;
 
@@ -20,7 +21,7 @@ use crate::cidr::Cidr;
 pub fn service_cidrs(
     configured: &[Cidr],
     objects: &[ServiceCIDR],
-    max_v4: usize,
+    max_per_family: usize,
 ) -> (Vec<Cidr>, Vec<Problem>) {
     let mut problems = Vec::new();
     let mut from_objects: Vec<(Cidr, String)> = Vec::new();
@@ -54,12 +55,13 @@ pub fn service_cidrs(
         if covered(&c, &kept) {
             continue;
         }
-        let v4 = kept.iter().filter(|k| k.is_ipv4()).count();
-        if c.is_ipv4() && v4 >= max_v4 {
+        let of_family = kept.iter().filter(|k| k.is_ipv4() == c.is_ipv4()).count();
+        if of_family >= max_per_family {
+            let family = if c.is_ipv4() { "IPv4" } else { "IPv6" };
             problems.push(problem(
                 &name,
                 format!(
-                    "{}/{}: the datapath holds {max_v4} IPv4 service CIDRs; not enforced",
+                    "{}/{}: the datapath holds {max_per_family} {family} service CIDRs; not enforced",
                     c.network(),
                     c.prefix()
                 ),
@@ -153,5 +155,20 @@ mod tests {
                 .iter()
                 .all(|p| p.kind.label() == "invalid_service_cidr")
         );
+    }
+
+    #[test]
+    fn each_family_has_its_own_room() {
+        let (got, problems) = service_cidrs(
+            &cidrs(&["10.96.0.0/12", "fd00:10:96::/108"]),
+            &[object("v6", &["fd00:20::/108", "fd00:30::/108"])],
+            2,
+        );
+        assert_eq!(
+            got,
+            cidrs(&["10.96.0.0/12", "fd00:10:96::/108", "fd00:20::/108"])
+        );
+        assert_eq!(problems.len(), 1);
+        assert!(problems[0].to_string().contains("2 IPv6 service CIDRs"));
     }
 }

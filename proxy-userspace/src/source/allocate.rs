@@ -8,8 +8,11 @@
 //!   type ExternalName. The address comes from the service CIDR of each
 //!   wanted family: `spec.ipFamilies` if set; otherwise every configured
 //!   family when `spec.ipFamilyPolicy` asks for dual stack; otherwise the
-//!   first configured CIDR. A Service that already has an address gets no
-//!   second family.
+//!   first configured CIDR. A Service that has one address and asks for
+//!   dual stack gets the other family's (as the API server allocates a
+//!   secondary family); `RequireDualStack` without a CIDR of each family
+//!   gets nothing, with a failure (the API server refuses such a Service).
+//!   `spec.ipFamilies` is then set to the families given, in order.
 //! * a node port (from [`AllocConfig::node_ports`]) to every port of a
 //!   NodePort or LoadBalancer Service that has none, unless a LoadBalancer
 //!   sets `allocateLoadBalancerNodePorts: false`. Ports of one Service that
@@ -55,6 +58,18 @@ impl Default for AllocConfig {
             service_cidrs: vec![DEFAULT_SERVICE_CIDR.parse().expect("valid default CIDR")],
             node_ports: DEFAULT_NODE_PORT_RANGE,
         }
+    }
+}
+
+impl AllocConfig {
+    /// `--manifest-service-cidrs` (one per family, checked by preflight);
+    /// empty: the default.
+    pub fn with_service_cidrs(cidrs: &[Cidr]) -> AllocConfig {
+        let mut config = AllocConfig::default();
+        if !cidrs.is_empty() {
+            config.service_cidrs = cidrs.to_vec();
+        }
+        config
     }
 }
 
@@ -225,8 +240,22 @@ fn give_cluster_ips(
     report: &mut AllocReport,
 ) {
     let key = owner.key();
-    let mut ips = Vec::new();
-    for cidr in wanted_cidrs(spec, config, &key, &mut report.failures) {
+    let mut ips: Vec<IpAddr> = explicit_cluster_ips(spec)
+        .filter_map(|s| s.parse().ok())
+        .take(1)
+        .collect();
+    let wanted = wanted_cidrs(spec, config, &key, &mut report.failures);
+    if spec.ip_family_policy.as_deref() == Some("RequireDualStack")
+        && !(wanted.iter().any(|c| c.is_ipv4()) && wanted.iter().any(|c| !c.is_ipv4()))
+    {
+        let msg = format!("{key}: RequireDualStack needs a service CIDR of each family");
+        return fail(report, msg);
+    }
+    let missing = wanted
+        .into_iter()
+        .filter(|c| !ips.iter().any(|ip| ip.is_ipv4() == c.is_ipv4()));
+    let had = ips.len();
+    for cidr in missing.collect::<Vec<_>>() {
         match pick_ip(&cidr, fnv1a(key.as_bytes()), used_ips) {
             Some(ip) => {
                 used_ips.insert(ip);
@@ -236,9 +265,13 @@ fn give_cluster_ips(
             None => fail(report, format!("{key}: no free cluster IP in {cidr}")),
         }
     }
-    if let Some(first) = ips.first() {
+    if ips.len() > had
+        && let Some(first) = ips.first()
+    {
         spec.cluster_ip = Some(first.to_string());
         spec.cluster_ips = Some(ips.iter().map(IpAddr::to_string).collect());
+        let family = |ip: &IpAddr| if ip.is_ipv4() { "IPv4" } else { "IPv6" }.to_string();
+        spec.ip_families = Some(ips.iter().map(family).collect());
     }
 }
 
@@ -314,7 +347,20 @@ fn explicit_cluster_ips(spec: &ServiceSpec) -> impl Iterator<Item = &str> {
 }
 
 fn needs_cluster_ip(spec: &ServiceSpec) -> bool {
-    spec.type_.as_deref() != Some("ExternalName") && explicit_cluster_ips(spec).all(str::is_empty)
+    spec.type_.as_deref() != Some("ExternalName")
+        && (explicit_cluster_ips(spec).all(str::is_empty) || needs_second_family(spec))
+}
+
+/// One cluster IP written, and dual stack asked for.
+fn needs_second_family(spec: &ServiceSpec) -> bool {
+    let written: BTreeSet<&str> = explicit_cluster_ips(spec)
+        .filter(|s| !s.is_empty())
+        .collect();
+    let dual = matches!(
+        spec.ip_family_policy.as_deref(),
+        Some("PreferDualStack" | "RequireDualStack")
+    ) || spec.ip_families.as_ref().is_some_and(|f| f.len() > 1);
+    dual && written.len() == 1 && !written.contains("None")
 }
 
 /// A free port for the Service's health check.
@@ -668,5 +714,52 @@ mod tests {
             .parse()
             .unwrap();
         assert!(config.service_cidrs[1].contains(v6));
+    }
+
+    #[test]
+    fn ipv6_and_dual_stack_from_configured_cidrs() {
+        let v6_only = AllocConfig::with_service_cidrs(&["fd00:96::/108".parse().unwrap()]);
+        let dual = AllocConfig::with_service_cidrs(&[
+            "10.96.0.0/12".parse().unwrap(),
+            "fd00:96::/108".parse().unwrap(),
+        ]);
+        let text = "{apiVersion: v1, kind: Service, metadata: {name: plain}, spec: {}}
+---
+{apiVersion: v1, kind: Service, metadata: {name: second}, spec: {clusterIP: 10.96.0.10, ipFamilyPolicy: RequireDualStack}}
+---
+{apiVersion: v1, kind: Service, metadata: {name: required}, spec: {ipFamilyPolicy: RequireDualStack}}
+---
+{apiVersion: v1, kind: Service, metadata: {name: v6}, spec: {ipFamilies: [IPv6]}}";
+        let families = |svcs: &[Service], name: &str| -> Vec<String> {
+            spec_of(svcs, name).ip_families.clone().unwrap_or_default()
+        };
+        // IPv6 only: the default family is IPv6; dual stack cannot be had.
+        let mut svcs = services(text);
+        let report = fill_in(&mut svcs, &v6_only);
+        let plain: IpAddr = cluster_ip(&svcs, "plain").unwrap().parse().unwrap();
+        assert!(v6_only.service_cidrs[0].contains(plain));
+        assert_eq!(families(&svcs, "plain"), ["IPv6"]);
+        assert_eq!(families(&svcs, "v6"), ["IPv6"]);
+        assert_eq!(cluster_ip(&svcs, "required"), None);
+        assert_eq!(
+            spec_of(&svcs, "second").cluster_ips,
+            None,
+            "left as written"
+        );
+        assert_eq!(report.failures.len(), 2, "{:?}", report.failures);
+        // Dual stack: a written IPv4 address gets its IPv6 partner.
+        let mut svcs = services(text);
+        let report = fill_in(&mut svcs, &dual);
+        assert!(report.failures.is_empty(), "{:?}", report.failures);
+        let second = spec_of(&svcs, "second").cluster_ips.clone().unwrap();
+        assert_eq!(second[0], "10.96.0.10");
+        assert!(dual.service_cidrs[1].contains(second[1].parse().unwrap()));
+        assert_eq!(families(&svcs, "second"), ["IPv4", "IPv6"]);
+        assert_eq!(families(&svcs, "required"), ["IPv4", "IPv6"]);
+        assert_eq!(families(&svcs, "plain"), ["IPv4"]);
+        // Deterministic: the same again.
+        let mut again = services(text);
+        fill_in(&mut again, &dual);
+        assert_eq!(svcs, again);
     }
 }

@@ -670,6 +670,8 @@ fn is_blank_yaml(text: &str) -> bool {
 /// ([`DirWatch`]) or at the safety poll.
 pub struct ManifestDir {
     dir: PathBuf,
+    /// Where cluster IPs and node ports no API server gave come from.
+    alloc: super::allocate::AllocConfig,
     files: BTreeMap<PathBuf, ManifestFile>,
     names: Names,
     loaded: bool,
@@ -724,11 +726,19 @@ impl ManifestDir {
     pub fn new(dir: PathBuf) -> Self {
         ManifestDir {
             dir,
+            alloc: super::allocate::AllocConfig::default(),
             files: BTreeMap::new(),
             names: Names::default(),
             loaded: false,
             parsed: 0,
         }
+    }
+
+    /// Allocates from `alloc` instead of the default ranges.
+    pub fn allocating(mut self, alloc: super::allocate::AllocConfig) -> Self {
+        self.alloc = alloc;
+        self.loaded = false;
+        self
     }
 
     pub fn path(&self) -> &Path {
@@ -787,7 +797,7 @@ impl ManifestDir {
                 }
             }
         }
-        out.services = allocated(std::mem::take(&mut out.services));
+        out.services = allocated(std::mem::take(&mut out.services), &self.alloc);
         out.service_cidrs = self
             .files
             .values()
@@ -829,7 +839,10 @@ fn first_of_name<'a>(
 
 /// The Services with what no API server allocated filled in: only those
 /// given a value are copied.
-fn allocated(services: Vec<Arc<Service>>) -> Vec<Arc<Service>> {
+fn allocated(
+    services: Vec<Arc<Service>>,
+    config: &super::allocate::AllocConfig,
+) -> Vec<Arc<Service>> {
     if !services
         .iter()
         .any(|s| super::allocate::needs_allocation(s))
@@ -839,7 +852,7 @@ fn allocated(services: Vec<Arc<Service>>) -> Vec<Arc<Service>> {
     let mut owned: Vec<Service> = services.iter().map(|s| (**s).clone()).collect();
     // No API server allocates for us: Services without clusterIP or
     // nodePort get deterministic ones (logged).
-    let report = super::allocate::fill_in(&mut owned, &super::allocate::AllocConfig::default());
+    let report = super::allocate::fill_in(&mut owned, config);
     for failure in &report.failures {
         tracing::warn!(%failure, "allocation failed");
     }

@@ -60,7 +60,9 @@ impl Source {
         if let Some(dir) = &args.manifests {
             return Ok(Source::Manifests {
                 watch: watch_dir(dir),
-                dir: ManifestDir::new(dir.clone()),
+                dir: ManifestDir::new(dir.clone()).allocating(
+                    allocate::AllocConfig::with_service_cidrs(&args.manifest_service_cidrs),
+                ),
                 unreadable: 0,
                 service_cidrs: Vec::new(),
                 read_errors: LogLimiter::on_change(),

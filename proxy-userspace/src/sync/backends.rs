@@ -1,20 +1,23 @@
 //! Backend ids and their references, and service port ids.
 //!
 //! A backend (address, port, protocol, flags) has one id and one entry in
-//! `KEP_BE_V1`, whatever number of slots refer to it; the entry is deleted
-//! once no slot does. Service port ids index the per-service counter array,
+//! `KEP_BE_V1` (or `KEP_BE6_V1` for IPv6: one id space for both families),
+//! whatever number of slots refer to it; the entry is deleted once no slot
+//! does. Service port ids index the per-service counter array,
 //! so they are reused, lowest first, to stay below its size.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use proxy_common::{Backend, SVC_ID_LIMIT};
+use proxy_common::SVC_ID_LIMIT;
+
+use super::AnyBackend;
 
 /// The backends in the map, by value and by id, with how many slots refer
 /// to each.
 #[derive(Debug)]
 pub struct Backends {
-    ids: BTreeMap<Backend, u32>,
-    by_id: BTreeMap<u32, Backend>,
+    ids: BTreeMap<AnyBackend, u32>,
+    by_id: BTreeMap<u32, AnyBackend>,
     refs: BTreeMap<u32, usize>,
     /// Backends whose last reference went away (or that were adopted with
     /// none): checked by [`Backends::take_unused`].
@@ -37,7 +40,7 @@ impl Default for Backends {
 
 impl Backends {
     /// A backend found in the pins, with no reference yet.
-    pub fn adopt(&mut self, id: u32, b: Backend) {
+    pub fn adopt(&mut self, id: u32, b: AnyBackend) {
         self.by_id.insert(id, b);
         self.refs.insert(id, 0);
         // Two ids for one backend (should not happen): the later one is
@@ -61,11 +64,11 @@ impl Backends {
         self.by_id.contains_key(&id)
     }
 
-    pub fn get(&self, id: u32) -> Option<&Backend> {
+    pub fn get(&self, id: u32) -> Option<&AnyBackend> {
         self.by_id.get(&id)
     }
 
-    pub fn id_of(&self, b: &Backend) -> Option<u32> {
+    pub fn id_of(&self, b: &AnyBackend) -> Option<u32> {
         self.ids.get(b).copied()
     }
 
@@ -76,7 +79,7 @@ impl Backends {
     }
 
     /// Records a backend just written under [`Backends::next_id`].
-    pub fn insert_new(&mut self, b: Backend) -> u32 {
+    pub fn insert_new(&mut self, b: AnyBackend) -> u32 {
         let id = self.next_id;
         self.next_id += 1;
         self.ids.insert(b, id);
@@ -129,6 +132,11 @@ impl Backends {
 
     pub fn len(&self) -> usize {
         self.by_id.len()
+    }
+
+    /// How many are IPv4 backends.
+    pub fn count_v4(&self) -> usize {
+        self.by_id.values().filter(|b| b.is_v4()).count()
     }
 
     pub fn is_empty(&self) -> bool {

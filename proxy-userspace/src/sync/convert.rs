@@ -1,30 +1,26 @@
-//! The model's frontends as map entries: IPv4 only for now (IPv6 frontends
-//! stay in the model for later).
+//! The model's frontends as map entries, both families: a frontend's key,
+//! backends and source ranges are all of its own family (the model keeps
+//! them so).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
 };
 
 use proxy_common::{
-    BE_F_LOCAL, Backend, SVC_F_AFFINITY, SVC_F_DROP_EMPTY, SVC_F_ETP_LOCAL, SVC_F_EXTERNAL,
-    SVC_F_SRC_RANGES, SvcKey,
+    BE_F_LOCAL, SVC_F_AFFINITY, SVC_F_DROP_EMPTY, SVC_F_ETP_LOCAL, SVC_F_EXTERNAL, SVC_F_SRC_RANGES,
 };
 
-use super::{Desired, FrontendWant, NodeAddrs};
+use super::{AnyBackend, Desired, FeKey, FrontendWant, NodeAddrs};
 use crate::model::{self, Frontend, FrontendKey, FrontendKind};
 
-fn v4_backends(backends: &[model::Endpoint], proto: u8) -> Vec<Backend> {
+fn backends(backends: &[model::Endpoint], proto: u8, v4: bool) -> Vec<AnyBackend> {
     backends
         .iter()
-        .filter_map(|b| match b.ip {
-            IpAddr::V4(addr) => Some(Backend {
-                addr: addr.octets(),
-                port: b.port.to_be_bytes(),
-                proto,
-                flags: if b.local { BE_F_LOCAL } else { 0 },
-            }),
-            IpAddr::V6(_) => None,
+        .filter(|b| b.ip.is_ipv4() == v4)
+        .map(|b| {
+            let flags = if b.local { BE_F_LOCAL } else { 0 };
+            AnyBackend::new(b.ip, b.port, proto, flags)
         })
         .collect()
 }
@@ -50,40 +46,36 @@ fn flags(fe: &Frontend) -> u16 {
     flags
 }
 
-/// One frontend as the syncer wants it; None for IPv6.
-pub fn to_want(key: &FrontendKey, fe: &Frontend) -> Option<(SvcKey, FrontendWant)> {
-    let IpAddr::V4(ip) = key.ip else {
-        return None;
-    };
+/// The syncer's key of a model frontend.
+pub fn fe_key(key: &FrontendKey) -> FeKey {
+    FeKey::new(key.ip, key.port, key.protocol.number())
+}
+
+/// One frontend as the syncer wants it.
+pub fn to_want(key: &FrontendKey, fe: &Frontend) -> (FeKey, FrontendWant) {
     let proto = key.protocol.number();
+    let v4 = key.ip.is_ipv4();
     // externalTrafficPolicy Local: the primary set is the cluster set
     // (internal sources), the local set serves external ones.
-    let (backends, local_backends) = match &fe.internal_backends {
+    let (primary, local_backends) = match &fe.internal_backends {
         Some(cluster) => (
-            v4_backends(cluster, proto),
-            v4_backends(&fe.backends, proto),
+            backends(cluster, proto, v4),
+            backends(&fe.backends, proto, v4),
         ),
-        None => (v4_backends(&fe.backends, proto), Vec::new()),
+        None => (backends(&fe.backends, proto, v4), Vec::new()),
     };
     let source_ranges = fe
         .source_ranges
         .iter()
-        .filter_map(|c| match c.network() {
-            IpAddr::V4(a) => Some((a.octets(), c.prefix())),
-            IpAddr::V6(_) => None,
-        })
+        .filter(|c| c.is_ipv4() == v4)
+        .map(|c| (c.network(), c.prefix()))
         .collect();
-    Some((
-        SvcKey {
-            addr: ip.octets(),
-            port: key.port.to_be_bytes(),
-            proto,
-            _pad: 0,
-        },
+    (
+        fe_key(key),
         FrontendWant {
             name: fe.service.to_string(),
             flags: flags(fe),
-            backends,
+            backends: primary,
             local_backends,
             affinity_timeout: fe.affinity_timeout.unwrap_or(0),
             source_ranges,
@@ -92,30 +84,27 @@ pub fn to_want(key: &FrontendKey, fe: &Frontend) -> Option<(SvcKey, FrontendWant
                 FrontendKind::ExternalIp | FrontendKind::LoadBalancerIp
             ),
         },
-    ))
+    )
 }
 
 /// The node's addresses as the syncer takes them.
-pub fn to_node_addrs(nodeport: &BTreeSet<Ipv4Addr>, host: &BTreeSet<Ipv4Addr>) -> NodeAddrs {
+pub fn to_node_addrs(nodeport: &BTreeSet<IpAddr>, host: &BTreeSet<IpAddr>) -> NodeAddrs {
     NodeAddrs {
-        nodeport: nodeport.iter().map(|a| a.octets()).collect(),
-        host: host.iter().chain(nodeport).map(|a| a.octets()).collect(),
+        nodeport: nodeport.clone(),
+        host: host.union(nodeport).copied().collect(),
     }
 }
 
 /// Every frontend, for a full sync.
 pub fn to_desired(
     frontends: &BTreeMap<FrontendKey, Frontend>,
-    node_addrs: &BTreeSet<Ipv4Addr>,
-    host_addrs: &BTreeSet<Ipv4Addr>,
+    node_addrs: &BTreeSet<IpAddr>,
+    host_addrs: &BTreeSet<IpAddr>,
 ) -> Desired {
     Desired {
-        frontends: frontends
-            .iter()
-            .filter_map(|(k, f)| to_want(k, f))
-            .collect(),
-        node_addrs: node_addrs.iter().map(|a| a.octets()).collect(),
-        host_addrs: host_addrs.iter().map(|a| a.octets()).collect(),
+        frontends: frontends.iter().map(|(k, f)| to_want(k, f)).collect(),
+        node_addrs: node_addrs.clone(),
+        host_addrs: host_addrs.clone(),
     }
 }
 
@@ -123,23 +112,15 @@ pub fn to_desired(
 pub fn to_changes(
     frontends: &BTreeMap<FrontendKey, Frontend>,
     changed: &BTreeSet<FrontendKey>,
-) -> Vec<(SvcKey, Option<FrontendWant>)> {
+) -> Vec<(FeKey, Option<FrontendWant>)> {
     changed
         .iter()
-        .filter_map(|k| match frontends.get(k) {
-            Some(f) => to_want(k, f).map(|(sk, w)| (sk, Some(w))),
-            None => {
-                let IpAddr::V4(ip) = k.ip else { return None };
-                Some((
-                    SvcKey {
-                        addr: ip.octets(),
-                        port: k.port.to_be_bytes(),
-                        proto: k.protocol.number(),
-                        _pad: 0,
-                    },
-                    None,
-                ))
+        .map(|k| match frontends.get(k) {
+            Some(f) => {
+                let (key, want) = to_want(k, f);
+                (key, Some(want))
             }
+            None => (fe_key(k), None),
         })
         .collect()
 }

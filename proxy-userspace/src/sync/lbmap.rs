@@ -1,6 +1,8 @@
 //! The one narrow interface through which load-balancing state reaches the
 //! kernel: put or delete single entries of the desired-state maps, and read
-//! them all back (to adopt what a previous run left pinned).
+//! them all back (to adopt what a previous run left pinned). The IPv6 maps
+//! have entries of their own (`Service6`...); the maps without addresses
+//! serve both families.
 //!
 //! [`BpfLbMaps`] writes the real maps; [`MemLbMaps`] keeps them in memory,
 //! optionally with capacities, so the syncer is tested without root.
@@ -12,9 +14,10 @@ use aya::maps::{
     lpm_trie::{Key as LpmKey, LpmTrie},
 };
 use proxy_common::{
-    ADDR_MAP, AFFMEM_MAP, AddrKey, AddrValue, AffMemberKey, BACKEND_MAP, Backend, BackendKey,
-    NAME_MAP, SLOT_MAP, SRCRNG_MAP, SVC_MAP, SVC_STATS_MAP, SlotKey, SlotValue, SrcRangeKey,
-    SvcKey, SvcName, SvcStats, SvcValue,
+    ADDR_MAP, ADDR6_MAP, AFFMEM_MAP, AddrKey, AddrKey6, AddrValue, AffMemberKey, BACKEND_MAP,
+    BACKEND6_MAP, Backend, Backend6, BackendKey, NAME_MAP, SLOT_MAP, SRCRNG_MAP, SRCRNG6_MAP,
+    SVC_MAP, SVC_STATS_MAP, SVC6_MAP, SlotKey, SlotValue, SrcRangeKey, SrcRangeKey6, SvcKey,
+    SvcKey6, SvcName, SvcStats, SvcValue,
 };
 
 /// One entry of a desired-state map.
@@ -31,6 +34,10 @@ pub enum Entry {
     /// A source range of a service port: the key and the prefix length of
     /// its address.
     SrcRange(SrcRangeKey, u8),
+    Service6(SvcKey6, SvcValue),
+    Backend6(BackendKey, Backend6),
+    Addr6(AddrKey6, AddrValue),
+    SrcRange6(SrcRangeKey6, u8),
 }
 
 /// The key of one entry.
@@ -43,6 +50,10 @@ pub enum Key {
     Name(u32),
     AffMember(AffMemberKey),
     SrcRange(SrcRangeKey, u8),
+    Service6(SvcKey6),
+    Backend6(BackendKey),
+    Addr6(AddrKey6),
+    SrcRange6(SrcRangeKey6, u8),
 }
 
 impl Entry {
@@ -55,6 +66,10 @@ impl Entry {
             Entry::Name(id, _) => Key::Name(*id),
             Entry::AffMember(k) => Key::AffMember(*k),
             Entry::SrcRange(k, len) => Key::SrcRange(*k, *len),
+            Entry::Service6(k, _) => Key::Service6(*k),
+            Entry::Backend6(k, _) => Key::Backend6(*k),
+            Entry::Addr6(k, _) => Key::Addr6(*k),
+            Entry::SrcRange6(k, len) => Key::SrcRange6(*k, *len),
         }
     }
 }
@@ -69,6 +84,10 @@ impl Key {
             Key::Name(_) => NAME_MAP,
             Key::AffMember(_) => AFFMEM_MAP,
             Key::SrcRange(..) => SRCRNG_MAP,
+            Key::Service6(_) => SVC6_MAP,
+            Key::Backend6(_) => BACKEND6_MAP,
+            Key::Addr6(_) => ADDR6_MAP,
+            Key::SrcRange6(..) => SRCRNG6_MAP,
         }
     }
 }
@@ -111,6 +130,10 @@ pub struct MapContents {
     pub names: BTreeMap<u32, String>,
     pub members: BTreeSet<AffMemberKey>,
     pub ranges: BTreeSet<(SrcRangeKey, u8)>,
+    pub services6: BTreeMap<SvcKey6, SvcValue>,
+    pub backends6: BTreeMap<BackendKey, Backend6>,
+    pub addrs6: BTreeMap<AddrKey6, AddrValue>,
+    pub ranges6: BTreeSet<(SrcRangeKey6, u8)>,
 }
 
 pub trait LbMaps {
@@ -134,10 +157,32 @@ pub struct BpfLbMaps {
     stats: PerCpuArray<MapData, SvcStats>,
     members: HashMap<MapData, AffMemberKey, u8>,
     ranges: LpmTrie<MapData, SrcRangeKey, u8>,
+    services6: HashMap<MapData, SvcKey6, SvcValue>,
+    backends6: HashMap<MapData, BackendKey, Backend6>,
+    addrs6: HashMap<MapData, AddrKey6, AddrValue>,
+    ranges6: LpmTrie<MapData, SrcRangeKey6, u8>,
 }
 
 fn lpm_key(k: &SrcRangeKey, len: u8) -> LpmKey<SrcRangeKey> {
     LpmKey::new(SrcRangeKey::prefix_len(len), *k)
+}
+
+fn lpm_key6(k: &SrcRangeKey6, len: u8) -> LpmKey<SrcRangeKey6> {
+    LpmKey::new(SrcRangeKey6::prefix_len(len), *k)
+}
+
+/// Every (key, range length) of a source-range trie.
+fn trie_keys<K: aya::Pod + Ord>(
+    trie: &LpmTrie<MapData, K, u8>,
+    max_len: u32,
+) -> anyhow::Result<BTreeSet<(K, u8)>> {
+    let mut out = BTreeSet::new();
+    for k in trie.keys() {
+        let k = k?;
+        let len = k.prefix_len().saturating_sub(32).min(max_len) as u8;
+        out.insert((k.data(), len));
+    }
+    Ok(out)
 }
 
 impl BpfLbMaps {
@@ -151,6 +196,10 @@ impl BpfLbMaps {
             stats: dp.map(SVC_STATS_MAP)?,
             members: dp.map(AFFMEM_MAP)?,
             ranges: dp.map(SRCRNG_MAP)?,
+            services6: dp.map(SVC6_MAP)?,
+            backends6: dp.map(BACKEND6_MAP)?,
+            addrs6: dp.map(ADDR6_MAP)?,
+            ranges6: dp.map(SRCRNG6_MAP)?,
         })
     }
 
@@ -211,6 +260,10 @@ impl LbMaps for BpfLbMaps {
             Entry::Name(k, v) => self.names.insert(k, v, 0),
             Entry::AffMember(k) => self.members.insert(k, 1, 0),
             Entry::SrcRange(k, len) => self.ranges.insert(&lpm_key(k, *len), 1, 0),
+            Entry::Service6(k, v) => self.services6.insert(k, v, 0),
+            Entry::Backend6(k, v) => self.backends6.insert(k, v, 0),
+            Entry::Addr6(k, v) => self.addrs6.insert(k, v, 0),
+            Entry::SrcRange6(k, len) => self.ranges6.insert(&lpm_key6(k, *len), 1, 0),
         }
         .map_err(|e| write_error(map, e))
     }
@@ -225,6 +278,10 @@ impl LbMaps for BpfLbMaps {
             Key::Name(k) => self.names.remove(k),
             Key::AffMember(k) => self.members.remove(k),
             Key::SrcRange(k, len) => self.ranges.remove(&lpm_key(k, *len)),
+            Key::Service6(k) => self.services6.remove(k),
+            Key::Backend6(k) => self.backends6.remove(k),
+            Key::Addr6(k) => self.addrs6.remove(k),
+            Key::SrcRange6(k, len) => self.ranges6.remove(&lpm_key6(k, *len)),
         };
         ignore_missing(map, r)
     }
@@ -256,16 +313,11 @@ impl LbMaps for BpfLbMaps {
                 .map(|(id, n)| (id, n.as_str().to_string()))
                 .collect(),
             members: self.members.keys().collect::<Result<_, _>>()?,
-            ranges: self
-                .ranges
-                .keys()
-                .map(|k| {
-                    k.map(|k| {
-                        let len = k.prefix_len().saturating_sub(32).min(32) as u8;
-                        (k.data(), len)
-                    })
-                })
-                .collect::<Result<_, _>>()?,
+            ranges: trie_keys(&self.ranges, 32)?,
+            services6: collect(&self.services6)?,
+            backends6: collect(&self.backends6)?,
+            addrs6: collect(&self.addrs6)?,
+            ranges6: trie_keys(&self.ranges6, 128)?,
         })
     }
 }
@@ -307,6 +359,17 @@ impl LbMaps for MemLbMaps {
                 let exists = s.ranges.contains(&(*k, *len));
                 self.check(map, s.ranges.len(), exists)?
             }
+            Entry::Service6(k, _) => {
+                self.check(map, s.services6.len(), s.services6.contains_key(k))?
+            }
+            Entry::Backend6(k, _) => {
+                self.check(map, s.backends6.len(), s.backends6.contains_key(k))?
+            }
+            Entry::Addr6(k, _) => self.check(map, s.addrs6.len(), s.addrs6.contains_key(k))?,
+            Entry::SrcRange6(k, len) => {
+                let exists = s.ranges6.contains(&(*k, *len));
+                self.check(map, s.ranges6.len(), exists)?
+            }
             Entry::Name(..) => {}
         }
         let s = &mut self.state;
@@ -318,6 +381,10 @@ impl LbMaps for MemLbMaps {
             Entry::Name(k, v) => s.names.insert(*k, v.as_str().to_string()).is_some(),
             Entry::AffMember(k) => !s.members.insert(*k),
             Entry::SrcRange(k, len) => !s.ranges.insert((*k, *len)),
+            Entry::Service6(k, v) => s.services6.insert(*k, *v).is_some(),
+            Entry::Backend6(k, v) => s.backends6.insert(*k, *v).is_some(),
+            Entry::Addr6(k, v) => s.addrs6.insert(*k, *v).is_some(),
+            Entry::SrcRange6(k, len) => !s.ranges6.insert((*k, *len)),
         };
         self.log.push(match entry {
             Entry::Name(k, v) => format!("put Name({k}, {:?})", v.as_str()),
@@ -336,6 +403,10 @@ impl LbMaps for MemLbMaps {
             Key::Name(k) => s.names.remove(k).is_some(),
             Key::AffMember(k) => s.members.remove(k),
             Key::SrcRange(k, len) => s.ranges.remove(&(*k, *len)),
+            Key::Service6(k) => s.services6.remove(k).is_some(),
+            Key::Backend6(k) => s.backends6.remove(k).is_some(),
+            Key::Addr6(k) => s.addrs6.remove(k).is_some(),
+            Key::SrcRange6(k, len) => s.ranges6.remove(&(*k, *len)),
         };
         self.log.push(format!("delete {key:?}"));
         Ok(())

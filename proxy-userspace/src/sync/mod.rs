@@ -7,6 +7,10 @@
 //! (a full map) is rolled back for that frontend, which keeps its previous
 //! state, and is reported; other frontends are unaffected.
 //!
+//! Both address families go through one syncer: frontends and backends of
+//! either family ([`family`]), one space of service port ids and backend
+//! ids, the family's own service, backend, address and source-range maps.
+//!
 //! * [`convert`]: the model's frontends as [`FrontendWant`]s;
 //! * [`lbmap`]: the one interface through which entries reach the maps;
 //! * [`backends`]: backend ids and their references, service port ids;
@@ -18,16 +22,21 @@
 pub mod adopt;
 pub mod backends;
 pub mod convert;
+pub mod family;
 pub mod lbmap;
 
-use std::collections::{BTreeMap, BTreeSet};
-
-use proxy_common::{
-    ADDR_CLUSTER_IP, ADDR_EXTERNAL, ADDR_HOST, ADDR_NODEPORT, AddrKey, AddrValue, AffMemberKey,
-    Backend, BackendKey, SVC_F_AFFINITY, SVC_F_SRC_RANGES, SlotKey, SlotValue, SrcRangeKey, SvcKey,
-    SvcName, SvcValue,
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
 };
 
+use proxy_common::{
+    ADDR_CLUSTER_IP, ADDR_EXTERNAL, ADDR_HOST, ADDR_NODEPORT, AddrKey, AddrKey6, AddrValue,
+    AffMemberKey, BackendKey, SVC_F_AFFINITY, SVC_F_SRC_RANGES, SlotKey, SlotValue, SrcRangeKey,
+    SrcRangeKey6, SvcName, SvcValue,
+};
+
+pub use self::family::{AnyBackend, FeKey};
 use self::{
     backends::{Backends, ServicePortIds},
     lbmap::{Entry, Key, LbMaps, WriteError},
@@ -40,14 +49,16 @@ pub struct FrontendWant {
     pub name: String,
     /// `SVC_F_*`.
     pub flags: u16,
-    /// The primary set, in slot order (each backend gets one slot).
-    pub backends: Vec<Backend>,
+    /// The primary set, in slot order (each backend gets one slot), of the
+    /// frontend's family.
+    pub backends: Vec<AnyBackend>,
     /// The local set (`SVC_F_ETP_LOCAL`), in the slots after the primary set.
-    pub local_backends: Vec<Backend>,
+    pub local_backends: Vec<AnyBackend>,
     /// Seconds (`SVC_F_AFFINITY`).
     pub affinity_timeout: u32,
-    /// Source prefixes allowed, address and length (`SVC_F_SRC_RANGES`).
-    pub source_ranges: Vec<([u8; 4], u8)>,
+    /// Source prefixes allowed, address and length (`SVC_F_SRC_RANGES`), of
+    /// the frontend's family.
+    pub source_ranges: Vec<(IpAddr, u8)>,
     /// The address is an externalIP or load-balancer IP (`ADDR_EXTERNAL`:
     /// only its frontends are ours), not a ClusterIP.
     pub external_addr: bool,
@@ -55,7 +66,7 @@ pub struct FrontendWant {
 
 impl FrontendWant {
     /// Both sets as they go into slots, capped at [`MAX_BACKENDS`] in all.
-    fn slotted(&self) -> (&[Backend], &[Backend]) {
+    fn slotted(&self) -> (&[AnyBackend], &[AnyBackend]) {
         let primary = &self.backends[..self.backends.len().min(MAX_BACKENDS)];
         let room = MAX_BACKENDS - primary.len();
         let local = &self.local_backends[..self.local_backends.len().min(room)];
@@ -70,7 +81,7 @@ impl FrontendWant {
         ids.iter().copied().collect()
     }
 
-    fn ranges(&self) -> BTreeSet<([u8; 4], u8)> {
+    fn ranges(&self) -> BTreeSet<(IpAddr, u8)> {
         if self.flags & SVC_F_SRC_RANGES == 0 {
             return BTreeSet::new();
         }
@@ -78,29 +89,23 @@ impl FrontendWant {
     }
 }
 
-/// The addresses of this node.
+/// The addresses of this node, both families.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeAddrs {
     /// Those NodePorts answer on (`--nodeport-addresses`).
-    pub nodeport: BTreeSet<[u8; 4]>,
+    pub nodeport: BTreeSet<IpAddr>,
     /// Every address of the node (a NodePort address is one too).
-    pub host: BTreeSet<[u8; 4]>,
-}
-
-/// A frontend's address is a VIP (a ClusterIP, externalIP or LB IP) unless
-/// it is 0.0.0.0, which stands for a NodePort on every node address.
-fn is_vip(key: &SvcKey) -> bool {
-    key.addr != [0; 4]
+    pub host: BTreeSet<IpAddr>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
-    pub frontends: BTreeMap<SvcKey, FrontendWant>,
+    pub frontends: BTreeMap<FeKey, FrontendWant>,
     /// Addresses NodePorts answer on.
-    pub node_addrs: BTreeSet<[u8; 4]>,
+    pub node_addrs: BTreeSet<IpAddr>,
     /// Other addresses of this node (hostNetwork backends answer from
     /// them).
-    pub host_addrs: BTreeSet<[u8; 4]>,
+    pub host_addrs: BTreeSet<IpAddr>,
 }
 
 impl Desired {
@@ -125,7 +130,7 @@ struct Programmed {
     /// Affinity membership entries written (backend ids).
     members: BTreeSet<u32>,
     /// Source range entries written.
-    ranges: BTreeSet<([u8; 4], u8)>,
+    ranges: BTreeSet<(IpAddr, u8)>,
     external_addr: bool,
 }
 
@@ -143,23 +148,24 @@ pub struct SyncReport {
 
 pub struct Syncer<M: LbMaps> {
     maps: M,
-    frontends: BTreeMap<SvcKey, Programmed>,
+    frontends: BTreeMap<FeKey, Programmed>,
     names: BTreeMap<u32, String>,
     backends: Backends,
-    addrs: BTreeMap<AddrKey, AddrValue>,
+    /// Address classes written, both families.
+    addrs: BTreeMap<IpAddr, AddrValue>,
     /// Entries found at adoption that nothing refers to.
     garbage: Vec<Key>,
     svc_ids: ServicePortIds,
     /// The desired state last asked for; a sync is a diff against it.
-    wanted: BTreeMap<SvcKey, FrontendWant>,
+    wanted: BTreeMap<FeKey, FrontendWant>,
     node_addrs: NodeAddrs,
     /// Frontends whose last write failed: retried at every sync.
-    failed: BTreeSet<SvcKey>,
+    failed: BTreeSet<FeKey>,
     /// Programmed frontends per VIP address and kind (true: external).
-    vips: BTreeMap<([u8; 4], bool), usize>,
+    vips: BTreeMap<(IpAddr, bool), usize>,
     /// Addresses to check again at the next sync: found in the pins, or
     /// whose write failed (a full map).
-    stale_addrs: BTreeSet<[u8; 4]>,
+    stale_addrs: BTreeSet<IpAddr>,
 }
 
 /// Most slots a frontend can have (the slot index is a u16).
@@ -212,15 +218,22 @@ impl<M: LbMaps> Syncer<M> {
     }
 
     /// Entries this syncer keeps in each desired-state map.
-    pub fn entry_counts(&self) -> [(&'static str, usize); 4] {
+    pub fn entry_counts(&self) -> [(&'static str, usize); 7] {
+        let v4 = |k: &&FeKey| matches!(k, FeKey::V4(_));
+        let services = self.frontends.keys().filter(v4).count();
+        let backends = self.backends.count_v4();
+        let addrs = self.addrs.keys().filter(|a| a.is_ipv4()).count();
         [
-            (proxy_common::SVC_MAP, self.frontends.len()),
+            (proxy_common::SVC_MAP, services),
+            (proxy_common::SVC6_MAP, self.frontends.len() - services),
             (
                 proxy_common::SLOT_MAP,
                 self.frontends.values().map(|p| p.backend_ids.len()).sum(),
             ),
-            (proxy_common::BACKEND_MAP, self.backends.len()),
-            (proxy_common::ADDR_MAP, self.addrs.len()),
+            (proxy_common::BACKEND_MAP, backends),
+            (proxy_common::BACKEND6_MAP, self.backends.len() - backends),
+            (proxy_common::ADDR_MAP, addrs),
+            (proxy_common::ADDR6_MAP, self.addrs.len() - addrs),
         ]
     }
 
@@ -228,7 +241,7 @@ impl<M: LbMaps> Syncer<M> {
     /// state, then [`Syncer::apply`]. Also removes frontends adopted from
     /// the pins that are no longer wanted.
     pub fn sync(&mut self, desired: &Desired) -> SyncReport {
-        let mut changes: Vec<(SvcKey, Option<FrontendWant>)> = desired
+        let mut changes: Vec<(FeKey, Option<FrontendWant>)> = desired
             .frontends
             .iter()
             .filter(|(k, w)| self.wanted.get(k) != Some(w) || !self.frontends.contains_key(k))
@@ -251,11 +264,11 @@ impl<M: LbMaps> Syncer<M> {
     /// the number of frontends.
     pub fn apply(
         &mut self,
-        changes: &[(SvcKey, Option<FrontendWant>)],
+        changes: &[(FeKey, Option<FrontendWant>)],
         node_addrs: Option<&NodeAddrs>,
     ) -> SyncReport {
         let mut report = SyncReport::default();
-        let mut touched: BTreeSet<SvcKey> = std::mem::take(&mut self.failed);
+        let mut touched: BTreeSet<FeKey> = std::mem::take(&mut self.failed);
         for (key, want) in changes {
             match want {
                 Some(w) => self.wanted.insert(*key, w.clone()),
@@ -263,7 +276,7 @@ impl<M: LbMaps> Syncer<M> {
             };
             touched.insert(*key);
         }
-        let mut addrs: BTreeSet<[u8; 4]> = BTreeSet::new();
+        let mut addrs: BTreeSet<IpAddr> = BTreeSet::new();
         if let Some(node_addrs) = node_addrs {
             let old = &self.node_addrs;
             addrs.extend(old.nodeport.symmetric_difference(&node_addrs.nodeport));
@@ -275,7 +288,7 @@ impl<M: LbMaps> Syncer<M> {
             if !self.wanted.contains_key(key) && self.frontends.contains_key(key) {
                 self.remove_frontend(key, &mut report.writes);
                 report.frontends_removed += 1;
-                addrs.insert(key.addr);
+                addrs.insert(key.addr());
             }
         }
         // Backends the removals freed make room for the writes below.
@@ -294,7 +307,7 @@ impl<M: LbMaps> Syncer<M> {
             match self.write_frontend(key, &want, &mut report.writes) {
                 Ok(()) => {
                     report.frontends_written += 1;
-                    addrs.insert(key.addr);
+                    addrs.insert(key.addr());
                 }
                 Err(e) => {
                     self.failed.insert(*key);
@@ -303,13 +316,13 @@ impl<M: LbMaps> Syncer<M> {
             }
         }
         addrs.extend(std::mem::take(&mut self.stale_addrs));
-        addrs.remove(&[0; 4]);
+        addrs.retain(|a| !a.is_unspecified());
         self.sync_addrs(&addrs, &mut report);
         self.collect_garbage(&mut report.writes);
         report
     }
 
-    fn is_current(&self, key: &SvcKey, want: &FrontendWant) -> bool {
+    fn is_current(&self, key: &FeKey, want: &FrontendWant) -> bool {
         let Some(p) = self.frontends.get(key) else {
             return false;
         };
@@ -328,12 +341,12 @@ impl<M: LbMaps> Syncer<M> {
 
     fn write_frontend(
         &mut self,
-        key: &SvcKey,
+        key: &FeKey,
         want: &FrontendWant,
         writes: &mut usize,
     ) -> Result<(), WriteError> {
         let (primary, local) = want.slotted();
-        let slotted: Vec<Backend> = primary.iter().chain(local).copied().collect();
+        let slotted: Vec<AnyBackend> = primary.iter().chain(local).copied().collect();
         let mut created = Created::default();
         // Backends first: a slot must never point at a missing backend.
         let ids = match self.write_backends(&slotted, &mut created, writes) {
@@ -375,7 +388,7 @@ impl<M: LbMaps> Syncer<M> {
     /// users, references; then the old generation and extras go.
     fn switched(
         &mut self,
-        key: &SvcKey,
+        key: &FeKey,
         old: Option<Programmed>,
         new: &Programmed,
         writes: &mut usize,
@@ -402,11 +415,11 @@ impl<M: LbMaps> Syncer<M> {
         }
     }
 
-    fn count_vip(&mut self, key: &SvcKey, external: bool, up: bool) {
-        if !is_vip(key) {
+    fn count_vip(&mut self, key: &FeKey, external: bool, up: bool) {
+        if !key.is_vip() {
             return;
         }
-        let k = (key.addr, external);
+        let k = (key.addr(), external);
         if up {
             *self.vips.entry(k).or_default() += 1;
         } else if let Some(n) = self.vips.get_mut(&k) {
@@ -430,7 +443,7 @@ impl<M: LbMaps> Syncer<M> {
     /// The ids of `backends`, writing those not in the map yet.
     fn write_backends(
         &mut self,
-        backends: &[Backend],
+        backends: &[AnyBackend],
         created: &mut Created,
         writes: &mut usize,
     ) -> Result<Vec<u32>, WriteError> {
@@ -439,12 +452,13 @@ impl<M: LbMaps> Syncer<M> {
             let id = match self.backends.id_of(b) {
                 Some(id) => id,
                 None => {
-                    let entry = Entry::Backend(
-                        BackendKey {
-                            backend_id: self.backends.next_id(),
-                        },
-                        *b,
-                    );
+                    let k = BackendKey {
+                        backend_id: self.backends.next_id(),
+                    };
+                    let entry = match b {
+                        AnyBackend::V4(b) => Entry::Backend(k, *b),
+                        AnyBackend::V6(b) => Entry::Backend6(k, *b),
+                    };
                     self.maps.put(&entry)?;
                     *writes += 1;
                     let id = self.backends.insert_new(*b);
@@ -462,7 +476,7 @@ impl<M: LbMaps> Syncer<M> {
     /// use the new slots. Returns its id and generation.
     fn switch_to(
         &mut self,
-        key: &SvcKey,
+        key: &FeKey,
         old: Option<&Programmed>,
         new: &Programmed,
         created: &mut Created,
@@ -505,6 +519,7 @@ impl<M: LbMaps> Syncer<M> {
             let entry = match key {
                 Key::AffMember(k) => Entry::AffMember(k),
                 Key::SrcRange(k, len) => Entry::SrcRange(k, len),
+                Key::SrcRange6(k, len) => Entry::SrcRange6(k, len),
                 _ => unreachable!("extra_keys makes members and ranges only"),
             };
             self.maps.put(&entry)?;
@@ -519,7 +534,10 @@ impl<M: LbMaps> Syncer<M> {
             flags: new.flags,
             affinity_timeout: new.affinity_timeout,
         };
-        self.maps.put(&Entry::Service(*key, value))?;
+        self.maps.put(&match key {
+            FeKey::V4(k) => Entry::Service(*k, value),
+            FeKey::V6(k) => Entry::Service6(*k, value),
+        })?;
         *writes += 1;
         if old.is_none() {
             self.svc_ids.take(svc_id);
@@ -540,11 +558,7 @@ impl<M: LbMaps> Syncer<M> {
             }
         }
         for id in &created.backends {
-            if self
-                .maps
-                .delete(&Key::Backend(BackendKey { backend_id: *id }))
-                .is_ok()
-            {
+            if self.delete_backend(*id).is_ok() {
                 *writes += 1;
             }
             self.backends.forget(*id);
@@ -569,14 +583,18 @@ impl<M: LbMaps> Syncer<M> {
         }
     }
 
-    fn remove_frontend(&mut self, key: &SvcKey, writes: &mut usize) {
+    fn remove_frontend(&mut self, key: &FeKey, writes: &mut usize) {
         let Some(old) = self.frontends.remove(key) else {
             return;
         };
         self.count_vip(key, old.external_addr, false);
         // The service entry first: no new flow may pick a slot being
         // deleted.
-        if self.maps.delete(&Key::Service(*key)).is_ok() {
+        let service = match key {
+            FeKey::V4(k) => Key::Service(*k),
+            FeKey::V6(k) => Key::Service6(*k),
+        };
+        if self.maps.delete(&service).is_ok() {
             *writes += 1;
         }
         self.release(&old, writes);
@@ -606,7 +624,7 @@ impl<M: LbMaps> Syncer<M> {
     /// The class bits of an address: ClusterIP or external IP while a
     /// programmed frontend of that kind uses it, NodePort address, address
     /// of this node.
-    fn class_of(&self, addr: &[u8; 4]) -> u8 {
+    fn class_of(&self, addr: &IpAddr) -> u8 {
         let mut c = 0;
         if self.vips.contains_key(&(*addr, false)) {
             c |= ADDR_CLUSTER_IP;
@@ -624,32 +642,40 @@ impl<M: LbMaps> Syncer<M> {
     }
 
     /// Re-derives the class of the addresses a sync touched.
-    fn sync_addrs(&mut self, touched: &BTreeSet<[u8; 4]>, report: &mut SyncReport) {
+    fn sync_addrs(&mut self, touched: &BTreeSet<IpAddr>, report: &mut SyncReport) {
         for addr in touched {
-            let k = AddrKey { addr: *addr };
             let want = Some(self.class_of(addr)).filter(|c| *c != 0).map(class);
-            if self.addrs.get(&k) == want.as_ref() {
+            if self.addrs.get(addr) == want.as_ref() {
                 continue;
             }
-            let result = match want {
-                Some(v) => self.maps.put(&Entry::Addr(k, v)),
-                None => self.maps.delete(&Key::Addr(k)),
+            let result = match (want, addr) {
+                (Some(v), IpAddr::V4(a)) => self.maps.put(&Entry::Addr(addr_key(*a), v)),
+                (Some(v), IpAddr::V6(a)) => self.maps.put(&Entry::Addr6(addr_key6(*a), v)),
+                (None, IpAddr::V4(a)) => self.maps.delete(&Key::Addr(addr_key(*a))),
+                (None, IpAddr::V6(a)) => self.maps.delete(&Key::Addr6(addr_key6(*a))),
             };
             match result {
                 Ok(()) => {
                     report.writes += 1;
                     match want {
-                        Some(v) => self.addrs.insert(k, v),
-                        None => self.addrs.remove(&k),
+                        Some(v) => self.addrs.insert(*addr, v),
+                        None => self.addrs.remove(addr),
                     };
                 }
                 Err(e) => {
                     self.stale_addrs.insert(*addr);
-                    report
-                        .failed
-                        .push((format!("address {}", std::net::Ipv4Addr::from(*addr)), e))
+                    report.failed.push((format!("address {addr}"), e))
                 }
             }
+        }
+    }
+
+    /// Deletes a backend's entry from the map of its family.
+    fn delete_backend(&mut self, id: u32) -> Result<(), WriteError> {
+        let k = BackendKey { backend_id: id };
+        match self.backends.get(id) {
+            Some(AnyBackend::V6(_)) => self.maps.delete(&Key::Backend6(k)),
+            _ => self.maps.delete(&Key::Backend(k)),
         }
     }
 
@@ -660,11 +686,7 @@ impl<M: LbMaps> Syncer<M> {
             }
         }
         for id in self.backends.take_unused() {
-            if self
-                .maps
-                .delete(&Key::Backend(BackendKey { backend_id: id }))
-                .is_ok()
-            {
+            if self.delete_backend(id).is_ok() {
                 *writes += 1;
                 self.backends.remove(id);
             }
@@ -673,21 +695,38 @@ impl<M: LbMaps> Syncer<M> {
 }
 
 /// The map keys of a frontend's affinity members and source ranges.
-fn extra_keys(svc_id: u32, members: &BTreeSet<u32>, ranges: &BTreeSet<([u8; 4], u8)>) -> Vec<Key> {
+fn extra_keys(svc_id: u32, members: &BTreeSet<u32>, ranges: &BTreeSet<(IpAddr, u8)>) -> Vec<Key> {
     let members = members.iter().map(|backend_id| {
         Key::AffMember(AffMemberKey {
             svc_id,
             backend_id: *backend_id,
         })
     });
-    let ranges = ranges.iter().map(|(addr, len)| {
-        let k = SrcRangeKey {
-            svc_id: svc_id.to_be_bytes(),
-            addr: *addr,
-        };
-        Key::SrcRange(k, *len)
+    let ranges = ranges.iter().map(|(addr, len)| match addr {
+        IpAddr::V4(a) => Key::SrcRange(
+            SrcRangeKey {
+                svc_id: svc_id.to_be_bytes(),
+                addr: a.octets(),
+            },
+            *len,
+        ),
+        IpAddr::V6(a) => Key::SrcRange6(
+            SrcRangeKey6 {
+                svc_id: svc_id.to_be_bytes(),
+                addr: a.octets(),
+            },
+            *len,
+        ),
     });
     members.chain(ranges).collect()
+}
+
+fn addr_key(a: std::net::Ipv4Addr) -> AddrKey {
+    AddrKey { addr: a.octets() }
+}
+
+fn addr_key6(a: std::net::Ipv6Addr) -> AddrKey6 {
+    AddrKey6 { addr: a.octets() }
 }
 
 fn class(class: u8) -> AddrValue {
@@ -699,7 +738,7 @@ fn class(class: u8) -> AddrValue {
 
 #[cfg(test)]
 mod tests {
-    use proxy_common::{IPPROTO_TCP, SVC_F_EXTERNAL};
+    use proxy_common::{Backend, IPPROTO_TCP, SVC_F_EXTERNAL, SvcKey};
 
     use super::*;
     use lbmap::MemLbMaps;
@@ -726,15 +765,18 @@ mod tests {
         FrontendWant {
             name: name.into(),
             flags: 0,
-            backends: backends.to_vec(),
+            backends: backends.iter().map(|b| (*b).into()).collect(),
             ..Default::default()
         }
     }
 
     fn desired(items: &[(SvcKey, FrontendWant)]) -> Desired {
         Desired {
-            frontends: items.iter().cloned().collect(),
-            node_addrs: BTreeSet::from([[192, 168, 200, 11]]),
+            frontends: items
+                .iter()
+                .map(|(k, w)| ((*k).into(), w.clone()))
+                .collect(),
+            node_addrs: BTreeSet::from([IpAddr::from([192, 168, 200, 11])]),
             ..Default::default()
         }
     }
@@ -979,7 +1021,7 @@ mod tests {
         s.maps_mut().log.clear();
         // b needs two new backends but only one fits: it fails, a is untouched.
         let r = s.apply(
-            &[(key(2, 80), Some(want("b", &[be(2, 80), be(3, 80)])))],
+            &[(key(2, 80).into(), Some(want("b", &[be(2, 80), be(3, 80)])))],
             None,
         );
         assert_eq!(r.failed.len(), 1);
@@ -989,7 +1031,7 @@ mod tests {
         }));
         // Removing a frees room; the failed frontend is retried by the next
         // apply even though it did not change.
-        let r = s.apply(&[(key(1, 80), None)], None);
+        let r = s.apply(&[(key(1, 80).into(), None)], None);
         assert_eq!(
             (r.frontends_removed, r.frontends_written),
             (1, 1),
@@ -1075,10 +1117,10 @@ mod tests {
                 | proxy_common::SVC_F_ETP_LOCAL
                 | SVC_F_AFFINITY
                 | SVC_F_SRC_RANGES,
-            backends: backends.to_vec(),
-            local_backends: local.to_vec(),
+            backends: backends.iter().map(|b| (*b).into()).collect(),
+            local_backends: local.iter().map(|b| (*b).into()).collect(),
             affinity_timeout: 30,
-            source_ranges: ranges.to_vec(),
+            source_ranges: ranges.iter().map(|(a, l)| (IpAddr::from(*a), *l)).collect(),
             external_addr: true,
         }
     }
@@ -1092,7 +1134,7 @@ mod tests {
         };
         let r1 = ([10, 0, 0, 0], 8);
         let mut d = desired(&[(lb, rich(&[be(1, 80), be(2, 80)], &[be(2, 80)], &[r1]))]);
-        d.host_addrs = BTreeSet::from([[192, 168, 200, 12]]);
+        d.host_addrs = BTreeSet::from([IpAddr::from([192, 168, 200, 12])]);
         assert!(s.sync(&d).failed.is_empty());
         let st = &s.maps().state;
         let v = st.services[&lb];
@@ -1128,7 +1170,7 @@ mod tests {
         // Backend 1 leaves, a range changes: members and ranges follow.
         let r2 = ([172, 16, 0, 0], 12);
         d.frontends
-            .insert(lb, rich(&[be(2, 80)], &[be(2, 80)], &[r2]));
+            .insert(lb.into(), rich(&[be(2, 80)], &[be(2, 80)], &[r2]));
         assert!(s.sync(&d).failed.is_empty());
         let st = &s.maps().state;
         assert_eq!(st.members.len(), 1);
@@ -1157,6 +1199,126 @@ mod tests {
             }]
                 .class,
             ADDR_NODEPORT | ADDR_HOST
+        );
+    }
+
+    fn be6(last: u8) -> AnyBackend {
+        AnyBackend::new(
+            format!("fd00:10:244:1::{last}").parse().unwrap(),
+            8080,
+            IPPROTO_TCP,
+            0,
+        )
+    }
+
+    fn key6(addr: &str, port: u16) -> FeKey {
+        FeKey::new(addr.parse().unwrap(), port, IPPROTO_TCP)
+    }
+
+    /// Both families in one syncer: one id space, each family's own
+    /// service, backend, address and source-range maps; a restart adopts
+    /// them; removal leaves nothing.
+    #[test]
+    fn ipv6_frontends_go_to_the_ipv6_maps_beside_ipv4_ones() {
+        let mut s = Syncer::adopt(MemLbMaps::default()).unwrap();
+        let mut d = desired(&[(key(1, 80), want("a", &[be(1, 8080)]))]);
+        let vip6 = key6("fd00::10", 80);
+        let np6 = key6("::", 30080);
+        let lb6 = key6("2001:db8::9", 80);
+        d.frontends.insert(
+            vip6,
+            FrontendWant {
+                name: "a6".into(),
+                backends: vec![be6(1), be6(2)],
+                ..Default::default()
+            },
+        );
+        d.frontends.insert(
+            np6,
+            FrontendWant {
+                name: "a6".into(),
+                flags: SVC_F_EXTERNAL,
+                backends: vec![be6(1)],
+                ..Default::default()
+            },
+        );
+        d.frontends.insert(
+            lb6,
+            FrontendWant {
+                name: "a6".into(),
+                flags: SVC_F_EXTERNAL | SVC_F_SRC_RANGES | SVC_F_AFFINITY,
+                backends: vec![be6(2)],
+                affinity_timeout: 5,
+                source_ranges: vec![("2001:db8:1::".parse().unwrap(), 48)],
+                external_addr: true,
+                ..Default::default()
+            },
+        );
+        let node6: IpAddr = "fd00:200::11".parse().unwrap();
+        d.node_addrs.insert(node6);
+        let r = s.sync(&d);
+        assert!(r.failed.is_empty(), "{:?}", r.failed);
+        let st = &s.maps().state;
+        assert_eq!((st.services.len(), st.services6.len()), (1, 3));
+        assert_eq!((st.backends.len(), st.backends6.len()), (1, 2));
+        let ids: BTreeSet<u32> = st
+            .services
+            .values()
+            .chain(st.services6.values())
+            .map(|v| v.svc_id)
+            .collect();
+        assert_eq!(ids.len(), 4, "one id space for both families");
+        let ids: BTreeSet<u32> = st
+            .backends
+            .keys()
+            .chain(st.backends6.keys())
+            .map(|k| k.backend_id)
+            .collect();
+        assert_eq!(ids.len(), 3, "one backend id space");
+        let class6 = |a: &str| {
+            st.addrs6[&AddrKey6 {
+                addr: a.parse::<std::net::Ipv6Addr>().unwrap().octets(),
+            }]
+                .class
+        };
+        assert_eq!(class6("fd00::10"), ADDR_CLUSTER_IP);
+        assert_eq!(class6("2001:db8::9"), ADDR_EXTERNAL);
+        assert_eq!(class6("fd00:200::11"), ADDR_NODEPORT | ADDR_HOST);
+        assert_eq!(st.addrs6.len(), 3, "no entry for ::");
+        assert_eq!(st.ranges6.len(), 1);
+        assert!(st.ranges.is_empty());
+        assert_eq!(st.members.len(), 1);
+        // The slots of the IPv6 ClusterIP name IPv6 backends.
+        let v = st.services6[&match vip6 {
+            FeKey::V6(k) => k,
+            _ => unreachable!(),
+        }];
+        for slot in 0..v.count {
+            let sk = SlotKey {
+                svc_id: v.svc_id,
+                generation: v.generation,
+                slot,
+            };
+            let id = st.slots[&sk].backend_id;
+            assert!(st.backends6.contains_key(&BackendKey { backend_id: id }));
+        }
+        assert_eq!(s.entry_counts()[1], (proxy_common::SVC6_MAP, 3));
+        assert_eq!(s.sync(&d).writes, 0, "unchanged: nothing rewritten");
+
+        // A restart adopts both families without a write.
+        let mut again = Syncer::adopt(s.maps().clone()).unwrap();
+        assert_eq!(again.sync(&d).writes, 0);
+
+        // The IPv6 frontends go; IPv4 stays untouched.
+        d.frontends.retain(|k, _| matches!(k, FeKey::V4(_)));
+        d.node_addrs.remove(&node6);
+        again.sync(&d);
+        let st = &again.maps().state;
+        assert!(st.services6.is_empty() && st.backends6.is_empty() && st.addrs6.is_empty());
+        assert!(st.ranges6.is_empty() && st.members.is_empty());
+        assert_eq!(
+            (st.services.len(), st.backends.len(), st.slots.len()),
+            (1, 1, 1)
         );
     }
 }

@@ -39,13 +39,16 @@ pub const SERVICE_IPS: &[&str] = &[
     "10.96.0.4",
     "10.96.0.5",
     "10.96.1.1",
+    "fd00::10",
+    "fd00::11",
+    "2001:db8::9",
 ];
 pub const BAD_SERVICE_IPS: &[&str] = &[
     "192.168.200.11",
     "0.0.0.0",
     "255.255.255.255",
     "127.0.0.1",
-    "fd00::10",
+    "::",
     "None",
     "",
     "10.96.0.300",
@@ -53,7 +56,14 @@ pub const BAD_SERVICE_IPS: &[&str] = &[
     "not-an-ip",
     " 10.96.0.1",
 ];
-pub const ENDPOINT_IPS: &[&str] = &["10.244.0.1", "10.244.0.2", "10.244.0.3", "10.244.1.9"];
+pub const ENDPOINT_IPS: &[&str] = &[
+    "10.244.0.1",
+    "10.244.0.2",
+    "10.244.0.3",
+    "10.244.1.9",
+    "fd00:244::1",
+    "fd00:244::2",
+];
 pub const BAD_ENDPOINT_IPS: &[&str] = &["192.168.200.11", "fd00::5", "junk", "10.244.0.256", ""];
 pub const PORT_NAMES: &[&str] = &["", "http", "dns"];
 pub const PORTS: &[i32] = &[80, 53, 8080];
@@ -66,7 +76,9 @@ pub const TYPES: &[&str] = &["ClusterIP", "NodePort", "LoadBalancer"];
 pub const BAD_TYPES: &[&str] = &["ExternalName", "Bogus", ""];
 pub const POLICIES: &[&str] = &["Local", "Cluster"];
 pub const BAD_POLICIES: &[&str] = &["local", ""];
-pub const BAD_ADDRESS_TYPES: &[&str] = &["IPv6", "FQDN", "ipv4", ""];
+pub const ADDRESS_TYPES: &[&str] = &["IPv4", "IPv6"];
+pub const BAD_ADDRESS_TYPES: &[&str] = &["FQDN", "ipv4", ""];
+pub const IP_FAMILIES: &[&str] = &["IPv4", "IPv6", "IPv5"];
 
 /// Mostly a value of `valid`, sometimes one of `bad`.
 fn mostly<T: Clone + std::fmt::Debug + 'static>(
@@ -149,18 +161,22 @@ fn service_spec() -> impl Strategy<Value = ServiceSpec> {
         (
             option::of(mostly_str(POLICIES, BAD_POLICIES)),
             option::of(mostly_str(POLICIES, BAD_POLICIES)),
+            option::weighted(0.15, vec(pick(IP_FAMILIES), 0..3)),
         ),
     )
         .prop_map(
-            |(cluster_ip, cluster_ips, external_ips, type_, ports, (etp, itp))| ServiceSpec {
-                cluster_ip,
-                cluster_ips,
-                external_ips,
-                type_,
-                ports,
-                external_traffic_policy: etp,
-                internal_traffic_policy: itp,
-                ..Default::default()
+            |(cluster_ip, cluster_ips, external_ips, type_, ports, (etp, itp, families))| {
+                ServiceSpec {
+                    cluster_ip,
+                    cluster_ips,
+                    external_ips,
+                    type_,
+                    ports,
+                    external_traffic_policy: etp,
+                    internal_traffic_policy: itp,
+                    ip_families: families,
+                    ..Default::default()
+                }
             },
         )
 }
@@ -308,7 +324,7 @@ pub fn slice() -> impl Strategy<Value = EndpointSlice> {
     (
         meta(SLICE_NAMES),
         slice_labels(),
-        mostly_str(&["IPv4"], BAD_ADDRESS_TYPES),
+        mostly_str(ADDRESS_TYPES, BAD_ADDRESS_TYPES),
         option::weighted(0.9, vec(endpoint_port(), 0..3)),
         endpoints(),
     )

@@ -80,7 +80,7 @@ pub fn run(dp: &mut Datapath) -> Result<()> {
     let (services, slices) = objects(n)?;
     // Watch events reach the model as upserts of the objects they name
     // (KubeSource::feed), which is what is timed below.
-    let node_addrs = BTreeSet::from([Ipv4Addr::new(192, 168, 200, 11)]);
+    let node_addrs = BTreeSet::from([std::net::IpAddr::V4(Ipv4Addr::new(192, 168, 200, 11))]);
     let mut model = ModelCache::new(
         NodeInfo {
             name: "node-a".into(),
@@ -190,7 +190,7 @@ pub fn model_rss(n: usize) -> Result<()> {
         store.push(s);
     }
     model.update();
-    let node_addrs = BTreeSet::from([Ipv4Addr::new(192, 168, 200, 11)]);
+    let node_addrs = BTreeSet::from([std::net::IpAddr::V4(Ipv4Addr::new(192, 168, 200, 11))]);
     let report = syncer.sync(&convert::to_desired(
         model.frontends(),
         &node_addrs,

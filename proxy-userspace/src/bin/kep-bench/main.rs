@@ -51,7 +51,7 @@ fn pod(i: usize) -> Ipv4Addr {
 
 fn desired(services: usize) -> Desired {
     let mut d = Desired {
-        node_addrs: BTreeSet::from([[192, 168, 200, 11]]),
+        node_addrs: BTreeSet::from([std::net::IpAddr::from([192, 168, 200, 11])]),
         ..Default::default()
     };
     for i in 0..services {
@@ -62,6 +62,7 @@ fn desired(services: usize) -> Desired {
                 proto: IPPROTO_TCP,
                 flags: 0,
             })
+            .map(Into::into)
             .collect();
         d.frontends.insert(
             SvcKey {
@@ -69,7 +70,8 @@ fn desired(services: usize) -> Desired {
                 port: 80u16.to_be_bytes(),
                 proto: IPPROTO_TCP,
                 _pad: 0,
-            },
+            }
+            .into(),
             FrontendWant {
                 name: format!("bench/svc-{i}:http"),
                 flags: 0,

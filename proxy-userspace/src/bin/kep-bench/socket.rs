@@ -83,6 +83,7 @@ fn with_measured_service(mut d: Desired) -> Desired {
                 proto,
                 flags: BE_F_LOCAL,
             })
+            .map(Into::into)
             .collect();
         let key = SvcKey {
             addr: VIP.ip().octets(),
@@ -92,7 +93,7 @@ fn with_measured_service(mut d: Desired) -> Desired {
         };
         let name = format!("bench/socket-lb:{proto}");
         d.frontends.insert(
-            key,
+            key.into(),
             FrontendWant {
                 name,
                 flags: 0,
