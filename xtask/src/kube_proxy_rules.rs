@@ -131,9 +131,13 @@ fn probability(i: usize, n: usize) -> String {
 /// the given order.
 pub fn iptables_restore(services: &[Service], cluster: ClusterCidr) -> String {
     let mut out = String::with_capacity(services.len() * 2048 + 4096);
-    let o = &mut out;
+    nat_table(&mut out, services, cluster);
+    filter_table(&mut out);
+    out
+}
 
-    // --- nat ---
+/// The nat table: the chains, the jumps into them, and each Service's.
+fn nat_table(o: &mut String, services: &[Service], cluster: ClusterCidr) {
     o.push_str("*nat\n");
     for builtin in ["PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"] {
         let _ = writeln!(o, ":{builtin} ACCEPT [0:0]");
@@ -179,39 +183,47 @@ pub fn iptables_restore(services: &[Service], cluster: ClusterCidr) -> String {
          -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n",
     );
     for s in services {
-        let svc = svc_chain(s);
-        let id = s.port_id();
-        let _ = writeln!(
-            o,
-            "-A {svc} ! -s {cluster} -d {}/32 -p tcp -m comment --comment \"{id} cluster IP\" -m tcp --dport {} -j KUBE-MARK-MASQ",
-            s.cluster_ip, s.port
-        );
-        let n = s.endpoints.len();
-        for (i, ep) in s.endpoints.iter().enumerate() {
-            let sep = sep_chain(s, *ep);
-            if i + 1 < n {
-                let _ = writeln!(
-                    o,
-                    "-A {svc} -m comment --comment \"{id} -> {ep}\" -m statistic --mode random --probability {} -j {sep}",
-                    probability(i, n)
-                );
-            } else {
-                let _ = writeln!(o, "-A {svc} -m comment --comment \"{id} -> {ep}\" -j {sep}");
-            }
-        }
-        for ep in &s.endpoints {
-            let sep = sep_chain(s, *ep);
-            let _ = writeln!(
-                o,
-                "-A {sep} -s {}/32 -m comment --comment \"{id}\" -j KUBE-MARK-MASQ\n\
-                 -A {sep} -p tcp -m comment --comment \"{id}\" -m tcp -j DNAT --to-destination {ep}",
-                ep.ip()
-            );
-        }
+        service_chains(o, s, cluster);
     }
     o.push_str("COMMIT\n");
+}
 
-    // --- filter ---
+/// A Service's chain (masquerade from outside the cluster, then a random
+/// pick of an endpoint) and its endpoints' chains (DNAT).
+fn service_chains(o: &mut String, s: &Service, cluster: ClusterCidr) {
+    let svc = svc_chain(s);
+    let id = s.port_id();
+    let _ = writeln!(
+        o,
+        "-A {svc} ! -s {cluster} -d {}/32 -p tcp -m comment --comment \"{id} cluster IP\" -m tcp --dport {} -j KUBE-MARK-MASQ",
+        s.cluster_ip, s.port
+    );
+    let n = s.endpoints.len();
+    for (i, ep) in s.endpoints.iter().enumerate() {
+        let sep = sep_chain(s, *ep);
+        if i + 1 < n {
+            let _ = writeln!(
+                o,
+                "-A {svc} -m comment --comment \"{id} -> {ep}\" -m statistic --mode random --probability {} -j {sep}",
+                probability(i, n)
+            );
+        } else {
+            let _ = writeln!(o, "-A {svc} -m comment --comment \"{id} -> {ep}\" -j {sep}");
+        }
+    }
+    for ep in &s.endpoints {
+        let sep = sep_chain(s, *ep);
+        let _ = writeln!(
+            o,
+            "-A {sep} -s {}/32 -m comment --comment \"{id}\" -j KUBE-MARK-MASQ\n\
+             -A {sep} -p tcp -m comment --comment \"{id}\" -m tcp -j DNAT --to-destination {ep}",
+            ep.ip()
+        );
+    }
+}
+
+/// The filter table: kube-proxy's fixed jumps and forwarding rules.
+fn filter_table(o: &mut String) {
     o.push_str("*filter\n");
     for builtin in ["INPUT", "FORWARD", "OUTPUT"] {
         let _ = writeln!(o, ":{builtin} ACCEPT [0:0]");
@@ -242,7 +254,6 @@ pub fn iptables_restore(services: &[Service], cluster: ClusterCidr) -> String {
          -A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
     );
     o.push_str("COMMIT\n");
-    out
 }
 
 fn nft_service_chain(s: &Service) -> String {
