@@ -83,8 +83,10 @@ const TRIM_AFTER_FRONTENDS: usize = 1000;
 /// Returns the allocator's free memory to the system. glibc keeps freed
 /// memory of large transient structures (a parsed manifest file, a
 /// re-list) in its arenas: without this the daemon's RSS stays at the
-/// peak of its largest change.
+/// peak of its largest change. (musl, the container image's libc, has no
+/// malloc_trim: its allocator returns freed memory by itself.)
 fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only walks the allocator's own free lists.
     unsafe {
         libc::malloc_trim(0);
