@@ -83,7 +83,7 @@ pub const SOCK_RNAT_MAP: &str = "KEP_SKRNAT_V1";
 pub const SOCK_FWD_MAP: &str = "KEP_SKFWD_V1";
 
 /// Every map name, for pinning and cleanup (the IPv6 ones included).
-pub const ALL_MAPS: [&str; 25] = [
+pub const ALL_MAPS: [&str; 27] = [
     SVC_MAP,
     SLOT_MAP,
     BACKEND_MAP,
@@ -109,6 +109,8 @@ pub const ALL_MAPS: [&str; 25] = [
     AFF6_MAP,
     SRCRNG6_MAP,
     CONFIG6_MAP,
+    SOCK_RNAT6_MAP,
+    SOCK_FWD6_MAP,
 ];
 
 /// Capacities. Hash maps holding desired state are created without
@@ -145,12 +147,16 @@ pub const PROG_CONNECT4: &str = "kep_connect4";
 pub const PROG_SENDMSG4: &str = "kep_sendmsg4";
 pub const PROG_RECVMSG4: &str = "kep_recvmsg4";
 pub const PROG_GETPEERNAME4: &str = "kep_getpeername4";
-/// Every socket-level program.
-pub const SOCK_PROGS: [&str; 4] = [
+/// Every socket-level program, IPv6 ones included.
+pub const SOCK_PROGS: [&str; 8] = [
     PROG_CONNECT4,
     PROG_SENDMSG4,
     PROG_RECVMSG4,
     PROG_GETPEERNAME4,
+    PROG_CONNECT6,
+    PROG_SENDMSG6,
+    PROG_RECVMSG6,
+    PROG_GETPEERNAME6,
 ];
 
 pub const IPPROTO_ICMP: u8 = 1;

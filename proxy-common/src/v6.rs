@@ -51,8 +51,21 @@ pub const SRCRNG6_MAP: &str = "KEP_SRCRNG6_V1";
 /// index 0.
 pub const CONFIG6_MAP: &str = "KEP_CFG6_V1";
 
+/// Socket-level load balancing of IPv6 sockets, reverse direction: as
+/// [`SOCK_RNAT_MAP`] ([`SockRevKey6`] → [`SockNat6`]).
+pub const SOCK_RNAT6_MAP: &str = "KEP_SKRNAT6_V1";
+/// Socket-level load balancing of unconnected IPv6 UDP: as [`SOCK_FWD_MAP`]
+/// ([`SockFwdKey6`] → [`SockNat6`]).
+pub const SOCK_FWD6_MAP: &str = "KEP_SKFWD6_V1";
+
+/// The IPv6 socket-level programs, as their IPv4 twins ([`SOCK_PROGS`]).
+pub const PROG_CONNECT6: &str = "kep_connect6";
+pub const PROG_SENDMSG6: &str = "kep_sendmsg6";
+pub const PROG_RECVMSG6: &str = "kep_recvmsg6";
+pub const PROG_GETPEERNAME6: &str = "kep_getpeername6";
+
 /// Every IPv6 map name (also in [`ALL_MAPS`]).
-pub const V6_MAPS: [&str; 9] = [
+pub const V6_MAPS: [&str; 11] = [
     SVC6_MAP,
     BACKEND6_MAP,
     ADDR6_MAP,
@@ -62,6 +75,8 @@ pub const V6_MAPS: [&str; 9] = [
     AFF6_MAP,
     SRCRNG6_MAP,
     CONFIG6_MAP,
+    SOCK_RNAT6_MAP,
+    SOCK_FWD6_MAP,
 ];
 
 /// Capacities: as the IPv4 twins' ([`SVC_MAP_SIZE`] ...).
@@ -187,6 +202,38 @@ impl SrcRangeKey6 {
     }
 }
 
+/// Key of [`SOCK_RNAT6_MAP`]: a backend as one socket sees it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SockRevKey6 {
+    pub cookie: u64,
+    pub addr: [u8; 16],
+    pub port: [u8; 2],
+    pub _pad: [u8; 6],
+}
+
+/// Key of [`SOCK_FWD6_MAP`]: a service address as one socket dialed it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SockFwdKey6 {
+    pub cookie: u64,
+    pub addr: [u8; 16],
+    pub port: [u8; 2],
+    pub _pad: [u8; 6],
+}
+
+/// Value of [`SOCK_RNAT6_MAP`] (the service address) and [`SOCK_FWD6_MAP`]
+/// (the backend address), as [`SockNat`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SockNat6 {
+    pub addr: [u8; 16],
+    pub port: [u8; 2],
+    pub _pad: [u8; 2],
+    pub svc_id: u32,
+    pub backend_id: u32,
+}
+
 /// Value of [`CONFIG6_MAP`] at index 0: what [`Config`] says per family.
 /// The SNAT port range and [`CFG_F_MASQUERADE_ALL`] are read from
 /// [`Config`] for both families.
@@ -257,6 +304,9 @@ mod user {
     unsafe impl aya::Pod for AffKey6 {}
     unsafe impl aya::Pod for SrcRangeKey6 {}
     unsafe impl aya::Pod for Config6 {}
+    unsafe impl aya::Pod for SockRevKey6 {}
+    unsafe impl aya::Pod for SockFwdKey6 {}
+    unsafe impl aya::Pod for SockNat6 {}
 }
 
 #[cfg(test)]
@@ -277,6 +327,9 @@ mod tests {
         assert_eq!(size_of::<AffKey6>(), 20);
         assert_eq!(size_of::<SrcRangeKey6>(), 20);
         assert_eq!(size_of::<Config6>(), 104);
+        assert_eq!(size_of::<SockRevKey6>(), 32);
+        assert_eq!(size_of::<SockFwdKey6>(), 32);
+        assert_eq!(size_of::<SockNat6>(), 28);
     }
 
     #[test]

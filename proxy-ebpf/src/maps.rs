@@ -192,3 +192,11 @@ pub static KEP_SRCRNG6_V1: LpmTrie<SrcRangeKey6, u8, { SRCRNG6_MAP_SIZE as usize
 
 #[btf_map]
 pub static KEP_CFG6_V1: Array<Config6, 1> = Array::new();
+
+#[btf_map]
+pub static KEP_SKRNAT6_V1: LruHashMap<SockRevKey6, SockNat6, { SOCK_RNAT_MAP_SIZE as usize }> =
+    LruHashMap::new();
+
+#[btf_map]
+pub static KEP_SKFWD6_V1: LruHashMap<SockFwdKey6, SockNat6, { SOCK_FWD_MAP_SIZE as usize }> =
+    LruHashMap::new();

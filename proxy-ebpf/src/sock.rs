@@ -14,6 +14,10 @@
 //! | `recvmsg4`     | UDP: a datagram from the backend comes from the service |
 //! | `getpeername4` | the peer is the service address                         |
 //!
+//! The `connect6`, `sendmsg6`, `recvmsg6` and `getpeername6` twins do the
+//! same for IPv6 sockets with the IPv6 maps: the logic is written once over
+//! [`SockFamily`].
+//!
 //! The reverse entries are keyed by the socket's cookie (as Cilium's
 //! `lb4_reverse_sk` map is), so one socket's translation never shows in
 //! another's.
@@ -46,7 +50,10 @@ use proxy_common::*;
 use crate::{
     family::{Addr, Be},
     lb::{self, Pick, Scope},
-    maps::{KEP_SKFWD_V1, KEP_SKRNAT_V1, KEP_SVC_V2, addr_class, config_ref, count, count_service},
+    maps::{
+        KEP_SKFWD_V1, KEP_SKFWD6_V1, KEP_SKRNAT_V1, KEP_SKRNAT6_V1, config_ref, count,
+        count_service,
+    },
 };
 
 /// Verdicts of a cgroup sock_addr program.
@@ -64,44 +71,234 @@ enum Call {
 
 #[cgroup_sock_addr(connect4)]
 pub fn kep_connect4(ctx: SockAddrContext) -> i32 {
-    forward(&ctx, Call::Connect)
+    forward::<[u8; 4]>(&ctx, Call::Connect)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn kep_sendmsg4(ctx: SockAddrContext) -> i32 {
-    forward(&ctx, Call::Sendmsg)
+    forward::<[u8; 4]>(&ctx, Call::Sendmsg)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn kep_recvmsg4(ctx: SockAddrContext) -> i32 {
-    reverse(&ctx);
+    reverse::<[u8; 4]>(&ctx);
     ALLOW
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn kep_getpeername4(ctx: SockAddrContext) -> i32 {
-    reverse(&ctx);
+    reverse::<[u8; 4]>(&ctx);
     ALLOW
 }
 
-/// The destination a socket names, as wire-order bytes.
-#[inline(always)]
-fn dest(ctx: &SockAddrContext) -> ([u8; 4], [u8; 2]) {
-    // SAFETY: the context is valid for the program run; both fields are
-    // read with the 4-byte loads the verifier requires.
-    let (ip, port) = unsafe { ((*ctx.sock_addr).user_ip4, (*ctx.sock_addr).user_port) };
-    // user_ip4 holds the address in network order and user_port the port in
-    // network order in its low 16 bits: their in-memory bytes are the wire's.
-    (ip.to_ne_bytes(), (port as u16).to_ne_bytes())
+#[cgroup_sock_addr(connect6)]
+pub fn kep_connect6(ctx: SockAddrContext) -> i32 {
+    forward::<[u8; 16]>(&ctx, Call::Connect)
 }
 
-#[inline(always)]
-fn set_dest(ctx: &SockAddrContext, addr: [u8; 4], port: [u8; 2]) {
-    // SAFETY: as in dest(); both fields are writable for these hooks.
-    unsafe {
-        (*ctx.sock_addr).user_ip4 = u32::from_ne_bytes(addr);
-        (*ctx.sock_addr).user_port = u16::from_ne_bytes(port) as u32;
+#[cgroup_sock_addr(sendmsg6)]
+pub fn kep_sendmsg6(ctx: SockAddrContext) -> i32 {
+    forward::<[u8; 16]>(&ctx, Call::Sendmsg)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn kep_recvmsg6(ctx: SockAddrContext) -> i32 {
+    reverse::<[u8; 16]>(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn kep_getpeername6(ctx: SockAddrContext) -> i32 {
+    reverse::<[u8; 16]>(&ctx);
+    ALLOW
+}
+
+/// A socket's service address or backend, of either family: the fields
+/// of `SockNat` and `SockNat6`.
+#[derive(Clone, Copy)]
+pub struct SockNatOf<A> {
+    pub addr: A,
+    pub port: [u8; 2],
+    pub svc_id: u32,
+    pub backend_id: u32,
+}
+
+/// What the socket hooks need of a family beyond [`Addr`]: the socket
+/// address fields and the socket maps.
+pub trait SockFamily: Addr {
+    /// The destination a socket names, as wire-order bytes.
+    fn dest(ctx: &SockAddrContext) -> (Self, [u8; 2]);
+    fn set_dest(ctx: &SockAddrContext, addr: Self, port: [u8; 2]);
+    /// The affinity key of the socket's network namespace: an address no
+    /// packet carries as its source.
+    fn netns_client(netns: [u8; 4]) -> Self;
+    /// The reverse entry (backend as this socket sees it → service).
+    fn service_of(cookie: u64, addr: Self, port: [u8; 2]) -> Option<SockNatOf<Self>>;
+    fn set_service_of(cookie: u64, addr: Self, port: [u8; 2], nat: &SockNatOf<Self>) -> bool;
+    /// The forward entry (service as this socket dialed it → backend).
+    fn backend_for(cookie: u64, addr: Self, port: [u8; 2]) -> Option<SockNatOf<Self>>;
+    fn set_backend_for(cookie: u64, addr: Self, port: [u8; 2], nat: &SockNatOf<Self>);
+}
+
+/// The two socket maps of a family, keyed and valued by its types.
+macro_rules! sock_maps {
+    ($rnat:ident, $fwd:ident, $rev_key:ident, $fwd_key:ident, $nat:ident, $pad:expr) => {
+        fn service_of(cookie: u64, addr: Self, port: [u8; 2]) -> Option<SockNatOf<Self>> {
+            let key = $rev_key {
+                cookie,
+                addr,
+                port,
+                _pad: $pad,
+            };
+            // SAFETY: copied out at once.
+            unsafe { $rnat.get(key) }.map(|n| SockNatOf {
+                addr: n.addr,
+                port: n.port,
+                svc_id: n.svc_id,
+                backend_id: n.backend_id,
+            })
+        }
+
+        fn set_service_of(cookie: u64, addr: Self, port: [u8; 2], n: &SockNatOf<Self>) -> bool {
+            let key = $rev_key {
+                cookie,
+                addr,
+                port,
+                _pad: $pad,
+            };
+            let value = $nat {
+                addr: n.addr,
+                port: n.port,
+                _pad: [0; 2],
+                svc_id: n.svc_id,
+                backend_id: n.backend_id,
+            };
+            $rnat.insert(key, value, 0).is_ok()
+        }
+
+        fn backend_for(cookie: u64, addr: Self, port: [u8; 2]) -> Option<SockNatOf<Self>> {
+            let key = $fwd_key {
+                cookie,
+                addr,
+                port,
+                _pad: $pad,
+            };
+            // SAFETY: copied out at once.
+            unsafe { $fwd.get(key) }.map(|n| SockNatOf {
+                addr: n.addr,
+                port: n.port,
+                svc_id: n.svc_id,
+                backend_id: n.backend_id,
+            })
+        }
+
+        fn set_backend_for(cookie: u64, addr: Self, port: [u8; 2], n: &SockNatOf<Self>) {
+            let key = $fwd_key {
+                cookie,
+                addr,
+                port,
+                _pad: $pad,
+            };
+            let value = $nat {
+                addr: n.addr,
+                port: n.port,
+                _pad: [0; 2],
+                svc_id: n.svc_id,
+                backend_id: n.backend_id,
+            };
+            // Losing this entry only costs stickiness, never correctness.
+            let _ = $fwd.insert(key, value, 0);
+        }
+    };
+}
+
+impl SockFamily for [u8; 4] {
+    #[inline(always)]
+    fn dest(ctx: &SockAddrContext) -> (Self, [u8; 2]) {
+        // SAFETY: the context is valid for the program run; both fields are
+        // read with the 4-byte loads the verifier requires.
+        let (ip, port) = unsafe { ((*ctx.sock_addr).user_ip4, (*ctx.sock_addr).user_port) };
+        // user_ip4 holds the address in network order and user_port the
+        // port in network order in its low 16 bits: their in-memory bytes
+        // are the wire's.
+        (ip.to_ne_bytes(), (port as u16).to_ne_bytes())
     }
+
+    #[inline(always)]
+    fn set_dest(ctx: &SockAddrContext, addr: Self, port: [u8; 2]) {
+        // SAFETY: as in dest(); both fields are writable for these hooks.
+        unsafe {
+            (*ctx.sock_addr).user_ip4 = u32::from_ne_bytes(addr);
+            (*ctx.sock_addr).user_port = u16::from_ne_bytes(port) as u32;
+        }
+    }
+
+    /// In 0.0.0.0/8.
+    #[inline(always)]
+    fn netns_client(netns: [u8; 4]) -> Self {
+        [0, netns[1], netns[2], netns[3]]
+    }
+
+    sock_maps!(
+        KEP_SKRNAT_V1,
+        KEP_SKFWD_V1,
+        SockRevKey,
+        SockFwdKey,
+        SockNat,
+        [0; 2]
+    );
+}
+
+impl SockFamily for [u8; 16] {
+    #[inline(always)]
+    fn dest(ctx: &SockAddrContext) -> (Self, [u8; 2]) {
+        let mut addr = [0u8; 16];
+        let mut i = 0;
+        while i < 4 {
+            // SAFETY: as for IPv4, one 4-byte load per word.
+            let w = unsafe { (*ctx.sock_addr).user_ip6[i] };
+            addr[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+            i += 1;
+        }
+        // SAFETY: as for IPv4.
+        let port = unsafe { (*ctx.sock_addr).user_port };
+        (addr, (port as u16).to_ne_bytes())
+    }
+
+    #[inline(always)]
+    fn set_dest(ctx: &SockAddrContext, addr: Self, port: [u8; 2]) {
+        let mut i = 0;
+        while i < 4 {
+            let w = u32::from_ne_bytes([
+                addr[i * 4],
+                addr[i * 4 + 1],
+                addr[i * 4 + 2],
+                addr[i * 4 + 3],
+            ]);
+            // SAFETY: writable for these hooks, one 4-byte store per word.
+            unsafe { (*ctx.sock_addr).user_ip6[i] = w };
+            i += 1;
+        }
+        // SAFETY: as for IPv4.
+        unsafe { (*ctx.sock_addr).user_port = u16::from_ne_bytes(port) as u32 };
+    }
+
+    /// In ::/96 (the deprecated IPv4-compatible addresses).
+    #[inline(always)]
+    fn netns_client(netns: [u8; 4]) -> Self {
+        let mut a = [0u8; 16];
+        a[13..].copy_from_slice(&netns[1..]);
+        a
+    }
+
+    sock_maps!(
+        KEP_SKRNAT6_V1,
+        KEP_SKFWD6_V1,
+        SockRevKey6,
+        SockFwdKey6,
+        SockNat6,
+        [0; 6]
+    );
 }
 
 #[inline(always)]
@@ -111,14 +308,14 @@ fn cookie(ctx: &SockAddrContext) -> u64 {
 }
 
 #[inline(always)]
-fn forward(ctx: &SockAddrContext, call: Call) -> i32 {
-    // SAFETY: as in dest().
+fn forward<A: SockFamily>(ctx: &SockAddrContext, call: Call) -> i32 {
+    // SAFETY: the context is valid for the program run.
     let proto = unsafe { (*ctx.sock_addr).protocol } as u8;
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return ALLOW;
     }
-    let (addr, port) = dest(ctx);
-    let class = addr_class(addr);
+    let (addr, port) = A::dest(ctx);
+    let class = addr.class();
     // With --masquerade-all every service connection is SNATed to the node,
     // which only the per-packet path does.
     if class == 0 || masquerade_all() {
@@ -132,7 +329,12 @@ fn forward(ctx: &SockAddrContext, call: Call) -> i32 {
             ALLOW
         };
     };
-    if svc.flags & SVC_F_SRC_RANGES != 0 || (svc.flags & SVC_F_ETP_LOCAL != 0 && !pods_internal()) {
+    if svc.flags & SVC_F_SRC_RANGES != 0
+        || (svc.flags & SVC_F_ETP_LOCAL != 0 && A::ZERO.in_cluster_cidr().is_none())
+    {
+        // Source ranges need the source address; ETP Local needs to know
+        // pods as internal clients (the family's cluster CIDR), as
+        // kube-proxy's detect-local: left to the per-packet path.
         return ALLOW;
     }
     let cookie = cookie(ctx);
@@ -141,10 +343,9 @@ fn forward(ctx: &SockAddrContext, call: Call) -> i32 {
         Call::Connect => pick_backend(ctx, &svc),
     };
     let be = match pick {
-        Pick::Backend(backend_id, be) => SockNat {
+        Pick::Backend(backend_id, be) => SockNatOf {
             addr: be.addr,
             port: be.port,
-            _pad: [0; 2],
             svc_id: svc.svc_id,
             backend_id,
         },
@@ -153,23 +354,17 @@ fn forward(ctx: &SockAddrContext, call: Call) -> i32 {
         // entry mid-update: the per-packet path decides, and drops alike.
         Pick::Drop(_) => return ALLOW,
     };
-    if !remember_service(cookie, addr, port, &be) {
+    // The reverse entry: this socket's backend shows as the service.
+    let service = SockNatOf { addr, port, ..be };
+    if !A::set_service_of(cookie, be.addr, be.port, &service) {
         // Without the reverse entry the socket would see the backend's
         // address: leave this one to the per-packet path.
         count(Counter::DropMapError);
         return ALLOW;
     }
-    set_dest(ctx, be.addr, be.port);
+    A::set_dest(ctx, be.addr, be.port);
     count(Counter::SocketLb);
     ALLOW
-}
-
-/// Whether the per-packet path counts pods as internal clients for
-/// externalTrafficPolicy Local: only when it knows the cluster CIDR (as
-/// kube-proxy's detect-local). Otherwise such frontends are left to it.
-#[inline(always)]
-fn pods_internal() -> bool {
-    config_ref().is_some_and(|c| c.flags & CFG_F_CLUSTER_CIDR != 0)
 }
 
 #[inline(always)]
@@ -178,28 +373,19 @@ fn masquerade_all() -> bool {
 }
 
 /// The frontend a socket names: the address's own (ClusterIP, external IP)
-/// or, on a NodePort address, the NodePort (address 0.0.0.0); the same
-/// order as the per-packet path's.
+/// or, on a NodePort address, the NodePort (the unspecified address); the
+/// same order as the per-packet path's.
 #[inline(always)]
-fn frontend(addr: [u8; 4], port: [u8; 2], proto: u8, class: u8) -> Option<SvcValue> {
-    let mut key = SvcKey {
-        addr,
-        port,
-        proto,
-        _pad: 0,
-    };
-    if class & (ADDR_CLUSTER_IP | ADDR_EXTERNAL) != 0 {
-        // SAFETY: copied out at once.
-        if let Some(svc) = unsafe { KEP_SVC_V2.get(key) } {
-            return Some(*svc);
-        }
+fn frontend<A: Addr>(addr: A, port: [u8; 2], proto: u8, class: u8) -> Option<SvcValue> {
+    if class & (ADDR_CLUSTER_IP | ADDR_EXTERNAL) != 0
+        && let Some(svc) = A::service(addr, port, proto)
+    {
+        return Some(svc);
     }
     if class & ADDR_NODEPORT == 0 {
         return None;
     }
-    key.addr = [0; 4];
-    // SAFETY: copied out at once.
-    unsafe { KEP_SVC_V2.get(key) }.copied()
+    A::service(A::ZERO, port, proto)
 }
 
 /// A service the TC path would reject with ICMP port unreachable. A TCP
@@ -220,8 +406,8 @@ fn refuse(proto: u8, reason: Counter) -> i32 {
 /// The backend of a new flow of the service, chosen as the per-packet path
 /// chooses for an internal client.
 #[inline(always)]
-fn pick_backend(ctx: &SockAddrContext, svc: &SvcValue) -> Pick<[u8; 4]> {
-    let pick = lb::select(svc, client_id(ctx), || Scope::Internal);
+fn pick_backend<A: SockFamily>(ctx: &SockAddrContext, svc: &SvcValue) -> Pick<A> {
+    let pick = lb::select(svc, client_id::<A>(ctx), || Scope::Internal);
     if let Pick::Backend(..) = pick {
         count_service(svc.svc_id, 0, true);
     }
@@ -229,34 +415,26 @@ fn pick_backend(ctx: &SockAddrContext, svc: &SvcValue) -> Pick<[u8; 4]> {
 }
 
 /// Who the client is, for session affinity: its network namespace (a pod,
-/// or the node), as a key in 0.0.0.0/8, which no packet carries as its
-/// source, so it never meets a client address of the per-packet path.
+/// or the node), as an address no packet carries as its source, so it
+/// never meets a client address of the per-packet path.
 #[inline(always)]
-fn client_id(ctx: &SockAddrContext) -> [u8; 4] {
+fn client_id<A: SockFamily>(ctx: &SockAddrContext) -> A {
     // SAFETY: plain helper call on the program's own context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let low = (netns as u32).to_be_bytes();
-    [0, low[1], low[2], low[3]]
+    A::netns_client((netns as u32).to_be_bytes())
 }
 
 /// For unconnected UDP: the backend this socket's earlier datagrams to the
 /// service went to while it still exists, else a new pick, remembered.
 #[inline(always)]
-fn sticky_backend(
+fn sticky_backend<A: SockFamily>(
     ctx: &SockAddrContext,
     cookie: u64,
-    addr: [u8; 4],
+    addr: A,
     port: [u8; 2],
     svc: &SvcValue,
-) -> Pick<[u8; 4]> {
-    let key = SockFwdKey {
-        cookie,
-        addr,
-        port,
-        _pad: [0; 2],
-    };
-    // SAFETY: copied out at once.
-    if let Some(prev) = unsafe { KEP_SKFWD_V1.get(key) }.copied()
+) -> Pick<A> {
+    if let Some(prev) = A::backend_for(cookie, addr, port)
         && prev.svc_id == svc.svc_id
         && let Some(be) = backend_of(&prev)
     {
@@ -264,15 +442,13 @@ fn sticky_backend(
     }
     let pick = pick_backend(ctx, svc);
     if let Pick::Backend(backend_id, be) = &pick {
-        let chosen = SockNat {
+        let chosen = SockNatOf {
             addr: be.addr,
             port: be.port,
-            _pad: [0; 2],
             svc_id: svc.svc_id,
             backend_id: *backend_id,
         };
-        // Losing this entry only costs stickiness, never correctness.
-        let _ = KEP_SKFWD_V1.insert(key, chosen, 0);
+        A::set_backend_for(cookie, addr, port, &chosen);
     }
     pick
 }
@@ -281,42 +457,17 @@ fn sticky_backend(
 /// and its id reused for another must not keep receiving the socket's
 /// traffic).
 #[inline(always)]
-fn backend_of(nat: &SockNat) -> Option<Be<[u8; 4]>> {
-    let be = <[u8; 4]>::backend(nat.backend_id)?;
+fn backend_of<A: SockFamily>(nat: &SockNatOf<A>) -> Option<Be<A>> {
+    let be = A::backend(nat.backend_id)?;
     (be.addr == nat.addr && be.port == nat.port).then_some(be)
-}
-
-#[inline(always)]
-fn remember_service(cookie: u64, addr: [u8; 4], port: [u8; 2], be: &SockNat) -> bool {
-    let key = SockRevKey {
-        cookie,
-        addr: be.addr,
-        port: be.port,
-        _pad: [0; 2],
-    };
-    let service = SockNat {
-        addr,
-        port,
-        _pad: [0; 2],
-        svc_id: be.svc_id,
-        backend_id: be.backend_id,
-    };
-    KEP_SKRNAT_V1.insert(key, service, 0).is_ok()
 }
 
 /// recvmsg() and getpeername(): a backend this socket was sent to shows as
 /// the service address it dialed.
 #[inline(always)]
-fn reverse(ctx: &SockAddrContext) {
-    let (addr, port) = dest(ctx);
-    let key = SockRevKey {
-        cookie: cookie(ctx),
-        addr,
-        port,
-        _pad: [0; 2],
-    };
-    // SAFETY: copied out at once.
-    if let Some(service) = unsafe { KEP_SKRNAT_V1.get(key) }.copied() {
-        set_dest(ctx, service.addr, service.port);
+fn reverse<A: SockFamily>(ctx: &SockAddrContext) {
+    let (addr, port) = A::dest(ctx);
+    if let Some(service) = A::service_of(cookie(ctx), addr, port) {
+        A::set_dest(ctx, service.addr, service.port);
     }
 }

@@ -794,3 +794,90 @@ fn random_extension_chains_get_sane_verdicts_and_valid_outputs() {
         "{changed} changed, {unchecked} not checked"
     );
 }
+
+/// A cgroup made for one test, with this process in it; dropping moves the
+/// process back and removes the cgroup (also when the test fails).
+struct TestCgroup {
+    path: std::path::PathBuf,
+    original: std::path::PathBuf,
+}
+
+impl TestCgroup {
+    fn enter(name: &str) -> TestCgroup {
+        use proxy_userspace::datapath::sockets::cgroup2_mount;
+        let mount = cgroup2_mount().expect("a cgroup v2 mount");
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        let rel = own.lines().find_map(|l| l.strip_prefix("0::")).unwrap();
+        let group = TestCgroup {
+            path: mount.join(format!("{name}-{}", std::process::id())),
+            original: mount.join(rel.trim_start_matches('/')),
+        };
+        std::fs::create_dir(&group.path).unwrap();
+        move_process(&group.path);
+        group
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        move_process(&self.original);
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
+fn move_process(to: &std::path::Path) {
+    let pid = std::process::id().to_string();
+    if let Err(e) = std::fs::write(to.join("cgroup.procs"), pid) {
+        eprintln!("moving into {}: {e}", to.display());
+    }
+}
+
+/// connect6, getpeername6, sendmsg6 and recvmsg6: real IPv6 sockets in a
+/// cgroup with only the socket programs attached (no TC program), so a
+/// connection to the ClusterIP works only if the socket hooks translate it.
+#[test]
+fn ipv6_sockets_connect_straight_to_the_backend_and_see_the_service() {
+    use std::{
+        io::Read,
+        net::{TcpListener, TcpStream, UdpSocket},
+    };
+    let Some(mut f) =
+        Fixture::new("ipv6_sockets_connect_straight_to_the_backend_and_see_the_service")
+    else {
+        return;
+    };
+    let backend = sa("[::1]:18081");
+    f.frontend(Frontend::new(VIP, TCP, &[("[::1]:18081", true)]));
+    f.frontend(Frontend::new(VIP, UDP, &[("[::1]:18081", true)]));
+    let empty = "[fd00:96::11]:80";
+    f.frontend(Frontend::new(empty, TCP, &[]));
+    let listener = TcpListener::bind(backend).unwrap();
+    let server = UdpSocket::bind(backend).unwrap();
+    let cgroup = TestCgroup::enter("kep-v6-sock");
+    f.dp.attach_sockets_unpinned(&cgroup.path).unwrap();
+
+    let stream = TcpStream::connect(sa(VIP)).expect("connect6 sends it to the backend");
+    assert_eq!(stream.peer_addr().unwrap(), sa(VIP).into(), "getpeername6");
+    let (mut accepted, from) = listener.accept().unwrap();
+    assert_eq!(from, stream.local_addr().unwrap());
+    drop(stream);
+    let _ = accepted.read(&mut [0u8; 1]);
+
+    let client = UdpSocket::bind("[::1]:0").unwrap();
+    client.send_to(b"ping", sa(VIP)).unwrap();
+    let mut buf = [0u8; 16];
+    let (n, peer) = server.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"ping", "sendmsg6 sent it to the backend");
+    server.send_to(b"pong", peer).unwrap();
+    let (n, from) = client.recv_from(&mut buf).unwrap();
+    assert_eq!(
+        (&buf[..n], from),
+        (&b"pong"[..], sa(VIP).into()),
+        "recvmsg6"
+    );
+
+    let refused = TcpStream::connect(sa(empty)).unwrap_err();
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+    assert!(f.counter(Counter::SocketLb) >= 2);
+    drop(cgroup);
+}

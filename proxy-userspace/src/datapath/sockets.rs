@@ -24,18 +24,25 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink, links::PinnedLink},
 };
 use nix::sys::statfs::{CGROUP2_SUPER_MAGIC, statfs};
-use proxy_common::{PROG_CONNECT4, PROG_GETPEERNAME4, PROG_RECVMSG4, PROG_SENDMSG4};
+use proxy_common::{
+    PROG_CONNECT4, PROG_CONNECT6, PROG_GETPEERNAME4, PROG_GETPEERNAME6, PROG_RECVMSG4,
+    PROG_RECVMSG6, PROG_SENDMSG4, PROG_SENDMSG6,
+};
 
 use super::links_dir;
 
 /// The order of attaching: the hooks that translate back first, so that at
 /// no moment a socket is sent to a backend without `getpeername()` and
 /// `recvmsg()` showing the service again.
-const ATTACH_ORDER: [&str; 4] = [
+const ATTACH_ORDER: [&str; 8] = [
     PROG_RECVMSG4,
     PROG_GETPEERNAME4,
+    PROG_RECVMSG6,
+    PROG_GETPEERNAME6,
     PROG_SENDMSG4,
     PROG_CONNECT4,
+    PROG_SENDMSG6,
+    PROG_CONNECT6,
 ];
 
 const PIN_PREFIX: &str = "sock-";
