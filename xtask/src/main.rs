@@ -143,7 +143,14 @@ fn test(extra: &[String]) -> Result<()> {
     // The lab test of the container image runs this archive with podman.
     let image = image::build()?;
     // Lab tests run one at a time: they time real traffic on two cores.
-    let mut args = vec!["test", "-p", "lab", "--no-fail-fast", "--", "--test-threads=1"];
+    let mut args = vec![
+        "test",
+        "-p",
+        "lab",
+        "--no-fail-fast",
+        "--",
+        "--test-threads=1",
+    ];
     args.extend(&extra);
     let status = Command::new("cargo")
         .args(&args)
