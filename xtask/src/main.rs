@@ -162,8 +162,8 @@ fn test(extra: &[String]) -> Result<()> {
         bail!("lab tests failed");
     }
     // The lab's daemons run with socket-level load balancing on; the
-    // proxy and Service-semantics suites again with it off, so both paths
-    // pass the same tests.
+    // proxy, Service-semantics and IPv6 suites again with it off, so both
+    // paths pass the same tests.
     let mut args = vec![
         "test",
         "-p",
@@ -172,6 +172,8 @@ fn test(extra: &[String]) -> Result<()> {
         "proxy",
         "--test",
         "semantics",
+        "--test",
+        "ipv6",
         "--",
         "--test-threads=1",
     ];
