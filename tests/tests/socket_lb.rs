@@ -18,6 +18,7 @@ use lab::{
     Lab, Netns, Reply, Signal, TcpConn, addr, cgroup2_mount, error_kind, require_root_or_skip,
     tcp_request, udp_request,
 };
+use proxy_common::SOCK_PROGS;
 
 mod common;
 
@@ -338,7 +339,7 @@ fn restarts_swap_socket_programs_in_place_and_cleanup_removes_them() -> Result<(
     let group = c.lab.cgroup(addr::NODE_A).unwrap().to_path_buf();
     let node = |c: &Cluster| c.lab.ns(addr::NODE_A).clone();
     let before = cgroup_programs(&node(&c), &group);
-    assert_eq!(before.len(), 4, "{before:?}");
+    assert_eq!(before.len(), SOCK_PROGS.len(), "{before:?}");
     let mut open = TcpConn::open(c.lab.ns(CLIENT_POD), vip)?;
     assert_eq!(open.request()?.identity, "web-b1");
 
@@ -353,7 +354,11 @@ fn restarts_swap_socket_programs_in_place_and_cleanup_removes_them() -> Result<(
 
     c.start_daemon(addr::NODE_A);
     let after = cgroup_programs(&node(&c), &group);
-    assert_eq!(after.len(), 4, "swapped, not added: {after:?}");
+    assert_eq!(
+        after.len(),
+        SOCK_PROGS.len(),
+        "swapped, not added: {after:?}"
+    );
     for hook in SOCK_HOOKS {
         assert_ne!(before[hook], after[hook], "{hook}: the new program runs");
     }
@@ -372,7 +377,7 @@ fn restarts_swap_socket_programs_in_place_and_cleanup_removes_them() -> Result<(
     c.extra_args.clear();
     c.lab.stop_daemon(addr::NODE_A, Signal::SIGTERM)?;
     c.start_daemon(addr::NODE_A);
-    assert_eq!(cgroup_programs(&node(&c), &group).len(), 4);
+    assert_eq!(cgroup_programs(&node(&c), &group).len(), SOCK_PROGS.len());
 
     c.lab.stop_daemon(addr::NODE_A, Signal::SIGTERM)?;
     c.cli(addr::NODE_A, &["cleanup"])?;
