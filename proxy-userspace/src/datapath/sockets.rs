@@ -330,11 +330,11 @@ mod tests {
         fs::write(links_dir(&dir).join("eth0@2-ingress"), b"").unwrap();
         let mut found = pins(&dir).unwrap();
         found.sort();
-        assert_eq!(found.len(), 4);
+        assert_eq!(found.len(), ATTACH_ORDER.len());
         assert!(found.iter().all(|(_, inode)| *inode == 42));
         // Plain files stand in for pins here: detach_all removes them in
         // order and leaves the TC pin alone.
-        assert_eq!(detach_all(&dir).unwrap(), 4);
+        assert_eq!(detach_all(&dir).unwrap(), ATTACH_ORDER.len());
         let left: Vec<_> = fs::read_dir(links_dir(&dir)).unwrap().collect();
         assert_eq!(left.len(), 1);
         fs::remove_dir_all(&dir).unwrap();
