@@ -104,3 +104,58 @@ fn a_full_conntrack_evicts_and_live_flows_keep_their_backend() {
     assert_eq!(counters["map_error"], after_churn["map_error"]);
     assert_eq!(counters["map_error"], 0, "{counters:?}");
 }
+
+const SNAT_PORTS: usize = 4;
+
+/// NodePort flows from outside to a backend on the other node are SNATed
+/// to a port of `--snat-port-range`. With 4 ports, 4 connections hold them
+/// all: the 5th is dropped and counted as `no_snat_port`, the 4 keep
+/// working. Once they close, their reverse-NAT entries stay (nothing
+/// collects them; only LRU eviction frees a port): the test prints whether
+/// a new connection gets through within 3 s, see the report in README's
+/// Reliability table.
+#[test]
+fn an_exhausted_snat_port_range_drops_new_flows_and_keeps_live_ones() {
+    let Some(c) = Cluster::start_with(
+        "exhaustion_snat",
+        &placement_manifests(),
+        &["--snat-port-range", "62000-62003"],
+    ) else {
+        return;
+    };
+    let client = c.lab.ns(addr::CLIENT);
+    let nodeport = std::net::SocketAddrV4::new(addr::NODE_A_IP, 30012);
+    let mut live: Vec<TcpConn<_>> = (0..SNAT_PORTS)
+        .map(|i| {
+            let mut conn = TcpConn::open(client, nodeport)
+                .unwrap_or_else(|e| panic!("connection {i}: {e:#}\n{}", c.logs()));
+            assert_eq!(conn.request().expect("request").identity, "web-b1");
+            conn
+        })
+        .collect();
+    let (before, _) = stats(&c, addr::NODE_A);
+    let refused =
+        TcpConn::open_timeout(client, nodeport, std::time::Duration::from_millis(1500)).is_err();
+    let (after, _) = stats(&c, addr::NODE_A);
+    let dropped = after["no_snat_port"] - before["no_snat_port"];
+    println!(
+        "snat range of {SNAT_PORTS} ports: connection {} refused: {refused}, no_snat_port drops \
+         {dropped} (SYN and its retransmissions)",
+        SNAT_PORTS + 1
+    );
+    assert!(refused, "a 5th flow got a port out of 4");
+    assert!(dropped >= 1, "{after:?}");
+    for conn in &mut live {
+        assert_eq!(conn.request().expect("live flow").identity, "web-b1");
+    }
+    drop(live);
+    let started = Instant::now();
+    let mut recovered = None;
+    while started.elapsed() < std::time::Duration::from_secs(3) {
+        if TcpConn::open_timeout(client, nodeport, std::time::Duration::from_millis(300)).is_ok() {
+            recovered = Some(started.elapsed());
+            break;
+        }
+    }
+    println!("after the 4 connections closed: a new one got through after {recovered:?}");
+}
