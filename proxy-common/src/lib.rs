@@ -573,9 +573,14 @@ pub enum Counter {
     /// A socket's connect() or sendmsg() to a service was sent straight to a
     /// backend (socket-level load balancing).
     SocketLb = 14,
+    /// A TCP segment that opens nothing (no SYN) found no conntrack entry
+    /// (evicted from the full LRU map, or from before the map was reset)
+    /// and was balanced again: to the same backend while the service's
+    /// backend set is unchanged, since the pick hashes the flow's tuple.
+    FlowRecreated = 15,
 }
 
-pub const COUNTER_COUNT: u32 = 15;
+pub const COUNTER_COUNT: u32 = 16;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -594,6 +599,7 @@ impl Counter {
         Counter::DropSourceRange,
         Counter::DropUnallocated,
         Counter::SocketLb,
+        Counter::FlowRecreated,
     ];
 
     /// Stable name, used as a metric label.
@@ -614,6 +620,7 @@ impl Counter {
             Counter::DropSourceRange => "source_range",
             Counter::DropUnallocated => "unallocated_service_ip",
             Counter::SocketLb => "socket_lb",
+            Counter::FlowRecreated => "flow_recreated",
         }
     }
 

@@ -70,6 +70,9 @@ pub struct Scratch<A> {
     pub be: Be<A>,
     /// The source's [`crate::lb::Scope`] once it was needed.
     pub scope: u8,
+    /// [`crate::lb::flow_hash`] of `key`, computed where the flow is found
+    /// to be new (a frame outside the deepest call chain).
+    pub hash: u32,
 }
 
 /// Size of the scratch map's value in 8-byte words: the IPv6 [`Scratch`].

@@ -107,6 +107,7 @@ pub fn handle<A: Addr>(ctx: &TcContext, hook: Hook, ip: &Ip<A>) -> Result<Action
             Ok(Action::Pass)
         };
     };
+    s.hash = lb::flow_hash(&s.key);
     Ok(Action::New(Frontend { svc, class }))
 }
 
@@ -254,7 +255,7 @@ fn choose_backend<A: Addr>(
     s.key = flow_key(ip, &ports);
     s.scope = SCOPE_UNKNOWN;
     let client = s.key.saddr;
-    let pick = lb::select(svc, client, || {
+    let pick = lb::select_by(svc, client, s.hash, || {
         let scope = scope(hook, client);
         s.scope = scope as u8;
         scope
@@ -339,6 +340,9 @@ fn set_up_flow<A: Addr>(
     let s = &*s;
     A::set_ct(&s.key, &s.fwd).map_err(|_| drop_packet(Counter::DropMapError))?;
     count(Counter::NewFlow);
+    if ip.proto == IPPROTO_TCP && !ports.is_syn() {
+        count(Counter::FlowRecreated);
+    }
     count_service(svc.svc_id, 0, true);
     A::log_new_flow(ctx, &s.key, svc.svc_id, &s.be);
     translate(ctx, ip, &ports, &s.fwd, Counter::Forward)

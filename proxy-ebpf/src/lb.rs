@@ -31,11 +31,25 @@ pub enum Pick<A> {
     Drop(Counter),
 }
 
-/// Picks the backend of a new flow from `client` to the frontend `svc`.
-/// `scope` is only read for externalTrafficPolicy Local frontends, so the
-/// caller may compute it lazily.
+/// Picks the backend of a new flow from `client` to the frontend `svc` at
+/// random. `scope` is only read for externalTrafficPolicy Local frontends,
+/// so the caller may compute it lazily.
 #[inline(always)]
 pub fn select<A: Addr>(svc: &SvcValue, client: A, scope: impl FnOnce() -> Scope) -> Pick<A> {
+    // SAFETY: plain helper call.
+    select_by(svc, client, unsafe { bpf_get_prandom_u32() }, scope)
+}
+
+/// [`select`] with the slot chosen by `spread` (a random number, or a hash
+/// of the flow's tuple so that the same flow gets the same backend again
+/// while the backend set is unchanged).
+#[inline(always)]
+pub fn select_by<A: Addr>(
+    svc: &SvcValue,
+    client: A,
+    spread: u32,
+    scope: impl FnOnce() -> Scope,
+) -> Pick<A> {
     if svc.flags & SVC_F_SRC_RANGES != 0 && !A::source_allowed(svc.svc_id, client) {
         return Pick::Drop(Counter::DropSourceRange);
     }
@@ -56,20 +70,18 @@ pub fn select<A: Addr>(svc: &SvcValue, client: A, scope: impl FnOnce() -> Scope)
         (0, svc.count)
     };
     if svc.flags & SVC_F_AFFINITY == 0 {
-        return random_slot(svc, first, n);
+        return slot_of(svc, first, n, spread);
     }
-    with_affinity(svc, client, first, n, local_only)
+    with_affinity(svc, client, first, n, local_only, spread)
 }
 
-/// A uniformly random slot among `n` from `first`.
+/// The slot `spread % n` from `first`.
 #[inline(always)]
-fn random_slot<A: Addr>(svc: &SvcValue, first: u16, n: u16) -> Pick<A> {
-    // SAFETY: plain helper call.
-    let random = unsafe { bpf_get_prandom_u32() };
+fn slot_of<A: Addr>(svc: &SvcValue, first: u16, n: u16, spread: u32) -> Pick<A> {
     let slot = SlotKey {
         svc_id: svc.svc_id,
         generation: svc.generation,
-        slot: first + (random % n as u32) as u16,
+        slot: first + (spread % n as u32) as u16,
     };
     // SAFETY: copied out at once.
     let Some(backend_id) = (unsafe { KEP_SLOT_V1.get(slot) }).map(|s| s.backend_id) else {
@@ -92,6 +104,7 @@ fn with_affinity<A: Addr>(
     first: u16,
     n: u16,
     local_only: bool,
+    spread: u32,
 ) -> Pick<A> {
     // SAFETY: plain helper call.
     let now = (unsafe { bpf_ktime_get_ns() } / 1_000_000_000) as u32;
@@ -104,7 +117,7 @@ fn with_affinity<A: Addr>(
         remember(svc.svc_id, client, aff.backend_id, now);
         return Pick::Backend(aff.backend_id, be);
     }
-    let pick = random_slot(svc, first, n);
+    let pick = slot_of(svc, first, n, spread);
     if let Pick::Backend(id, _) = pick {
         remember(svc.svc_id, client, id, now);
     }
@@ -124,4 +137,30 @@ fn remember<A: Addr>(svc_id: SvcId, client: A, backend_id: u32, now: u32) {
         last_seen: now,
     };
     A::set_affinity(svc_id, client, value);
+}
+
+/// A hash of a flow's tuple as the client sent it (murmur3's finalizer over
+/// its 32-bit words; the padding is zero): the same flow always gets the
+/// same slot, so a flow whose conntrack entry was evicted from the full LRU
+/// map is balanced to the backend it had, while the set is unchanged.
+#[inline(always)]
+pub fn flow_hash<A: Addr>(key: &crate::family::Tuple<A>) -> u32 {
+    const WORDS: usize = 16;
+    let words = core::mem::size_of::<crate::family::Tuple<A>>() / 4;
+    let p = (key as *const crate::family::Tuple<A>).cast::<u32>();
+    let mut h: u32 = 0x9e37_79b9;
+    for i in 0..WORDS {
+        if i >= words {
+            break;
+        }
+        // SAFETY: within the tuple (i < its size in words).
+        let w = unsafe { p.add(i).read_unaligned() };
+        h = (h ^ w).wrapping_mul(0xcc9e_2d51);
+        h = h.rotate_left(13);
+    }
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
 }

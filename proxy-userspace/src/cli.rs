@@ -117,6 +117,15 @@ pub struct RunArgs {
     #[arg(long, default_value = "61000-65535", value_parser = parse_port_range)]
     pub snat_port_range: (u16, u16),
 
+    /// Entries of each conntrack and reverse-NAT map (IPv4 and IPv6 each),
+    /// set at load (default 262144; kube-proxy's `conntrack.maxPerCore` and
+    /// `conntrack.min` in a config file size it when this is not given).
+    /// Pinned maps of another size are replaced by maps of this size, with
+    /// their entries copied. The maps are LRU: when full, the least recently
+    /// used entry is evicted for a new flow.
+    #[arg(long, value_name = "ENTRIES", value_parser = clap::value_parser!(u32).range(1..))]
+    pub conntrack_max: Option<u32>,
+
     /// The safety poll: how often the manifest directory, devices and
     /// addresses are checked even without an inotify or netlink
     /// notification (which are acted on at once).

@@ -123,6 +123,11 @@ pub struct FileConfig {
     pub cluster_cidr: Option<Vec<Cidr>>,
     /// `masqueradeAll`: `--masquerade-all`.
     pub masquerade_all: Option<bool>,
+    /// kube-proxy's `conntrack.maxPerCore`: with `conntrack_min`, sizes the
+    /// conntrack maps when `--conntrack-max` is not given (0: leave them).
+    pub conntrack_max_per_core: Option<u32>,
+    /// kube-proxy's `conntrack.min`.
+    pub conntrack_min: Option<u32>,
     /// `serviceClusterIPRange` (ours; comma separated):
     /// `--service-cluster-ip-range`.
     pub service_cluster_ip_range: Option<Vec<Cidr>>,
@@ -172,6 +177,16 @@ struct Raw {
     #[serde(rename = "socketLB")]
     socket_lb: Option<bool>,
     cgroup_root: Option<String>,
+    conntrack: Option<RawConntrack>,
+}
+
+/// kube-proxy's `conntrack`: the sizing fields (the nf_conntrack timeouts
+/// have no meaning here).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawConntrack {
+    max_per_core: Option<u32>,
+    min: Option<u32>,
 }
 
 /// kube-proxy's `clientConnection`; only `kubeconfig` has a meaning here.
@@ -243,6 +258,8 @@ impl TryFrom<Raw> for FileConfig {
             ),
             socket_lb: raw.socket_lb,
             cgroup_root: non_empty(raw.cgroup_root).map(PathBuf::from),
+            conntrack_max_per_core: raw.conntrack.as_ref().and_then(|c| c.max_per_core),
+            conntrack_min: raw.conntrack.as_ref().and_then(|c| c.min),
         };
         if config.manifests.is_some() && (config.kubeconfig.is_some() || config.master.is_some()) {
             errors.0.push(
@@ -424,7 +441,17 @@ pub fn merge(file: &FileConfig, mut args: RunArgs, explicit: &dyn Fn(&str) -> bo
     take!(masquerade_all, f.masquerade_all);
     take!(service_cluster_ip_range, f.service_cluster_ip_range.clone());
     take!(manifest_service_cidrs, f.manifest_service_cidrs.clone());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let from_file = conntrack_max(f.conntrack_max_per_core, f.conntrack_min, cores);
+    take!(conntrack_max, from_file.map(Some));
     args
+}
+
+/// kube-proxy's sizing of conntrack: `max(maxPerCore * cores, min)`, where
+/// a `maxPerCore` of 0 (or unset) leaves the size as it is (`None`).
+pub fn conntrack_max(per_core: Option<u32>, min: Option<u32>, cores: u32) -> Option<u32> {
+    let per_core = per_core.filter(|n| *n > 0)?;
+    Some(per_core.saturating_mul(cores).max(min.unwrap_or(0)))
 }
 
 /// Sets `*target` to the file's value unless the flag `id` was given.
@@ -701,6 +728,31 @@ manifests: /file/manifests
         assert_eq!(args.metrics_bind_address.port(), 9999);
         assert_eq!(args.healthz_bind_address.port(), 9998);
         assert_eq!(args.manifests, Some(PathBuf::from("/file/manifests")));
+    }
+
+    #[test]
+    fn conntrack_is_sized_as_kube_proxy_does() {
+        assert_eq!(conntrack_max(Some(32768), Some(131072), 2), Some(131072));
+        assert_eq!(conntrack_max(Some(32768), Some(131072), 8), Some(262144));
+        assert_eq!(conntrack_max(Some(100), None, 3), Some(300));
+        // maxPerCore 0 or unset: leave the size alone, whatever min says.
+        assert_eq!(conntrack_max(Some(0), Some(131072), 4), None);
+        assert_eq!(conntrack_max(None, Some(131072), 4), None);
+        assert_eq!(conntrack_max(Some(u32::MAX), None, 4), Some(u32::MAX));
+    }
+
+    #[test]
+    fn conntrack_from_the_file_unless_the_flag_is_given() {
+        let file = parse_str(&format!(
+            "{HEAD}conntrack: {{maxPerCore: 1000000, min: 5}}\n"
+        ))
+        .unwrap();
+        let cores = std::thread::available_parallelism().unwrap().get() as u32;
+        assert_eq!(run_with(&[], &file).conntrack_max, Some(1_000_000 * cores));
+        let args = run_with(&["--conntrack-max", "64"], &file);
+        assert_eq!(args.conntrack_max, Some(64));
+        let zero = parse_str(&format!("{HEAD}conntrack: {{maxPerCore: 0, min: 5}}\n")).unwrap();
+        assert_eq!(run_with(&[], &zero).conntrack_max, None);
     }
 
     #[test]

@@ -116,7 +116,7 @@ fn node_name(args: &RunArgs) -> Result<String> {
 /// it.
 fn load_datapath(args: &RunArgs, node_name: &str) -> Result<(Datapath, Syncer<BpfLbMaps>)> {
     bpffs::ensure(&args.bpffs)?;
-    let mut dp = Datapath::load(&args.bpffs, args.bpf_debug)?;
+    let mut dp = Datapath::load(&args.bpffs, args.bpf_debug, args.conntrack_max)?;
     if args.bpf_debug {
         dp.forward_debug_events()?;
     }

@@ -143,6 +143,40 @@ pub struct CounterRow {
     pub packets: u64,
 }
 
+/// How full one of the LRU maps the datapath writes is.
+#[derive(Debug, Serialize)]
+pub struct MapFillRow {
+    pub map: &'static str,
+    pub entries: u64,
+    pub max: u32,
+}
+
+/// The fill of the conntrack, reverse-NAT and affinity maps (IPv6 ones when
+/// pinned), their sizes read from the pins (`--conntrack-max` sets them).
+/// Entries are counted by walking the keys: one syscall per entry.
+pub fn map_fill(root: &Path) -> Result<Vec<MapFillRow>> {
+    fn fill<K: aya::Pod, V: aya::Pod>(root: &Path, map: &'static str) -> Result<MapFillRow> {
+        let max = crate::datapath::resize::pinned_max_entries(&maps_dir(root).join(map))?
+            .unwrap_or_default();
+        let m: HashMap<MapData, K, V> = open_pinned(root, map)?;
+        Ok(MapFillRow {
+            map,
+            entries: m.keys().count() as u64,
+            max,
+        })
+    }
+    let mut rows = vec![
+        fill::<FlowKey, NatEntry>(root, CT_MAP)?,
+        fill::<FlowKey, NatEntry>(root, RNAT_MAP)?,
+        fill::<AffKey, AffValue>(root, AFF_MAP)?,
+    ];
+    if maps_dir(root).join(CT6_MAP).exists() {
+        rows.push(fill::<FlowKey6, NatEntry6>(root, CT6_MAP)?);
+        rows.push(fill::<FlowKey6, NatEntry6>(root, RNAT6_MAP)?);
+    }
+    Ok(rows)
+}
+
 fn hash<K: aya::Pod + Ord, V: aya::Pod>(root: &Path, name: &str) -> Result<Vec<(K, V)>> {
     let map: HashMap<MapData, K, V> = open_pinned(root, name)?;
     let mut rows: Vec<(K, V)> = map.iter().collect::<Result<_, _>>()?;
@@ -409,13 +443,34 @@ pub fn render(root: &Path, what: InspectWhat, format: OutputFormat) -> Result<St
             ],
             flow_cells,
         ),
-        InspectWhat::Stats => show(
-            counters(root)?,
-            json,
-            &["COUNTER", "DROP", "PACKETS"],
-            |r| vec![r.counter.into(), r.drop.to_string(), r.packets.to_string()],
-        ),
+        InspectWhat::Stats => stats(root, json),
     }
+}
+
+/// The counters, then each LRU map's entries and size. JSON: one array,
+/// counter rows (`counter`, `drop`, `packets`) then map rows (`map`,
+/// `entries`, `max`).
+fn stats(root: &Path, json: bool) -> Result<String> {
+    let counters = counters(root)?;
+    let maps = map_fill(root)?;
+    if json {
+        let mut rows: Vec<serde_json::Value> = counters
+            .iter()
+            .map(serde_json::to_value)
+            .collect::<Result<_, _>>()?;
+        for m in &maps {
+            rows.push(serde_json::to_value(m)?);
+        }
+        return Ok(serde_json::to_string_pretty(&rows)?);
+    }
+    let mut out = show(counters, false, &["COUNTER", "DROP", "PACKETS"], |r| {
+        vec![r.counter.into(), r.drop.to_string(), r.packets.to_string()]
+    })?;
+    out.push('\n');
+    out.push_str(&show(maps, false, &["MAP", "ENTRIES", "MAX"], |r| {
+        vec![r.map.into(), r.entries.to_string(), r.max.to_string()]
+    })?);
+    Ok(out)
 }
 
 /// Rows as pretty JSON, or as a table with `header` and a row's `cells`.

@@ -436,14 +436,10 @@ impl DatapathCollector {
             .collect::<anyhow::Result<_>>()?;
         // Conntrack maps are LRU: their fill is counted by walking the keys
         // (one syscall per entry; fine at the sizes a scrape interval sees).
-        let mut tracked = Vec::new();
-        for (map, size) in [(CT_MAP, CT_MAP_SIZE), (RNAT_MAP, RNAT_MAP_SIZE)] {
-            let m: HashMap<MapData, FlowKey, NatEntry> = open_pinned(root, map)?;
-            tracked.push((map, m.keys().count() as u64, size));
-        }
-        // Session affinity's clients, an LRU of fixed size too.
-        let aff: HashMap<MapData, AffKey, AffValue> = open_pinned(root, AFF_MAP)?;
-        tracked.push((AFF_MAP, aff.keys().count() as u64, AFF_MAP_SIZE));
+        let tracked = crate::inspect::map_fill(root)?
+            .into_iter()
+            .map(|r| (r.map, r.entries, r.max))
+            .collect();
         Ok(DatapathFigures {
             per_service,
             counters,
@@ -535,13 +531,25 @@ impl Collector for DatapathCollector {
         let fill: Vec<(NameLabels, f64)> = f
             .tracked
             .iter()
-            .map(|(m, n, size)| (NameLabels { map: m }, *n as f64 / *size as f64))
+            .map(|(m, n, size)| (NameLabels { map: m }, *n as f64 / (*size).max(1) as f64))
             .collect();
         gauge_family(
             &mut encoder,
             "kube_ebpf_proxy_conntrack_fill_ratio",
             "Entries over capacity of the LRU maps the datapath writes",
             &fill,
+        )?;
+        let max: Vec<(NameLabels, f64)> = f
+            .tracked
+            .iter()
+            .map(|(m, _, size)| (NameLabels { map: m }, *size as f64))
+            .collect();
+        gauge_family(
+            &mut encoder,
+            "kube_ebpf_proxy_conntrack_max",
+            "Capacity (max entries) of the LRU maps the datapath writes (--conntrack-max sizes \
+             conntrack and reverse NAT)",
+            &max,
         )?;
         Ok(())
     }

@@ -281,6 +281,57 @@ fn a_flow_keeps_its_backend_and_new_flows_spread() {
     }
 }
 
+/// The conntrack maps are LRU: a full map evicts the least recently used
+/// entry, which may be a live flow's. Its next segment (no SYN) is balanced
+/// again, by a hash of its tuple: the same backend, counted.
+#[test]
+fn a_flow_whose_entry_was_evicted_keeps_its_backend() {
+    let Some(mut f) = Fixture::new("evicted") else {
+        return;
+    };
+    f.services(&[
+        ("10.244.2.11:8080", false),
+        ("10.244.2.12:8080", false),
+        ("10.244.2.13:8080", false),
+    ]);
+    let mut backends = std::collections::BTreeSet::new();
+    for port in 0..60u16 {
+        let client = SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 5), 30000 + port);
+        let syn = Pkt::tcp(client, sa(VIP), TCP_SYN).build();
+        let first = endpoint(&valid(&f.ingress(&syn).1), false);
+        backends.insert(first);
+        // What LRU eviction does to the flow's entries.
+        let key = FlowKey {
+            saddr: client.ip().octets(),
+            daddr: sa(VIP).ip().octets(),
+            sport: client.port().to_be_bytes(),
+            dport: 80u16.to_be_bytes(),
+            proto: IPPROTO_TCP,
+            _pad: [0; 3],
+        };
+        let entry = f.ct.get(&key, 0).expect("tracked");
+        f.ct.remove(&key).unwrap();
+        let reply = FlowKey {
+            saddr: entry.daddr,
+            daddr: entry.saddr,
+            sport: entry.dport,
+            dport: entry.sport,
+            proto: IPPROTO_TCP,
+            _pad: [0; 3],
+        };
+        f.rnat.remove(&reply).unwrap();
+        let data = Pkt::tcp(client, sa(VIP), TCP_ACK).build();
+        let again = endpoint(&valid(&f.ingress(&data).1), false);
+        assert_eq!(again, first, "flow from {client} moved after eviction");
+        // And the reply is translated back again.
+        let back = Pkt::tcp(first, client, TCP_ACK).build();
+        assert_eq!(endpoint(&valid(&f.ingress(&back).1), true), sa(VIP));
+    }
+    assert_eq!(backends.len(), 3, "flows still spread: {backends:?}");
+    assert_eq!(f.counter(Counter::FlowRecreated), 60);
+    assert_eq!(f.counter(Counter::NewFlow), 120);
+}
+
 #[test]
 fn nodeport_to_a_local_backend_keeps_the_client_address() {
     let Some(mut f) = Fixture::new("nodeport_local") else {

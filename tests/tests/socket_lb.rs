@@ -30,13 +30,9 @@ fn counters(c: &Cluster, node: &str) -> BTreeMap<String, u64> {
         .cli(node, &["inspect", "stats", "-o", "json"])
         .expect("inspect stats");
     let rows: Vec<serde_json::Value> = serde_json::from_str(&out).expect("stats json");
+    // Counter rows, then the maps' fill rows (no `counter`).
     rows.iter()
-        .map(|r| {
-            (
-                r["counter"].as_str().unwrap().to_string(),
-                r["packets"].as_u64().unwrap(),
-            )
-        })
+        .filter_map(|r| Some((r["counter"].as_str()?.to_string(), r["packets"].as_u64()?)))
         .collect()
 }
 

@@ -145,6 +145,7 @@ impl Reader {
             "clusterCIDR" => {
                 self.config.cluster_cidr = self.parsed(key, value, parse_cidr_list);
             }
+            "conntrack" => self.conntrack(value),
             _ => self.ignorable(key, value),
         }
     }
@@ -160,7 +161,6 @@ impl Reader {
             "enableProfiling" => "no /debug/pprof handler",
             "showHiddenMetricsForVersion" => "no hidden metrics",
             "oomScoreAdj" => "the kubelet sets it from the pod's priority class",
-            "conntrack" => CONNTRACK,
             "configSyncPeriod" => NO_RESYNC,
             "portRange" => "unused by kube-proxy too",
             "detectLocal" => "only read with the detectLocalMode values that are refused",
@@ -217,6 +217,44 @@ impl Reader {
                 "{field}: expected true or false, found {}",
                 one_line(other)
             )),
+        }
+    }
+
+    /// `conntrack`: `maxPerCore` and `min` size the datapath's conntrack
+    /// maps (see `config::conntrack_max`); the nf_conntrack timeouts do not
+    /// apply.
+    fn conntrack(&mut self, value: &Value) {
+        for (key, v) in self.mapping("conntrack", value) {
+            let field = format!("conntrack.{key}");
+            match key.as_str() {
+                "maxPerCore" => self.config.conntrack_max_per_core = self.count(&field, v),
+                "min" => self.config.conntrack_min = self.count(&field, v),
+                _ => self.ignore(&field, v, CONNTRACK),
+            }
+        }
+    }
+
+    /// A non-negative integer that fits a map size; null is unset.
+    fn count(&mut self, field: &str, v: &Value) -> Option<u32> {
+        match v {
+            Value::Null => None,
+            Value::Number(n) => match n.as_u64().and_then(|n| u32::try_from(n).ok()) {
+                Some(n) => Some(n),
+                None => {
+                    self.errors.push(format!(
+                        "{field}: expected a count up to {}, found {n}",
+                        u32::MAX
+                    ));
+                    None
+                }
+            },
+            other => {
+                self.errors.push(format!(
+                    "{field}: expected a number, found {}",
+                    one_line(other)
+                ));
+                None
+            }
         }
     }
 
@@ -853,6 +891,8 @@ windowsRunAsService: false
             "all: every address"
         );
         assert_eq!(c.min_sync_period_ms, Some(1000));
+        assert_eq!(c.conntrack_max_per_core, Some(32768));
+        assert_eq!(c.conntrack_min, Some(131072));
         let f = fields(&ignored);
         for expected in [
             "featureGates.SomeGate",

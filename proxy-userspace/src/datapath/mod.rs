@@ -24,6 +24,7 @@
 pub mod bpffs;
 pub mod devices;
 pub mod linkwatch;
+pub mod resize;
 pub mod sockets;
 
 use std::{
@@ -235,6 +236,15 @@ fn link_pin(root: &Path, dev: &Device, dir: Direction) -> PathBuf {
     links_dir(root).join(format!("{name}@{}-{}", dev.index, dir.suffix()))
 }
 
+/// Sets the size of the maps `--conntrack-max` sizes, when given.
+fn size_conntrack(loader: &mut EbpfLoader, conntrack_max: Option<u32>) {
+    if let Some(max) = conntrack_max {
+        for name in resize::SIZED_MAPS {
+            loader.map_max_entries(name, max);
+        }
+    }
+}
+
 fn decode_name(pinned: &str) -> String {
     pinned.replace("%2E", ".").replace("%25", "%")
 }
@@ -243,26 +253,57 @@ impl Datapath {
     /// Loads the programs, reusing the maps pinned under `root` (so state
     /// survives restarts) or creating and pinning them. `debug` turns on the
     /// programs' debug events (aya-log); off, the verifier removes them.
-    pub fn load(root: &Path, debug: bool) -> Result<Datapath> {
+    /// `conntrack_max` sizes the conntrack and reverse-NAT maps (default:
+    /// the object's); pinned ones of another size are replaced, their
+    /// entries copied (see [`resize`]).
+    pub fn load(root: &Path, debug: bool, conntrack_max: Option<u32>) -> Result<Datapath> {
         fs::create_dir_all(maps_dir(root))?;
         fs::create_dir_all(links_dir(root))?;
+        let max = conntrack_max.unwrap_or(proxy_common::CT_MAP_SIZE);
+        let resizes = resize::plan(&maps_dir(root), max)?;
         let pins: Vec<(&str, PathBuf)> = ALL_MAPS
             .iter()
-            .map(|name| (*name, maps_dir(root).join(name)))
+            .map(|name| {
+                let pin = match resizes.iter().find(|r| r.name == *name) {
+                    Some(r) => r.temporary.clone(),
+                    None => maps_dir(root).join(name),
+                };
+                (*name, pin)
+            })
             .collect();
         let mut loader = EbpfLoader::new();
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
         }
-        Datapath::finish(loader, debug, &[PROG_INGRESS, PROG_EGRESS], root)
-            .context("loading the eBPF object (are the pinned maps of another version?)")
+        size_conntrack(&mut loader, conntrack_max);
+        let mut dp = Datapath::finish(loader, debug, &[PROG_INGRESS, PROG_EGRESS], root)
+            .context("loading the eBPF object (are the pinned maps of another version?)")?;
+        for r in &resizes {
+            let copied = r.finish(&mut dp.ebpf)?;
+            tracing::info!(
+                map = r.name,
+                from = r.from,
+                to = r.to,
+                copied,
+                "resized a pinned map"
+            );
+        }
+        Ok(dp)
     }
 
     /// Loads the programs with private, unpinned maps: for datapath tests
     /// and benchmarks, which must not touch a running daemon's state.
     pub fn load_private(debug: bool) -> Result<Datapath> {
+        Datapath::load_private_sized(debug, None)
+    }
+
+    /// [`Datapath::load_private`] with conntrack maps of `conntrack_max`
+    /// entries.
+    pub fn load_private_sized(debug: bool, conntrack_max: Option<u32>) -> Result<Datapath> {
+        let mut loader = EbpfLoader::new();
+        size_conntrack(&mut loader, conntrack_max);
         Datapath::finish(
-            EbpfLoader::new(),
+            loader,
             debug,
             &[PROG_INGRESS, PROG_EGRESS, PROG_NOOP],
             Path::new(""),

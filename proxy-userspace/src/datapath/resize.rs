@@ -1,0 +1,151 @@
+//! Sizing the conntrack and reverse-NAT maps (`--conntrack-max`), and
+//! carrying the flows of pinned maps of another size over to new ones.
+//!
+//! A map's size is fixed when it is created, and the loader reuses a pinned
+//! map whatever its size. So before loading, [`plan`] finds the pins whose
+//! size differs and points the loader at a temporary pin name instead: the
+//! new programs get a new map of the wanted size, pinned there. After
+//! loading (before the new programs are attached, while the previous run's
+//! programs still serve from the old maps), [`Resize::finish`] copies every
+//! entry of the old map into the new one, removes the old pin and renames
+//! the temporary pin to the map's name.
+//!
+//! Flows that the old programs create between the copy and the attachment
+//! of the new programs (a few milliseconds) are not copied; their next
+//! packets go through the new programs as new flows. A smaller map keeps
+//! what fits: inserting beyond its size evicts the least recently used
+//! entries, which here are the ones copied first (the old map's hash
+//! order, not its recency).
+
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result};
+use aya::{
+    Ebpf, Pod,
+    maps::{HashMap, Map, MapData, MapError, MapInfo},
+};
+use proxy_common::{CT_MAP, CT6_MAP, FlowKey, FlowKey6, NatEntry, NatEntry6, RNAT_MAP, RNAT6_MAP};
+
+/// The maps `--conntrack-max` sizes: conntrack and reverse NAT, both
+/// families.
+pub const SIZED_MAPS: [&str; 4] = [CT_MAP, RNAT_MAP, CT6_MAP, RNAT6_MAP];
+
+/// Where a map of the new size is pinned until its entries are copied
+/// (bpffs refuses dots in names).
+pub fn temporary_pin(pin: &Path) -> PathBuf {
+    let mut name = pin.file_name().unwrap_or_default().to_os_string();
+    name.push("_resizing");
+    pin.with_file_name(name)
+}
+
+/// The size of the map pinned at `pin`, if one is.
+pub fn pinned_max_entries(pin: &Path) -> Result<Option<u32>> {
+    if !pin.exists() {
+        return Ok(None);
+    }
+    let info = MapInfo::from_pin(pin).with_context(|| format!("reading {}", pin.display()))?;
+    Ok(Some(info.max_entries()))
+}
+
+/// A pinned map being replaced by one of another size.
+#[derive(Debug)]
+pub struct Resize {
+    pub name: &'static str,
+    pub pin: PathBuf,
+    pub temporary: PathBuf,
+    pub from: u32,
+    pub to: u32,
+}
+
+/// The pinned maps (under `maps_dir`) whose size is not `max`. A temporary
+/// pin left by a run that died before renaming it becomes the map's pin
+/// again when the map's own pin is gone (it holds the copied flows), and is
+/// removed otherwise (the copy is redone).
+pub fn plan(maps_dir: &Path, max: u32) -> Result<Vec<Resize>> {
+    let mut out = Vec::new();
+    for name in SIZED_MAPS {
+        let pin = maps_dir.join(name);
+        let temporary = temporary_pin(&pin);
+        if temporary.exists() {
+            if pin.exists() {
+                fs::remove_file(&temporary)
+                    .with_context(|| format!("removing {}", temporary.display()))?;
+            } else {
+                fs::rename(&temporary, &pin)
+                    .with_context(|| format!("renaming {}", temporary.display()))?;
+            }
+        }
+        match pinned_max_entries(&pin)? {
+            Some(from) if from != max => out.push(Resize {
+                name,
+                pin,
+                temporary,
+                from,
+                to: max,
+            }),
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+impl Resize {
+    /// Copies the old map's entries into the new one (taken from `ebpf`,
+    /// which pinned it at the temporary name), then swaps the pins.
+    /// Returns the entries copied.
+    pub fn finish(&self, ebpf: &mut Ebpf) -> Result<usize> {
+        let new = ebpf
+            .map_mut(self.name)
+            .with_context(|| format!("map {} missing", self.name))?;
+        let copied = if self.name == CT_MAP || self.name == RNAT_MAP {
+            copy::<FlowKey, NatEntry>(&self.pin, new)
+        } else {
+            copy::<FlowKey6, NatEntry6>(&self.pin, new)
+        }
+        .with_context(|| format!("copying {} into its new map", self.pin.display()))?;
+        match fs::remove_file(&self.pin) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("removing {}", self.pin.display()));
+            }
+            _ => {}
+        }
+        fs::rename(&self.temporary, &self.pin)
+            .with_context(|| format!("renaming {}", self.temporary.display()))?;
+        Ok(copied)
+    }
+}
+
+/// Every entry of the map pinned at `from` into `to`. Entries that vanish
+/// while being read (the old programs still run) are skipped.
+fn copy<K: Pod, V: Pod>(from: &Path, to: &mut Map) -> Result<usize> {
+    let old: HashMap<MapData, K, V> =
+        HashMap::try_from(Map::from_map_data(MapData::from_pin(from)?)?)?;
+    let mut new: HashMap<&mut MapData, K, V> = HashMap::try_from(to)?;
+    let mut copied = 0;
+    for item in old.iter() {
+        match item {
+            Ok((k, v)) => {
+                new.insert(k, v, 0)?;
+                copied += 1;
+            }
+            Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(copied)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_temporary_pin_has_no_dot_and_sits_beside_the_map() {
+        let t = temporary_pin(Path::new("/sys/fs/bpf/kep/maps/KEP_CT_V1"));
+        assert_eq!(t, Path::new("/sys/fs/bpf/kep/maps/KEP_CT_V1_resizing"));
+        assert!(!t.file_name().unwrap().to_string_lossy().contains('.'));
+    }
+}

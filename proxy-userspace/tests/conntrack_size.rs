@@ -1,0 +1,200 @@
+//! `--conntrack-max`: the conntrack and reverse-NAT maps of both families
+//! get the size asked for, and pinned maps of another size (from an earlier
+//! run) are replaced by maps of the new size holding the same entries.
+//!
+//! The maps are pinned under a directory of this test's own on a bpffs
+//! (under /sys/fs/bpf, mounted if needed), removed afterwards also on
+//! failure.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use aya::maps::{HashMap, MapData, MapInfo};
+use proxy_common::*;
+use proxy_userspace::datapath::{Datapath, bpffs, maps_dir, open_pinned, resize::SIZED_MAPS};
+
+/// Privileged tests never skip silently in CI.
+fn privileged(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{test} needs root (CAP_BPF) and CI=true: refusing to skip");
+    }
+    eprintln!("skipping {test}: needs root");
+    false
+}
+
+/// A pin directory of this test's own, removed on drop.
+struct PinDir(PathBuf);
+
+impl PinDir {
+    fn new(name: &str) -> PinDir {
+        let dir = PathBuf::from(format!(
+            "/sys/fs/bpf/kep-test-{name}-{}",
+            std::process::id()
+        ));
+        bpffs::ensure(&dir).expect("a bpffs directory");
+        PinDir(dir)
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+        let _ = bpffs::release(&self.0);
+    }
+}
+
+fn max_entries(root: &Path, map: &str) -> u32 {
+    MapInfo::from_pin(maps_dir(root).join(map))
+        .unwrap()
+        .max_entries()
+}
+
+fn flow(i: u32) -> (FlowKey, NatEntry) {
+    let key = FlowKey {
+        saddr: [10, 244, (i >> 8) as u8, i as u8],
+        daddr: [10, 96, 0, 10],
+        sport: 40000u16.to_be_bytes(),
+        dport: 80u16.to_be_bytes(),
+        proto: IPPROTO_TCP,
+        _pad: [0; 3],
+    };
+    let value = NatEntry {
+        saddr: key.saddr,
+        daddr: [10, 244, 2, 11],
+        sport: key.sport,
+        dport: 8080u16.to_be_bytes(),
+        svc_id: 7,
+        backend_id: i,
+        flags: 0,
+        _pad: [0; 3],
+    };
+    (key, value)
+}
+
+fn flow6(i: u32) -> (FlowKey6, NatEntry6) {
+    let mut saddr = [0u8; 16];
+    saddr[0] = 0xfd;
+    saddr[15] = i as u8;
+    let key = FlowKey6 {
+        saddr,
+        daddr: [0xfd; 16],
+        sport: 40000u16.to_be_bytes(),
+        dport: 80u16.to_be_bytes(),
+        proto: IPPROTO_TCP,
+        _pad: [0; 3],
+    };
+    let value = NatEntry6 {
+        saddr,
+        daddr: [0xfe; 16],
+        sport: key.sport,
+        dport: 8080u16.to_be_bytes(),
+        svc_id: 7,
+        backend_id: i,
+        flags: 0,
+        _pad: [0; 3],
+    };
+    (key, value)
+}
+
+/// The pinned IPv4 conntrack entries, sorted by backend id.
+fn ct_entries(root: &Path) -> Vec<(FlowKey, NatEntry)> {
+    let ct: HashMap<MapData, FlowKey, NatEntry> = open_pinned(root, CT_MAP).unwrap();
+    let mut all: Vec<_> = ct.iter().map(Result::unwrap).collect();
+    all.sort_by_key(|(_, v)| v.backend_id);
+    all
+}
+
+fn no_temporary_pins(root: &Path) {
+    let left: Vec<String> = fs::read_dir(maps_dir(root))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with("_resizing"))
+        .collect();
+    assert!(left.is_empty(), "temporary pins left: {left:?}");
+}
+
+#[test]
+fn pinned_conntrack_maps_are_resized_with_their_flows() {
+    if !privileged("pinned_conntrack_maps_are_resized_with_their_flows") {
+        return;
+    }
+    let dir = PinDir::new("resize");
+    let root = dir.0.as_path();
+    let written: Vec<_> = (0..100).map(flow).collect();
+    {
+        let mut dp = Datapath::load(root, false, Some(1024)).expect("first load");
+        let mut ct: HashMap<MapData, FlowKey, NatEntry> = dp.map(CT_MAP).unwrap();
+        for (k, v) in &written {
+            ct.insert(k, v, 0).unwrap();
+        }
+        let mut ct6: HashMap<MapData, FlowKey6, NatEntry6> = dp.map(CT6_MAP).unwrap();
+        for (k, v) in (0..10).map(flow6) {
+            ct6.insert(k, v, 0).unwrap();
+        }
+    }
+    for map in SIZED_MAPS {
+        assert_eq!(max_entries(root, map), 1024, "{map}");
+    }
+
+    // Grown: every flow is carried over, in both families.
+    drop(Datapath::load(root, false, Some(4096)).expect("grown"));
+    for map in SIZED_MAPS {
+        assert_eq!(max_entries(root, map), 4096, "{map}");
+    }
+    assert_eq!(
+        ct_entries(root)
+            .iter()
+            .map(|(k, v)| (k.saddr, v.backend_id))
+            .collect::<Vec<_>>(),
+        written
+            .iter()
+            .map(|(k, v)| (k.saddr, v.backend_id))
+            .collect::<Vec<_>>()
+    );
+    let ct6: HashMap<MapData, FlowKey6, NatEntry6> = open_pinned(root, CT6_MAP).unwrap();
+    assert_eq!(ct6.keys().count(), 10);
+    no_temporary_pins(root);
+
+    // The same size again: the pinned maps are kept as they are.
+    drop(Datapath::load(root, false, Some(4096)).expect("same size"));
+    assert_eq!(ct_entries(root).len(), 100);
+
+    // Shrunk below the entries held: the new map keeps what fits.
+    drop(Datapath::load(root, false, Some(64)).expect("shrunk"));
+    assert_eq!(max_entries(root, CT_MAP), 64);
+    let kept = ct_entries(root).len();
+    println!("shrunk 4096 -> 64 with 100 flows: {kept} kept");
+    assert!(kept > 0 && kept <= 64, "{kept}");
+    no_temporary_pins(root);
+
+    // No size asked for: the object's default.
+    drop(Datapath::load(root, false, None).expect("default"));
+    assert_eq!(max_entries(root, CT_MAP), CT_MAP_SIZE);
+    assert_eq!(ct_entries(root).len(), kept);
+}
+
+#[test]
+fn a_temporary_pin_left_by_a_dead_run_is_recovered() {
+    if !privileged("a_temporary_pin_left_by_a_dead_run_is_recovered") {
+        return;
+    }
+    let dir = PinDir::new("recover");
+    let root = dir.0.as_path();
+    {
+        let mut dp = Datapath::load(root, false, Some(512)).expect("first load");
+        let mut ct: HashMap<MapData, FlowKey, NatEntry> = dp.map(CT_MAP).unwrap();
+        let (k, v) = flow(1);
+        ct.insert(k, v, 0).unwrap();
+    }
+    // A run that died between removing the old pin and renaming the new.
+    let pin = maps_dir(root).join(CT_MAP);
+    fs::rename(&pin, maps_dir(root).join(format!("{CT_MAP}_resizing"))).unwrap();
+    drop(Datapath::load(root, false, Some(512)).expect("after the crash"));
+    assert_eq!(ct_entries(root).len(), 1);
+    no_temporary_pins(root);
+}
