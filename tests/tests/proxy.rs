@@ -20,6 +20,7 @@ use lab::{
     Lab, Signal, TcpConn, addr, error_kind, require_root_or_skip, servers::tcp_request_timeout,
     tcp_request, udp_request,
 };
+use proxy_common::SOCK_PROGS;
 
 mod common;
 
@@ -330,10 +331,11 @@ fn the_datapath_outlives_the_daemon_and_cleanup_removes_everything() -> Result<(
     let vip = sa("10.96.0.12:80");
     tcp_request(c.lab.ns(pod_ns), vip)?;
     // 3 devices on node-a (eth0, web-a, client-a), 2 links each, lo's
-    // egress, and the 4 socket-level links unless that is off for this run.
+    // egress, and the socket-level links (one per program, both families)
+    // unless that is off for this run.
     let node = c.lab.ns(addr::NODE_A);
     let links = pinned_link_ids(node, &c.bpffs(addr::NODE_A));
-    let socket_links = if socket_lb_on() { 4 } else { 0 };
+    let socket_links = if socket_lb_on() { SOCK_PROGS.len() } else { 0 };
     assert_eq!(links.len(), 7 + socket_links, "{links:?}");
     assert!(links.iter().all(|id| link_exists(node, id)));
 

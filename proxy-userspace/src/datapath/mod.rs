@@ -327,8 +327,7 @@ impl Datapath {
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing"))?
                 .try_into()?;
-            prog.load()
-                .with_context(|| format!("verifier rejected {name}"))?;
+            load_retrying(name, || prog.load())?;
         }
         // Now, while every map of the object is still open: programs are
         // loaded with the map fds the loader put into them, and the daemon
@@ -485,6 +484,30 @@ impl Datapath {
     /// Removes the socket-level links; returns how many there were.
     pub fn detach_sockets(&mut self) -> Result<usize> {
         sockets::detach_all(&self.root)
+    }
+}
+
+/// How often a load the verifier gave up with EAGAIN is tried.
+const LOAD_TRIES: u32 = 5;
+
+/// Loads a program, again when the kernel answers EAGAIN: the verifier
+/// gives up that way when a signal arrives for the loading thread during a
+/// long verification (a busy machine, a child process exiting), and libbpf
+/// retries the same way. Any other error is the verifier's verdict.
+pub(crate) fn load_retrying(
+    name: &str,
+    mut load: impl FnMut() -> std::result::Result<(), aya::programs::ProgramError>,
+) -> Result<()> {
+    let mut tries = 1;
+    loop {
+        match load() {
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && tries < LOAD_TRIES =>
+            {
+                tries += 1;
+            }
+            result => return result.with_context(|| format!("verifier rejected {name}")),
+        }
     }
 }
 

@@ -122,8 +122,7 @@ pub fn load(ebpf: &mut Ebpf) -> Result<()> {
             .program_mut(name)
             .with_context(|| format!("program {name} missing"))?
             .try_into()?;
-        prog.load()
-            .with_context(|| format!("verifier rejected {name}"))?;
+        super::load_retrying(name, || prog.load())?;
     }
     Ok(())
 }
