@@ -6,6 +6,8 @@
 //! (under /sys/fs/bpf, mounted if needed), removed afterwards also on
 //! failure.
 
+mod privileged;
+use privileged::privileged;
 use std::{
     fs,
     path::{Path, PathBuf},
@@ -14,18 +16,6 @@ use std::{
 use aya::maps::{HashMap, MapData, MapInfo};
 use proxy_common::*;
 use proxy_userspace::datapath::{Datapath, bpffs, maps_dir, open_pinned, resize::SIZED_MAPS};
-
-/// Privileged tests never skip silently in CI.
-fn privileged(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test} needs root (CAP_BPF) and CI=true: refusing to skip");
-    }
-    eprintln!("skipping {test}: needs root");
-    false
-}
 
 /// A pin directory of this test's own, removed on drop.
 struct PinDir(PathBuf);

@@ -8,6 +8,8 @@
 //!   d0 (dummy) 10.244.2.1/24, forwarding on, a permanent neighbour entry
 //!   for 10.244.2.11 (BACKEND_MAC) and none for the other backends.
 
+mod privileged;
+use privileged::privileged;
 use std::{
     collections::BTreeSet,
     net::{Ipv4Addr, SocketAddrV4},
@@ -36,18 +38,6 @@ const TC_ACT_REDIRECT: u32 = 7;
 
 fn sa(s: &str) -> SocketAddrV4 {
     s.parse().unwrap()
-}
-
-/// Privileged tests never skip silently in CI.
-fn privileged(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test} needs root (CAP_BPF, CAP_NET_ADMIN) and CI=true: refusing to skip");
-    }
-    eprintln!("skipping {test}: needs root");
-    false
 }
 
 struct Fixture {

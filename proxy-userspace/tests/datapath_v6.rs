@@ -8,6 +8,8 @@
 //!   d0 fd00:244:2::1/64 (no DAD), forwarding on, a permanent neighbour
 //!   entry for fd00:244:2::11 (BACKEND_MAC) and none for fd00:244:2::12.
 
+mod privileged;
+use privileged::privileged;
 use std::{
     net::{Ipv6Addr, SocketAddrV6},
     process::Command,
@@ -49,18 +51,6 @@ fn sa(s: &str) -> SocketAddrV6 {
 
 fn ip6(s: &str) -> Ipv6Addr {
     s.parse().unwrap()
-}
-
-/// Privileged tests never skip silently in CI.
-fn privileged(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test} needs root (CAP_BPF, CAP_NET_ADMIN) and CI=true: refusing to skip");
-    }
-    eprintln!("skipping {test}: needs root");
-    false
 }
 
 /// Runs `ip` (or sysctl) in the test thread's network namespace.
