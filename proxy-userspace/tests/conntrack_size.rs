@@ -254,3 +254,64 @@ fn ipv6_off_makes_small_ipv6_maps_that_grow_with_their_entries_when_on() {
     assert_eq!(ct6.keys().count(), 10);
     no_temporary_pins(root);
 }
+
+/// The real daemon in a test namespace (manifests mode, no Services,
+/// socket-level LB off) until its IPv6 conntrack map is pinned; returns
+/// that map's size.
+fn daemon_ct6_size(root: &Path) -> u32 {
+    let manifests = std::env::temp_dir().join(format!("kep-ipv6auto-{}", std::process::id()));
+    fs::create_dir_all(&manifests).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kube-ebpf-proxy"))
+        .args(["run", "--socket-lb=false", "--poll-interval-ms", "100"])
+        .arg("--manifests")
+        .arg(&manifests)
+        .arg("--bpffs")
+        .arg(root)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("the daemon");
+    let pin = maps_dir(root).join(CT6_MAP);
+    let started = std::time::Instant::now();
+    // Pinned under the temporary name first when resized: wait for that
+    // one to be gone too.
+    let resizing = maps_dir(root).join(format!("{CT6_MAP}_resizing"));
+    while !(pin.exists() && !resizing.exists() && started.elapsed().as_secs() >= 1) {
+        assert!(started.elapsed().as_secs() < 20, "no {CT6_MAP} pinned");
+        assert!(child.try_wait().unwrap().is_none(), "the daemon exited");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let size = max_entries(root, CT6_MAP);
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = fs::remove_dir_all(&manifests);
+    size
+}
+
+#[test]
+fn the_daemon_sizes_ipv6_maps_down_on_an_ipv4_only_node_and_up_when_ipv6_comes() {
+    let test = "the_daemon_sizes_ipv6_maps_down_on_an_ipv4_only_node_and_up_when_ipv6_comes";
+    if !privileged(test) {
+        return;
+    }
+    // IPv4 on d0 only (its link-local IPv6 address does not count).
+    let _ns = proxy_userspace::testkit::testns::NetNsGuard::new().expect("test namespace");
+    let dir = PinDir::new("ipv6auto");
+    let root = dir.0.as_path();
+    assert_eq!(daemon_ct6_size(root), IPV6_OFF_ENTRIES, "IPv4-only node");
+    let ip = std::process::Command::new("ip")
+        .args([
+            "-6",
+            "addr",
+            "add",
+            "fd00:244:2::1/64",
+            "dev",
+            "d0",
+            "nodad",
+        ])
+        .status()
+        .unwrap();
+    assert!(ip.success());
+    assert_eq!(daemon_ct6_size(root), CT_MAP_SIZE, "an IPv6 address now");
+    no_temporary_pins(root);
+}
