@@ -89,9 +89,16 @@ fn try_ipv4(ctx: &TcContext, hook: Hook) -> Result<i32, i32> {
     };
     match ip.proto {
         IPPROTO_TCP | IPPROTO_UDP => flow_verdict(ctx, hook, &ip),
-        IPPROTO_ICMP if hook == Hook::Ingress => Ok(match icmp::translate_error(ctx, &ip)? {
-            Some(flags) => route::forward::<[u8; 4]>(ctx, flags, IPPROTO_ICMP),
-            None => TC_ACT_OK as i32,
+        // Errors are translated on egress too: the node's own stack sends
+        // "fragmentation needed" when it forwards a translated packet too
+        // large for the next link (the FIB lookup hands those to the
+        // stack), and that error leaves towards the client by the egress
+        // hook only. It is on its way out already.
+        IPPROTO_ICMP => Ok(match icmp::translate_error(ctx, &ip)? {
+            Some(flags) if hook == Hook::Ingress => {
+                route::forward::<[u8; 4]>(ctx, flags, IPPROTO_ICMP)
+            }
+            _ => TC_ACT_OK as i32,
         }),
         _ => Ok(TC_ACT_OK as i32),
     }

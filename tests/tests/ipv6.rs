@@ -606,33 +606,6 @@ fn ipv6_node_ports_and_external_ips_dialed_from_inside() {
     assert_eq!((r.identity.as_str(), r.remote), ("web-b1", to));
 }
 
-/// A sink on `at` in `ns`: reads each connection to its end and answers
-/// with the byte count.
-fn byte_counting_server(ns: &lab::Netns, at: SocketAddrV6) -> std::net::TcpListener {
-    let listener = ns
-        .run(|| std::net::TcpListener::bind(at))
-        .expect("bind the sink");
-    let accepting = listener.try_clone().unwrap();
-    std::thread::spawn(move || {
-        for conn in accepting.incoming() {
-            let Ok(mut conn) = conn else { return };
-            std::thread::spawn(move || {
-                use std::io::{Read, Write};
-                let mut buf = [0u8; 65536];
-                let mut total = 0usize;
-                while let Ok(n) = conn.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    total += n;
-                }
-                let _ = write!(conn, "{total}");
-            });
-        }
-    });
-    listener
-}
-
 #[test]
 // Per-packet path (socket-level LB off): a pod uploads through an IPv6
 // ClusterIP to a backend on the other node while node-a's underlay link
@@ -646,7 +619,7 @@ fn path_mtu_discovery_works_through_an_ipv6_clusterip() {
     };
     let _sink = byte_counting_server(
         c.lab.ns(WEB_B1.name),
-        SocketAddrV6::new(ip6(&WEB_B1), 8080, 0, 0),
+        SocketAddrV6::new(ip6(&WEB_B1), 8080, 0, 0).into(),
     );
     c.lab
         .ns(addr::NODE_A)

@@ -383,3 +383,30 @@ pub fn start_with_api(test: &str, yaml: &str) -> Option<(Cluster, ApiServer)> {
     c.start_daemons();
     Some((c, api))
 }
+
+/// A sink on `at` in `ns`: reads each connection to its end and answers
+/// with the byte count.
+pub fn byte_counting_server(ns: &Netns, at: std::net::SocketAddr) -> std::net::TcpListener {
+    let listener = ns
+        .run(|| std::net::TcpListener::bind(at))
+        .expect("bind the sink");
+    let accepting = listener.try_clone().unwrap();
+    std::thread::spawn(move || {
+        for conn in accepting.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let mut buf = [0u8; 65536];
+                let mut total = 0usize;
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    total += n;
+                }
+                let _ = write!(conn, "{total}");
+            });
+        }
+    });
+    listener
+}
