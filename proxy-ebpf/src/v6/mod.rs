@@ -33,7 +33,7 @@ pub fn handle(ctx: &TcContext, hook: Hook) -> Result<i32, i32> {
         return Ok(TC_ACT_OK as i32);
     };
     match ip.proto {
-        IPPROTO_TCP | IPPROTO_UDP => crate::flow_verdict(ctx, hook, ip),
+        IPPROTO_TCP | IPPROTO_UDP => crate::flow_verdict_v6(ctx, hook, ip),
         IPPROTO_ICMPV6 if hook == Hook::Ingress && ip.frag == Frag::No => {
             Ok(match icmp::translate_error(ctx, ip)? {
                 Some(flags) => crate::route::forward::<[u8; 16]>(ctx, flags, IPPROTO_ICMPV6),
