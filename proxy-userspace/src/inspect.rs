@@ -174,6 +174,9 @@ pub fn map_fill(root: &Path) -> Result<Vec<MapFillRow>> {
         rows.push(fill::<FlowKey6, NatEntry6>(root, CT6_MAP)?);
         rows.push(fill::<FlowKey6, NatEntry6>(root, RNAT6_MAP)?);
     }
+    if maps_dir(root).join(AFF6_MAP).exists() {
+        rows.push(fill::<AffKey6, AffValue>(root, AFF6_MAP)?);
+    }
     Ok(rows)
 }
 
@@ -340,6 +343,7 @@ pub fn conntrack(root: &Path) -> Result<Vec<FlowRow>> {
             for (bit, name) in [
                 (NAT_F_SNAT, "snat"),
                 (NAT_F_CLOSING, "closing"),
+                (NAT_F_RESET, "reset"),
                 (NAT_F_HOST, "host"),
             ] {
                 if f.flags & bit != 0 {
