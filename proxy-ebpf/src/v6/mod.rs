@@ -33,7 +33,7 @@ pub fn handle(ctx: &TcContext, hook: Hook) -> Result<i32, i32> {
         return Ok(TC_ACT_OK as i32);
     };
     match ip.proto {
-        IPPROTO_TCP | IPPROTO_UDP => crate::flow_verdict(ctx, hook, ip),
+        IPPROTO_TCP | IPPROTO_UDP => crate::flow_verdict_v6(ctx, hook, ip),
         // Errors are translated on egress too: the node's own stack sends
         // Packet Too Big when it forwards a translated packet too large
         // for the next link (the FIB lookup hands those to the stack), and
