@@ -661,3 +661,79 @@ fn path_mtu_discovery_works_through_an_ipv6_clusterip() {
         "the pod learned the path MTU: {route}"
     );
 }
+
+/// IPv6-only Services of [`an_ipv6_only_node_serves_its_services`]:
+/// `name`, its ClusterIP, its NodePort, its one backend.
+fn v6_only(name: &str, cluster_ip: &str, node_port: u16, backend: &Backend) -> String {
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: lab}}
+spec:
+  type: NodePort
+  clusterIP: \"{cluster_ip}\"
+  clusterIPs: [\"{cluster_ip}\"]
+  ipFamilies: [IPv6]
+  ipFamilyPolicy: SingleStack
+  ports: [{{name: main, protocol: TCP, port: 80, targetPort: 8080, nodePort: {node_port}}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {name}-1, namespace: lab, labels: {{kubernetes.io/service-name: {name}}}}}
+addressType: IPv6
+ports: [{{name: main, protocol: TCP, port: 8080}}]
+endpoints:
+  - {{addresses: [\"{}\"], nodeName: {}}}
+---
+",
+        ip6(backend),
+        backend.node
+    )
+}
+
+#[test]
+// A node without IPv4: node-a's underlay device has no IPv4 address and
+// node-a no IPv4 default route before its daemon starts (its pods keep
+// their IPv4 addresses, unused here). IPv6-only Services answer from a pod
+// of that node (ClusterIP) and from outside (its NodePort), to a backend on
+// the node and to one on the other node.
+fn an_ipv6_only_node_serves_its_services() {
+    let Some(mut c) = Cluster::build("ipv6_only_node") else {
+        return;
+    };
+    let _v6 = serve_v6(&c);
+    let node_a = c.lab.ns(addr::NODE_A);
+    node_a
+        .ip(&["-4", "addr", "flush", "dev", lab::ETH0])
+        .unwrap();
+    let _ = node_a.ip(&["-4", "route", "del", "default"]);
+    let left = node_a
+        .ip(&["-4", "-o", "addr", "show", "scope", "global"])
+        .unwrap();
+    assert!(left.trim().is_empty(), "node-a keeps IPv4: {left}");
+    c.write_manifests(
+        &[
+            v6_only("only-local", "fd00:10:96::21", 30021, &WEB_A),
+            v6_only("only-remote", "fd00:10:96::22", 30022, &WEB_B1),
+        ]
+        .concat(),
+    );
+    c.start_daemons();
+    let client = c.lab.ns(addr::CLIENT);
+    for (vip, node_port, backend) in [
+        ("[fd00:10:96::21]:80", 30021, "web-a"),
+        ("[fd00:10:96::22]:80", 30022, "web-b1"),
+    ] {
+        let r = tcp_request(c.lab.ns(CLIENT_POD), sa6(vip))
+            .unwrap_or_else(|e| panic!("pod to {vip}: {e:#}\n{}", c.logs()));
+        assert_eq!(r.identity, backend, "pod to {vip}");
+        let target = SocketAddrV6::new(addr::NODE_A_IP6, node_port, 0, 0);
+        let r = tcp_request(client, target)
+            .unwrap_or_else(|e| panic!("outside to {target}: {e:#}\n{}", c.logs()));
+        assert_eq!(r.identity, backend, "outside to {target}");
+    }
+    assert!(
+        c.lab.daemon_exited(addr::NODE_A).is_none(),
+        "the daemon of the IPv6-only node runs"
+    );
+}
