@@ -367,7 +367,9 @@ impl FlowKey {
 
 /// The source was rewritten too (NodePort to a remote backend).
 pub const NAT_F_SNAT: u8 = 1;
-/// A FIN or RST was seen: a later SYN on this tuple starts a new connection.
+/// A FIN or RST was seen in this entry's direction: a later SYN on this
+/// tuple starts a new connection. On a SNATed flow's conntrack and
+/// reverse-NAT entries both, its SNAT port may be given to a new flow.
 pub const NAT_F_CLOSING: u8 = 2;
 /// The entry was created by the egress program (a process of the node).
 pub const NAT_F_HOST: u8 = 4;
@@ -375,6 +377,9 @@ pub const NAT_F_HOST: u8 = 4;
 /// ingress: its source and destination are both addresses of this node, and
 /// arriving on any other device it would be dropped as a martian.
 pub const NAT_F_TO_LO: u8 = 8;
+/// An RST was seen in this entry's direction: the connection is gone, and
+/// its SNAT port may be given to a new flow.
+pub const NAT_F_RESET: u8 = 16;
 
 /// Value of [`CT_MAP`] and [`RNAT_MAP`]: rewrite the packet to this tuple.
 #[repr(C)]

@@ -70,6 +70,8 @@ pub struct Scratch<A> {
     pub rev: Nat<A>,
     /// A reverse-NAT key being claimed.
     pub reply: Tuple<A>,
+    /// The flow that holds the SNAT port being claimed.
+    pub holder: Tuple<A>,
     pub be: Be<A>,
     /// The source's [`crate::lb::Scope`] once it was needed.
     pub scope: u8,
@@ -80,10 +82,10 @@ pub struct Scratch<A> {
 
 /// Size of the scratch map's value in 8-byte words: the IPv6 [`Scratch`].
 #[cfg(not(feature = "layout-v2-test"))]
-pub const SCRATCH_WORDS: usize = 26;
+pub const SCRATCH_WORDS: usize = 31;
 /// The test layout's [`Nat`] is 8 bytes longer.
 #[cfg(feature = "layout-v2-test")]
-pub const SCRATCH_WORDS: usize = 28;
+pub const SCRATCH_WORDS: usize = 33;
 
 /// This CPU's scratch space. A program run is never interrupted by another
 /// on the same CPU, so it is ours until the run ends.
@@ -119,7 +121,8 @@ pub trait Addr: Copy + PartialEq + 'static {
     /// The conntrack entry in place.
     fn ct(key: &Tuple<Self>) -> Option<*mut Nat<Self>>;
     fn set_ct(key: &Tuple<Self>, value: &Nat<Self>) -> Result<(), i32>;
-    fn rnat(key: &Tuple<Self>) -> Option<&'static Nat<Self>>;
+    /// The reverse-NAT entry in place.
+    fn rnat(key: &Tuple<Self>) -> Option<*mut Nat<Self>>;
     fn set_rnat(key: &Tuple<Self>, value: &Nat<Self>, flags: u64) -> Result<(), i32>;
     fn service(addr: Self, port: [u8; 2], proto: u8) -> Option<SvcValue>;
     fn backend(backend_id: u32) -> Option<Be<Self>>;
@@ -179,13 +182,6 @@ macro_rules! map_types {
                 // SAFETY: as for Tuple::as_key.
                 unsafe { &*(self as *const Self).cast::<$nat>() }
             }
-
-            #[inline(always)]
-            pub fn from_entry(entry: &$nat) -> &Self {
-                // SAFETY: as for Tuple::as_key; map values are 8-byte
-                // aligned.
-                unsafe { &*(entry as *const $nat).cast::<Self>() }
-            }
         }
 
         impl From<&$backend> for Be<$addr> {
@@ -224,9 +220,9 @@ macro_rules! map_access {
         }
 
         #[inline(always)]
-        fn rnat(key: &Tuple<Self>) -> Option<&'static Nat<Self>> {
-            // SAFETY: copied out at once.
-            unsafe { $rnat.get(key.as_key()) }.map(Nat::<Self>::from_entry)
+        fn rnat(key: &Tuple<Self>) -> Option<*mut Nat<Self>> {
+            // Same layout (see map_types!).
+            $rnat.get_ptr_mut(key.as_key()).map(|p| p.cast())
         }
 
         #[inline(always)]

@@ -23,7 +23,7 @@ use crate::{
     lb::{self, Pick, Scope},
     maps::{config, config_ref, count, count_service},
     nat,
-    packet::{Frag, Ip, Ports, PortsError, ports, remember_fragment},
+    packet::{Frag, Ip, Ports, PortsError, TCP_RST, ports, remember_fragment},
     route,
 };
 
@@ -78,7 +78,7 @@ pub fn handle<A: Addr>(ctx: &TcContext, hook: Hook, ip: &Ip<A>) -> Result<Action
     let key = &s.key;
     // Replies go to clients, never to a ClusterIP.
     if class & ADDR_CLUSTER_IP == 0
-        && let Some(rev) = reverse_nat(key)
+        && let Some(rev) = reverse_nat(key, &ports)
     {
         return translate_reply(ctx, hook, ip, &ports, rev);
     }
@@ -122,7 +122,7 @@ fn other_destination<A: Addr>(ctx: &TcContext, hook: Hook, ip: &Ip<A>) -> Result
     let Ok(ports) = ports(ctx, ip) else {
         return unallocated_or_pass(ip);
     };
-    match reverse_nat(&flow_key(ip, &ports)) {
+    match reverse_nat(&flow_key(ip, &ports), &ports) {
         Some(rev) => translate_reply(ctx, hook, ip, &ports, rev),
         None => unallocated_or_pass(ip),
     }
@@ -148,9 +148,38 @@ fn flow_key<A: Addr>(ip: &Ip<A>, ports: &Ports) -> Tuple<A> {
     }
 }
 
+/// The reverse-NAT entry of a reply. A FIN or RST marks it: together with
+/// the conntrack entry's mark, that frees a SNAT port (see [`snat_port`]).
 #[inline(always)]
-fn reverse_nat<A: Addr>(key: &Tuple<A>) -> Option<&'static Nat<A>> {
-    A::rnat(key)
+fn reverse_nat<A: Addr>(key: &Tuple<A>, ports: &Ports) -> Option<&'static Nat<A>> {
+    let entry = A::rnat(key)?;
+    // SAFETY: as in `tracked`.
+    unsafe {
+        mark_closing(entry, ports);
+        Some(&*entry)
+    }
+}
+
+/// Records a FIN or RST on the entry of its direction.
+///
+/// # Safety
+/// `entry` points into a map value for this program run.
+#[inline(always)]
+unsafe fn mark_closing<A: Addr>(entry: *mut Nat<A>, ports: &Ports) {
+    if !ports.is_closing() {
+        return;
+    }
+    let mark = if ports.tcp_flags & TCP_RST != 0 {
+        NAT_F_CLOSING | NAT_F_RESET
+    } else {
+        NAT_F_CLOSING
+    };
+    // A concurrent update of the same entry can at worst lose a bit.
+    unsafe {
+        if (*entry).flags & mark != mark {
+            (*entry).flags |= mark;
+        }
+    }
 }
 
 /// The conntrack entry of a flow that keeps its backend.
@@ -163,9 +192,7 @@ fn tracked<A: Addr>(key: &Tuple<A>, ports: &Ports) -> Option<&'static Nat<A>> {
         return None;
     }
     unsafe {
-        if ports.is_closing() && (*entry).flags & NAT_F_CLOSING == 0 {
-            (*entry).flags |= NAT_F_CLOSING;
-        }
+        mark_closing(entry, ports);
         Some(&*entry)
     }
 }
@@ -430,7 +457,10 @@ fn claim_reply<A: Addr>(s: &mut Scratch<A>) -> Result<(), i32> {
 }
 
 /// Picks a source port for SNAT that no other flow from `src` to this
-/// backend uses, by claiming its reverse-NAT entry (BPF_NOEXIST).
+/// backend uses, by claiming its reverse-NAT entry (BPF_NOEXIST), or by
+/// taking over the entry of a flow that is over (see [`port_reclaimable`]):
+/// otherwise a closed connection would hold its port until LRU eviction,
+/// and a small range would stay exhausted after the load is gone.
 #[inline(always)]
 fn snat_port<A: Addr>(s: &mut Scratch<A>, src: A) -> Result<[u8; 2], i32> {
     let cfg = config();
@@ -449,11 +479,46 @@ fn snat_port<A: Addr>(s: &mut Scratch<A>, src: A) -> Result<[u8; 2], i32> {
         let port = (cfg.snat_port_min as u32 + start.wrapping_add(i) % span) as u16;
         s.reply.dport = port.to_be_bytes();
         const BPF_NOEXIST: u64 = 1;
-        if A::set_rnat(&s.reply, &s.rev, BPF_NOEXIST).is_ok() {
+        if A::set_rnat(&s.reply, &s.rev, BPF_NOEXIST).is_ok()
+            || (port_reclaimable(s, src) && A::set_rnat(&s.reply, &s.rev, 0).is_ok())
+        {
             return Ok(s.reply.dport);
         }
     }
     Err(drop_packet(Counter::DropNoSnatPort))
+}
+
+/// Whether the SNAT port of the reverse-NAT entry at `s.reply` may be given
+/// to a new flow: its flow's conntrack entry is gone or belongs to another
+/// flow now, an RST was seen, or both directions sent a FIN. (Two CPUs
+/// reclaiming the same port at the same instant can both win; the later
+/// write holds it. That takes an exhausted range and closed flows.)
+#[inline(never)]
+fn port_reclaimable<A: Addr>(s: &mut Scratch<A>, src: A) -> bool {
+    let Some(rev) = A::rnat(&s.reply) else {
+        return true;
+    };
+    // SAFETY: valid for this program run; only read.
+    let rev = unsafe { &*rev };
+    // In the scratch space: an IPv6 tuple on this frame would overflow the
+    // deepest call chain's stack.
+    s.holder = Tuple {
+        saddr: rev.daddr,
+        daddr: rev.saddr,
+        sport: rev.dport,
+        dport: rev.sport,
+        proto: s.reply.proto,
+        _pad: [0; 3],
+    };
+    let Some(fwd) = A::ct(&s.holder) else {
+        return true;
+    };
+    // SAFETY: as above.
+    let fwd = unsafe { &*fwd };
+    if fwd.saddr != src || fwd.sport != s.reply.dport {
+        return true;
+    }
+    (fwd.flags | rev.flags) & NAT_F_RESET != 0 || fwd.flags & rev.flags & NAT_F_CLOSING != 0
 }
 
 /// A reply translated back to the frontend. On egress (a hostNetwork

@@ -57,6 +57,8 @@ pub fn translate_error(ctx: &TcContext, ip: &Ip<[u8; 4]>) -> Result<Option<u8>, 
     let Some(rev) = <[u8; 4]>::rnat(&key) else {
         return pass;
     };
+    // SAFETY: valid for this program run; only read.
+    let rev = unsafe { &*rev };
 
     // Quote as the client sent it: client -> service address.
     let mut new = old;

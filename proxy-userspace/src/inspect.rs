@@ -340,6 +340,7 @@ pub fn conntrack(root: &Path) -> Result<Vec<FlowRow>> {
             for (bit, name) in [
                 (NAT_F_SNAT, "snat"),
                 (NAT_F_CLOSING, "closing"),
+                (NAT_F_RESET, "reset"),
                 (NAT_F_HOST, "host"),
             ] {
                 if f.flags & bit != 0 {

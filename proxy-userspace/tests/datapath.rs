@@ -27,7 +27,7 @@ use proxy_userspace::{
         lbmap::{BpfLbMaps, Entry, Key, LbMaps},
     },
     testkit::{
-        pktgen::{self, Pkt, TCP_ACK, TCP_FIN, TCP_SYN},
+        pktgen::{self, Pkt, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
         testns::{BACKEND_MAC, NetNsGuard},
     },
 };
@@ -364,6 +364,63 @@ fn nodeport_to_a_remote_backend_is_snated() {
     // A second client gets a different SNAT port.
     let (_, out) = f.ingress(&Pkt::tcp(sa("192.168.200.101:50000"), node_port, TCP_SYN).build());
     assert_ne!(endpoint(&valid(&out), true), snat);
+}
+
+/// A closed connection gives its SNAT port back: FINs both ways or an RST.
+/// A half-closed one keeps it. Two ports, three clients.
+#[test]
+fn a_closed_flow_gives_its_snat_port_to_a_new_one() {
+    let Some(mut f) = Fixture::new("snat_reclaim") else {
+        return;
+    };
+    f.services(&[("10.244.2.11:8080", false)]);
+    f.configure(|c| (c.snat_port_min, c.snat_port_max) = (61000, 61001));
+    let node_port = sa("192.168.200.11:30080");
+    let backend = sa("10.244.2.11:8080");
+    let clients = [
+        sa("192.168.200.100:50000"),
+        sa("192.168.200.101:50000"),
+        sa("192.168.200.102:50000"),
+    ];
+    let (_, a) = f.syn_to(clients[0], node_port);
+    let (_, b) = f.syn_to(clients[1], node_port);
+    let (port_a, port_b) = (endpoint(&a, true), endpoint(&b, true));
+    assert_ne!(port_a, port_b);
+    let refused = |f: &Fixture| {
+        let before = f.counter(Counter::DropNoSnatPort);
+        let (verdict, _) = f.ingress(&Pkt::tcp(clients[2], node_port, TCP_SYN).build());
+        verdict == TC_ACT_SHOT && f.counter(Counter::DropNoSnatPort) == before + 1
+    };
+    assert!(refused(&f), "both ports are held");
+
+    // A half-closes (its client's FIN only): the backend may still send.
+    f.ingress(&Pkt::tcp(clients[0], node_port, TCP_FIN | TCP_ACK).build());
+    assert!(refused(&f), "a half-closed flow keeps its port");
+    // The backend's FIN closes it.
+    let (_, out) = f.ingress(&Pkt::tcp(backend, port_a, TCP_FIN | TCP_ACK).build());
+    assert_eq!(
+        endpoint(&valid(&out), false),
+        clients[0],
+        "the reply still reaches A"
+    );
+    let (verdict, c) = f.syn_to(clients[2], node_port);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(endpoint(&c, true), port_a, "C took A's port");
+    let (_, out) = f.ingress(&Pkt::tcp(backend, port_a, TCP_SYN | TCP_ACK).build());
+    assert_eq!(
+        endpoint(&valid(&out), false),
+        clients[2],
+        "replies on it go to C"
+    );
+
+    // B's backend resets: one RST frees the port.
+    let fourth = sa("192.168.200.103:50000");
+    let (verdict, _) = f.ingress(&Pkt::tcp(fourth, node_port, TCP_SYN).build());
+    assert_eq!(verdict, TC_ACT_SHOT, "C holds A's port, B its own");
+    f.ingress(&Pkt::tcp(backend, port_b, TCP_RST).build());
+    let (verdict, d) = f.syn_to(fourth, node_port);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(endpoint(&d, true), port_b);
 }
 
 #[test]

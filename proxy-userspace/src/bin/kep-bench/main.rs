@@ -127,7 +127,18 @@ fn main() -> Result<()> {
         }
         // A child of control_plane_figures (see control_plane::model_rss).
         ["model-rss", n] => return control_plane::model_rss(n.parse()?),
-        _ => anyhow::bail!("usage: kep-bench [control-plane | families]"),
+        // The daemon's memory and change latency at one size alone.
+        ["daemon-rss", n] => {
+            let _ns = NetNsGuard::new()?;
+            let scratch = std::env::temp_dir().join(format!("kep-bench-{}", std::process::id()));
+            std::fs::create_dir_all(&scratch)?;
+            let d = control_plane::daemon_run(n.parse()?, &scratch);
+            let _ = std::fs::remove_dir_all(&scratch);
+            let d = d?;
+            println!("rss {} KiB, new file {:?}", d.rss_kib, d.new_file);
+            return Ok(());
+        }
+        _ => anyhow::bail!("usage: kep-bench [control-plane | families | daemon-rss N]"),
     }
     let _ns = NetNsGuard::new()?;
     let mut bench = Bench {
