@@ -85,7 +85,7 @@ pub struct Ip<A> {
     /// The total length is too short for the L4 header the datapath reads
     /// (TCP, UDP, or an ICMP error's quote), though the frame may be long
     /// enough: the rest is padding or a lie, never to be read as L4.
-    /// (IPv4 only for now: IPv6 payload lengths are not checked.)
+    /// (IPv6: the payload length, after the extension headers.)
     pub l4_cut: bool,
     /// The fragment identification (IPv4: 16 bits, then zeroes).
     pub id: [u8; 4],

@@ -126,6 +126,18 @@ pub struct RunArgs {
     #[arg(long, value_name = "ENTRIES", value_parser = clap::value_parser!(u32).range(1..))]
     pub conntrack_max: Option<u32>,
 
+    /// IPv6 maps. `on`: the IPv6 conntrack, reverse-NAT, fragment,
+    /// affinity and socket-level NAT maps get their full size (they are
+    /// preallocated: about 123 MiB of kernel memory at the default sizes).
+    /// `off`: 64 entries each, for nodes that serve no IPv6. `auto`: on
+    /// when, at start, the node has an IPv6 address (link-local excepted),
+    /// an IPv6 CIDR is configured (--cluster-cidr,
+    /// --service-cluster-ip-range, --manifest-service-cidrs) or IPv6
+    /// frontends are pinned from an earlier run. IPv6 Services are served
+    /// either way; restart the daemon when IPv6 comes to an `auto` node.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub ipv6: Ipv6Mode,
+
     /// The safety poll: how often the manifest directory, devices and
     /// addresses are checked even without an inotify or netlink
     /// notification (which are acted on at once).
@@ -166,6 +178,13 @@ pub struct RunArgs {
     /// Where /healthz and /livez are served.
     #[arg(long, default_value = "0.0.0.0:10256")]
     pub healthz_bind_address: std::net::SocketAddr,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Ipv6Mode {
+    Auto,
+    On,
+    Off,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]

@@ -21,9 +21,9 @@ use tracing::{debug, info, warn};
 
 use crate::{
     cidr::Cidr,
-    cli::RunArgs,
+    cli::{Ipv6Mode, RunArgs},
     datapath::{
-        Datapath, bpffs, datapath_config, datapath_config6,
+        Datapath, Ipv6Maps, bpffs, datapath_config, datapath_config6,
         devices::{self, Attachments, DeviceFilter},
         linkwatch::LinkWatch,
         open_pinned, sockets,
@@ -58,6 +58,9 @@ struct Context {
     last_sync: Instant,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    /// The IPv6 LRU maps are small (`--ipv6`) and no IPv6 has been seen
+    /// since: the first IPv6 frontend or node address is logged.
+    ipv6_maps_small: bool,
     /// When the oldest change not yet programmed was seen.
     pending_since: Option<Instant>,
     /// Trigger times of the slice changes handed to the model and not yet
@@ -114,9 +117,13 @@ fn node_name(args: &RunArgs) -> Result<String> {
 
 /// Loads the datapath (adopting what a previous run pinned) and configures
 /// it.
-fn load_datapath(args: &RunArgs, node_name: &str) -> Result<(Datapath, Syncer<BpfLbMaps>)> {
+fn load_datapath(
+    args: &RunArgs,
+    node_name: &str,
+    ipv6: Ipv6Maps,
+) -> Result<(Datapath, Syncer<BpfLbMaps>)> {
     bpffs::ensure(&args.bpffs)?;
-    let mut dp = Datapath::load(&args.bpffs, args.bpf_debug, args.conntrack_max)?;
+    let mut dp = Datapath::load_sized(&args.bpffs, args.bpf_debug, args.conntrack_max, ipv6)?;
     if args.bpf_debug {
         dp.forward_debug_events()?;
     }
@@ -150,6 +157,56 @@ fn load_datapath(args: &RunArgs, node_name: &str) -> Result<(Datapath, Syncer<Bp
         "datapath loaded"
     );
     Ok((dp, syncer))
+}
+
+/// How `--ipv6` sizes the IPv6 LRU maps; `auto` looks for IPv6 at start.
+fn ipv6_maps(args: &RunArgs) -> Ipv6Maps {
+    let full = match args.ipv6 {
+        Ipv6Mode::On => true,
+        Ipv6Mode::Off => false,
+        Ipv6Mode::Auto => match ipv6_in_use(args) {
+            Some(reason) => {
+                info!(%reason, "IPv6 in use: full-size IPv6 maps");
+                true
+            }
+            None => {
+                info!(
+                    entries = crate::datapath::resize::IPV6_OFF_ENTRIES,
+                    "no IPv6 on this node: small IPv6 maps (--ipv6=on sizes them fully)"
+                );
+                false
+            }
+        },
+    };
+    if full {
+        Ipv6Maps::Full
+    } else {
+        Ipv6Maps::Small
+    }
+}
+
+/// Why this node needs IPv6 maps, if it does: an IPv6 CIDR configured, an
+/// IPv6 address on the node, or IPv6 frontends pinned by an earlier run.
+fn ipv6_in_use(args: &RunArgs) -> Option<String> {
+    let mut cidrs = (args.cluster_cidr.iter())
+        .chain(&args.service_cluster_ip_range)
+        .chain(&args.manifest_service_cidrs);
+    if let Some(c) = cidrs.find(|c| !c.is_ipv4()) {
+        return Some(format!("IPv6 CIDR {c} configured"));
+    }
+    match devices::nodeport_addresses(&[]) {
+        Ok(addrs) => {
+            if let Some(a) = addrs.iter().find(|a| a.is_ipv6()) {
+                return Some(format!("node address {a}"));
+            }
+        }
+        Err(e) => return Some(format!("node addresses unreadable: {e:#}")),
+    }
+    let pinned: Result<aya::maps::HashMap<MapData, proxy_common::SvcKey6, proxy_common::SvcValue>> =
+        open_pinned(&args.bpffs, proxy_common::SVC6_MAP);
+    pinned
+        .is_ok_and(|m| m.keys().next().is_some())
+        .then(|| "IPv6 frontends pinned by an earlier run".to_string())
 }
 
 /// Serves /metrics and /healthz.
@@ -186,7 +243,8 @@ impl Context {
         // The source first: a kubeconfig that does not parse stops the
         // daemon before anything is pinned.
         let source = Source::start(&args, &node_name).await?;
-        let (dp, syncer) = load_datapath(&args, &node_name)?;
+        let ipv6_maps = ipv6_maps(&args);
+        let (dp, syncer) = load_datapath(&args, &node_name, ipv6_maps)?;
         let (metrics, health) = serve_endpoints(&args, &source).await?;
         let node = NodeInfo {
             name: node_name,
@@ -221,6 +279,7 @@ impl Context {
             source,
             kube_pending: false,
             last_sync: Instant::now(),
+            ipv6_maps_small: ipv6_maps == Ipv6Maps::Small,
             args,
         })
     }
@@ -470,6 +529,7 @@ impl Context {
         self.log_new_failures(&report);
         self.apply_service_cidrs(service_cidrs);
         self.update_health_checks();
+        self.warn_of_ipv6_on_small_maps();
         let m = &self.metrics.sync;
         m.record_write_failures(&report.failed);
         m.record_skipped(&problems, self.source.unreadable());
@@ -547,6 +607,30 @@ impl Context {
         self.metrics
             .sync
             .record_health_checks(serving, failing, new_failures);
+    }
+
+    /// IPv6 came to a node whose IPv6 maps are small: served, but with a
+    /// few flows at a time until a restart sizes the maps. Logged once.
+    fn warn_of_ipv6_on_small_maps(&mut self) {
+        if !self.ipv6_maps_small {
+            return;
+        }
+        let counts = self.syncer.entry_counts();
+        let frontends6 = counts
+            .iter()
+            .find(|(map, _)| *map == proxy_common::SVC6_MAP)
+            .map_or(0, |(_, n)| *n);
+        let address6 = self.node_addrs.iter().find(|a| a.is_ipv6());
+        if frontends6 > 0 || address6.is_some() {
+            warn!(
+                frontends6,
+                address = ?address6,
+                entries = crate::datapath::resize::IPV6_OFF_ENTRIES,
+                "IPv6 in use, but the IPv6 conntrack maps are small: restart the daemon \
+                 (or run it with --ipv6=on) to size them"
+            );
+            self.ipv6_maps_small = false;
+        }
     }
 
     /// The first sync compares everything with what a previous run left

@@ -174,6 +174,9 @@ pub fn map_fill(root: &Path) -> Result<Vec<MapFillRow>> {
         rows.push(fill::<FlowKey6, NatEntry6>(root, CT6_MAP)?);
         rows.push(fill::<FlowKey6, NatEntry6>(root, RNAT6_MAP)?);
     }
+    if maps_dir(root).join(AFF6_MAP).exists() {
+        rows.push(fill::<AffKey6, AffValue>(root, AFF6_MAP)?);
+    }
     Ok(rows)
 }
 

@@ -42,6 +42,49 @@ use crate::{
 pub struct PolicyLabels {
     /// "internal" or "external", as kube-proxy labels it.
     pub traffic_policy: &'static str,
+    /// "IPv4" or "IPv6": kube-proxy runs one proxier per family, each
+    /// counting its own frontends.
+    pub ip_family: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FamilyLabels {
+    /// "IPv4" or "IPv6", as Kubernetes spells the families.
+    pub ip_family: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapFamilyLabels {
+    map: &'static str,
+    ip_family: &'static str,
+}
+
+const FAMILIES: [&str; 2] = ["IPv4", "IPv6"];
+
+fn family_of(ip: &std::net::IpAddr) -> &'static str {
+    if ip.is_ipv4() { "IPv4" } else { "IPv6" }
+}
+
+/// The family of a per-family map's entries.
+fn family_of_map(map: &str) -> &'static str {
+    const V6_MAPS: [&str; 11] = [
+        SVC6_MAP,
+        BACKEND6_MAP,
+        ADDR6_MAP,
+        CT6_MAP,
+        RNAT6_MAP,
+        FRAG6_MAP,
+        AFF6_MAP,
+        SRCRNG6_MAP,
+        CONFIG6_MAP,
+        SOCK_RNAT6_MAP,
+        SOCK_FWD6_MAP,
+    ];
+    if V6_MAPS.contains(&map) {
+        "IPv6"
+    } else {
+        "IPv4"
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -79,6 +122,9 @@ pub struct SyncMetrics {
     /// of each map's capacity.
     pub map_entries: Family<NameLabels, Gauge>,
     pub map_fill: Family<NameLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// Frontends and backends programmed, per address family.
+    pub frontends: Family<FamilyLabels, Gauge>,
+    pub backends: Family<FamilyLabels, Gauge>,
     /// 1 while the socket-level programs are attached.
     pub socket_lb_enabled: Gauge,
     pub socket_lb_attach_failures: PromCounter,
@@ -138,6 +184,8 @@ impl SyncMetrics {
             skipped_objects: Family::default(),
             map_entries: Family::default(),
             map_fill: Family::default(),
+            frontends: Family::default(),
+            backends: Family::default(),
             health_check_listeners: Family::default(),
             health_check_bind_failures: PromCounter::default(),
             socket_lb_enabled: Gauge::default(),
@@ -222,6 +270,16 @@ impl Metrics {
             "kube_ebpf_proxy_desired_map_fill_ratio",
             "Entries over capacity of each desired-state map",
             sync.map_fill.clone(),
+        );
+        r.register(
+            "kube_ebpf_proxy_frontends",
+            "Service frontends (address, port, protocol) programmed, per address family",
+            sync.frontends.clone(),
+        );
+        r.register(
+            "kube_ebpf_proxy_backends",
+            "Backends programmed, per address family",
+            sync.backends.clone(),
         );
         r.register(
             "kube_ebpf_proxy_health_check_listeners",
@@ -517,10 +575,14 @@ impl Collector for DatapathCollector {
             "Packets the datapath translated, by event",
             &events,
         )?;
-        let entries: Vec<(NameLabels, f64)> = f
+        let labels = |map: &'static str| MapFamilyLabels {
+            map,
+            ip_family: family_of_map(map),
+        };
+        let entries: Vec<(MapFamilyLabels, f64)> = f
             .tracked
             .iter()
-            .map(|(m, n, _)| (NameLabels { map: m }, *n as f64))
+            .map(|(m, n, _)| (labels(m), *n as f64))
             .collect();
         gauge_family(
             &mut encoder,
@@ -528,10 +590,10 @@ impl Collector for DatapathCollector {
             "Entries in the LRU maps the datapath writes: conntrack, reverse NAT, session affinity",
             &entries,
         )?;
-        let fill: Vec<(NameLabels, f64)> = f
+        let fill: Vec<(MapFamilyLabels, f64)> = f
             .tracked
             .iter()
-            .map(|(m, n, size)| (NameLabels { map: m }, *n as f64 / (*size).max(1) as f64))
+            .map(|(m, n, size)| (labels(m), *n as f64 / (*size).max(1) as f64))
             .collect();
         gauge_family(
             &mut encoder,
@@ -539,10 +601,10 @@ impl Collector for DatapathCollector {
             "Entries over capacity of the LRU maps the datapath writes",
             &fill,
         )?;
-        let max: Vec<(NameLabels, f64)> = f
+        let max: Vec<(MapFamilyLabels, f64)> = f
             .tracked
             .iter()
-            .map(|(m, _, size)| (NameLabels { map: m }, *size as f64))
+            .map(|(m, _, size)| (labels(m), *size as f64))
             .collect();
         gauge_family(
             &mut encoder,
@@ -591,21 +653,29 @@ impl SyncMetrics {
     }
 
     /// Frontends with a Local traffic policy and no local endpoint, by
-    /// policy (internal: ClusterIP frontends; external: the others).
+    /// policy (internal: ClusterIP frontends; external: the others) and
+    /// address family.
     pub fn record_no_local_endpoints(&self, frontends: &BTreeMap<FrontendKey, Frontend>) {
-        let (mut internal, mut external) = (0, 0);
-        for fe in frontends.values() {
-            if fe.local_only && fe.backends.is_empty() {
-                match fe.kind {
-                    FrontendKind::ClusterIp => internal += 1,
-                    _ => external += 1,
-                }
+        let mut counts: BTreeMap<(&'static str, &'static str), i64> = BTreeMap::new();
+        for policy in ["internal", "external"] {
+            for family in FAMILIES {
+                counts.insert((policy, family), 0);
             }
         }
-        for (policy, n) in [("internal", internal), ("external", external)] {
+        for (key, fe) in frontends {
+            if fe.local_only && fe.backends.is_empty() {
+                let policy = match fe.kind {
+                    FrontendKind::ClusterIp => "internal",
+                    _ => "external",
+                };
+                *counts.entry((policy, family_of(&key.ip))).or_default() += 1;
+            }
+        }
+        for ((traffic_policy, ip_family), n) in counts {
             self.no_local_endpoints
                 .get_or_create(&PolicyLabels {
-                    traffic_policy: policy,
+                    traffic_policy,
+                    ip_family,
                 })
                 .set(n);
         }
@@ -650,13 +720,26 @@ impl SyncMetrics {
         self.health_check_bind_failures.inc_by(new_failures as u64);
     }
 
+    /// Also sets the per-family frontend and backend counts, from the
+    /// entries of the per-family service and backend maps.
     pub fn set_map_entries(&self, counts: &[(&'static str, usize)]) {
         for (map, n) in counts {
+            let family = FamilyLabels {
+                ip_family: family_of_map(map),
+            };
+            match *map {
+                SVC_MAP | SVC6_MAP => self.frontends.get_or_create(&family).set(*n as i64),
+                BACKEND_MAP | BACKEND6_MAP => self.backends.get_or_create(&family).set(*n as i64),
+                _ => 0,
+            };
             let capacity = match *map {
                 SVC_MAP => SVC_MAP_SIZE,
+                SVC6_MAP => SVC6_MAP_SIZE,
                 SLOT_MAP => SLOT_MAP_SIZE,
                 BACKEND_MAP => BACKEND_MAP_SIZE,
+                BACKEND6_MAP => BACKEND6_MAP_SIZE,
                 ADDR_MAP => ADDR_MAP_SIZE,
+                ADDR6_MAP => ADDR6_MAP_SIZE,
                 _ => SVC_MAP_SIZE,
             };
             let labels = NameLabels { map };
@@ -729,6 +812,66 @@ mod tests {
         assert_eq!(histogram(&text, name).0, 3.0);
         let (waits, _) = histogram(&text, "kube_ebpf_proxy_sync_wait_duration_seconds");
         assert_eq!(waits, 2.0);
+    }
+
+    #[test]
+    fn frontends_backends_and_no_local_endpoints_are_counted_per_family() {
+        let m = Metrics::new(Path::new("/nonexistent"));
+        m.sync.set_map_entries(&[
+            (SVC_MAP, 3),
+            (SVC6_MAP, 2),
+            (SLOT_MAP, 9),
+            (BACKEND_MAP, 4),
+            (BACKEND6_MAP, 1),
+        ]);
+        let mut frontends = BTreeMap::new();
+        let local_without_endpoint = |ip: &str, kind| {
+            let key = FrontendKey {
+                ip: ip.parse().unwrap(),
+                port: 80,
+                protocol: crate::model::Protocol::Tcp,
+            };
+            let fe = Frontend {
+                service: crate::model::ServicePortName {
+                    namespace: "demo".into(),
+                    name: "web".into(),
+                    port: String::new(),
+                },
+                kind,
+                backends: vec![],
+                local_only: true,
+                internal_backends: None,
+                drop_when_empty: false,
+                affinity_timeout: None,
+                source_ranges: vec![],
+            };
+            (key, fe)
+        };
+        for (ip, kind) in [
+            ("10.96.0.1", FrontendKind::ClusterIp),
+            ("fd00:96::1", FrontendKind::ClusterIp),
+            ("fd00:96::2", FrontendKind::ClusterIp),
+            ("::", FrontendKind::NodePort),
+        ] {
+            let (k, v) = local_without_endpoint(ip, kind);
+            frontends.insert(k, v);
+        }
+        m.sync.record_no_local_endpoints(&frontends);
+        let text = m.encode().unwrap();
+        for line in [
+            "kube_ebpf_proxy_frontends{ip_family=\"IPv4\"} 3",
+            "kube_ebpf_proxy_frontends{ip_family=\"IPv6\"} 2",
+            "kube_ebpf_proxy_backends{ip_family=\"IPv4\"} 4",
+            "kube_ebpf_proxy_backends{ip_family=\"IPv6\"} 1",
+            "kubeproxy_sync_proxy_rules_no_local_endpoints{traffic_policy=\"internal\",ip_family=\"IPv4\"} 1",
+            "kubeproxy_sync_proxy_rules_no_local_endpoints{traffic_policy=\"internal\",ip_family=\"IPv6\"} 2",
+            "kubeproxy_sync_proxy_rules_no_local_endpoints{traffic_policy=\"external\",ip_family=\"IPv4\"} 0",
+            "kubeproxy_sync_proxy_rules_no_local_endpoints{traffic_policy=\"external\",ip_family=\"IPv6\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} missing in\n{text}");
+        }
+        assert_eq!(family_of_map(CT6_MAP), "IPv6");
+        assert_eq!(family_of_map(CT_MAP), "IPv4");
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! `--conntrack-max`: the conntrack and reverse-NAT maps of both families
 //! get the size asked for, and pinned maps of another size (from an earlier
 //! run) are replaced by maps of the new size holding the same entries.
+//! `--ipv6`: with IPv6 off the IPv6 LRU maps are small, and grow (their
+//! entries kept) when IPv6 is on at a later start.
 //!
 //! The maps are pinned under a directory of this test's own on a bpffs
 //! (under /sys/fs/bpf, mounted if needed), removed afterwards also on
@@ -15,7 +17,10 @@ use std::{
 
 use aya::maps::{HashMap, MapData, MapInfo};
 use proxy_common::*;
-use proxy_userspace::datapath::{Datapath, bpffs, maps_dir, open_pinned, resize::SIZED_MAPS};
+use proxy_userspace::datapath::{
+    Datapath, Ipv6Maps, bpffs, maps_dir, open_pinned,
+    resize::{IPV6_LRU_MAPS, IPV6_OFF_ENTRIES, SIZED_MAPS, sizes},
+};
 
 /// A pin directory of this test's own, removed on drop.
 struct PinDir(PathBuf);
@@ -186,5 +191,127 @@ fn a_temporary_pin_left_by_a_dead_run_is_recovered() {
     fs::rename(&pin, maps_dir(root).join(format!("{CT_MAP}_resizing"))).unwrap();
     drop(Datapath::load(root, false, Some(512)).expect("after the crash"));
     assert_eq!(ct_entries(root).len(), 1);
+    no_temporary_pins(root);
+}
+
+/// The kernel memory a pinned map holds (bpftool's `bytes_memlock`).
+fn memlock(root: &Path, map: &str) -> u64 {
+    let pin = maps_dir(root).join(map);
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "show", "pinned"])
+        .arg(&pin)
+        .output()
+        .expect("bpftool");
+    assert!(out.status.success(), "bpftool: {out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["bytes_memlock"].as_u64().expect("bytes_memlock")
+}
+
+fn ipv6_lru_memory_mib(root: &Path) -> f64 {
+    let bytes: u64 = IPV6_LRU_MAPS.iter().map(|m| memlock(root, m)).sum();
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+#[test]
+fn ipv6_off_makes_small_ipv6_maps_that_grow_with_their_entries_when_on() {
+    if !privileged("ipv6_off_makes_small_ipv6_maps_that_grow_with_their_entries_when_on") {
+        return;
+    }
+    let dir = PinDir::new("ipv6maps");
+    let root = dir.0.as_path();
+    {
+        let mut dp = Datapath::load_sized(root, false, None, Ipv6Maps::Small).expect("IPv6 off");
+        let mut ct6: HashMap<MapData, FlowKey6, NatEntry6> = dp.map(CT6_MAP).unwrap();
+        for (k, v) in (0..10).map(flow6) {
+            ct6.insert(k, v, 0).unwrap();
+        }
+    }
+    for map in IPV6_LRU_MAPS {
+        assert_eq!(max_entries(root, map), IPV6_OFF_ENTRIES, "{map}");
+    }
+    for map in [CT_MAP, RNAT_MAP] {
+        assert_eq!(max_entries(root, map), CT_MAP_SIZE, "{map}: IPv4 untouched");
+    }
+    let small = ipv6_lru_memory_mib(root);
+
+    // IPv6 on at the next start: full size, the flows carried over.
+    drop(Datapath::load_sized(root, false, None, Ipv6Maps::Full).expect("IPv6 on"));
+    for (map, entries) in sizes(CT_MAP_SIZE, true) {
+        assert_eq!(max_entries(root, map), entries, "{map}");
+    }
+    let ct6: HashMap<MapData, FlowKey6, NatEntry6> = open_pinned(root, CT6_MAP).unwrap();
+    assert_eq!(ct6.keys().count(), 10);
+    drop(ct6);
+    no_temporary_pins(root);
+    let full = ipv6_lru_memory_mib(root);
+    println!("IPv6 LRU maps: {full:.1} MiB full, {small:.2} MiB with IPv6 off");
+    assert!(full > 50.0 && small < 1.0, "{full} / {small}");
+
+    // Off again: small again, what fits kept.
+    drop(Datapath::load_sized(root, false, None, Ipv6Maps::Small).expect("IPv6 off again"));
+    assert_eq!(max_entries(root, CT6_MAP), IPV6_OFF_ENTRIES);
+    let ct6: HashMap<MapData, FlowKey6, NatEntry6> = open_pinned(root, CT6_MAP).unwrap();
+    assert_eq!(ct6.keys().count(), 10);
+    no_temporary_pins(root);
+}
+
+/// The real daemon in a test namespace (manifests mode, no Services,
+/// socket-level LB off) until its IPv6 conntrack map is pinned; returns
+/// that map's size.
+fn daemon_ct6_size(root: &Path) -> u32 {
+    let manifests = std::env::temp_dir().join(format!("kep-ipv6auto-{}", std::process::id()));
+    fs::create_dir_all(&manifests).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kube-ebpf-proxy"))
+        .args(["run", "--socket-lb=false", "--poll-interval-ms", "100"])
+        .arg("--manifests")
+        .arg(&manifests)
+        .arg("--bpffs")
+        .arg(root)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("the daemon");
+    let pin = maps_dir(root).join(CT6_MAP);
+    let started = std::time::Instant::now();
+    // Pinned under the temporary name first when resized: wait for that
+    // one to be gone too.
+    let resizing = maps_dir(root).join(format!("{CT6_MAP}_resizing"));
+    while !(pin.exists() && !resizing.exists() && started.elapsed().as_secs() >= 1) {
+        assert!(started.elapsed().as_secs() < 20, "no {CT6_MAP} pinned");
+        assert!(child.try_wait().unwrap().is_none(), "the daemon exited");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let size = max_entries(root, CT6_MAP);
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = fs::remove_dir_all(&manifests);
+    size
+}
+
+#[test]
+fn the_daemon_sizes_ipv6_maps_down_on_an_ipv4_only_node_and_up_when_ipv6_comes() {
+    let test = "the_daemon_sizes_ipv6_maps_down_on_an_ipv4_only_node_and_up_when_ipv6_comes";
+    if !privileged(test) {
+        return;
+    }
+    // IPv4 on d0 only (its link-local IPv6 address does not count).
+    let _ns = proxy_userspace::testkit::testns::NetNsGuard::new().expect("test namespace");
+    let dir = PinDir::new("ipv6auto");
+    let root = dir.0.as_path();
+    assert_eq!(daemon_ct6_size(root), IPV6_OFF_ENTRIES, "IPv4-only node");
+    let ip = std::process::Command::new("ip")
+        .args([
+            "-6",
+            "addr",
+            "add",
+            "fd00:244:2::1/64",
+            "dev",
+            "d0",
+            "nodad",
+        ])
+        .status()
+        .unwrap();
+    assert!(ip.success());
+    assert_eq!(daemon_ct6_size(root), CT_MAP_SIZE, "an IPv6 address now");
     no_temporary_pins(root);
 }

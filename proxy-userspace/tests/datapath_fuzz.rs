@@ -9,26 +9,35 @@
 //! then mutated: IHL 0-15 (with options), total-length lies, every
 //! fragment flag combination and offsets, TCP data offsets 0-15 and every
 //! flag byte, UDP length lies, other ethertypes, flipped bytes, and
-//! truncation. Besides the random frames, a few valid packets are
-//! truncated at every offset.
+//! truncation. A third of the frames are IPv6 ([`v6`]): extension header
+//! chains (fragments with every flag combination among them), payload
+//! length lies, TCP and UDP header lies, ICMPv6 errors quoting garbage or
+//! truncated packets, aimed at the IPv6 ClusterIPs, a NodePort on the
+//! node's IPv6 address, as backend replies and elsewhere. Besides the
+//! random frames, a few valid packets of both families are truncated at
+//! every offset.
 //!
 //! Invariants, for every frame:
 //! * the verdict is PASS, SHOT or REDIRECT;
 //! * a frame that is no service traffic passes byte-identical;
-//! * a frame the datapath rewrote is well-formed: its IP total length
-//!   covers its headers and fits in the frame, and checksums that were
-//!   valid stay valid;
+//! * a frame the datapath rewrote is well-formed: its IP total (IPv6:
+//!   payload) length covers its headers and fits in the frame, and
+//!   checksums that were valid stay valid;
 //! * every SHOT is counted under a drop reason;
 //! * dropped frames add nothing to conntrack, reverse NAT or fragment maps
 //!   (checked per window of frames: entries <= flows and first fragments
 //!   let through).
 //!
 //! The generator knows addresses and ports only, not map layouts. The seed
-//! is fixed; `KEP_SOAK=1` runs 2,000,000 frames with a fresh seed (printed;
+//! is fixed; `KEP_SOAK=1` runs 3,000,000 frames with a fresh seed (printed;
 //! `KEP_SEED=N` replays).
+
+#[path = "datapath_fuzz/v6.rs"]
+mod v6;
 
 use std::{
     collections::BTreeSet,
+    net::IpAddr,
     net::{Ipv4Addr, SocketAddrV4},
     time::Instant,
 };
@@ -263,6 +272,10 @@ fn frame(rng: &mut Rng) -> (Vec<u8>, Aim) {
         Aim::Other,
         Aim::Other,
     ]);
+    if rng.chance(1, 3) {
+        let f = v6::frame(rng, aim);
+        return (truncate_maybe(rng, f), aim);
+    }
     let mut f = match aim {
         Aim::IcmpError => icmp_error(rng),
         _ => base(rng, aim),
@@ -277,10 +290,14 @@ fn frame(rng: &mut Rng) -> (Vec<u8>, Aim) {
         let et: u16 = rng.pick(&[0x86dd, 0x0806, 0x8100, 0x88a8, any]);
         f[12..14].copy_from_slice(&et.to_be_bytes());
     }
+    (truncate_maybe(rng, f), aim)
+}
+
+fn truncate_maybe(rng: &mut Rng, mut f: Vec<u8>) -> Vec<u8> {
     if rng.chance(1, 8) {
         f.truncate(14 + rng.below(f.len() - 13));
     }
-    (f, aim)
+    f
 }
 
 struct Fixture {
@@ -288,9 +305,21 @@ struct Fixture {
     ct: HashMap<MapData, FlowKey, NatEntry>,
     rnat: HashMap<MapData, FlowKey, NatEntry>,
     frag: HashMap<MapData, FragKey, FragValue>,
+    ct6: HashMap<MapData, FlowKey6, NatEntry6>,
+    rnat6: HashMap<MapData, FlowKey6, NatEntry6>,
+    frag6: HashMap<MapData, FragKey6, FragValue>,
     stats: PerCpuArray<MapData, u64>,
     _syncer: Syncer<BpfLbMaps>,
     _ns: NetNsGuard,
+}
+
+fn frontend6(addr: std::net::Ipv6Addr, port: u16, proto: u8) -> SvcKey6 {
+    SvcKey6 {
+        addr: addr.octets(),
+        port: port.to_be_bytes(),
+        proto,
+        _pad: 0,
+    }
 }
 
 fn frontend(addr: Ipv4Addr, port: u16, proto: u8) -> SvcKey {
@@ -315,7 +344,7 @@ impl Fixture {
         let mut dp = Datapath::load_private(false).expect("load datapath");
         let mut syncer = Syncer::adopt(BpfLbMaps::new(&mut dp).unwrap()).unwrap();
         let mut d = Desired {
-            node_addrs: BTreeSet::from([NODE_IP.into()]),
+            node_addrs: BTreeSet::from([IpAddr::from(NODE_IP), v6::NODE_IP.into()]),
             ..Default::default()
         };
         for proto in [IPPROTO_TCP, IPPROTO_UDP] {
@@ -339,6 +368,24 @@ impl Fixture {
             );
             let np = frontend(Ipv4Addr::UNSPECIFIED, NODE_PORT, proto);
             fe.insert(np.into(), want(SVC_F_EXTERNAL, vec![be]));
+            let be6 = Backend6 {
+                addr: v6::BACKEND.octets(),
+                port: TARGET_PORT.to_be_bytes(),
+                proto,
+                flags: 0,
+            };
+            let want6 = |flags, backends: Vec<Backend6>| FrontendWant {
+                name: "fuzz/web6:http".into(),
+                flags,
+                backends: backends.into_iter().map(Into::into).collect(),
+                ..Default::default()
+            };
+            let vip6 = frontend6(v6::VIP, SERVICE_PORT, proto);
+            fe.insert(vip6.into(), want6(0, vec![be6]));
+            let empty6 = frontend6(v6::EMPTY_VIP, SERVICE_PORT, proto);
+            fe.insert(empty6.into(), want6(0, vec![]));
+            let np6 = frontend6(std::net::Ipv6Addr::UNSPECIFIED, NODE_PORT, proto);
+            fe.insert(np6.into(), want6(SVC_F_EXTERNAL, vec![be6]));
         }
         let r = syncer.sync(&d);
         assert!(r.failed.is_empty(), "{:?}", r.failed);
@@ -346,6 +393,9 @@ impl Fixture {
             ct: dp.map(CT_MAP).unwrap(),
             rnat: dp.map(RNAT_MAP).unwrap(),
             frag: dp.map(FRAG_MAP).unwrap(),
+            ct6: dp.map(CT6_MAP).unwrap(),
+            rnat6: dp.map(RNAT6_MAP).unwrap(),
+            frag6: dp.map(FRAG6_MAP).unwrap(),
             stats: dp.map(STATS_MAP).unwrap(),
             dp,
             _syncer: syncer,
@@ -378,22 +428,24 @@ impl Fixture {
         DROPS.iter().map(|c| self.counter(*c)).sum()
     }
 
-    /// Entries in conntrack, reverse NAT and the fragment map; empties them.
+    /// Entries in conntrack, reverse NAT and the fragment maps of both
+    /// families; empties them.
     fn take_state_entries(&mut self) -> [usize; 3] {
-        let ct: Vec<FlowKey> = self.ct.keys().flatten().collect();
-        let rnat: Vec<FlowKey> = self.rnat.keys().flatten().collect();
-        let frag: Vec<FragKey> = self.frag.keys().flatten().collect();
-        for k in &ct {
-            let _ = self.ct.remove(k);
-        }
-        for k in &rnat {
-            let _ = self.rnat.remove(k);
-        }
-        for k in &frag {
-            let _ = self.frag.remove(k);
-        }
-        [ct.len(), rnat.len(), frag.len()]
+        [
+            take_all(&mut self.ct) + take_all(&mut self.ct6),
+            take_all(&mut self.rnat) + take_all(&mut self.rnat6),
+            take_all(&mut self.frag) + take_all(&mut self.frag6),
+        ]
     }
+}
+
+/// Empties `map`; returns how many entries it had.
+fn take_all<K: aya::Pod, V: aya::Pod>(map: &mut HashMap<MapData, K, V>) -> usize {
+    let keys: Vec<K> = map.keys().flatten().collect();
+    for k in &keys {
+        let _ = map.remove(k);
+    }
+    keys.len()
 }
 
 /// What the runs saw.
@@ -405,6 +457,11 @@ struct Tally {
     /// Frames whose IP total length lies (longer than the frame, or
     /// shorter than its headers): never rewritten.
     length_lies: u64,
+    /// Of those, IPv6 payload length lies.
+    length_lies_v6: u64,
+    /// IPv6 frames run, and rewritten.
+    v6: u64,
+    v6_rewritten: u64,
     pass: u64,
     shot: u64,
     redirect: u64,
@@ -416,10 +473,15 @@ struct Tally {
 }
 
 fn is_first_fragment(frame: &[u8]) -> bool {
-    frame.len() >= 34 && frame[12..14] == [8, 0] && {
-        let f = u16::from_be_bytes([frame[20], frame[21]]);
-        f & 0x2000 != 0 && f & 0x1fff == 0
-    }
+    v6::is_first_fragment(frame)
+        || frame.len() >= 34 && frame[12..14] == [8, 0] && {
+            let f = u16::from_be_bytes([frame[20], frame[21]]);
+            f & 0x2000 != 0 && f & 0x1fff == 0
+        }
+}
+
+fn is_ipv6(frame: &[u8]) -> bool {
+    frame.get(12..14) == Some(&[0x86, 0xdd])
 }
 
 /// Checks one frame's result; returns a description of what is wrong.
@@ -433,6 +495,7 @@ fn check(
     t: &mut Tally,
 ) -> Result<(), String> {
     t.frames += 1;
+    t.v6 += is_ipv6(frame) as u64;
     match verdict {
         TC_ACT_OK => t.pass += 1,
         TC_ACT_REDIRECT => t.redirect += 1,
@@ -445,7 +508,7 @@ fn check(
         }
         v => return Err(format!("verdict {v}")),
     }
-    if aim == Aim::Other && frame[12..14] == [8, 0] {
+    if aim == Aim::Other && (frame[12..14] == [8, 0] || is_ipv6(frame)) {
         if verdict != TC_ACT_OK || out != frame {
             return Err("no service traffic, yet not passed byte-identical".into());
         }
@@ -453,6 +516,7 @@ fn check(
     }
     if lies_about_its_length(frame) {
         t.length_lies += 1;
+        t.length_lies_v6 += is_ipv6(frame) as u64;
     }
     t.window_flows += 1;
     if is_first_fragment(frame) {
@@ -462,7 +526,25 @@ fn check(
         return Ok(());
     }
     t.rewritten += 1;
+    if is_ipv6(frame) {
+        t.v6_rewritten += 1;
+        return well_formed_v6(out, frame);
+    }
     well_formed(out, frame)
+}
+
+/// A rewritten IPv6 frame: a payload length that covers its chain and L4
+/// header and fits in the frame, and an L4 checksum still valid if it was.
+fn well_formed_v6(out: &[u8], input: &[u8]) -> Result<(), String> {
+    if v6::lies_about_its_length(out) {
+        return Err("rewritten, and its IPv6 payload length does not match its content".into());
+    }
+    let p = pktgen::v6::parse6(out).ok_or("rewritten into something that is not IPv6")?;
+    let was_ok = pktgen::v6::parse6(input).and_then(|p| p.l4_checksum_ok) == Some(true);
+    if was_ok && p.l4_checksum_ok == Some(false) {
+        return Err("a valid L4 checksum was broken".into());
+    }
+    Ok(())
 }
 
 /// A rewritten frame: IPv4 with a valid header checksum, a total length
@@ -493,6 +575,9 @@ fn ip_checksum_ok(frame: &[u8]) -> bool {
 /// An IPv4 frame whose total length is longer than the frame, or shorter
 /// than its own header plus (unless a later fragment) its L4 header.
 fn lies_about_its_length(frame: &[u8]) -> bool {
+    if is_ipv6(frame) {
+        return v6::lies_about_its_length(frame);
+    }
     if frame.len() < 34 || frame[12..14] != [8, 0] {
         return false;
     }
@@ -585,9 +670,9 @@ fn seed() -> u64 {
 
 fn frames_to_run() -> u64 {
     if std::env::var_os("KEP_SOAK").is_some_and(|v| v != "0") {
-        2_000_000
+        3_000_000
     } else {
-        100_000
+        150_000
     }
 }
 
@@ -614,22 +699,26 @@ fn mutated_frames_get_a_sane_verdict_and_leave_no_state_when_dropped() {
     }
     close_window(&mut f, &mut t);
     eprintln!(
-        "{} frames in {:.1} s: {} passed ({} not service traffic, byte-identical), \
-         {} redirected, {} dropped, {} rewritten; {} with a lying IP total length, none \
-         rewritten",
+        "{} frames ({} IPv6) in {:.1} s: {} passed ({} not service traffic, byte-identical), \
+         {} redirected, {} dropped, {} rewritten ({} IPv6); {} with a lying IP total or \
+         payload length ({} IPv6), none rewritten",
         t.frames,
+        t.v6,
         started.elapsed().as_secs_f64(),
         t.pass,
         t.untouched_other,
         t.redirect,
         t.shot,
         t.rewritten,
+        t.v6_rewritten,
         t.length_lies,
+        t.length_lies_v6,
     );
     assert!(
         t.shot > 0 && t.redirect > 0 && t.untouched_other > 0 && t.length_lies > 0,
         "{t:?}"
     );
+    assert!(t.v6_rewritten > 0 && t.length_lies_v6 > 0, "{t:?}");
 }
 
 /// Valid packets of every kind, truncated at every offset, through both
@@ -649,9 +738,10 @@ fn frames_truncated_at_every_offset_get_a_sane_verdict() {
         Aim::IcmpError,
         Aim::Other,
     ];
-    for round in 0..40 {
+    for round in 0..60 {
         let aim = aims[round % aims.len()];
         let full = match aim {
+            _ if round >= 40 => v6::valid_frame(&mut rng, aim),
             Aim::IcmpError => icmp_error(&mut rng),
             _ => base(&mut rng, aim),
         };

@@ -466,6 +466,82 @@ fn truncated_headers_at_every_offset_are_never_translated() {
     assert_eq!(f.flows(), 2, "only the whole frames opened flows");
 }
 
+/// `frame` with its IPv6 payload length set to `len`.
+fn with_payload_len(frame: &[u8], len: u16) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    f[14 + 4..14 + 6].copy_from_slice(&len.to_be_bytes());
+    f
+}
+
+#[test]
+fn payload_length_lies_are_passed_or_dropped_never_translated() {
+    let Some(mut f) = Fixture::new("payload_length_lies_are_passed_or_dropped_never_translated")
+    else {
+        return;
+    };
+    f.cluster_ip(&[(BE_A, false)]);
+    let syn = Pkt6::tcp(sa(CLIENT), sa(VIP), TCP_SYN)
+        .with_ext(vec![ext(DEST_OPTS, 0)])
+        .build();
+    let udp = Pkt6::udp(sa(CLIENT), sa(VIP), b"hi").build();
+    let payload = |frame: &[u8]| (frame.len() - 14 - 40) as u16;
+
+    // Longer than the frame, or ending inside the extension chain: the
+    // kernel drops those itself; passed untouched.
+    for frame in [
+        with_payload_len(&syn, payload(&syn) + 1),
+        with_payload_len(&syn, u16::MAX),
+        with_payload_len(&syn, 4),
+    ] {
+        let (verdict, out) = f.ingress(&frame);
+        assert_eq!((verdict, &out), (TC_ACT_OK, &frame), "passed untouched");
+    }
+    // Ending inside the L4 header, though the frame holds all of it:
+    // malformed service traffic.
+    let cut = [
+        with_payload_len(&syn, 8 + 19),
+        with_payload_len(&syn, 8),
+        with_payload_len(&udp, 7),
+        // No jumbogram on a frame this short: the payload is empty.
+        with_payload_len(&udp, 0),
+    ];
+    for frame in &cut {
+        let (verdict, _) = f.ingress(frame);
+        assert_eq!(verdict, TC_ACT_SHOT);
+    }
+    assert_eq!(f.counter(Counter::DropMalformed), cut.len() as u64);
+    assert_eq!(f.flows(), 0, "no flow from a lie");
+
+    // Shorter than the frame but covering the headers: the rest is
+    // padding, and the packet is translated.
+    let mut padded = udp.clone();
+    padded.extend_from_slice(&[0u8; 6]);
+    let (verdict, out) = f.ingress(&padded);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(&out[14 + 40 + 2..14 + 40 + 4], &8080u16.to_be_bytes());
+    let (verdict, to_backend) = f.ingress(&syn);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+
+    // An ICMPv6 error whose payload length ends inside the quote, though
+    // the frame holds a whole one: not taken for a quote.
+    let client = *sa(CLIENT).ip();
+    let quoted = [&to_backend[14..14 + 40], &to_backend[14 + 48..14 + 56]].concat();
+    let mut quoted = quoted;
+    quoted[6] = TCP; // without its destination options
+    let ptb = icmp6(*sa(BE_A).ip(), client, 2, 0, 1280, &quoted);
+    let short = with_payload_len(&ptb, payload(&ptb) - 1);
+    let (verdict, out) = f.ingress(&short);
+    assert_eq!((verdict, &out), (TC_ACT_OK, &short), "passed untouched");
+    assert_eq!(f.counter(Counter::IcmpError), 0);
+    let (_, out) = f.ingress(&ptb);
+    assert_eq!(
+        valid(&out).src,
+        *sa(VIP).ip(),
+        "the whole quote is translated"
+    );
+    assert_eq!(f.counter(Counter::IcmpError), 1);
+}
+
 #[test]
 fn fragments_follow_their_first_fragment() {
     let Some(mut f) = Fixture::new("fragments_follow_their_first_fragment") else {

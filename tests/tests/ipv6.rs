@@ -261,6 +261,29 @@ fn a_dual_stack_service_answers_on_both_families() {
     );
 }
 
+/// The node's metrics tell the families apart: IPv6 flows in the IPv6
+/// conntrack, frontends and backends counted per family.
+fn assert_metrics_per_family(node: &lab::Netns) {
+    let at = "127.0.0.1:10249".parse().unwrap();
+    let (status, text) = http_get(node, at, "/metrics").expect("scrape");
+    assert_eq!(status, 200);
+    let value = |series: &str| -> f64 {
+        let line = text.lines().find(|l| l.starts_with(&format!("{series} ")));
+        let line = line.unwrap_or_else(|| panic!("{series} missing in\n{text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let ct6 = "kube_ebpf_proxy_conntrack_entries{map=\"KEP_CT6_V1\",ip_family=\"IPv6\"}";
+    assert!(value(ct6) >= 1.0, "{ct6}");
+    let ct4 = "kube_ebpf_proxy_conntrack_entries{map=\"KEP_CT_V1\",ip_family=\"IPv4\"}";
+    assert_eq!(value(ct4), 0.0, "no IPv4 flow yet");
+    for family in ["IPv4", "IPv6"] {
+        let fe = format!("kube_ebpf_proxy_frontends{{ip_family=\"{family}\"}}");
+        assert!(value(&fe) >= 12.0, "{fe}: 6 ClusterIPs and 6 NodePorts");
+        let be = format!("kube_ebpf_proxy_backends{{ip_family=\"{family}\"}}");
+        assert!(value(&be) >= 4.0, "{be}: 2 pods, TCP and UDP");
+    }
+}
+
 #[test]
 fn nodeport_over_ipv6_from_outside_to_local_and_remote_backends() {
     let Some(c) = Cluster::start("ipv6_nodeport", &manifests()) else {
@@ -281,6 +304,7 @@ fn nodeport_over_ipv6_from_outside_to_local_and_remote_backends() {
         let r = udp_request(client, udp_target).unwrap_or_else(|e| panic!("{udp_target}: {e:#}"));
         assert_eq!((r.identity.as_str(), r.remote), (backend, udp_target));
     }
+    assert_metrics_per_family(c.lab.ns(addr::NODE_A));
     // Every node answers every NodePort.
     let target = SocketAddrV6::new(addr::NODE_B_IP6, 30011, 0, 0);
     let r = tcp_request(client, target).unwrap();

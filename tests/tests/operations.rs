@@ -71,7 +71,10 @@ fn prometheus_scrapes_per_service_counters_that_grow_with_traffic() -> Result<()
         "kubeproxy_sync_proxy_rules_endpoint_changes_total",
         "kube_ebpf_proxy_service_new_connections_total{namespace=\"lab\",name=\"web-11-tcp\",port=\"main\"} 1",
         "kube_ebpf_proxy_datapath_drops_total{reason=\"no_endpoint\"}",
-        "kube_ebpf_proxy_conntrack_entries{map=\"KEP_CT_V1\"}",
+        "kube_ebpf_proxy_conntrack_entries{map=\"KEP_CT_V1\",ip_family=\"IPv4\"}",
+        "kube_ebpf_proxy_conntrack_entries{map=\"KEP_CT6_V1\",ip_family=\"IPv6\"}",
+        "kube_ebpf_proxy_frontends{ip_family=\"IPv4\"}",
+        "kube_ebpf_proxy_backends{ip_family=\"IPv6\"}",
         "kube_ebpf_proxy_desired_map_fill_ratio{map=\"KEP_SVC_V2\"}",
     ] {
         assert!(text.contains(name), "{name} missing from /metrics:\n{text}");

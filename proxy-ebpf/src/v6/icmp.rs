@@ -6,7 +6,8 @@
 //! through this way, so path MTU discovery works through a service.
 //!
 //! Quotes whose IPv6 header is followed by extension headers, or that are
-//! too short to hold the ports, are left alone, as are errors about flows
+//! too short to hold the ports (by the frame or by the payload length),
+//! are left alone, as are errors about flows
 //! we do not know.
 
 use aya_ebpf::programs::TcContext;
@@ -34,6 +35,10 @@ const QUOTE: usize = IP6_HLEN + 8;
 /// `NAT_F_*` of the flow), outside this function's frame.
 pub fn translate_error(ctx: &TcContext, ip: &Ip<[u8; 16]>) -> Result<Option<u8>, i32> {
     let pass = Ok(None);
+    // The payload length ends before the quote: the rest is no quote.
+    if ip.l4_cut {
+        return pass;
+    }
     let Some(icmp) = bytes::<8>(ctx, ip.l4) else {
         return pass;
     };

@@ -12,11 +12,21 @@
 //! * a later fragment carries no L4 header, whatever follows its fragment
 //!   header: its ports come from the first fragment ([`Frag::Later`]);
 //! * a chain longer than [`MAX_EXT_HEADERS`], or one that runs past the end
-//!   of the packet, is not parsed at all (the kernel drops the latter).
+//!   of the payload, is not parsed at all (the kernel drops the latter);
+//! * a payload length longer than the frame is a lie the kernel's
+//!   ipv6_rcv drops: not ours to touch either. One too short for the L4
+//!   header after the chain sets [`Ip::l4_cut`], as for IPv4: service
+//!   traffic is then dropped as malformed.
+//!
+//! A payload length of 0 on a frame longer than any 16-bit length can
+//! describe is a jumbogram or a BIG TCP aggregate (the kernel's GRO leaves
+//! those at 0): its payload is the rest of the frame.
 
 use aya_ebpf::programs::TcContext;
 
-use crate::packet::{ETH_HLEN, Frag, Ip, bytes};
+use proxy_common::{IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
+
+use crate::packet::{ETH_HLEN, Frag, Ip, TCP_HLEN, UDP_HLEN, bytes};
 
 pub const IP6_OFF: usize = ETH_HLEN;
 pub const IP6_HLEN: usize = 40;
@@ -32,6 +42,10 @@ const NEXTHDR_FRAGMENT: u8 = 44;
 const NEXTHDR_AUTH: u8 = 51;
 const NEXTHDR_DEST: u8 = 60;
 
+/// What an ICMPv6 error must carry for translation: its own header, the
+/// quoted IPv6 header and 8 bytes of the quoted L4 header.
+pub const ICMP6_ERROR_MIN: usize = 8 + IP6_HLEN + 8;
+
 /// Parses IPv6 (the caller checked the Ethernet type). The extension
 /// headers are copied out with bpf_skb_load_bytes: their offsets are
 /// computed in a loop, and the verifier does not follow packet pointers
@@ -43,6 +57,7 @@ pub fn parse_ipv6(ctx: &TcContext) -> Option<Ip<[u8; 16]>> {
     if h[0] >> 4 != 6 {
         return None;
     }
+    let end = payload_end(ctx, u16::from_be_bytes([h[4], h[5]]))?;
     let mut ip = Ip {
         saddr: h[8..24].try_into().ok()?,
         daddr: h[24..40].try_into().ok()?,
@@ -82,15 +97,49 @@ pub fn parse_ipv6(ctx: &TcContext) -> Option<Ip<[u8; 16]>> {
                     // An atomic fragment (RFC 6946): a whole datagram.
                     Frag::No
                 };
-                if ip.frag == Frag::Later {
-                    return Some(ip);
-                }
             }
-            _ => return Some(ip),
+            _ => return with_l4_cut(ip, end),
+        }
+        // Every header is at least as long as what was read of it: one
+        // that ends past the payload also was read past it.
+        if ip.l4 > end {
+            return None;
+        }
+        if ip.frag == Frag::Later {
+            return Some(ip);
         }
     }
     match ip.proto {
         NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_AUTH | NEXTHDR_FRAGMENT => None,
-        _ => Some(ip),
+        _ => with_l4_cut(ip, end),
     }
+}
+
+/// The frame offset where the payload ends, or `None` when the payload
+/// length claims more than the frame holds. (Shorter is fine: the rest is
+/// padding.)
+#[inline(always)]
+fn payload_end(ctx: &TcContext, payload_len: u16) -> Option<usize> {
+    let start = IP6_OFF + IP6_HLEN;
+    let in_frame = (ctx.len() as usize).saturating_sub(start);
+    let len = match payload_len as usize {
+        0 if in_frame > u16::MAX as usize => in_frame,
+        len if len > in_frame => return None,
+        len => len,
+    };
+    Some(start + len)
+}
+
+/// Sets [`Ip::l4_cut`] when the payload ends before the L4 header the
+/// datapath reads (see [`parse_ipv4`](crate::packet::parse_ipv4)).
+#[inline(always)]
+fn with_l4_cut(mut ip: Ip<[u8; 16]>, end: usize) -> Option<Ip<[u8; 16]>> {
+    let l4_min = match ip.proto {
+        IPPROTO_TCP => TCP_HLEN,
+        IPPROTO_UDP => UDP_HLEN,
+        IPPROTO_ICMPV6 => ICMP6_ERROR_MIN,
+        _ => 0,
+    };
+    ip.l4_cut = ip.l4 + l4_min > end;
+    Some(ip)
 }

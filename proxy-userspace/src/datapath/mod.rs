@@ -250,6 +250,14 @@ fn size_conntrack(loader: &mut EbpfLoader, conntrack_max: Option<u32>) {
     }
 }
 
+/// Whether the IPv6 LRU maps get their full size (see [`resize`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ipv6Maps {
+    Full,
+    /// [`resize::IPV6_OFF_ENTRIES`] entries each: IPv6 is off.
+    Small,
+}
+
 fn decode_name(pinned: &str) -> String {
     pinned.replace("%2E", ".").replace("%25", "%")
 }
@@ -264,11 +272,22 @@ impl Datapath {
     /// Pins of an earlier layout are carried over, of a later one refused
     /// before anything changes (see [`migrate`]).
     pub fn load(root: &Path, debug: bool, conntrack_max: Option<u32>) -> Result<Datapath> {
+        Datapath::load_sized(root, debug, conntrack_max, Ipv6Maps::Full)
+    }
+
+    /// [`Datapath::load`], with the IPv6 LRU maps sized by `ipv6`.
+    pub fn load_sized(
+        root: &Path,
+        debug: bool,
+        conntrack_max: Option<u32>,
+        ipv6: Ipv6Maps,
+    ) -> Result<Datapath> {
         let old_layouts = migrate::plan(&maps_dir(root))?;
         fs::create_dir_all(maps_dir(root))?;
         fs::create_dir_all(links_dir(root))?;
         let max = conntrack_max.unwrap_or(proxy_common::CT_MAP_SIZE);
-        let resizes = resize::plan(&maps_dir(root), max)?;
+        let sizes = resize::sizes(max, ipv6 == Ipv6Maps::Full);
+        let resizes = resize::plan(&maps_dir(root), &sizes)?;
         let pins: Vec<(&str, PathBuf)> = ALL_MAPS
             .iter()
             .map(|name| {
@@ -283,7 +302,9 @@ impl Datapath {
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
         }
-        size_conntrack(&mut loader, conntrack_max);
+        for (name, entries) in &sizes {
+            loader.map_max_entries(name, *entries);
+        }
         let mut dp = Datapath::finish(loader, debug, &[PROG_INGRESS, PROG_EGRESS], root)
             .context("loading the eBPF object (are the pinned maps of another version?)")?;
         for r in &resizes {

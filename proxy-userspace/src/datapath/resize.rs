@@ -1,5 +1,12 @@
-//! Sizing the conntrack and reverse-NAT maps (`--conntrack-max`), and
-//! carrying the flows of pinned maps of another size over to new ones.
+//! Sizing the conntrack and reverse-NAT maps (`--conntrack-max`) and the
+//! IPv6 LRU maps (`--ipv6`), and carrying the entries of pinned maps of
+//! another size over to new ones.
+//!
+//! LRU maps are preallocated: the kernel reserves their whole size when
+//! they are created. With IPv6 off, the IPv6 LRU maps ([`IPV6_LRU_MAPS`])
+//! are created with [`IPV6_OFF_ENTRIES`] entries instead: about 123 MiB
+//! less kernel memory on a node that serves no IPv6. The other IPv6 maps
+//! are hash maps without preallocation and cost nothing while empty.
 //!
 //! A map's size is fixed when it is created, and the loader reuses a pinned
 //! map whatever its size. So before loading, [`plan`] finds the pins whose
@@ -27,11 +34,44 @@ use aya::{
     Ebpf, Pod,
     maps::{HashMap, Map, MapData, MapError, MapInfo},
 };
-use proxy_common::{CT_MAP, CT6_MAP, FlowKey, FlowKey6, NatEntry, NatEntry6, RNAT_MAP, RNAT6_MAP};
+use proxy_common::*;
 
 /// The maps `--conntrack-max` sizes: conntrack and reverse NAT, both
 /// families.
 pub const SIZED_MAPS: [&str; 4] = [CT_MAP, RNAT_MAP, CT6_MAP, RNAT6_MAP];
+
+/// The preallocated (LRU) IPv6 maps, which `--ipv6` sizes.
+pub const IPV6_LRU_MAPS: [&str; 6] = [
+    CT6_MAP,
+    RNAT6_MAP,
+    FRAG6_MAP,
+    AFF6_MAP,
+    SOCK_RNAT6_MAP,
+    SOCK_FWD6_MAP,
+];
+
+/// Entries of each IPv6 LRU map with IPv6 off: a few flows still work
+/// (an IPv6 Service that appears before the daemon is restarted is served,
+/// its flows evicting each other), at a few KiB each.
+pub const IPV6_OFF_ENTRIES: u32 = 64;
+
+/// The size of every map this module sizes: conntrack and reverse NAT of
+/// `conntrack_max` entries, and the IPv6 LRU maps at their full size with
+/// `ipv6`, or [`IPV6_OFF_ENTRIES`].
+pub fn sizes(conntrack_max: u32, ipv6: bool) -> Vec<(&'static str, u32)> {
+    let full = |name: &str| match name {
+        FRAG6_MAP => FRAG6_MAP_SIZE,
+        AFF6_MAP => AFF6_MAP_SIZE,
+        SOCK_RNAT6_MAP => SOCK_RNAT_MAP_SIZE,
+        SOCK_FWD6_MAP => SOCK_FWD_MAP_SIZE,
+        _ => conntrack_max,
+    };
+    let mut out = vec![(CT_MAP, conntrack_max), (RNAT_MAP, conntrack_max)];
+    for name in IPV6_LRU_MAPS {
+        out.push((name, if ipv6 { full(name) } else { IPV6_OFF_ENTRIES }));
+    }
+    out
+}
 
 /// Where a map of the new size is pinned until its entries are copied
 /// (bpffs refuses dots in names).
@@ -60,13 +100,13 @@ pub struct Resize {
     pub to: u32,
 }
 
-/// The pinned maps (under `maps_dir`) whose size is not `max`. A temporary
-/// pin left by a run that died before renaming it becomes the map's pin
-/// again when the map's own pin is gone (it holds the copied flows), and is
-/// removed otherwise (the copy is redone).
-pub fn plan(maps_dir: &Path, max: u32) -> Result<Vec<Resize>> {
+/// The pinned maps (under `maps_dir`) whose size is not the one `sizes`
+/// gives. A temporary pin left by a run that died before renaming it
+/// becomes the map's pin again when the map's own pin is gone (it holds the
+/// copied flows), and is removed otherwise (the copy is redone).
+pub fn plan(maps_dir: &Path, sizes: &[(&'static str, u32)]) -> Result<Vec<Resize>> {
     let mut out = Vec::new();
-    for name in SIZED_MAPS {
+    for &(name, max) in sizes {
         let pin = maps_dir.join(name);
         let temporary = temporary_pin(&pin);
         if temporary.exists() {
@@ -100,10 +140,13 @@ impl Resize {
         let new = ebpf
             .map_mut(self.name)
             .with_context(|| format!("map {} missing", self.name))?;
-        let copied = if self.name == CT_MAP || self.name == RNAT_MAP {
-            copy::<FlowKey, NatEntry>(&self.pin, new)
-        } else {
-            copy::<FlowKey6, NatEntry6>(&self.pin, new)
+        let copied = match self.name {
+            CT_MAP | RNAT_MAP => copy::<FlowKey, NatEntry>(&self.pin, new),
+            CT6_MAP | RNAT6_MAP => copy::<FlowKey6, NatEntry6>(&self.pin, new),
+            FRAG6_MAP => copy::<FragKey6, FragValue>(&self.pin, new),
+            AFF6_MAP => copy::<AffKey6, AffValue>(&self.pin, new),
+            SOCK_RNAT6_MAP => copy::<SockRevKey6, SockNat6>(&self.pin, new),
+            _ => copy::<SockFwdKey6, SockNat6>(&self.pin, new),
         }
         .with_context(|| format!("copying {} into its new map", self.pin.display()))?;
         match fs::remove_file(&self.pin) {
@@ -141,6 +184,17 @@ fn copy<K: Pod, V: Pod>(from: &Path, to: &mut Map) -> Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv6_off_shrinks_only_the_ipv6_lru_maps() {
+        let off = sizes(1000, false);
+        assert_eq!(off[..2], [(CT_MAP, 1000), (RNAT_MAP, 1000)]);
+        assert!(off[2..].iter().all(|(_, n)| *n == IPV6_OFF_ENTRIES));
+        let on = sizes(1000, true);
+        assert!(on.contains(&(CT6_MAP, 1000)));
+        assert!(on.contains(&(AFF6_MAP, AFF6_MAP_SIZE)));
+        assert_eq!(on.len(), 2 + IPV6_LRU_MAPS.len());
+    }
 
     #[test]
     fn the_temporary_pin_has_no_dot_and_sits_beside_the_map() {

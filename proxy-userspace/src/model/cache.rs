@@ -25,7 +25,7 @@ use serde::Serialize;
 use super::{
     CheckedSlice, DesiredState, Frontend, FrontendKey, HealthCheck, LABEL_HEADLESS,
     LABEL_SERVICE_NAME, Names, NamespacedName, NodeInfo, Options, Problem, ProblemKind,
-    service::service_state_checked, slim,
+    service::service_state_checked, slim, slim::SlimSlice,
 };
 use super::{ServicePortEndpoints, ServicePortName};
 
@@ -86,7 +86,7 @@ impl PreparedSlice {
     pub fn new(slice: &EndpointSlice, names: &mut Names) -> PreparedSlice {
         let id = NamespacedName::of(&slice.metadata);
         PreparedSlice {
-            owner: owner_of(&id, slice),
+            owner: owner_of(&id, &slice.metadata),
             fingerprint: fingerprint(&slice.metadata, slice),
             slice: Arc::new(CheckedSlice::new(slice, names)),
             id,
@@ -100,10 +100,8 @@ impl PreparedSlice {
 
 /// The Service a slice belongs to (its namespace, its service-name label);
 /// None if it is headless or has no such label.
-fn owner_of(id: &NamespacedName, slice: &EndpointSlice) -> Option<NamespacedName> {
-    slice
-        .metadata
-        .labels
+fn owner_of(id: &NamespacedName, meta: &ObjectMeta) -> Option<NamespacedName> {
+    meta.labels
         .as_ref()
         .filter(|l| !l.contains_key(LABEL_HEADLESS))
         .and_then(|l| l.get(LABEL_SERVICE_NAME))
@@ -124,13 +122,32 @@ impl SliceInput for &EndpointSlice {
         NamespacedName::of(&self.metadata)
     }
     fn owner(&self, id: &NamespacedName) -> Option<NamespacedName> {
-        owner_of(id, self)
+        owner_of(id, &self.metadata)
     }
     fn fingerprint(&self) -> u64 {
         fingerprint(&self.metadata, *self)
     }
     fn into_checked(self, names: &mut Names) -> Arc<CheckedSlice> {
         Arc::new(CheckedSlice::new(self, names))
+    }
+}
+
+/// A watcher store's slice: made an object again only when it is checked.
+impl SliceInput for &SlimSlice {
+    fn id(&self) -> NamespacedName {
+        NamespacedName::of(&self.metadata)
+    }
+    fn owner(&self, id: &NamespacedName) -> Option<NamespacedName> {
+        owner_of(id, &self.metadata)
+    }
+    fn fingerprint(&self) -> u64 {
+        match &self.metadata.resource_version {
+            Some(rv) if !rv.is_empty() => fingerprint(&self.metadata, &()),
+            _ => fingerprint(&self.metadata, &self.to_slice()),
+        }
+    }
+    fn into_checked(self, names: &mut Names) -> Arc<CheckedSlice> {
+        Arc::new(CheckedSlice::new(&self.to_slice(), names))
     }
 }
 

@@ -26,6 +26,7 @@
 //! none, so the proxy still starts, and it keeps retrying with its backoff.
 
 use std::{
+    borrow::Cow,
     collections::BTreeMap,
     fmt::Debug,
     hash::Hash,
@@ -39,10 +40,13 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::{
-    core::v1::{Node, Service},
-    discovery::v1::EndpointSlice,
-    networking::v1::ServiceCIDR,
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, Service},
+        discovery::v1::EndpointSlice,
+        networking::v1::ServiceCIDR,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::{
     Api, Client, Config, Resource, ResourceExt,
@@ -53,14 +57,16 @@ use kube::{
         watcher,
     },
 };
-use serde::de::DeserializeOwned;
 use tokio::{sync::Notify, task::JoinHandle};
 use tracing::{info, warn};
 
 use crate::{
     health,
     log_limit::{LogLimiter, REMIND_EVERY},
-    model::{LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, ModelCache, NamespacedName, NodeInfo, slim},
+    model::{
+        LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, ModelCache, NamespacedName, NodeInfo, slim,
+        slim::SlimSlice,
+    },
 };
 
 /// How long a watch lasts before the server ends it and the watcher resumes
@@ -272,7 +278,8 @@ fn unavailable(e: &watcher::Error) -> bool {
 pub struct KubeSource {
     node_name: String,
     services: Store<Service>,
-    slices: Store<EndpointSlice>,
+    /// In the compact form (see [`SlimSlice`]).
+    slices: Store<SlimSlice>,
     nodes: Store<Node>,
     service_cidrs: Store<ServiceCIDR>,
     shared: Arc<Shared>,
@@ -402,9 +409,7 @@ impl KubeSource {
             watcher(Api::<Service>::all(client.clone()), services)
                 .modify(slim_service)
                 .default_backoff(),
-            watcher(Api::<EndpointSlice>::all(client.clone()), slices)
-                .modify(slim::slice)
-                .default_backoff(),
+            watcher(Api::<EndpointSlice>::all(client.clone()), slices).default_backoff(),
             watcher(Api::<Node>::all(client.clone()), node)
                 .modify(slim_node)
                 .default_backoff(),
@@ -453,7 +458,7 @@ impl KubeSource {
             )),
             tokio::spawn(reflect(
                 Watched::EndpointSlices,
-                slices,
+                slices.map(|item| item.map(slim_slice_event)),
                 slice_writer,
                 c_slice,
                 shared.clone(),
@@ -506,7 +511,10 @@ impl KubeSource {
             .all(|c| c.ready.load(Ordering::Acquire));
         KubeObjects {
             services: sorted(&self.services),
-            slices: sorted(&self.slices),
+            slices: sorted(&self.slices)
+                .iter()
+                .map(SlimSlice::to_slice)
+                .collect(),
             node: self
                 .nodes
                 .state()
@@ -751,7 +759,7 @@ where
 
 fn sorted<K>(store: &Store<K>) -> Vec<K>
 where
-    K: Resource + Clone + DeserializeOwned + 'static,
+    K: Resource + Clone + 'static,
     K::DynamicType: Eq + Hash + Clone,
 {
     let mut all = store.state();
@@ -768,6 +776,42 @@ fn slim_service(svc: &mut Service) {
     slim::service(svc);
 }
 
+/// A slice watcher's event with the slice in the form the store keeps.
+fn slim_slice_event(event: watcher::Event<EndpointSlice>) -> watcher::Event<SlimSlice> {
+    match event {
+        watcher::Event::Init => watcher::Event::Init,
+        watcher::Event::InitApply(s) => watcher::Event::InitApply(s.into()),
+        watcher::Event::InitDone => watcher::Event::InitDone,
+        watcher::Event::Apply(s) => watcher::Event::Apply(s.into()),
+        watcher::Event::Delete(s) => watcher::Event::Delete(s.into()),
+    }
+}
+
+/// The store's slices are EndpointSlices to the reflector.
+impl Resource for SlimSlice {
+    type DynamicType = ();
+    type Scope = k8s_openapi::NamespaceResourceScope;
+
+    fn kind(_: &()) -> Cow<'_, str> {
+        <EndpointSlice as k8s_openapi::Resource>::KIND.into()
+    }
+    fn group(_: &()) -> Cow<'_, str> {
+        <EndpointSlice as k8s_openapi::Resource>::GROUP.into()
+    }
+    fn version(_: &()) -> Cow<'_, str> {
+        <EndpointSlice as k8s_openapi::Resource>::VERSION.into()
+    }
+    fn plural(_: &()) -> Cow<'_, str> {
+        <EndpointSlice as k8s_openapi::Resource>::URL_PATH_SEGMENT.into()
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
 /// A Node's status lists every image on the node (often hundreds of
 /// entries); only labels and addresses matter here.
 fn slim_node(node: &mut Node) {
@@ -781,7 +825,6 @@ fn slim_node(node: &mut Node) {
 mod tests {
     use std::{io::Write as _, time::Duration};
 
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
     use tokio::sync::mpsc;
 
     use super::*;

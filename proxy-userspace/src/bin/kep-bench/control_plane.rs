@@ -167,8 +167,8 @@ fn rss_of(pid: &str) -> Result<u64> {
 
 /// Run in a child process (`kep-bench model-rss N`): takes `n` Services and
 /// their slices one at a time as the API watchers hand them over (slimmed;
-/// the watchers' stores keep the slice objects, the model shares the
-/// Service objects), programs private maps, and prints its VmRSS in KiB.
+/// the watchers' stores keep the slices in their compact form, the model
+/// shares the Service objects), programs private maps, and prints its VmRSS in KiB.
 pub fn model_rss(n: usize) -> Result<()> {
     let mut dp = Datapath::load_private(false)?;
     let mut model = ModelCache::new(
@@ -184,8 +184,8 @@ pub fn model_rss(n: usize) -> Result<()> {
         let mut svc: Service = serde_json::from_value(service(i))?;
         slim::service(&mut svc);
         model.upsert_service(std::sync::Arc::new(svc));
-        let mut s: EndpointSlice = serde_json::from_value(slice(i, 1))?;
-        slim::slice(&mut s);
+        let s: EndpointSlice = serde_json::from_value(slice(i, 1))?;
+        let s = slim::SlimSlice::from(s);
         model.upsert_slice(&s);
         store.push(s);
     }
