@@ -67,20 +67,7 @@ fn family_of(ip: &std::net::IpAddr) -> &'static str {
 
 /// The family of a per-family map's entries.
 fn family_of_map(map: &str) -> &'static str {
-    const V6_MAPS: [&str; 11] = [
-        SVC6_MAP,
-        BACKEND6_MAP,
-        ADDR6_MAP,
-        CT6_MAP,
-        RNAT6_MAP,
-        FRAG6_MAP,
-        AFF6_MAP,
-        SRCRNG6_MAP,
-        CONFIG6_MAP,
-        SOCK_RNAT6_MAP,
-        SOCK_FWD6_MAP,
-    ];
-    if V6_MAPS.contains(&map) {
+    if proxy_common::V6_MAPS.contains(&map) {
         "IPv6"
     } else {
         "IPv4"

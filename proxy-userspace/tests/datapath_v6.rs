@@ -639,6 +639,36 @@ fn icmpv6_errors_about_a_flow_are_translated_back() {
     assert_eq!(f.counter(Counter::IcmpError), 2);
 }
 
+/// Regression (found by the lab's path MTU test): the node's own stack
+/// answers a translated packet too large for the next link with Packet Too
+/// Big, which leaves towards the client through the egress program; it was
+/// passed with its quote showing the backend, which the client's socket
+/// ignores (path MTU discovery stalled).
+#[test]
+fn packet_too_big_sent_by_the_node_is_translated_on_egress() {
+    let Some(mut f) = Fixture::new("packet_too_big_sent_by_the_node_is_translated_on_egress")
+    else {
+        return;
+    };
+    f.cluster_ip(&[(BE_A, false)]);
+    let (_, to_backend) = f.ingress(&Pkt6::tcp(sa(CLIENT), sa(VIP), TCP_SYN).build());
+    let node = ip6("fd00:244:2::1");
+    let client = *sa(CLIENT).ip();
+    let ptb = icmp6(node, client, 2, 0, 1280, &quote(&to_backend, 48));
+    let (verdict, out) = f.run(PROG_EGRESS, &ptb);
+    assert_eq!(verdict, TC_ACT_OK, "on its way out already");
+    let p = valid(&out);
+    assert_eq!((p.src, p.dst), (node, client), "the node's own error");
+    let inner = &p.l4[8..];
+    assert_eq!(
+        &inner[24..40],
+        &sa(VIP).ip().octets(),
+        "quote shows the service"
+    );
+    assert_eq!(&inner[42..44], &80u16.to_be_bytes());
+    assert_eq!(f.counter(Counter::IcmpError), 1);
+}
+
 #[test]
 fn neighbour_discovery_and_router_traffic_pass_untouched() {
     let Some(mut f) = Fixture::new("neighbour_discovery_and_router_traffic_pass_untouched") else {

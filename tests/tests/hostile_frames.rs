@@ -173,14 +173,9 @@ fn write_frames(
 
 /// The datapath's drop counters on `node`, by reason.
 fn drops(c: &Cluster, node: &str) -> BTreeMap<String, u64> {
-    let out = c
-        .cli(node, &["inspect", "stats", "-o", "json"])
-        .expect("inspect stats: the daemon must answer");
-    let rows: Vec<serde_json::Value> = serde_json::from_str(&out).expect("stats json");
-    rows.iter()
-        .filter_map(|r| Some((r["counter"].as_str()?.to_string(), r["packets"].as_u64()?)))
-        .filter(|(name, _)| Counter::ALL.iter().any(|c| c.is_drop() && c.name() == name))
-        .collect()
+    let mut counters = c.counters(node);
+    counters.retain(|name, _| Counter::ALL.iter().any(|c| c.is_drop() && c.name() == name));
+    counters
 }
 
 /// The services answer from outside (NodePort) and from the pod

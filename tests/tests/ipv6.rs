@@ -2,8 +2,9 @@
 //! dual-stack pods (every backend serves on its IPv6 address too), real
 //! sockets over IPv6.
 //!
-//! IPv6 has no socket-level hooks: with `--socket-lb` on (the default, as
-//! here) IPv6 connections go through the per-packet path.
+//! With `--socket-lb` on (the default) pods' and node processes' IPv6
+//! sockets are balanced at `connect()`; `cargo xtask test` runs this suite
+//! again with it off, for the per-packet path.
 
 use std::{
     io::ErrorKind,
@@ -603,4 +604,87 @@ fn ipv6_node_ports_and_external_ips_dialed_from_inside() {
     let to = sa6("[fd00:200::11]:8443");
     let r = tcp_request(c.lab.ns(addr::CLIENT), to).unwrap();
     assert_eq!((r.identity.as_str(), r.remote), ("web-b1", to));
+}
+
+/// A sink on `at` in `ns`: reads each connection to its end and answers
+/// with the byte count.
+fn byte_counting_server(ns: &lab::Netns, at: SocketAddrV6) -> std::net::TcpListener {
+    let listener = ns
+        .run(|| std::net::TcpListener::bind(at))
+        .expect("bind the sink");
+    let accepting = listener.try_clone().unwrap();
+    std::thread::spawn(move || {
+        for conn in accepting.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let mut buf = [0u8; 65536];
+                let mut total = 0usize;
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    total += n;
+                }
+                let _ = write!(conn, "{total}");
+            });
+        }
+    });
+    listener
+}
+
+#[test]
+// Per-packet path (socket-level LB off): a pod uploads through an IPv6
+// ClusterIP to a backend on the other node while node-a's underlay link
+// has an MTU of 1280. Node-a's stack answers the pod's 1500-byte segments
+// with Packet Too Big, quoting them as translated (to the backend); the
+// pod's socket only finds it, and lowers its MSS, if the quote shows the
+// ClusterIP it dialed.
+fn path_mtu_discovery_works_through_an_ipv6_clusterip() {
+    let Some(c) = Cluster::start_with("ipv6_pmtu", &manifests(), &["--socket-lb=false"]) else {
+        return;
+    };
+    let _sink = byte_counting_server(
+        c.lab.ns(WEB_B1.name),
+        SocketAddrV6::new(ip6(&WEB_B1), 8080, 0, 0),
+    );
+    c.lab
+        .ns(addr::NODE_A)
+        .ip(&["link", "set", "eth0", "mtu", "1280"])
+        .unwrap();
+    // Real 1500-byte frames, not segmentation offload's large packets,
+    // which veths carry whatever the MTU.
+    c.lab
+        .ns(CLIENT_POD)
+        .ip(&["link", "set", "eth0", "gso_max_segs", "1"])
+        .unwrap();
+    let sent = 256 * 1024;
+    let started = Instant::now();
+    let got = c.lab.ns(CLIENT_POD).run(|| -> std::io::Result<String> {
+        use std::io::{Read, Write};
+        let vip = sa6("[fd00:10:96::12]:80");
+        let mut s = std::net::TcpStream::connect_timeout(&vip.into(), Duration::from_secs(3))?;
+        s.set_read_timeout(Some(Duration::from_secs(15)))?;
+        s.set_write_timeout(Some(Duration::from_secs(15)))?;
+        s.write_all(&vec![7u8; sent])?;
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut reply = String::new();
+        s.read_to_string(&mut reply)?;
+        Ok(reply)
+    });
+    let got = got.unwrap_or_else(|e| panic!("upload through the ClusterIP: {e}"));
+    eprintln!(
+        "{sent} bytes through a 1280-byte link in {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(got, sent.to_string(), "every byte arrived");
+    let route = c
+        .lab
+        .ns(CLIENT_POD)
+        .ip(&["-6", "route", "get", "fd00:10:96::12"])
+        .unwrap();
+    assert!(
+        route.contains("mtu 1280"),
+        "the pod learned the path MTU: {route}"
+    );
 }

@@ -24,18 +24,6 @@ mod common;
 
 const OFF: &[&str] = &["--socket-lb=false"];
 
-/// The datapath's counters on `node`, by name.
-fn counters(c: &Cluster, node: &str) -> BTreeMap<String, u64> {
-    let out = c
-        .cli(node, &["inspect", "stats", "-o", "json"])
-        .expect("inspect stats");
-    let rows: Vec<serde_json::Value> = serde_json::from_str(&out).expect("stats json");
-    // Counter rows, then the maps' fill rows (no `counter`).
-    rows.iter()
-        .filter_map(|r| Some((r["counter"].as_str()?.to_string(), r["packets"].as_u64()?)))
-        .collect()
-}
-
 fn conntrack_entries(c: &Cluster, node: &str) -> usize {
     let out = c
         .cli(node, &["inspect", "conntrack", "-o", "json"])
@@ -212,7 +200,7 @@ fn clusterip_sockets_connect_straight_to_the_backend() {
         assert!(attached.contains_key(hook), "{hook} attached: {attached:?}");
     }
     for node in addr::NODES {
-        let n = counters(&c, node);
+        let n = c.counters(node);
         assert_eq!(
             n["new_flow"], 0,
             "{node}: the per-packet path balanced nothing"
@@ -222,7 +210,7 @@ fn clusterip_sockets_connect_straight_to_the_backend() {
     }
     // Connected UDP sends go through connect(), unconnected ones through
     // sendmsg(): one socket-level decision per request.
-    let n = counters(&c, addr::NODE_A);
+    let n = c.counters(addr::NODE_A);
     assert!(n["socket_lb"] >= sent, "{sent} requests, {n:?}");
 }
 
@@ -237,7 +225,7 @@ fn clusterip_sockets_see_the_same_with_socket_lb_off() {
         cgroup_programs(c.lab.ns(addr::NODE_A), group).is_empty(),
         "nothing attached to the node's cgroup"
     );
-    let n = counters(&c, addr::NODE_A);
+    let n = c.counters(addr::NODE_A);
     assert_eq!(n["socket_lb"], 0);
     assert!(n["new_flow"] >= sent, "{sent} requests, {n:?}");
 }
@@ -273,14 +261,14 @@ fn nodeport_from_a_pod_both_ways() {
         return;
     }
     let c = nodeport_from_pod(&[]);
-    let on = counters(&c, addr::NODE_A);
+    let on = c.counters(addr::NODE_A);
     assert!(
         on["socket_lb"] >= 4,
         "node-a's NodePorts at the socket: {on:?}"
     );
     drop(c);
     let c = nodeport_from_pod(OFF);
-    assert_eq!(counters(&c, addr::NODE_A)["socket_lb"], 0);
+    assert_eq!(c.counters(addr::NODE_A)["socket_lb"], 0);
 }
 
 /// A service without endpoint and a port that is no frontend of a
@@ -308,7 +296,7 @@ fn refused(extra: &[&str]) -> Cluster {
             "{target}: at once"
         );
     }
-    let n = counters(&c, addr::NODE_A);
+    let n = c.counters(addr::NODE_A);
     assert!(n["no_endpoint"] >= 2 && n["unknown_port"] >= 1, "{n:?}");
     c
 }
@@ -320,7 +308,7 @@ fn no_endpoint_is_refused_at_connect_both_ways() {
     }
     let c = refused(&[]);
     // Refused at the socket: no SYN left, so the per-packet path saw none.
-    assert_eq!(counters(&c, addr::NODE_A)["forward"], 0);
+    assert_eq!(c.counters(addr::NODE_A)["forward"], 0);
     drop(c);
     refused(OFF);
 }
@@ -340,11 +328,11 @@ fn restarts_swap_socket_programs_in_place_and_cleanup_removes_them() -> Result<(
     assert_eq!(open.request()?.identity, "web-b1");
 
     c.lab.stop_daemon(addr::NODE_A, Signal::SIGTERM)?;
-    let sock_before = counters(&c, addr::NODE_A)["socket_lb"];
+    let sock_before = c.counters(addr::NODE_A)["socket_lb"];
     let r = tcp_request(c.lab.ns(CLIENT_POD), vip).context("while the daemon is down")?;
     assert_eq!(r.remote, vip);
     assert!(
-        counters(&c, addr::NODE_A)["socket_lb"] > sock_before,
+        c.counters(addr::NODE_A)["socket_lb"] > sock_before,
         "the socket programs keep working without the daemon"
     );
 
@@ -401,7 +389,7 @@ fn an_unusable_cgroup_root_leaves_the_per_packet_path_serving() {
     );
     let r = tcp_request(c.lab.ns(CLIENT_POD), sa("10.96.0.12:80")).unwrap();
     assert_eq!(r.identity, "web-b1");
-    let n = counters(&c, addr::NODE_A);
+    let n = c.counters(addr::NODE_A);
     assert_eq!(n["socket_lb"], 0);
     assert!(n["new_flow"] >= 1);
     let metrics = http_metrics(c.lab.ns(addr::NODE_A));
@@ -511,7 +499,7 @@ fn affinity_and_local_traffic_policy_both_ways() {
         return;
     }
     let c = policies(&[]);
-    let n = counters(&c, addr::NODE_A);
+    let n = c.counters(addr::NODE_A);
     assert!(
         n["socket_lb"] >= 30,
         "affinity decided at the socket: {n:?}"
@@ -519,5 +507,5 @@ fn affinity_and_local_traffic_policy_both_ways() {
     assert!(n["no_local_endpoint"] >= 2, "{n:?}");
     drop(c);
     let c = policies(OFF);
-    assert_eq!(counters(&c, addr::NODE_A)["socket_lb"], 0);
+    assert_eq!(c.counters(addr::NODE_A)["socket_lb"], 0);
 }

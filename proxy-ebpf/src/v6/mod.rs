@@ -34,12 +34,17 @@ pub fn handle(ctx: &TcContext, hook: Hook) -> Result<i32, i32> {
     };
     match ip.proto {
         IPPROTO_TCP | IPPROTO_UDP => crate::flow_verdict(ctx, hook, ip),
-        IPPROTO_ICMPV6 if hook == Hook::Ingress && ip.frag == Frag::No => {
-            Ok(match icmp::translate_error(ctx, ip)? {
-                Some(flags) => crate::route::forward::<[u8; 16]>(ctx, flags, IPPROTO_ICMPV6),
-                None => TC_ACT_OK as i32,
-            })
-        }
+        // Errors are translated on egress too: the node's own stack sends
+        // Packet Too Big when it forwards a translated packet too large
+        // for the next link (the FIB lookup hands those to the stack), and
+        // that error leaves towards the client by the egress hook only.
+        // It is on its way out already.
+        IPPROTO_ICMPV6 if ip.frag == Frag::No => Ok(match icmp::translate_error(ctx, ip)? {
+            Some(flags) if hook == Hook::Ingress => {
+                crate::route::forward::<[u8; 16]>(ctx, flags, IPPROTO_ICMPV6)
+            }
+            _ => TC_ACT_OK as i32,
+        }),
         _ => Ok(TC_ACT_OK as i32),
     }
 }

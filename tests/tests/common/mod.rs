@@ -263,6 +263,18 @@ impl Cluster {
             .collect()
     }
 
+    /// The datapath's counters on `node` (`inspect stats`), by name.
+    pub fn counters(&self, node: &str) -> BTreeMap<String, u64> {
+        let out = self
+            .cli(node, &["inspect", "stats", "-o", "json"])
+            .expect("inspect stats: the daemon must answer");
+        let rows: Vec<serde_json::Value> = serde_json::from_str(&out).expect("stats json");
+        // Counter rows, then the maps' fill rows (no `counter`).
+        rows.iter()
+            .filter_map(|r| Some((r["counter"].as_str()?.to_string(), r["packets"].as_u64()?)))
+            .collect()
+    }
+
     pub fn cli(&self, node: &str, args: &[&str]) -> Result<String> {
         let bpffs = self.bpffs(node).display().to_string();
         let mut all: Vec<&str> = args.to_vec();
