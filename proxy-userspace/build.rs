@@ -17,9 +17,16 @@ fn main() -> anyhow::Result<()> {
         .manifest_path
         .parent()
         .ok_or_else(|| anyhow!("no parent for {}", package.manifest_path))?;
+    // The test layout (proxy-common's layout.rs) is a feature of both.
+    let features: &[&str] = if std::env::var_os("CARGO_FEATURE_LAYOUT_V2_TEST").is_some() {
+        &["layout-v2-test"]
+    } else {
+        &[]
+    };
     let ebpf = aya_build::Package {
         name: package.name.as_str(),
         root_dir: root_dir.as_str(),
+        features,
         ..Default::default()
     };
     aya_build::build_ebpf([ebpf], Toolchain::default())

@@ -29,6 +29,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
+pub mod layout;
 pub mod v6;
 pub use v6::*;
 
@@ -46,10 +47,18 @@ pub const BACKEND_MAP: &str = "KEP_BE_V1";
 pub const ADDR_MAP: &str = "KEP_ADDR_V2";
 /// Connection tracking, original direction: the flow as the client sent it →
 /// the tuple it is rewritten to.
+#[cfg(not(feature = "layout-v2-test"))]
 pub const CT_MAP: &str = "KEP_CT_V1";
+/// The test layout's conntrack ([`layout`]).
+#[cfg(feature = "layout-v2-test")]
+pub const CT_MAP: &str = "KEP_CT_V2";
 /// Reverse NAT, reply direction: the reply as the backend sends it → the
 /// tuple the client expects.
+#[cfg(not(feature = "layout-v2-test"))]
 pub const RNAT_MAP: &str = "KEP_RNAT_V1";
+/// The test layout's reverse NAT ([`layout`]).
+#[cfg(feature = "layout-v2-test")]
+pub const RNAT_MAP: &str = "KEP_RNAT_V2";
 /// Fragments: first fragment's (addresses, IP id, protocol) → its ports, so
 /// later fragments of a datagram follow the first one.
 pub const FRAG_MAP: &str = "KEP_FRAG_V1";
@@ -387,6 +396,10 @@ pub struct NatEntry {
     /// `NAT_F_*`.
     pub flags: u8,
     pub _pad: [u8; 3],
+    /// The field the test layout adds ([`layout`], feature
+    /// `layout-v2-test` only).
+    #[cfg(feature = "layout-v2-test")]
+    pub v2_test: [u8; 8],
 }
 
 /// Key of [`FRAG_MAP`].
@@ -692,7 +705,10 @@ mod tests {
         assert_eq!(size_of::<Backend>(), 8);
         assert_eq!(size_of::<AddrValue>(), 4);
         assert_eq!(size_of::<FlowKey>(), 16);
+        #[cfg(not(feature = "layout-v2-test"))]
         assert_eq!(size_of::<NatEntry>(), 24);
+        #[cfg(feature = "layout-v2-test")]
+        assert_eq!(size_of::<NatEntry>(), 32);
         assert_eq!(size_of::<FragKey>(), 12);
         assert_eq!(size_of::<Config>(), 36);
         assert_eq!(size_of::<AffKey>(), 8);

@@ -36,9 +36,17 @@ pub const BACKEND6_MAP: &str = "KEP_BE6_V1";
 /// Address classes of IPv6 addresses (`ADDR_*` bits), as [`ADDR_MAP`].
 pub const ADDR6_MAP: &str = "KEP_ADDR6_V1";
 /// Connection tracking of IPv6 flows, original direction, as [`CT_MAP`].
+#[cfg(not(feature = "layout-v2-test"))]
 pub const CT6_MAP: &str = "KEP_CT6_V1";
+/// The test layout's IPv6 conntrack ([`crate::layout`]).
+#[cfg(feature = "layout-v2-test")]
+pub const CT6_MAP: &str = "KEP_CT6_V2";
 /// Reverse NAT of IPv6 flows, reply direction, as [`RNAT_MAP`].
+#[cfg(not(feature = "layout-v2-test"))]
 pub const RNAT6_MAP: &str = "KEP_RNAT6_V1";
+/// The test layout's IPv6 reverse NAT ([`crate::layout`]).
+#[cfg(feature = "layout-v2-test")]
+pub const RNAT6_MAP: &str = "KEP_RNAT6_V2";
 /// IPv6 fragments: (addresses, fragment header id, protocol) → ports of
 /// the first fragment, as [`FRAG_MAP`].
 pub const FRAG6_MAP: &str = "KEP_FRAG6_V1";
@@ -161,6 +169,9 @@ pub struct NatEntry6 {
     pub backend_id: u32,
     pub flags: u8,
     pub _pad: [u8; 3],
+    /// As [`NatEntry::v2_test`].
+    #[cfg(feature = "layout-v2-test")]
+    pub v2_test: [u8; 8],
 }
 
 /// Key of [`FRAG6_MAP`] (value: [`FragValue`]).
@@ -322,7 +333,10 @@ mod tests {
         assert_eq!(size_of::<Backend6>(), 20);
         assert_eq!(size_of::<AddrKey6>(), 16);
         assert_eq!(size_of::<FlowKey6>(), 40);
+        #[cfg(not(feature = "layout-v2-test"))]
         assert_eq!(size_of::<NatEntry6>(), 48);
+        #[cfg(feature = "layout-v2-test")]
+        assert_eq!(size_of::<NatEntry6>(), 56);
         assert_eq!(size_of::<FragKey6>(), 40);
         assert_eq!(size_of::<AffKey6>(), 20);
         assert_eq!(size_of::<SrcRangeKey6>(), 20);

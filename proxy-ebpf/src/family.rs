@@ -44,6 +44,9 @@ pub struct Nat<A> {
     /// `NAT_F_*`.
     pub flags: u8,
     pub _pad: [u8; 3],
+    /// The test layout's field (proxy-common's layout.rs).
+    #[cfg(feature = "layout-v2-test")]
+    pub v2_test: [u8; 8],
 }
 
 /// A backend: the fields of `Backend` and `Backend6` the flow logic uses.
@@ -78,7 +81,11 @@ pub struct Scratch<A> {
 }
 
 /// Size of the scratch map's value in 8-byte words: the IPv6 [`Scratch`].
+#[cfg(not(feature = "layout-v2-test"))]
 pub const SCRATCH_WORDS: usize = 31;
+/// The test layout's [`Nat`] is 8 bytes longer.
+#[cfg(feature = "layout-v2-test")]
+pub const SCRATCH_WORDS: usize = 33;
 
 /// This CPU's scratch space. A program run is never interrupted by another
 /// on the same CPU, so it is ours until the run ends.

@@ -302,6 +302,8 @@ fn choose_backend<A: Addr>(
         backend_id,
         flags: 0,
         _pad: [0; 3],
+        #[cfg(feature = "layout-v2-test")]
+        v2_test: [0; 8],
     };
     // The reply must look like it comes from the frontend the client dialed.
     s.rev = Nat {
@@ -313,6 +315,8 @@ fn choose_backend<A: Addr>(
         backend_id,
         flags: 0,
         _pad: [0; 3],
+        #[cfg(feature = "layout-v2-test")]
+        v2_test: [0; 8],
     };
     if hook == Hook::Egress {
         s.fwd.flags = NAT_F_HOST | delivery_to_self(be.addr);

@@ -26,10 +26,15 @@ pub static KEP_BE_V1: HashMap<BackendKey, Backend, { BACKEND_MAP_SIZE as usize }
 pub static KEP_ADDR_V2: HashMap<AddrKey, AddrValue, { ADDR_MAP_SIZE as usize }, NO_PREALLOC> =
     HashMap::new();
 
-#[btf_map]
+// The test layout (feature `layout-v2-test`, proxy-common's layout.rs)
+// names the conntrack and reverse-NAT maps `_V2`; the statics keep their
+// names.
+#[cfg_attr(not(feature = "layout-v2-test"), btf_map)]
+#[cfg_attr(feature = "layout-v2-test", btf_map(name = "KEP_CT_V2"))]
 pub static KEP_CT_V1: LruHashMap<FlowKey, NatEntry, { CT_MAP_SIZE as usize }> = LruHashMap::new();
 
-#[btf_map]
+#[cfg_attr(not(feature = "layout-v2-test"), btf_map)]
+#[cfg_attr(feature = "layout-v2-test", btf_map(name = "KEP_RNAT_V2"))]
 pub static KEP_RNAT_V1: LruHashMap<FlowKey, NatEntry, { RNAT_MAP_SIZE as usize }> =
     LruHashMap::new();
 
@@ -170,11 +175,13 @@ pub static KEP_BE6_V1: HashMap<BackendKey, Backend6, { BACKEND6_MAP_SIZE as usiz
 pub static KEP_ADDR6_V1: HashMap<AddrKey6, AddrValue, { ADDR6_MAP_SIZE as usize }, NO_PREALLOC> =
     HashMap::new();
 
-#[btf_map]
+#[cfg_attr(not(feature = "layout-v2-test"), btf_map)]
+#[cfg_attr(feature = "layout-v2-test", btf_map(name = "KEP_CT6_V2"))]
 pub static KEP_CT6_V1: LruHashMap<FlowKey6, NatEntry6, { CT6_MAP_SIZE as usize }> =
     LruHashMap::new();
 
-#[btf_map]
+#[cfg_attr(not(feature = "layout-v2-test"), btf_map)]
+#[cfg_attr(feature = "layout-v2-test", btf_map(name = "KEP_RNAT6_V2"))]
 pub static KEP_RNAT6_V1: LruHashMap<FlowKey6, NatEntry6, { RNAT6_MAP_SIZE as usize }> =
     LruHashMap::new();
 

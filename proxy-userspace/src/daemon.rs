@@ -293,13 +293,42 @@ impl Context {
         if self.source.is_polled() {
             self.sync();
         }
+        // Last before attaching, so that few flows start on the previous
+        // programs after the copy (with an API server, the first sync can
+        // wait for its lists).
+        self.dp.carry_old_layouts()?;
         self.devices.drop_vanished_pins(&mut self.dp)?;
         self.devices.refresh(&mut self.dp);
         self.setup_socket_lb();
+        self.retire_old_layouts();
         if self.synced_once {
             self.log_ready();
         }
         Ok(())
+    }
+
+    /// After an upgrade over pins of an earlier map layout: once every
+    /// pinned device link runs this run's programs (a device whose attach
+    /// failed still runs the previous ones, on the old maps), carries over
+    /// what the previous programs created meanwhile and removes the old
+    /// pins. Tried again at every tick until then.
+    fn retire_old_layouts(&mut self) {
+        if !self.dp.has_old_layouts() {
+            return;
+        }
+        let Ok(pinned) = self.dp.attached() else {
+            return;
+        };
+        if !pinned.iter().all(|dev| self.devices.has(dev)) {
+            return;
+        }
+        match self.dp.retire_old_layouts() {
+            Ok(caught_up) => info!(
+                caught_up,
+                "the new programs run everywhere; pins of the earlier map layout removed"
+            ),
+            Err(e) => warn!(error = %format!("{e:#}"), "retiring the earlier map layout failed"),
+        }
     }
 
     /// Socket-level load balancing: attaches the cgroup programs (or swaps
@@ -404,6 +433,7 @@ impl Context {
         let objects_changed = self.poll_source();
         let addrs_changed = self.refresh_addresses();
         self.devices.refresh(&mut self.dp);
+        self.retire_old_layouts();
         // Before the first sync from an API server the model is empty: a
         // sync then would remove every frontend a previous run pinned.
         if objects_changed || (addrs_changed && self.synced_once) {

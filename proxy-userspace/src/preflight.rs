@@ -27,6 +27,9 @@ pub fn check(args: &RunArgs) -> Result<()> {
     if args.bpffs.exists() && !args.bpffs.is_dir() {
         bail!("--bpffs {}: not a directory", args.bpffs.display());
     }
+    // Pins of a newer map layout (a downgrade): refused before anything
+    // is loaded or attached.
+    crate::datapath::migrate::plan(&crate::datapath::maps_dir(&args.bpffs))?;
     Ok(())
 }
 

@@ -122,8 +122,36 @@ pub fn build_daemon() -> Result<PathBuf> {
     Ok(root().join("target/release/kube-ebpf-proxy"))
 }
 
+/// Where the daemon of the test map layout is kept.
+const LAYOUT_V2_DAEMON: &str = "target/release/kube-ebpf-proxy-layout-v2-test";
+
+/// Builds the daemon of the next map layout (feature `layout-v2-test`,
+/// proxy-common's layout.rs) for the lab's upgrade test, and keeps it
+/// beside the daemon. Cargo puts both builds at the same path: call this
+/// before [`build_daemon`], which puts the daemon back.
+pub fn build_layout_v2_daemon() -> Result<PathBuf> {
+    cmd(
+        "cargo",
+        &[
+            "build",
+            "--release",
+            "-p",
+            "proxy-userspace",
+            "--features",
+            "layout-v2-test",
+            "--bin",
+            "kube-ebpf-proxy",
+        ],
+    )?;
+    let kept = root().join(LAYOUT_V2_DAEMON);
+    std::fs::copy(root().join("target/release/kube-ebpf-proxy"), &kept)
+        .with_context(|| format!("copying the layout-v2-test daemon to {}", kept.display()))?;
+    Ok(kept)
+}
+
 fn test(extra: &[String]) -> Result<()> {
     setup::setup()?;
+    let daemon_v2 = build_layout_v2_daemon()?;
     let daemon = build_daemon()?;
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
     // Unit, model and datapath tests. (proxy-ebpf only builds for the BPF
@@ -136,6 +164,17 @@ fn test(extra: &[String]) -> Result<()> {
         "proxy-userspace",
         "-p",
         "xtask",
+        "--",
+    ];
+    args.extend(&extra);
+    cmd("cargo", &args)?;
+    // The conversions of the test layout (no root needed).
+    let mut args = vec![
+        "test",
+        "-p",
+        "proxy-common",
+        "--features",
+        "layout-v2-test",
         "--",
     ];
     args.extend(&extra);
@@ -155,6 +194,7 @@ fn test(extra: &[String]) -> Result<()> {
     let status = Command::new("cargo")
         .args(&args)
         .env("KEP_BIN", &daemon)
+        .env("KEP_BIN_LAYOUT_V2", &daemon_v2)
         .env("KEP_IMAGE", &image)
         .current_dir(root())
         .status()?;

@@ -102,6 +102,11 @@ impl Attachments {
         self.attached.is_empty()
     }
 
+    /// Whether this run attached (or swapped its programs into) `dev`.
+    pub fn has(&self, dev: &Device) -> bool {
+        self.attached.contains(dev)
+    }
+
     /// Links pinned by an earlier run: those of devices still here get the
     /// new programs swapped in by [`Attachments::refresh`] (atomically,
     /// through the link); those of vanished devices are dropped now.

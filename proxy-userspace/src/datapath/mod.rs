@@ -21,9 +21,11 @@
 //!   as they come and go;
 //! * [`bpffs`]: making sure the pin directory is on a BPF filesystem.
 
+mod batch;
 pub mod bpffs;
 pub mod devices;
 pub mod linkwatch;
+pub mod migrate;
 pub mod resize;
 pub mod sockets;
 
@@ -221,6 +223,9 @@ pub struct Datapath {
     /// Why the socket-level programs could not be loaded, if they could
     /// not (an older kernel, say): reported when attaching them.
     sockets_unloadable: Option<String>,
+    /// Pins of earlier map layouts, removed once the new programs run
+    /// everywhere ([`Datapath::retire_old_layouts`]).
+    old_layouts: migrate::Plan,
 }
 
 pub fn maps_dir(root: &Path) -> PathBuf {
@@ -264,6 +269,8 @@ impl Datapath {
     /// `conntrack_max` sizes the conntrack and reverse-NAT maps (default:
     /// the object's); pinned ones of another size are replaced, their
     /// entries copied (see [`resize`]).
+    /// Pins of an earlier layout are carried over, of a later one refused
+    /// before anything changes (see [`migrate`]).
     pub fn load(root: &Path, debug: bool, conntrack_max: Option<u32>) -> Result<Datapath> {
         Datapath::load_sized(root, debug, conntrack_max, Ipv6Maps::Full)
     }
@@ -275,6 +282,7 @@ impl Datapath {
         conntrack_max: Option<u32>,
         ipv6: Ipv6Maps,
     ) -> Result<Datapath> {
+        let old_layouts = migrate::plan(&maps_dir(root))?;
         fs::create_dir_all(maps_dir(root))?;
         fs::create_dir_all(links_dir(root))?;
         let max = conntrack_max.unwrap_or(proxy_common::CT_MAP_SIZE);
@@ -309,7 +317,40 @@ impl Datapath {
                 "resized a pinned map"
             );
         }
+        dp.old_layouts = old_layouts;
         Ok(dp)
+    }
+
+    /// Carries the entries of the pinned maps of an earlier layout over
+    /// into this load's maps (see [`migrate`]). Called just before the new
+    /// programs are attached: flows the previous programs create after the
+    /// copy are caught up by [`Datapath::retire_old_layouts`].
+    pub fn carry_old_layouts(&mut self) -> Result<()> {
+        for c in self.old_layouts.convert(&maps_dir(&self.root))? {
+            tracing::info!(
+                from = %c.from.display(),
+                to = c.to,
+                entries = c.entries,
+                ms = format!("{:.1}", c.took.as_secs_f64() * 1e3),
+                "carried a map of an earlier layout over"
+            );
+        }
+        Ok(())
+    }
+
+    /// Whether pins of an earlier map layout wait for
+    /// [`Datapath::retire_old_layouts`].
+    pub fn has_old_layouts(&self) -> bool {
+        !self.old_layouts.is_empty()
+    }
+
+    /// To be called once every pinned link runs this load's programs: the
+    /// entries the previous run's programs created since the load are
+    /// carried over too, then the pins of earlier layouts are removed.
+    /// Returns the entries caught up. Tried once: after a failure the old
+    /// pins stay, and the next start carries them over again.
+    pub fn retire_old_layouts(&mut self) -> Result<usize> {
+        std::mem::take(&mut self.old_layouts).retire(&maps_dir(&self.root))
     }
 
     /// Loads the programs with private, unpinned maps: for datapath tests
@@ -359,6 +400,7 @@ impl Datapath {
             ebpf,
             root: root.to_path_buf(),
             sockets_unloadable,
+            old_layouts: migrate::Plan::default(),
         })
     }
 

@@ -208,6 +208,11 @@ impl Cluster {
     }
 
     pub fn start_daemon(&mut self, node: &str) {
+        self.start_daemon_bin(node, &daemon_bin());
+    }
+
+    /// The arguments every daemon of `node` gets.
+    pub fn daemon_args(&self, node: &str) -> Vec<String> {
         let args = [
             "run".to_string(),
             "--hostname-override".into(),
@@ -219,16 +224,21 @@ impl Cluster {
         // notifications alone do the work).
         let poll = ["--poll-interval-ms".to_string(), "100".into()];
         let own_poll = self.extra_args.iter().any(|a| a == "--poll-interval-ms");
-        let args: Vec<String> = args
-            .into_iter()
+        args.into_iter()
             .chain(poll.into_iter().filter(|_| !own_poll))
             .chain(self.source_args.iter().cloned())
             .chain(self.extra_args.iter().cloned())
-            .collect();
+            .collect()
+    }
+
+    /// Starts `bin` (another build of the daemon) as `node`'s daemon and
+    /// waits until it is ready.
+    pub fn start_daemon_bin(&mut self, node: &str, bin: &Path) {
+        let args = self.daemon_args(node);
         // The log is appended across restarts: wait for one more "ready".
         let ready = |c: &Cluster| c.lab.daemon_log(node).matches(" ready ").count();
         let before = ready(self);
-        self.lab.start_daemon(node, &daemon_bin(), args).unwrap();
+        self.lab.start_daemon(node, bin, args).unwrap();
         if let Err(e) = self
             .lab
             .wait_for("daemon ready", Duration::from_secs(10), || {
