@@ -27,6 +27,9 @@ use crate::{
     route,
 };
 
+/// Map update flag: only if the key is not there yet.
+const BPF_NOEXIST: u64 = 1;
+
 /// Attempts at finding a free SNAT source port before giving up.
 const SNAT_TRIES: u32 = 16;
 
@@ -361,7 +364,18 @@ fn set_up_flow<A: Addr>(
         Snat::ToNode => Some(route::source_for(ctx, be.addr, key.proto).unwrap_or(key.daddr)),
     };
     match snat_to {
-        None => claim_reply(s)?,
+        None => {
+            if !claim_reply(s)? {
+                // The client reused this source port towards another
+                // frontend of the same backend, and that flow is live: the
+                // backend would see one tuple for two connections. The
+                // source port is remapped, as netfilter's NAT does on such
+                // a clash.
+                let client = s.key.saddr;
+                s.fwd.sport = snat_port(s, client)?;
+                s.fwd.flags |= NAT_F_SNAT;
+            }
+        }
         Some(src) => {
             s.fwd.sport = snat_port(s, src)?;
             s.fwd.saddr = src;
@@ -442,9 +456,10 @@ fn snat_reason<A: Addr>(
     }
 }
 
-/// The reverse-NAT entry of a flow whose source is kept.
+/// Claims the reverse-NAT entry of a flow whose source is kept: false when
+/// a live flow holds it (see [`port_reclaimable`]).
 #[inline(always)]
-fn claim_reply<A: Addr>(s: &mut Scratch<A>) -> Result<(), i32> {
+fn claim_reply<A: Addr>(s: &mut Scratch<A>) -> Result<bool, i32> {
     s.reply = Tuple {
         saddr: s.be.addr,
         daddr: s.key.saddr,
@@ -453,7 +468,15 @@ fn claim_reply<A: Addr>(s: &mut Scratch<A>) -> Result<(), i32> {
         proto: s.key.proto,
         _pad: [0; 3],
     };
-    A::set_rnat(&s.reply, &s.rev, 0).map_err(|_| drop_packet(Counter::DropMapError))
+    if A::set_rnat(&s.reply, &s.rev, BPF_NOEXIST).is_ok() {
+        return Ok(true);
+    }
+    let client = s.key.saddr;
+    if !port_reclaimable(s, client) {
+        return Ok(false);
+    }
+    A::set_rnat(&s.reply, &s.rev, 0).map_err(|_| drop_packet(Counter::DropMapError))?;
+    Ok(true)
 }
 
 /// Picks a source port for SNAT that no other flow from `src` to this
@@ -478,7 +501,6 @@ fn snat_port<A: Addr>(s: &mut Scratch<A>, src: A) -> Result<[u8; 2], i32> {
     for i in 0..SNAT_TRIES {
         let port = (cfg.snat_port_min as u32 + start.wrapping_add(i) % span) as u16;
         s.reply.dport = port.to_be_bytes();
-        const BPF_NOEXIST: u64 = 1;
         if A::set_rnat(&s.reply, &s.rev, BPF_NOEXIST).is_ok()
             || (port_reclaimable(s, src) && A::set_rnat(&s.reply, &s.rev, 0).is_ok())
         {
@@ -488,8 +510,9 @@ fn snat_port<A: Addr>(s: &mut Scratch<A>, src: A) -> Result<[u8; 2], i32> {
     Err(drop_packet(Counter::DropNoSnatPort))
 }
 
-/// Whether the SNAT port of the reverse-NAT entry at `s.reply` may be given
-/// to a new flow: its flow's conntrack entry is gone or belongs to another
+/// Whether the reverse-NAT entry at `s.reply` (a SNAT port, or a kept
+/// client's source port) may be given to a new flow from `src`: its flow's
+/// conntrack entry is gone or belongs to another
 /// flow now, an RST was seen, or both directions sent a FIN. (Two CPUs
 /// reclaiming the same port at the same instant can both win; the later
 /// write holds it. That takes an exhausted range and closed flows.)

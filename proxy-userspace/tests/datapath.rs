@@ -423,6 +423,42 @@ fn a_closed_flow_gives_its_snat_port_to_a_new_one() {
     assert_eq!(endpoint(&d, true), port_b);
 }
 
+/// Linux picks a source port per destination, so a client may dial two
+/// frontends of one backend from the same port. The backend must not see
+/// one tuple for two connections: the second flow's source port is
+/// remapped (as netfilter's NAT does on such a clash), and each reply
+/// finds its own frontend.
+#[test]
+fn a_source_port_reused_towards_another_frontend_is_remapped() {
+    let Some(mut f) = Fixture::new("port_reuse") else {
+        return;
+    };
+    f.services(&[("10.244.1.11:8080", true)]);
+    let (client, backend) = (sa(CLIENT), sa("10.244.1.11:8080"));
+    let node_port = sa("192.168.200.11:30080");
+    let (_, first) = f.syn_to(client, sa(VIP));
+    assert_eq!(endpoint(&first, true), client, "the first keeps its port");
+    let (_, second) = f.syn_to(client, node_port);
+    assert_eq!(endpoint(&second, false), backend);
+    let remapped = endpoint(&second, true);
+    assert_eq!(remapped.ip(), client.ip(), "the client's address is kept");
+    assert_ne!(
+        remapped.port(),
+        client.port(),
+        "the second gets another port"
+    );
+    for (to, frontend) in [(client, sa(VIP)), (remapped, node_port)] {
+        let (_, out) = f.ingress(&Pkt::tcp(backend, to, TCP_SYN | TCP_ACK).build());
+        let p = valid(&out);
+        assert_eq!(
+            (endpoint(&p, true), endpoint(&p, false)),
+            (frontend, client)
+        );
+    }
+    let (_, out) = f.ingress(&Pkt::tcp(client, sa(VIP), TCP_ACK).build());
+    assert_eq!(endpoint(&valid(&out), true), client, "the first keeps it");
+}
+
 #[test]
 fn hairpin_gets_a_link_local_source() {
     let Some(mut f) = Fixture::new("hairpin") else {
