@@ -617,40 +617,11 @@ fn path_mtu_discovery_works_through_an_ipv6_clusterip() {
     let Some(c) = Cluster::start_with("ipv6_pmtu", &manifests(), &["--socket-lb=false"]) else {
         return;
     };
-    let _sink = byte_counting_server(
-        c.lab.ns(WEB_B1.name),
+    upload_over_a_1280_byte_link(
+        &c,
+        sa6("[fd00:10:96::12]:80").into(),
         SocketAddrV6::new(ip6(&WEB_B1), 8080, 0, 0).into(),
     );
-    c.lab
-        .ns(addr::NODE_A)
-        .ip(&["link", "set", "eth0", "mtu", "1280"])
-        .unwrap();
-    // Real 1500-byte frames, not segmentation offload's large packets,
-    // which veths carry whatever the MTU.
-    c.lab
-        .ns(CLIENT_POD)
-        .ip(&["link", "set", "eth0", "gso_max_segs", "1"])
-        .unwrap();
-    let sent = 256 * 1024;
-    let started = Instant::now();
-    let got = c.lab.ns(CLIENT_POD).run(|| -> std::io::Result<String> {
-        use std::io::{Read, Write};
-        let vip = sa6("[fd00:10:96::12]:80");
-        let mut s = std::net::TcpStream::connect_timeout(&vip.into(), Duration::from_secs(3))?;
-        s.set_read_timeout(Some(Duration::from_secs(15)))?;
-        s.set_write_timeout(Some(Duration::from_secs(15)))?;
-        s.write_all(&vec![7u8; sent])?;
-        s.shutdown(std::net::Shutdown::Write)?;
-        let mut reply = String::new();
-        s.read_to_string(&mut reply)?;
-        Ok(reply)
-    });
-    let got = got.unwrap_or_else(|e| panic!("upload through the ClusterIP: {e}"));
-    eprintln!(
-        "{sent} bytes through a 1280-byte link in {:.2} s",
-        started.elapsed().as_secs_f64()
-    );
-    assert_eq!(got, sent.to_string(), "every byte arrived");
     let route = c
         .lab
         .ns(CLIENT_POD)

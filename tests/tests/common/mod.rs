@@ -420,3 +420,42 @@ pub fn byte_counting_server(ns: &Netns, at: std::net::SocketAddr) -> std::net::T
     });
     listener
 }
+
+/// Path MTU discovery through `vip` on node-a: its underlay link gets an
+/// MTU of 1280, and the client pod uploads 256 KiB through `vip` to a sink
+/// in WEB_B1's pod at `sink`, with real 1500-byte frames (segmentation
+/// offload's large packets, which veths carry whatever the MTU, are turned
+/// off). Panics unless every byte arrives.
+pub fn upload_over_a_1280_byte_link(
+    c: &Cluster,
+    vip: std::net::SocketAddr,
+    sink: std::net::SocketAddr,
+) {
+    let _sink = byte_counting_server(c.lab.ns(WEB_B1.name), sink);
+    c.lab
+        .ns(addr::NODE_A)
+        .ip(&["link", "set", "eth0", "mtu", "1280"])
+        .unwrap();
+    c.lab
+        .ns(CLIENT_POD)
+        .ip(&["link", "set", "eth0", "gso_max_segs", "1"])
+        .unwrap();
+    let sent = 256 * 1024;
+    let started = std::time::Instant::now();
+    let got = c.lab.ns(CLIENT_POD).run(|| -> std::io::Result<String> {
+        let mut s = TcpStream::connect_timeout(&vip, Duration::from_secs(3))?;
+        s.set_read_timeout(Some(Duration::from_secs(15)))?;
+        s.set_write_timeout(Some(Duration::from_secs(15)))?;
+        s.write_all(&vec![7u8; sent])?;
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut reply = String::new();
+        s.read_to_string(&mut reply)?;
+        Ok(reply)
+    });
+    let got = got.unwrap_or_else(|e| panic!("upload through {vip}: {e}\n{}", c.logs()));
+    eprintln!(
+        "{sent} bytes through a 1280-byte link in {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(got, sent.to_string(), "every byte arrived");
+}
