@@ -67,7 +67,7 @@ use serde::Deserialize;
 
 use crate::{
     cidr::Cidr,
-    cli::{LogFormat, RunArgs},
+    cli::{Ipv6Mode, LogFormat, RunArgs},
 };
 
 pub mod kube_proxy;
@@ -136,6 +136,8 @@ pub struct FileConfig {
     pub manifest_service_cidrs: Option<Vec<Cidr>>,
     /// `--socket-lb`: socket-level load balancing.
     pub socket_lb: Option<bool>,
+    /// `ipv6` (ours: `auto`, `on` or `off`): `--ipv6`.
+    pub ipv6: Option<Ipv6Mode>,
     /// `--cgroup-root`: the cgroup v2 directory socket-level load balancing
     /// applies to.
     pub cgroup_root: Option<PathBuf>,
@@ -176,6 +178,7 @@ struct Raw {
     manifest_service_cidrs: Option<String>,
     #[serde(rename = "socketLB")]
     socket_lb: Option<bool>,
+    ipv6: Option<String>,
     cgroup_root: Option<String>,
     conntrack: Option<RawConntrack>,
 }
@@ -257,6 +260,7 @@ impl TryFrom<Raw> for FileConfig {
                 parse_cidr_list,
             ),
             socket_lb: raw.socket_lb,
+            ipv6: errors.parse("ipv6", raw.ipv6, parse_ipv6_mode),
             cgroup_root: non_empty(raw.cgroup_root).map(PathBuf::from),
             conntrack_max_per_core: raw.conntrack.as_ref().and_then(|c| c.max_per_core),
             conntrack_min: raw.conntrack.as_ref().and_then(|c| c.min),
@@ -426,6 +430,7 @@ pub fn merge(file: &FileConfig, mut args: RunArgs, explicit: &dyn Fn(&str) -> bo
     take!(min_sync_period_ms, f.min_sync_period_ms);
     take!(bpf_debug, f.bpf_debug);
     take!(socket_lb, f.socket_lb);
+    take!(ipv6, f.ipv6);
     take!(cgroup_root, f.cgroup_root.clone().map(Some));
     take!(hostname_override, f.hostname_override.clone().map(Some));
     take!(bpffs, f.bpffs.clone());
@@ -505,6 +510,16 @@ pub(crate) fn parse_log_format(s: &str) -> Result<LogFormat, String> {
         "text" => Ok(LogFormat::Text),
         "json" => Ok(LogFormat::Json),
         _ => Err(format!("{s:?} is not a log format (text or json)")),
+    }
+}
+
+/// `auto`, `on` or `off` (`--ipv6`).
+pub(crate) fn parse_ipv6_mode(s: &str) -> Result<Ipv6Mode, String> {
+    match s {
+        "auto" => Ok(Ipv6Mode::Auto),
+        "on" => Ok(Ipv6Mode::On),
+        "off" => Ok(Ipv6Mode::Off),
+        _ => Err(format!("{s:?} is not an IPv6 mode (auto, on or off)")),
     }
 }
 
@@ -617,11 +632,13 @@ pollIntervalMs: 500
 minSyncPeriodMs: 1000
 serviceProxyName: ebpf
 socketLB: false
+ipv6: off
 cgroupRoot: /sys/fs/cgroup/kubepods
 "
         );
         let c = parse_str(&text).unwrap();
         assert_eq!(c.socket_lb, Some(false));
+        assert_eq!(c.ipv6, Some(Ipv6Mode::Off));
         assert_eq!(
             c.cgroup_root,
             Some(PathBuf::from("/sys/fs/cgroup/kubepods"))
