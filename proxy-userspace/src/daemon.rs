@@ -122,7 +122,6 @@ fn load_datapath(
     node_name: &str,
     ipv6: Ipv6Maps,
 ) -> Result<(Datapath, Syncer<BpfLbMaps>)> {
-    bpffs::ensure(&args.bpffs)?;
     let mut dp = Datapath::load_sized(&args.bpffs, args.bpf_debug, args.conntrack_max, ipv6)?;
     if args.bpf_debug {
         dp.forward_debug_events()?;
@@ -243,6 +242,9 @@ impl Context {
         // The source first: a kubeconfig that does not parse stops the
         // daemon before anything is pinned.
         let source = Source::start(&args, &node_name).await?;
+        // The bpffs before the IPv6 decision, which reads what is pinned
+        // there: a bad --bpffs is refused in one line.
+        bpffs::ensure(&args.bpffs)?;
         let ipv6_maps = ipv6_maps(&args);
         let (dp, syncer) = load_datapath(&args, &node_name, ipv6_maps)?;
         let (metrics, health) = serve_endpoints(&args, &source).await?;
