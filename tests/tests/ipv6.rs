@@ -708,3 +708,32 @@ fn an_ipv6_only_node_serves_its_services() {
         "the daemon of the IPv6-only node runs"
     );
 }
+
+#[test]
+// A UDP datagram larger than the link's MTU leaves the client pod in
+// fragments, on both families. With socket-level load balancing off the
+// later fragments (no UDP header) follow their first through the datapath
+// to the same backend, which reassembles the datagram and answers from the
+// ClusterIP; with it on, the socket sends to the backend itself.
+fn fragmented_datagrams_reach_the_backend_on_both_families() {
+    let Some(c) = Cluster::start("fragments", &manifests()) else {
+        return;
+    };
+    let _v6 = serve_v6(&c);
+    for vip in ["10.96.0.12:80", "[fd00:10:96::12]:80"] {
+        let vip: std::net::SocketAddr = vip.parse().unwrap();
+        let got = c.lab.ns(CLIENT_POD).run(|| -> std::io::Result<_> {
+            let any = if vip.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+            let s = std::net::UdpSocket::bind(any)?;
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            s.send_to(&[b'x'; 4000], vip)?;
+            let mut buf = [0u8; 2048];
+            let (n, from) = s.recv_from(&mut buf)?;
+            Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
+        });
+        let (reply, from) =
+            got.unwrap_or_else(|e| panic!("a 4000-byte datagram to {vip}: {e}\n{}", c.logs()));
+        assert!(reply.starts_with("web-b1 "), "{vip}: {reply:?}");
+        assert_eq!(from, vip, "answered from the ClusterIP");
+    }
+}
