@@ -214,7 +214,12 @@ fn packet_costs(bench: &mut Bench, services: usize) -> Result<PacketCosts> {
     let noop = bench.median(PROG_NOOP, &mut |_| other.clone())?;
     let pass = bench.median(PROG_INGRESS, &mut |_| other.clone())?;
 
-    let est_src = SocketAddrV4::new(client, 40000);
+    // A source port of its own per size: the same port towards the
+    // previous size's frontend would share its backend's reply tuple, and
+    // the datapath would remap this flow's port (one more rewrite a
+    // packet), as it does for a client reusing a port towards two
+    // frontends of one backend.
+    let est_src = SocketAddrV4::new(client, 40000 + services.ilog10() as u16);
     let syn = Pkt::tcp(est_src, target, TCP_SYN).build();
     bench
         .median(PROG_INGRESS, &mut |_| syn.clone())
