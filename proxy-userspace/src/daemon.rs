@@ -160,27 +160,22 @@ fn load_datapath(
 
 /// How `--ipv6` sizes the IPv6 LRU maps; `auto` looks for IPv6 at start.
 fn ipv6_maps(args: &RunArgs) -> Ipv6Maps {
-    let full = match args.ipv6 {
-        Ipv6Mode::On => true,
-        Ipv6Mode::Off => false,
+    match args.ipv6 {
+        Ipv6Mode::On => Ipv6Maps::Full,
+        Ipv6Mode::Off => Ipv6Maps::Small,
         Ipv6Mode::Auto => match ipv6_in_use(args) {
             Some(reason) => {
                 info!(%reason, "IPv6 in use: full-size IPv6 maps");
-                true
+                Ipv6Maps::Full
             }
             None => {
                 info!(
                     entries = crate::datapath::resize::IPV6_OFF_ENTRIES,
                     "no IPv6 on this node: small IPv6 maps (--ipv6=on sizes them fully)"
                 );
-                false
+                Ipv6Maps::Small
             }
         },
-    };
-    if full {
-        Ipv6Maps::Full
-    } else {
-        Ipv6Maps::Small
     }
 }
 
@@ -617,13 +612,9 @@ impl Context {
         if !self.ipv6_maps_small {
             return;
         }
-        let counts = self.syncer.entry_counts();
-        let frontends6 = counts
-            .iter()
-            .find(|(map, _)| *map == proxy_common::SVC6_MAP)
-            .map_or(0, |(_, n)| *n);
+        let frontends6 = self.syncer.has_ipv6_frontends();
         let address6 = self.node_addrs.iter().find(|a| a.is_ipv6());
-        if frontends6 > 0 || address6.is_some() {
+        if frontends6 || address6.is_some() {
             warn!(
                 frontends6,
                 address = ?address6,

@@ -217,6 +217,13 @@ impl<M: LbMaps> Syncer<M> {
         self.frontends.len()
     }
 
+    /// Whether an IPv6 frontend is programmed. `FeKey` orders every IPv4
+    /// key first, so the last key tells (no walk: the daemon asks at every
+    /// tick).
+    pub fn has_ipv6_frontends(&self) -> bool {
+        matches!(self.frontends.keys().next_back(), Some(FeKey::V6(_)))
+    }
+
     /// Entries this syncer keeps in each desired-state map.
     pub fn entry_counts(&self) -> [(&'static str, usize); 7] {
         let v4 = |k: &&FeKey| matches!(k, FeKey::V4(_));
@@ -1213,6 +1220,22 @@ mod tests {
 
     fn key6(addr: &str, port: u16) -> FeKey {
         FeKey::new(addr.parse().unwrap(), port, IPPROTO_TCP)
+    }
+
+    #[test]
+    fn ipv6_frontends_are_told_from_the_last_key() {
+        let mut s = Syncer::adopt(MemLbMaps::default()).unwrap();
+        assert!(!s.has_ipv6_frontends(), "empty");
+        let mut d = desired(&[(key(1, 80), want("a", &[be(1, 8080)]))]);
+        assert!(s.sync(&d).failed.is_empty());
+        assert!(!s.has_ipv6_frontends(), "IPv4 only");
+        let vip6 = key6("fd00::10", 80);
+        d.frontends.insert(vip6, want("a6", &[]));
+        assert!(s.sync(&d).failed.is_empty());
+        assert!(s.has_ipv6_frontends(), "beside IPv4");
+        d.frontends.remove(&vip6);
+        assert!(s.sync(&d).failed.is_empty());
+        assert!(!s.has_ipv6_frontends(), "removed again");
     }
 
     /// Both families in one syncer: one id space, each family's own
