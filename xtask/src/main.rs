@@ -122,14 +122,8 @@ pub fn build_daemon() -> Result<PathBuf> {
     Ok(root().join("target/release/kube-ebpf-proxy"))
 }
 
-/// Where the daemon of the test map layout is kept.
-const LAYOUT_V2_DAEMON: &str = "target/release/kube-ebpf-proxy-layout-v2-test";
-
-/// Builds the daemon of the next map layout (feature `layout-v2-test`,
-/// proxy-common's layout.rs) for the lab's upgrade test, and keeps it
-/// beside the daemon. Cargo puts both builds at the same path: call this
-/// before [`build_daemon`], which puts the daemon back.
-pub fn build_layout_v2_daemon() -> Result<PathBuf> {
+/// Builds one binary of proxy-userspace, in release, with `features`.
+fn build_userspace_bin(bin: &str, features: &str) -> Result<()> {
     cmd(
         "cargo",
         &[
@@ -138,11 +132,22 @@ pub fn build_layout_v2_daemon() -> Result<PathBuf> {
             "-p",
             "proxy-userspace",
             "--features",
-            "layout-v2-test",
+            features,
             "--bin",
-            "kube-ebpf-proxy",
+            bin,
         ],
-    )?;
+    )
+}
+
+/// Where the daemon of the test map layout is kept.
+const LAYOUT_V2_DAEMON: &str = "target/release/kube-ebpf-proxy-layout-v2-test";
+
+/// Builds the daemon of the next map layout (feature `layout-v2-test`,
+/// proxy-common's layout.rs) for the lab's upgrade test, and keeps it
+/// beside the daemon. Cargo puts both builds at the same path: call this
+/// before [`build_daemon`], which puts the daemon back.
+pub fn build_layout_v2_daemon() -> Result<PathBuf> {
+    build_userspace_bin("kube-ebpf-proxy", "layout-v2-test")?;
     let kept = root().join(LAYOUT_V2_DAEMON);
     std::fs::copy(root().join("target/release/kube-ebpf-proxy"), &kept)
         .with_context(|| format!("copying the layout-v2-test daemon to {}", kept.display()))?;
@@ -277,19 +282,7 @@ fn bench(args: &BenchArgs) -> Result<()> {
     if !args.crr_only {
         // kep-bench needs the test-only code (packet builder, throwaway
         // namespace) of the testkit feature, which the daemon leaves out.
-        cmd(
-            "cargo",
-            &[
-                "build",
-                "--release",
-                "-p",
-                "proxy-userspace",
-                "--bin",
-                "kep-bench",
-                "--features",
-                "testkit",
-            ],
-        )?;
+        build_userspace_bin("kep-bench", "testkit")?;
         let kep_bench = root().join("target/release/kep-bench");
         cmd(kep_bench.to_str().context("target path")?, &[])?;
     }
