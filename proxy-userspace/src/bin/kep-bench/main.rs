@@ -90,7 +90,20 @@ struct Bench {
 impl Bench {
     /// Median kernel-reported ns of one program run over `frames`.
     fn median(&self, prog: &str, frames: &mut dyn FnMut(usize) -> Vec<u8>) -> Result<f64> {
+        self.median_from(prog, 0, frames)
+    }
+
+    /// [`Bench::median`] of packets that arrived on the device of index
+    /// `ingress_ifindex` (0: sent by a process of this node), as the
+    /// egress hook sees forwarded packets.
+    fn median_from(
+        &self,
+        prog: &str,
+        ingress_ifindex: u32,
+        frames: &mut dyn FnMut(usize) -> Vec<u8>,
+    ) -> Result<f64> {
         let p = self.dp.program(prog)?;
+        let ctx = skb_context(ingress_ifindex);
         let mut out = vec![0u8; 512];
         let mut ns = Vec::with_capacity(CALLS);
         for i in 0..CALLS {
@@ -98,6 +111,8 @@ impl Bench {
             let r = p.test_run(TestRunOptions {
                 data_in: Some(&frame),
                 data_out: Some(&mut out),
+                // The kernel's defaults when there is no device to name.
+                ctx_in: (ingress_ifindex != 0).then_some(&ctx[..]),
                 ..Default::default()
             })?;
             ns.push(r.duration.as_nanos() as u64);
@@ -107,14 +122,31 @@ impl Bench {
     }
 }
 
+/// A `struct __sk_buff` for BPF_PROG_TEST_RUN: all zero (the kernel's
+/// defaults) but `ingress_ifindex`, which the kernel copies into the
+/// packet's `skb_iif`.
+fn skb_context(ingress_ifindex: u32) -> Vec<u8> {
+    /// Size of `struct __sk_buff` and the offset of `ingress_ifindex`.
+    const SK_BUFF_SIZE: usize = 192;
+    const INGRESS_IFINDEX_OFF: usize = 36;
+    let mut ctx = vec![0u8; SK_BUFF_SIZE];
+    ctx[INGRESS_IFINDEX_OFF..INGRESS_IFINDEX_OFF + 4]
+        .copy_from_slice(&ingress_ifindex.to_ne_bytes());
+    ctx
+}
+
 fn main() -> Result<()> {
     ensure!(
         nix::unistd::geteuid().is_root(),
         "the benchmark loads BPF programs: run it as root"
     );
     let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut datapath_only = false;
     match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
         [] => {}
+        // The per-packet table alone (a few seconds: for comparing builds
+        // in alternating runs).
+        ["datapath"] => datapath_only = true,
         // The control-plane figures alone.
         ["control-plane"] => {
             let _ns = NetNsGuard::new()?;
@@ -138,7 +170,7 @@ fn main() -> Result<()> {
             println!("rss {} KiB, new file {:?}", d.rss_kib, d.new_file);
             return Ok(());
         }
-        _ => anyhow::bail!("usage: kep-bench [control-plane | families | daemon-rss N]"),
+        _ => anyhow::bail!("usage: kep-bench [datapath | control-plane | families | daemon-rss N]"),
     }
     let _ns = NetNsGuard::new()?;
     let mut bench = Bench {
@@ -156,9 +188,9 @@ fn main() -> Result<()> {
     );
     println!();
     println!(
-        "| services | trivial program | non-service traffic | established flow | new flow | programming time |"
+        "| services | trivial program | non-service traffic | established flow | new flow | egress, forwarded | egress, node process | programming time |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
     for services in SIZES {
         let started = Instant::now();
         let report = syncer.sync(&desired(services));
@@ -171,17 +203,25 @@ fn main() -> Result<()> {
         let c = packet_costs(&mut bench, services)?;
         let cell = |v: f64| format!("{v:.0} (+{:.0})", v - c.noop);
         println!(
-            "| {services} | {:.0} | {} | {} | {} | {:.0} ms |",
+            "| {services} | {:.0} | {} | {} | {} | {} | {} | {:.0} ms |",
             c.noop,
             cell(c.pass),
             cell(c.established),
             cell(c.new_flow),
+            cell(c.egress_forwarded),
+            cell(c.egress_local),
             took.as_secs_f64() * 1e3
         );
     }
     println!();
-    println!("Cells: median ns (added over the trivial program). Programming time: the syncer");
-    println!("writing the services added since the previous row, from userspace.");
+    println!("Cells: median ns (added over the trivial program). The first three columns are");
+    println!("kep_ingress; the egress columns are kep_egress on non-service traffic, a packet");
+    println!("another device of the node received (forwarded) and one a node process sent.");
+    println!("Programming time: the syncer writing the services added since the previous row,");
+    println!("from userspace.");
+    if datapath_only {
+        return Ok(());
+    }
     socket::figures(&mut bench.dp, &mut syncer, desired)?;
     family::figures()?;
 
@@ -198,6 +238,10 @@ struct PacketCosts {
     pass: f64,
     established: f64,
     new_flow: f64,
+    /// kep_egress, non-service traffic another device received.
+    egress_forwarded: f64,
+    /// kep_egress, non-service traffic a node process sent.
+    egress_local: f64,
 }
 
 fn packet_costs(bench: &mut Bench, services: usize) -> Result<PacketCosts> {
@@ -213,6 +257,9 @@ fn packet_costs(bench: &mut Bench, services: usize) -> Result<PacketCosts> {
     .build();
     let noop = bench.median(PROG_NOOP, &mut |_| other.clone())?;
     let pass = bench.median(PROG_INGRESS, &mut |_| other.clone())?;
+    // Index 2: the namespace's first device after lo.
+    let egress_forwarded = bench.median_from(PROG_EGRESS, 2, &mut |_| other.clone())?;
+    let egress_local = bench.median(PROG_EGRESS, &mut |_| other.clone())?;
 
     // A source port of its own per size: the same port towards the
     // previous size's frontend would share its backend's reply tuple, and
@@ -242,6 +289,8 @@ fn packet_costs(bench: &mut Bench, services: usize) -> Result<PacketCosts> {
         pass,
         established,
         new_flow,
+        egress_forwarded,
+        egress_local,
     })
 }
 
