@@ -507,6 +507,12 @@ impl SvcName {
 pub const CFG_F_CLUSTER_CIDR: u8 = 1;
 /// `--masquerade-all`: every new flow from outside this node is SNATed.
 pub const CFG_F_MASQUERADE_ALL: u8 = 2;
+/// `--devices`: only some devices have the ingress program, so a packet
+/// that arrived on another one may reach the egress hook untranslated.
+/// Without it, the egress hook leaves every packet that arrived on a device
+/// alone (the ingress hook there handled it) and only handles what the
+/// node itself sends.
+pub const CFG_F_SOME_DEVICES: u8 = 4;
 /// Most service CIDRs the datapath checks for unallocated addresses.
 pub const SERVICE_CIDRS: usize = 4;
 

@@ -33,7 +33,7 @@ use aya_ebpf::{
 };
 use family::Addr;
 use packet::{ETH_P_IP, ETH_P_IPV6, ETH_TYPE_OFF, Ip};
-use proxy_common::{Counter, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
+use proxy_common::{CFG_F_SOME_DEVICES, Counter, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Hook {
@@ -50,9 +50,28 @@ pub fn kep_ingress(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn kep_egress(ctx: TcContext) -> i32 {
+    if handled_at_ingress(&ctx) {
+        return TC_ACT_OK as i32;
+    }
     match try_handle(&ctx, Hook::Egress) {
         Ok(action) | Err(action) => action,
     }
+}
+
+/// Whether the packet arrived on a device of this node whose ingress hook
+/// has handled it already (translated, or found it is not ours): the
+/// egress hook is for what the node sends itself (node processes,
+/// hostNetwork backends' replies, the ICMP errors the stack generates),
+/// whose packets carry no ingress device. Every forwarded packet, and
+/// every packet our ingress hook redirected, then costs the egress hook a
+/// field read instead of a parse and two map lookups. With `--devices`
+/// (`CFG_F_SOME_DEVICES`) a packet may have come in by a device without
+/// the ingress hook, and egress handles it as before.
+#[inline(always)]
+fn handled_at_ingress(ctx: &TcContext) -> bool {
+    // SAFETY: the context pointer is valid for the whole program run.
+    let arrived_on = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    arrived_on != 0 && maps::config_ref().is_none_or(|c| c.flags & CFG_F_SOME_DEVICES == 0)
 }
 
 /// The benchmark's baseline: the cost of running any TC program at all.

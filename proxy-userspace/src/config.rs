@@ -667,6 +667,7 @@ cgroupRoot: /sys/fs/cgroup/kubepods
             &args.cluster_cidr,
             args.masquerade_all,
             &args.service_cluster_ip_range,
+            !args.devices.is_empty(),
         )
     }
 

@@ -142,6 +142,7 @@ fn load_datapath(
         &args.cluster_cidr,
         args.masquerade_all,
         &args.service_cluster_ip_range,
+        !args.devices.is_empty(),
     )?)?;
     dp.write_config6(datapath_config6(
         &args.cluster_cidr,
@@ -566,6 +567,7 @@ impl Context {
             &self.args.cluster_cidr,
             self.args.masquerade_all,
             &cidrs,
+            !self.args.devices.is_empty(),
         )
         .and_then(|cfg| {
             let cfg6 = datapath_config6(&self.args.cluster_cidr, &cidrs)?;

@@ -140,12 +140,22 @@ impl Fixture {
     }
 
     fn run(&self, prog: &str, frame: &[u8]) -> (u32, Vec<u8>) {
+        self.run_from(prog, 0, frame)
+    }
+
+    /// Runs `prog` on a packet that arrived on the device of index
+    /// `ingress_ifindex` (0: sent by a process of this node).
+    fn run_from(&self, prog: &str, ingress_ifindex: u32, frame: &[u8]) -> (u32, Vec<u8>) {
         let prog = self.dp.program(prog).unwrap();
         let mut out = vec![0u8; 2048];
+        // A `struct __sk_buff`, all zero but ingress_ifindex (offset 36).
+        let mut ctx = [0u8; 192];
+        ctx[36..40].copy_from_slice(&ingress_ifindex.to_ne_bytes());
         let r = prog
             .test_run(TestRunOptions {
                 data_in: Some(frame),
                 data_out: Some(&mut out),
+                ctx_in: (ingress_ifindex != 0).then_some(&ctx[..]),
                 ..Default::default()
             })
             .expect("BPF_PROG_TEST_RUN");
@@ -500,6 +510,26 @@ fn egress_translates_only_local_processes_traffic_to_a_clusterip() {
     // Other egress traffic is not touched.
     let other = Pkt::tcp(host, sa("10.244.2.11:8080"), TCP_SYN).build();
     assert_eq!(f.egress(&other), (TC_ACT_OK, other));
+}
+
+#[test]
+fn egress_leaves_forwarded_packets_to_their_ingress_hook_unless_only_some_devices_have_it() {
+    let Some(mut f) = Fixture::new("egress_forwarded") else {
+        return;
+    };
+    f.services(&[("10.244.2.11:8080", false)]);
+    // A pod's packet to a ClusterIP that reached an egress hook without
+    // being translated: it came in by a device, whose ingress hook had it.
+    let syn = Pkt::tcp(sa(CLIENT), sa(VIP), TCP_SYN).build();
+    assert_eq!(f.run_from(PROG_EGRESS, 2, &syn), (TC_ACT_OK, syn.clone()));
+    assert_eq!(f.counter(Counter::NewFlow), 0);
+    // With --devices, that device may lack the ingress hook: egress
+    // translates the packet, as it does a node process's.
+    f.configure(|c| c.flags = CFG_F_SOME_DEVICES);
+    let (verdict, out) = f.run_from(PROG_EGRESS, 2, &syn);
+    assert_eq!(endpoint(&valid(&out), false), sa("10.244.2.11:8080"));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(f.counter(Counter::NewFlow), 1);
 }
 
 #[test]

@@ -46,8 +46,9 @@ use aya::{
     },
 };
 use proxy_common::{
-    ALL_MAPS, CFG_F_CLUSTER_CIDR, CFG_F_MASQUERADE_ALL, CONFIG_MAP, CONFIG6_MAP, Config, Config6,
-    HAIRPIN_ADDR, HAIRPIN_ADDR6, PROG_EGRESS, PROG_INGRESS, PROG_NOOP, SERVICE_CIDRS,
+    ALL_MAPS, CFG_F_CLUSTER_CIDR, CFG_F_MASQUERADE_ALL, CFG_F_SOME_DEVICES, CONFIG_MAP,
+    CONFIG6_MAP, Config, Config6, HAIRPIN_ADDR, HAIRPIN_ADDR6, PROG_EGRESS, PROG_INGRESS,
+    PROG_NOOP, SERVICE_CIDRS,
 };
 
 /// The settings the datapath reads, from the daemon's: IPv4 CIDRs only
@@ -58,6 +59,7 @@ pub fn datapath_config(
     cluster_cidr: &[crate::cidr::Cidr],
     masquerade_all: bool,
     service_cidrs: &[crate::cidr::Cidr],
+    some_devices: bool,
 ) -> Result<Config> {
     let v4 = |c: &crate::cidr::Cidr| match c.network() {
         std::net::IpAddr::V4(a) => Some((a.octets(), c.prefix())),
@@ -76,6 +78,9 @@ pub fn datapath_config(
     }
     if masquerade_all {
         value.flags |= CFG_F_MASQUERADE_ALL;
+    }
+    if some_devices {
+        value.flags |= CFG_F_SOME_DEVICES;
     }
     for (i, (addr, len)) in service_ranges(service_cidrs, v4, "IPv4")?
         .into_iter()
