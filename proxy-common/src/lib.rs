@@ -91,6 +91,13 @@ pub const SOCK_RNAT_MAP: &str = "KEP_SKRNAT_V1";
 /// per-packet path keeps it.
 pub const SOCK_FWD_MAP: &str = "KEP_SKFWD_V1";
 
+/// Devices a translated packet may be handed straight to the peer of
+/// (bpf_redirect_peer): ifindex → 1 for each veth of this namespace whose
+/// peer is in another one (a pod's). Filled by the daemon as it attaches
+/// to devices; not pinned (each load fills its own), so not in
+/// [`ALL_MAPS`].
+pub const PEER_DEV_MAP: &str = "KEP_PEERDEV";
+
 /// Every map name, for pinning and cleanup (the IPv6 ones included).
 pub const ALL_MAPS: [&str; 27] = [
     SVC_MAP,
@@ -140,6 +147,8 @@ pub const SRCRNG_MAP_SIZE: u32 = 65_536;
 pub const SOCK_RNAT_MAP_SIZE: u32 = 262_144;
 /// One entry per (unconnected UDP socket, service) pair.
 pub const SOCK_FWD_MAP_SIZE: u32 = 65_536;
+/// Pod veths of one node.
+pub const PEER_DEV_MAP_SIZE: u32 = 16_384;
 /// Service port ids are below this (the syncer reuses freed ids).
 pub const SVC_ID_LIMIT: u32 = SVC_MAP_SIZE;
 

@@ -117,7 +117,7 @@ fn try_ipv4(ctx: &TcContext, hook: Hook) -> Result<i32, i32> {
         // hook only. It is on its way out already.
         IPPROTO_ICMP => Ok(match icmp::translate_error(ctx, &ip)? {
             Some(flags) if hook == Hook::Ingress => {
-                route::forward::<[u8; 4]>(ctx, flags, IPPROTO_ICMP)
+                route::forward::<[u8; 4]>(ctx, hook, flags, IPPROTO_ICMP)
             }
             _ => TC_ACT_OK as i32,
         }),
@@ -144,7 +144,7 @@ fn flow_verdict<A: Addr>(ctx: &TcContext, hook: Hook, ip: &Ip<A>) -> Result<i32,
     }
     Ok(match action {
         flow::Action::Pass | flow::Action::New(_) => TC_ACT_OK as i32,
-        flow::Action::Forward(flags) => route::forward::<A>(ctx, flags, ip.proto),
+        flow::Action::Forward(flags) => route::forward::<A>(ctx, hook, flags, ip.proto),
         flow::Action::Reject(reason) => A::reject(ctx, ip, hook, reason),
     })
 }

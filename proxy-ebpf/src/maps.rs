@@ -81,6 +81,12 @@ pub static KEP_SCRATCH: PerCpuArray<[u64; crate::family::SCRATCH_WORDS], 1> = Pe
 #[btf_map]
 pub static KEP_IP6SCR: PerCpuArray<[u64; 6], 1> = PerCpuArray::new();
 
+/// Devices whose peer is a pod's (see `PEER_DEV_MAP`); the value is
+/// always 1.
+#[btf_map]
+pub static KEP_PEERDEV: HashMap<u32, u8, { PEER_DEV_MAP_SIZE as usize }, NO_PREALLOC> =
+    HashMap::new();
+
 /// Written and read by userspace only; defined here so that the object
 /// carries it (and its BTF) like every other map.
 #[btf_map]

@@ -14,12 +14,12 @@ use aya_ebpf::{
         BPF_F_INGRESS, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SRC,
         TC_ACT_OK, bpf_fib_lookup as FibParams,
     },
-    helpers::generated::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    helpers::generated::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     programs::TcContext,
 };
 use proxy_common::NAT_F_TO_LO;
 
-use crate::family::Addr;
+use crate::{Hook, family::Addr, maps::KEP_PEERDEV};
 
 /// The loopback device's index, the same in every network namespace.
 const LOOPBACK_IFINDEX: u32 = 1;
@@ -43,13 +43,15 @@ fn lookup<A: Addr>(ctx: &TcContext, src: A, dst: A, proto: u8, flags: u32) -> (i
 }
 
 /// Forwards a translated packet (its translation's `NAT_F_*` are `flags`):
-/// straight to the egress of the device the FIB names, or to the stack
-/// when the destination is local or the FIB has no answer. The addresses
+/// straight to the egress of the device the FIB names, or, from the
+/// ingress hook to a local pod, into the pod's own namespace (see
+/// [`into_pod`]); to the stack when the destination is local or the FIB
+/// has no answer. The addresses
 /// are read back from the packet, which carries the new ones. A BPF
 /// function of its own: its lookup parameters stay off the frames of the
 /// flow handling.
 #[inline(never)]
-pub fn forward<A: Addr>(ctx: &TcContext, flags: u8, proto: u8) -> i32 {
+pub fn forward<A: Addr>(ctx: &TcContext, hook: Hook, flags: u8, proto: u8) -> i32 {
     if flags & NAT_F_TO_LO != 0 {
         return to_loopback(ctx);
     }
@@ -69,6 +71,10 @@ pub fn forward<A: Addr>(ctx: &TcContext, flags: u8, proto: u8) -> i32 {
             if ctx.store(0, &macs, 0).is_err() {
                 return TC_ACT_OK as i32;
             }
+            if hook == Hook::Ingress && into_pod(p.ifindex) {
+                // SAFETY: plain helper call.
+                return unsafe { bpf_redirect_peer(p.ifindex, 0) as i32 };
+            }
             // SAFETY: plain helper call.
             unsafe { bpf_redirect(p.ifindex, 0) as i32 }
         }
@@ -80,6 +86,20 @@ pub fn forward<A: Addr>(ctx: &TcContext, flags: u8, proto: u8) -> i32 {
         }
         _ => TC_ACT_OK as i32,
     }
+}
+
+/// Whether a packet for the device `ifindex` may go straight to its peer,
+/// a pod's interface in the pod's namespace (bpf_redirect_peer): the
+/// packet then skips the host-side veth's transmit, its egress hook and
+/// the backlog queue a veth hands packets to, and is received in the pod
+/// at once. The kernel allows that from the ingress hook only, and drops
+/// the packet when the device has no peer in another namespace: the
+/// daemon lists the devices that do. The MACs are the FIB's, as for a
+/// plain redirect: the pod's own as destination.
+#[inline(always)]
+fn into_pod(ifindex: u32) -> bool {
+    // SAFETY: the value is not kept.
+    unsafe { KEP_PEERDEV.get(ifindex) }.is_some()
 }
 
 /// The address this node would use as source towards `dst`: what a

@@ -92,6 +92,48 @@ fn nodeport_from_outside_to_local_and_remote_backends() {
     assert_eq!(*r.seen_peer.ip(), addr::NODE_B_IP);
 }
 
+/// Packets the host-side veth `dev` of `node` has transmitted.
+fn tx_packets(node: &lab::Netns, dev: &str) -> u64 {
+    let out = node.ip(&["-j", "-s", "link", "show", "dev", dev]).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v[0]["stats64"]["tx"]["packets"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no tx packets in {out}"))
+}
+
+#[test]
+fn translated_packets_for_a_local_pod_go_straight_into_its_namespace() {
+    let Some(c) = Cluster::start("peer", &placement_manifests()) else {
+        return;
+    };
+    // From outside, so the flow is translated per packet with socket-level
+    // load balancing on or off: NodePort 30011 of node-a, whose backend
+    // web-a is on node-a.
+    let client = c.lab.ns(addr::CLIENT);
+    let target = SocketAddrV4::new(addr::NODE_A_IP, 30011);
+    let node = c.lab.ns(addr::NODE_A);
+    let veth = lab::host_veth_name(WEB_A.ip.parse().unwrap());
+    // The first request also has node-a resolve web-a's MAC: until then
+    // the kernel's neighbour code sends the packets, through the veth.
+    tcp_request(client, target).unwrap();
+    let before = tx_packets(node, &veth);
+    const REQUESTS: u64 = 10;
+    for _ in 0..REQUESTS {
+        let r = tcp_request(client, target).unwrap();
+        assert_eq!(r.identity, WEB_A.name);
+        assert_eq!(*r.seen_peer.ip(), addr::CLIENT_IP);
+    }
+    // Each request is at least 4 packets towards web-a (SYN, ACK, request,
+    // FIN). Redirected into the pod's namespace (bpf_redirect_peer), they
+    // never pass the host side's transmit; the few left are the
+    // neighbour code's (ARP probes).
+    let sent = tx_packets(node, &veth) - before;
+    assert!(
+        sent < REQUESTS,
+        "{sent} packets left by {veth}: translated packets went through the host-side veth"
+    );
+}
+
 #[test]
 fn new_connections_spread_and_an_open_one_stays() {
     let Some(c) = Cluster::start("spread", &placement_manifests()) else {

@@ -41,7 +41,7 @@ pub fn handle(ctx: &TcContext, hook: Hook) -> Result<i32, i32> {
         // It is on its way out already.
         IPPROTO_ICMPV6 if ip.frag == Frag::No => Ok(match icmp::translate_error(ctx, ip)? {
             Some(flags) if hook == Hook::Ingress => {
-                crate::route::forward::<[u8; 16]>(ctx, flags, IPPROTO_ICMPV6)
+                crate::route::forward::<[u8; 16]>(ctx, hook, flags, IPPROTO_ICMPV6)
             }
             _ => TC_ACT_OK as i32,
         }),

@@ -26,6 +26,7 @@ pub mod bpffs;
 pub mod devices;
 pub mod linkwatch;
 pub mod migrate;
+mod peer;
 pub mod resize;
 pub mod sockets;
 
@@ -47,8 +48,8 @@ use aya::{
 };
 use proxy_common::{
     ALL_MAPS, CFG_F_CLUSTER_CIDR, CFG_F_MASQUERADE_ALL, CFG_F_SOME_DEVICES, CONFIG_MAP,
-    CONFIG6_MAP, Config, Config6, HAIRPIN_ADDR, HAIRPIN_ADDR6, PROG_EGRESS, PROG_INGRESS,
-    PROG_NOOP, SERVICE_CIDRS,
+    CONFIG6_MAP, Config, Config6, HAIRPIN_ADDR, HAIRPIN_ADDR6, PEER_DEV_MAP, PROG_EGRESS,
+    PROG_INGRESS, PROG_NOOP, SERVICE_CIDRS,
 };
 
 /// The settings the datapath reads, from the daemon's: IPv4 CIDRs only
@@ -507,7 +508,35 @@ impl Datapath {
                 }
             }
         }
+        self.list_peer_device(dev);
         Ok(())
+    }
+
+    /// Lists `dev` in `PEER_DEV_MAP` if it is a pod's veth (its peer in
+    /// another namespace): translated packets for it then go straight into
+    /// the pod (see `peer`). Not fatal: unlisted, they take the plain
+    /// redirect.
+    fn list_peer_device(&mut self, dev: &Device) {
+        let listed = peer::peer_in_other_namespace(dev.index)
+            .map_err(anyhow::Error::from)
+            .and_then(|peer| {
+                if !peer {
+                    return Ok(false);
+                }
+                let map = self.ebpf.map_mut(PEER_DEV_MAP).context("peer device map")?;
+                let mut map: aya::maps::HashMap<_, u32, u8> = aya::maps::HashMap::try_from(map)?;
+                map.insert(dev.index, 1, 0)?;
+                Ok(true)
+            });
+        match listed {
+            Ok(true) => {
+                tracing::debug!(device = %dev.name, "packets for it go into its peer's namespace")
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(device = %dev.name, error = %format!("{e:#}"), "not listed as a pod's device; packets for it take the plain redirect")
+            }
+        }
     }
 
     /// Whether the pin directory is still on a BPF filesystem. Unmounted
@@ -524,6 +553,11 @@ impl Datapath {
 
     /// Detaches from a device (or forgets a device that no longer exists).
     pub fn detach(&mut self, dev: &Device) -> Result<()> {
+        if let Some(map) = self.ebpf.map_mut(PEER_DEV_MAP) {
+            let mut map: aya::maps::HashMap<_, u32, u8> = aya::maps::HashMap::try_from(map)?;
+            // Absent unless it was a pod's device.
+            let _ = map.remove(&dev.index);
+        }
         detach_pins(&self.root, dev)
     }
 
