@@ -92,10 +92,10 @@ pub const SOCK_RNAT_MAP: &str = "KEP_SKRNAT_V1";
 pub const SOCK_FWD_MAP: &str = "KEP_SKFWD_V1";
 
 /// Devices a translated packet may be handed straight to the peer of
-/// (bpf_redirect_peer): ifindex → 1 for each veth of this namespace whose
-/// peer is in another one (a pod's). Filled by the daemon as it attaches
-/// to devices; not pinned (each load fills its own), so not in
-/// [`ALL_MAPS`].
+/// (bpf_redirect_peer): a bitmap of ifindexes, [`PEER_DEV_WORDS`] words of
+/// 64 bits, a bit set for each veth of this namespace whose peer is in
+/// another one (a pod's). Filled by the daemon as it attaches to devices;
+/// not pinned (each load fills its own), so not in [`ALL_MAPS`].
 pub const PEER_DEV_MAP: &str = "KEP_PEERDEV";
 
 /// Every map name, for pinning and cleanup (the IPv6 ones included).
@@ -147,8 +147,10 @@ pub const SRCRNG_MAP_SIZE: u32 = 65_536;
 pub const SOCK_RNAT_MAP_SIZE: u32 = 262_144;
 /// One entry per (unconnected UDP socket, service) pair.
 pub const SOCK_FWD_MAP_SIZE: u32 = 65_536;
-/// Pod veths of one node.
-pub const PEER_DEV_MAP_SIZE: u32 = 16_384;
+/// Words of [`PEER_DEV_MAP`]: ifindexes below 2^20 (128 KiB). A node
+/// allocates ifindexes upwards, one or two per pod it ever ran; a device
+/// above the range takes the plain redirect.
+pub const PEER_DEV_WORDS: u32 = 16_384;
 /// Service port ids are below this (the syncer reuses freed ids).
 pub const SVC_ID_LIMIT: u32 = SVC_MAP_SIZE;
 

@@ -98,8 +98,9 @@ pub fn forward<A: Addr>(ctx: &TcContext, hook: Hook, flags: u8, proto: u8) -> i3
 /// plain redirect: the pod's own as destination.
 #[inline(always)]
 fn into_pod(ifindex: u32) -> bool {
-    // SAFETY: the value is not kept.
-    unsafe { KEP_PEERDEV.get(ifindex) }.is_some()
+    KEP_PEERDEV
+        .get(ifindex / 64)
+        .is_some_and(|word| word & (1 << (ifindex % 64)) != 0)
 }
 
 /// The address this node would use as source towards `dst`: what a

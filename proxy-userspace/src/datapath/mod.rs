@@ -48,8 +48,8 @@ use aya::{
 };
 use proxy_common::{
     ALL_MAPS, CFG_F_CLUSTER_CIDR, CFG_F_MASQUERADE_ALL, CFG_F_SOME_DEVICES, CONFIG_MAP,
-    CONFIG6_MAP, Config, Config6, HAIRPIN_ADDR, HAIRPIN_ADDR6, PEER_DEV_MAP, PROG_EGRESS,
-    PROG_INGRESS, PROG_NOOP, SERVICE_CIDRS,
+    CONFIG6_MAP, Config, Config6, HAIRPIN_ADDR, HAIRPIN_ADDR6, PEER_DEV_MAP, PEER_DEV_WORDS,
+    PROG_EGRESS, PROG_INGRESS, PROG_NOOP, SERVICE_CIDRS,
 };
 
 /// The settings the datapath reads, from the daemon's: IPv4 CIDRs only
@@ -520,23 +520,40 @@ impl Datapath {
         let listed = peer::peer_in_other_namespace(dev.index)
             .map_err(anyhow::Error::from)
             .and_then(|peer| {
-                if !peer {
-                    return Ok(false);
+                if peer {
+                    self.set_peer_device(dev.index, true)?;
                 }
-                let map = self.ebpf.map_mut(PEER_DEV_MAP).context("peer device map")?;
-                let mut map: aya::maps::HashMap<_, u32, u8> = aya::maps::HashMap::try_from(map)?;
-                map.insert(dev.index, 1, 0)?;
-                Ok(true)
+                Ok(peer)
             });
         match listed {
             Ok(true) => {
                 tracing::debug!(device = %dev.name, "packets for it go into its peer's namespace")
             }
             Ok(false) => {}
-            Err(e) => {
-                tracing::warn!(device = %dev.name, error = %format!("{e:#}"), "not listed as a pod's device; packets for it take the plain redirect")
-            }
+            Err(e) => tracing::warn!(
+                device = %dev.name,
+                error = %format!("{e:#}"),
+                "not listed as a pod's device; packets for it take the plain redirect"
+            ),
         }
+    }
+
+    /// Sets or clears the bit of `ifindex` in `PEER_DEV_MAP` (a device
+    /// beyond the bitmap stays unlisted). The daemon is the map's only
+    /// writer.
+    fn set_peer_device(&mut self, ifindex: u32, on: bool) -> Result<()> {
+        let (word, bit) = (ifindex / 64, 1u64 << (ifindex % 64));
+        if word >= PEER_DEV_WORDS {
+            return Ok(());
+        }
+        let map = self.ebpf.map_mut(PEER_DEV_MAP).context("peer device map")?;
+        let mut map: Array<_, u64> = Array::try_from(map)?;
+        let old = map.get(&word, 0)?;
+        let new = if on { old | bit } else { old & !bit };
+        if new != old {
+            map.set(word, new, 0)?;
+        }
+        Ok(())
     }
 
     /// Whether the pin directory is still on a BPF filesystem. Unmounted
@@ -553,11 +570,7 @@ impl Datapath {
 
     /// Detaches from a device (or forgets a device that no longer exists).
     pub fn detach(&mut self, dev: &Device) -> Result<()> {
-        if let Some(map) = self.ebpf.map_mut(PEER_DEV_MAP) {
-            let mut map: aya::maps::HashMap<_, u32, u8> = aya::maps::HashMap::try_from(map)?;
-            // Absent unless it was a pod's device.
-            let _ = map.remove(&dev.index);
-        }
+        self.set_peer_device(dev.index, false)?;
         detach_pins(&self.root, dev)
     }
 
