@@ -41,8 +41,10 @@
 //! [`cpu`]: pinning and CPU accounting; [`report`]: the tables.
 
 mod cpu;
+mod keepalive;
 mod loadgen;
 mod report;
+mod server;
 mod workload;
 
 use std::fs;
@@ -57,6 +59,7 @@ use crate::kube_proxy_rules::{self, ClusterCidr, Service};
 
 use self::{
     cpu::{CpuUse, Cpus, daemon_cpu, per_cpu_times, pick_cpus, wait_quiet},
+    keepalive::keepalive_in,
     loadgen::{CrrStats, count_time_wait, crr_in},
     report::{cpu_text, fmt_duration, machine_summary, print_table, spread_text, thousands},
     workload::{BenchLab, service_set, start_ebpf, stop_ebpf},
@@ -89,7 +92,6 @@ const CONN_TIMEOUT: Duration = Duration::from_secs(2);
 /// Errors above this share of all attempts fail the bench.
 const MAX_ERROR_SHARE: f64 = 0.02;
 const REQUEST: &[u8] = b"GET / HTTP/1.0\r\n\r\n";
-const RESPONSE: &[u8] = b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nok\n";
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -133,9 +135,37 @@ impl Mode {
     }
 }
 
+/// What the client does in a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Workload {
+    /// A new connection per request (CRR).
+    Crr,
+    /// Requests over connections that stay open, one in flight on each.
+    KeepAlive,
+}
+
+impl Workload {
+    const ALL: [Workload; 2] = [Workload::Crr, Workload::KeepAlive];
+
+    fn run_in(
+        self,
+        ns: &lab::Netns,
+        targets: &[SocketAddrV4],
+        concurrency: usize,
+        duration: Duration,
+        cpu: Option<usize>,
+    ) -> Result<CrrStats> {
+        match self {
+            Workload::Crr => crr_in(ns, targets, concurrency, duration, cpu),
+            Workload::KeepAlive => keepalive_in(ns, targets, concurrency, duration, cpu),
+        }
+    }
+}
+
 /// One line of the result table.
 struct Row {
     mode: Mode,
+    workload: Workload,
     services: usize,
     /// 1-based round.
     round: usize,
@@ -198,8 +228,9 @@ pub fn run(daemon: &Path, opts: &Options) -> Result<()> {
     for (n, round, mode) in schedule(opts) {
         if mode == Mode::Nftables && n > NFT_MAX_SERVICES {
             if round == 1 {
-                rows.push(Row {
+                rows.extend(Workload::ALL.map(|workload| Row {
                     mode,
+                    workload,
                     services: n,
                     round,
                     load: "-".into(),
@@ -207,7 +238,7 @@ pub fn run(daemon: &Path, opts: &Options) -> Result<()> {
                         "skipped: a full nftables load of {} services takes 173-216 s on this machine kind (BASELINES.md)",
                         thousands(n as f64)
                     )),
-                });
+                }));
             }
             continue;
         }
@@ -216,7 +247,7 @@ pub fn run(daemon: &Path, opts: &Options) -> Result<()> {
             mode.label(),
             thousands(n as f64)
         );
-        let row = measure_mode(
+        let measured = measure_mode(
             daemon,
             (mode, round),
             n,
@@ -226,11 +257,14 @@ pub fn run(daemon: &Path, opts: &Options) -> Result<()> {
             &mut lab_dirs,
         )
         .with_context(|| format!("CRR, {} with {n} services", mode.label()))?;
-        log_row(&row);
-        rows.push(row);
+        measured.iter().for_each(log_row);
+        rows.extend(measured);
     }
 
-    print_table(&rows, opts);
+    for workload in Workload::ALL {
+        let of_workload: Vec<Row> = rows.extract_if(.., |r| r.workload == workload).collect();
+        print_table(&of_workload, workload, opts);
+    }
     check_root_untouched(&root_rules_before, &lab_dirs)?;
     println!(
         "\nCRR comparison took {:.0} s; the root network namespace's ruleset is unchanged and no lab mount or directory is left.",
@@ -245,7 +279,8 @@ pub fn run(daemon: &Path, opts: &Options) -> Result<()> {
 fn log_row(row: &Row) {
     if let Outcome::Measured(m) = &row.outcome {
         eprintln!(
-            "crr:   {:.0}/s ({} connections, {} errors), load {}, spread {}, client TIME_WAIT {}, CPU client {} server {}",
+            "crr:   {:?}: {:.0}/s ({} answers, {} errors), load {}, spread {}, client TIME_WAIT {}, CPU client {} server {}",
+            row.workload,
             m.rate(),
             m.stats.completed,
             m.stats.errors,
@@ -278,7 +313,7 @@ fn measure_mode(
     concurrency: usize,
     cpus: &Cpus,
     lab_dirs: &mut Vec<PathBuf>,
-) -> Result<Row> {
+) -> Result<Vec<Row>> {
     let services = service_set(n);
     let mut bl = BenchLab::new(cpus)?;
     lab_dirs.push(bl.lab.dir().to_path_buf());
@@ -290,7 +325,19 @@ fn measure_mode(
         _ => vec![VIP],
     };
     let load = load_mode(&mut bl, mode, daemon, &services)?;
-    let measurement = measure(&bl, &targets, concurrency, duration, cpus)?;
+    let mut rows = Vec::new();
+    for workload in Workload::ALL {
+        let measurement = measure(&bl, workload, &targets, concurrency, duration, cpus)
+            .with_context(|| format!("{workload:?}"))?;
+        rows.push(Row {
+            mode,
+            workload,
+            services: n,
+            round,
+            load: load.clone(),
+            outcome: Outcome::Measured(measurement),
+        });
+    }
     // Tear down what the mode set up, explicitly, so the kernel's cleanup
     // of the namespaces is light and does not overlap the next mode's
     // measurement (wait_quiet covers the rest).
@@ -302,13 +349,7 @@ fn measure_mode(
         }
     }
     drop(bl);
-    Ok(Row {
-        mode,
-        services: n,
-        round,
-        load,
-        outcome: Outcome::Measured(measurement),
-    })
+    Ok(rows)
 }
 
 /// Sets the mode up in the lab: the daemons, or the rules loaded in
@@ -342,6 +383,7 @@ fn load_mode(bl: &mut BenchLab, mode: Mode, daemon: &Path, services: &[Service])
 /// figures around it and the backends' shares.
 fn measure(
     bl: &BenchLab,
+    workload: Workload,
     targets: &[SocketAddrV4],
     concurrency: usize,
     duration: Duration,
@@ -349,7 +391,7 @@ fn measure(
 ) -> Result<Measurement> {
     let quiet = wait_quiet();
     let client = bl.lab.ns(CLIENT_POD).clone();
-    let warm = crr_in(&client, targets, concurrency, WARMUP, cpus.client)?;
+    let warm = workload.run_in(&client, targets, concurrency, WARMUP, cpus.client)?;
     check_errors(&warm, "warm-up")?;
     ensure!(
         warm.completed > 0,
@@ -358,7 +400,7 @@ fn measure(
     let before = bl.served();
     let cpu_before = per_cpu_times();
     let daemons_before = daemon_cpu(&bl.lab);
-    let stats = crr_in(&client, targets, concurrency, duration, cpus.client)?;
+    let stats = workload.run_in(&client, targets, concurrency, duration, cpus.client)?;
     let daemons_after = daemon_cpu(&bl.lab);
     let cpu_after = per_cpu_times();
     let after = bl.served();
