@@ -40,6 +40,7 @@
 //! kube-ebpf-proxy mode and the backend servers; [`loadgen`]: the client;
 //! [`cpu`]: pinning and CPU accounting; [`report`]: the tables.
 
+mod bpfcost;
 mod cpu;
 mod keepalive;
 mod loadgen;
@@ -58,6 +59,7 @@ use lab::addr;
 use crate::kube_proxy_rules::{self, ClusterCidr, Service};
 
 use self::{
+    bpfcost::BpfCost,
     cpu::{CpuUse, Cpus, daemon_cpu, per_cpu_times, pick_cpus, wait_quiet},
     keepalive::keepalive_in,
     loadgen::{CrrStats, count_time_wait, crr_in},
@@ -86,6 +88,9 @@ const CLUSTER_CIDR: ClusterCidr = ClusterCidr {
 const NFT_MAX_SERVICES: usize = 1000;
 /// Warm-up before each measured run (neighbour entries, caches).
 const WARMUP: Duration = Duration::from_millis(500);
+/// The run after a kube-ebpf-proxy mode's measured one in which the
+/// kernel's BPF statistics are on (see bpfcost.rs).
+const BPF_COST_RUN: Duration = Duration::from_secs(1);
 /// A connection that makes no progress for this long counts as an error
 /// (a lost SYN is retransmitted after 1 s).
 const CONN_TIMEOUT: Duration = Duration::from_secs(2);
@@ -191,6 +196,9 @@ struct Measurement {
     /// Whether the machine was idle before the run (other work on it makes
     /// the numbers noisy).
     quiet: bool,
+    /// kube-ebpf-proxy modes: our programs' kernel time in the statistics
+    /// run, and the answers served in it.
+    bpf: Option<(BpfCost, u64)>,
 }
 
 impl Measurement {
@@ -204,6 +212,12 @@ impl Measurement {
     fn cpu_per_conn_us(&self, cpu: Option<CpuUse>) -> Option<f64> {
         let busy = cpu?.busy * self.stats.elapsed.as_secs_f64();
         (self.stats.completed > 0).then(|| busy * 1e6 / self.stats.completed as f64)
+    }
+
+    /// Our programs' in-kernel nanoseconds and runs per answer.
+    fn bpf_per_answer(&self) -> Option<(f64, f64)> {
+        let (cost, answers) = self.bpf?;
+        cost.per(answers)
     }
 }
 
@@ -327,7 +341,14 @@ fn measure_mode(
     let load = load_mode(&mut bl, mode, daemon, &services)?;
     let mut rows = Vec::new();
     for workload in Workload::ALL {
+        let ours = matches!(mode, Mode::Ebpf | Mode::EbpfPerPacket);
         let measurement = measure(&bl, workload, &targets, concurrency, duration, cpus)
+            .and_then(|mut m| {
+                if ours {
+                    m.bpf = Some(bpf_cost(&bl, workload, &targets, concurrency, cpus)?);
+                }
+                Ok(m)
+            })
             .with_context(|| format!("{workload:?}"))?;
         rows.push(Row {
             mode,
@@ -426,7 +447,26 @@ fn measure(
             .zip(daemons_after)
             .map(|(b, a)| a.saturating_sub(b)),
         quiet,
+        bpf: None,
     })
+}
+
+/// A short run with the kernel's BPF statistics on: our programs' time in
+/// it, and the answers served.
+fn bpf_cost(
+    bl: &BenchLab,
+    workload: Workload,
+    targets: &[SocketAddrV4],
+    concurrency: usize,
+    cpus: &Cpus,
+) -> Result<(BpfCost, u64)> {
+    let client = bl.lab.ns(CLIENT_POD).clone();
+    let _on = bpfcost::switch_on()?;
+    let before = bpfcost::snapshot()?;
+    let stats = workload.run_in(&client, targets, concurrency, BPF_COST_RUN, cpus.client)?;
+    let after = bpfcost::snapshot()?;
+    check_errors(&stats, "BPF statistics run")?;
+    Ok((BpfCost::between(&before, &after), stats.completed))
 }
 
 fn check_errors(stats: &CrrStats, what: &str) -> Result<()> {

@@ -113,6 +113,12 @@ fn ratio_text(rate: f64, base: Option<f64>, same: bool) -> String {
     }
 }
 
+fn bpf_text(v: Option<(f64, f64)>) -> String {
+    v.map_or("-".into(), |(ns, runs)| {
+        format!("{} ({runs:.1})", thousands(ns))
+    })
+}
+
 fn us_text(v: Option<f64>) -> String {
     v.map_or("-".into(), |v| format!("{v:.1}"))
 }
@@ -124,12 +130,19 @@ fn rate_table(rows: &[Row], workload: Workload, opts: &Options) -> String {
     let (rate, per) = workload.unit();
     let _ = writeln!(
         out,
-        "\n| mode | services | round | rule/map load time | {rate} | ratio to direct-to-pod | ratio to iptables | client CPU µs/{per} | server CPU µs/{per} |"
+        "\n| mode | services | round | rule/map load time | {rate} | ratio to direct-to-pod | ratio to iptables | client CPU µs/{per} | server CPU µs/{per} | our BPF programs ns/{per} (runs) |"
     );
-    let _ = writeln!(out, "|---|---:|---:|---|---:|---:|---:|---:|---:|");
+    let _ = writeln!(out, "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|");
     for r in rows {
         let cells = match &r.outcome {
-            Outcome::Skipped(why) => [why.clone(), "-".into(), "-".into(), "-".into(), "-".into()],
+            Outcome::Skipped(why) => [
+                why.clone(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+            ],
             Outcome::Measured(m) => {
                 let rate = m.rate();
                 let direct = rate_of(rows, Mode::Direct, r.services, r.round);
@@ -140,6 +153,7 @@ fn rate_table(rows: &[Row], workload: Workload, opts: &Options) -> String {
                     ratio_text(rate, ipt, matches!(r.mode, Mode::Direct | Mode::Iptables)),
                     us_text(m.cpu_per_conn_us(m.client_cpu)),
                     us_text(m.cpu_per_conn_us(m.server_cpu)),
+                    bpf_text(m.bpf_per_answer()),
                 ]
             }
         };
@@ -165,25 +179,31 @@ fn rate_table(rows: &[Row], workload: Workload, opts: &Options) -> String {
          lands on the client's CPU. Load times: iptables-restore (whole nat and filter tables) \
          and nft -f (one transaction) wall time in node-a's namespace; kube-ebpf-proxy: the \
          map writes of its first sync as the daemon logs them, and from process start to \
-         \"ready\" (BPF load and attach, manifest parsing included).",
+         \"ready\" (BPF load and attach, manifest parsing included). Our BPF programs: the \
+         kernel's run time of every kube-ebpf-proxy program (TC and socket hooks, both \
+         nodes) over the answers served, and how many program runs that was, in a {} ms run \
+         after the measured one with the kernel's BPF statistics on (they cost two clock \
+         reads per run, so they are off while the rate is measured).",
         workload.method(opts),
         opts.seconds,
         WARMUP.as_millis(),
-        opts.rounds
+        opts.rounds,
+        super::BPF_COST_RUN.as_millis()
     );
     out
 }
 
 /// Per mode and service count: every round's ratio to direct, their
-/// median, and the median CPU time per connection (client + servers).
+/// median, the median CPU time per connection (client + servers), and
+/// the median in-kernel time of our programs per connection.
 fn summary_table(rows: &[Row], workload: Workload) -> String {
     let mut out = String::new();
     let (_, per) = workload.unit();
     let _ = writeln!(
         out,
-        "\n| mode | services | ratio to direct, per round | median ratio | median CPU µs/{per} (client + servers) |"
+        "\n| mode | services | ratio to direct, per round | median ratio | median CPU µs/{per} (client + servers) | median our BPF ns/{per} |"
     );
-    let _ = writeln!(out, "|---|---:|---|---:|---:|");
+    let _ = writeln!(out, "|---|---:|---|---:|---:|---:|");
     let mut keys: Vec<(usize, usize)> = Vec::new();
     for r in rows {
         let key = (
@@ -217,15 +237,20 @@ fn summary_table(rows: &[Row], workload: Workload) -> String {
                 Some(m.cpu_per_conn_us(m.client_cpu)? + m.cpu_per_conn_us(m.server_cpu)?)
             })
             .collect();
+        let bpf: Vec<f64> = measured
+            .iter()
+            .filter_map(|(_, m)| Some(m.bpf_per_answer()?.0))
+            .collect();
         let per_round: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} |",
             mode.label(),
             thousands(n as f64),
             per_round.join(", "),
             median(&ratios).map_or("-".into(), |m| format!("{m:.2}")),
-            us_text(median(&cpu))
+            us_text(median(&cpu)),
+            median(&bpf).map_or("-".into(), thousands)
         );
     }
     out
