@@ -461,12 +461,25 @@ fn bpf_cost(
     cpus: &Cpus,
 ) -> Result<(BpfCost, u64)> {
     let client = bl.lab.ns(CLIENT_POD).clone();
+    let ids = bpfcost::daemon_programs(&bl.lab)?;
     let _on = bpfcost::switch_on()?;
-    let before = bpfcost::snapshot()?;
+    let before = bpfcost::snapshot(&ids)?;
     let stats = workload.run_in(&client, targets, concurrency, BPF_COST_RUN, cpus.client)?;
-    let after = bpfcost::snapshot()?;
+    let after = bpfcost::snapshot(&ids)?;
     check_errors(&stats, "BPF statistics run")?;
-    Ok((BpfCost::between(&before, &after), stats.completed))
+    let (total, by_name) = BpfCost::between(&before, &after);
+    let parts: Vec<String> = by_name
+        .iter()
+        .filter_map(|(name, c)| {
+            let (ns, runs) = c.per(stats.completed)?;
+            (c.runs > 0).then(|| format!("{name} {ns:.0} ns ({runs:.1} runs)"))
+        })
+        .collect();
+    eprintln!(
+        "crr:   {workload:?}, our BPF programs per answer: {}",
+        parts.join(", ")
+    );
+    Ok((total, stats.completed))
 }
 
 fn check_errors(stats: &CrrStats, what: &str) -> Result<()> {

@@ -1,25 +1,24 @@
 //! What kube-ebpf-proxy's programs cost inside the kernel during a run: the
 //! kernel's BPF statistics (run time and run count of every program, kept
-//! only while statistics are switched on) for the programs whose names
-//! start with `kep_`, on both nodes, over the answers served.
+//! only while statistics are switched on) for the programs the lab's two
+//! daemons hold (not those of any other kube-ebpf-proxy on the machine),
+//! over the answers served.
 //!
 //! Statistics cost two clock reads per program run, so they are on only
 //! for a short run of their own after the measured one: the rates stay
 //! those of a proxy without them.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
 use std::os::fd::OwnedFd;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use aya::programs::loaded_programs;
+use lab::{Lab, addr};
 
-/// Our programs' names start with this (the kernel keeps 15 bytes of a
-/// program's name).
-const PREFIX: &str = "kep_";
-
-/// Run time and runs of each of our loaded programs, by program id.
+/// Name, run time and runs of each of our loaded programs, by program id.
 #[derive(Default)]
-pub(super) struct Snapshot(BTreeMap<u32, (Duration, u64)>);
+pub(super) struct Snapshot(BTreeMap<u32, (String, Duration, u64)>);
 
 /// Switches the kernel's BPF run-time statistics on until the returned
 /// descriptor is dropped.
@@ -27,12 +26,38 @@ pub(super) fn switch_on() -> Result<OwnedFd> {
     aya::sys::enable_stats(aya::sys::Stats::RunTime).context("enabling BPF statistics")
 }
 
-pub(super) fn snapshot() -> Result<Snapshot> {
+/// The ids of the BPF programs the lab's daemons hold descriptors of
+/// (`prog_id` in /proc/<pid>/fdinfo).
+pub(super) fn daemon_programs(lab: &Lab) -> Result<BTreeSet<u32>> {
+    let mut ids = BTreeSet::new();
+    for pid in addr::NODES.iter().filter_map(|n| lab.daemon_pid(n)) {
+        let dir = format!("/proc/{pid}/fdinfo");
+        for entry in fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+            // A descriptor closed since the listing has no fdinfo: skip it.
+            let Ok(info) = fs::read_to_string(entry?.path()) else {
+                continue;
+            };
+            ids.extend(
+                info.lines()
+                    .filter_map(|l| l.strip_prefix("prog_id:"))
+                    .filter_map(|id| id.trim().parse::<u32>().ok()),
+            );
+        }
+    }
+    anyhow::ensure!(!ids.is_empty(), "the lab's daemons hold no BPF program");
+    Ok(ids)
+}
+
+pub(super) fn snapshot(ids: &BTreeSet<u32>) -> Result<Snapshot> {
     let mut out = BTreeMap::new();
     for info in loaded_programs() {
         let info = info.context("listing loaded BPF programs")?;
-        if info.name_as_str().is_some_and(|n| n.starts_with(PREFIX)) {
-            out.insert(info.id(), (info.run_time(), info.run_count()));
+        if !ids.contains(&info.id()) {
+            continue;
+        }
+        if let Some(name) = info.name_as_str() {
+            let entry = (name.to_string(), info.run_time(), info.run_count());
+            out.insert(info.id(), entry);
         }
     }
     Ok(Snapshot(out))
@@ -46,14 +71,26 @@ pub(super) struct BpfCost {
 }
 
 impl BpfCost {
-    pub(super) fn between(before: &Snapshot, after: &Snapshot) -> BpfCost {
-        let mut cost = BpfCost::default();
-        for (id, (time, runs)) in &after.0 {
-            let (t0, r0) = before.0.get(id).copied().unwrap_or_default();
-            cost.time += time.saturating_sub(t0);
-            cost.runs += runs.saturating_sub(r0);
+    /// The whole cost, and its parts by program name.
+    pub(super) fn between(
+        before: &Snapshot,
+        after: &Snapshot,
+    ) -> (BpfCost, BTreeMap<String, BpfCost>) {
+        let mut total = BpfCost::default();
+        let mut by_name: BTreeMap<String, BpfCost> = BTreeMap::new();
+        for (id, (name, time, runs)) in &after.0 {
+            let (t0, r0) = before.0.get(id).map_or((Duration::ZERO, 0), |b| (b.1, b.2));
+            let part = BpfCost {
+                time: time.saturating_sub(t0),
+                runs: runs.saturating_sub(r0),
+            };
+            let named = by_name.entry(name.clone()).or_default();
+            for c in [&mut total, named] {
+                c.time += part.time;
+                c.runs += part.runs;
+            }
         }
-        cost
+        (total, by_name)
     }
 
     /// Nanoseconds and program runs per unit of work (connection or
