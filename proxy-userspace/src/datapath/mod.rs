@@ -570,8 +570,10 @@ impl Datapath {
 
     /// Detaches from a device (or forgets a device that no longer exists).
     pub fn detach(&mut self, dev: &Device) -> Result<()> {
-        self.set_peer_device(dev.index, false)?;
-        detach_pins(&self.root, dev)
+        // The links go even if the bit could not be cleared.
+        let unlisted = self.set_peer_device(dev.index, false);
+        detach_pins(&self.root, dev)?;
+        unlisted
     }
 
     /// Attaches the socket-level programs to a cgroup v2 directory, or swaps
