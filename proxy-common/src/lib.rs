@@ -91,6 +91,23 @@ pub const SOCK_RNAT_MAP: &str = "KEP_SKRNAT_V1";
 /// per-packet path keeps it.
 pub const SOCK_FWD_MAP: &str = "KEP_SKFWD_V1";
 
+/// Whether an older datapath runs behind this one on the same hooks, and
+/// what it gets: a `u32` at index 0, `UPGRADE_*`, set during an upgrade to
+/// a new map layout (see proxy-userspace's `datapath/migrate.rs`). Never
+/// pinned: each load has its own, so that the older programs, which may
+/// share every other map, never read the newer ones' value.
+pub const UPGRADE_MAP: &str = "KEP_UPGRADE";
+/// [`UPGRADE_MAP`]: no older datapath behind; every packet is handled.
+pub const UPGRADE_ALONE: u32 = 0;
+/// [`UPGRADE_MAP`]: the new programs are being attached in front of the
+/// older ones, device by device: they hand every packet on, so that a
+/// flow is served by one datapath on every device it crosses.
+pub const UPGRADE_ATTACHING: u32 = 1;
+/// [`UPGRADE_MAP`]: attached everywhere, the older maps being carried
+/// over: the new programs open flows (TCP SYNs) and serve those they have
+/// entries for, and hand the rest to the older programs.
+pub const UPGRADE_OLDER_BEHIND: u32 = 2;
+
 /// Every map name, for pinning and cleanup (the IPv6 ones included).
 pub const ALL_MAPS: [&str; 27] = [
     SVC_MAP,

@@ -24,7 +24,7 @@ use crate::{
     maps::{config, config_ref, count, count_service},
     nat,
     packet::{Frag, Ip, Ports, PortsError, TCP_RST, ports, remember_fragment},
-    route,
+    route, upgrade,
 };
 
 /// Map update flag: only if the key is not there yet.
@@ -98,7 +98,10 @@ pub fn handle<A: Addr>(ctx: &TcContext, hook: Hook, ip: &Ip<A>) -> Result<Action
     }
     // A TCP segment that opens nothing, to an address of this node, belongs
     // to the node's own connections (a reply to one of its clients).
+    // (A reply to a SNAT port of the node, too: the older datapath may
+    // hold its entry during an upgrade.)
     if class & ADDR_HOST != 0 && ip.proto == IPPROTO_TCP && !ports.is_syn() {
+        upgrade::defer_to_older()?;
         return Ok(Action::Pass);
     }
     let Some(svc) = frontend(ip, &ports, class) else {
@@ -106,10 +109,16 @@ pub fn handle<A: Addr>(ctx: &TcContext, hook: Hook, ip: &Ip<A>) -> Result<Action
             Ok(Action::Reject(Counter::DropUnknownPort))
         } else {
             // Traffic for the node itself or for an external IP's other
-            // ports: not ours.
+            // ports: not ours (a UDP reply to a SNAT port: maybe the older
+            // datapath's).
+            upgrade::defer_to_older()?;
             Ok(Action::Pass)
         };
     };
+    // Only a TCP SYN opens a flow that the older datapath cannot know.
+    if !(ip.proto == IPPROTO_TCP && ports.is_syn()) {
+        upgrade::defer_to_older()?;
+    }
     s.hash = lb::flow_hash(&s.key);
     Ok(Action::New(Frontend { svc, class }))
 }
@@ -127,7 +136,10 @@ fn other_destination<A: Addr>(ctx: &TcContext, hook: Hook, ip: &Ip<A>) -> Result
     };
     match reverse_nat(&flow_key(ip, &ports), &ports) {
         Some(rev) => translate_reply(ctx, hook, ip, &ports, rev),
-        None => unallocated_or_pass(ip),
+        None => {
+            upgrade::defer_to_older()?;
+            unallocated_or_pass(ip)
+        }
     }
 }
 
@@ -365,7 +377,9 @@ fn set_up_flow<A: Addr>(
     };
     match snat_to {
         None => {
-            if !claim_reply(s)? {
+            // During an upgrade the older maps may hold that live flow
+            // unseen: remapped too.
+            if upgrade::older_behind() || !claim_reply(s)? {
                 // The client reused this source port towards another
                 // frontend of the same backend, and that flow is live: the
                 // backend would see one tuple for two connections. The

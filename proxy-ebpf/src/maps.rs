@@ -81,6 +81,11 @@ pub static KEP_SCRATCH: PerCpuArray<[u64; crate::family::SCRATCH_WORDS], 1> = Pe
 #[btf_map]
 pub static KEP_IP6SCR: PerCpuArray<[u64; 6], 1> = PerCpuArray::new();
 
+/// Whether an older datapath runs behind this one
+/// ([`proxy_common::UPGRADE_MAP`], [`crate::upgrade`]); never pinned.
+#[btf_map]
+pub static KEP_UPGRADE: Array<u32, 1> = Array::new();
+
 /// Written and read by userspace only; defined here so that the object
 /// carries it (and its BTF) like every other map.
 #[btf_map]

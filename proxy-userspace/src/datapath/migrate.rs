@@ -209,12 +209,15 @@ impl Plan {
         Ok(out)
     }
 
-    /// Once no program of the previous run serves any more: copies what
-    /// it created since [`Plan::convert`], then removes the old pins (the
-    /// kernel frees a map when nothing holds it). Returns the entries
-    /// caught up.
-    pub fn retire(&mut self, maps_dir: &Path) -> Result<usize> {
-        let caught_up = self.convert(maps_dir)?.iter().map(|c| c.entries).sum();
+    /// Copies what the previous run's programs created since the last copy
+    /// ([`Plan::convert`] again); returns the entries added.
+    pub fn catch_up(&self, maps_dir: &Path) -> Result<usize> {
+        Ok(self.convert(maps_dir)?.iter().map(|c| c.entries).sum())
+    }
+
+    /// Once no program of the previous run serves any more: removes the
+    /// old pins (the kernel frees a map when nothing holds it).
+    pub fn remove_pins(&mut self) -> Result<()> {
         for r in self.retiring.drain(..) {
             let (base, _) = split_version(r.successor).unwrap_or_default();
             if r.conversion.is_none() && FLOW_STATE_BASES.contains(&base) {
@@ -233,7 +236,7 @@ impl Plan {
             }
             tracing::info!(pin = %r.pin.display(), successor = r.successor, "removed the pin of an earlier map layout");
         }
-        Ok(caught_up)
+        Ok(())
     }
 }
 

@@ -8,6 +8,9 @@
 //! maps/KEP_SVC_V2 ...              one pin per map (proxy_common::ALL_MAPS)
 //! links/<ifname>@<ifindex>-ingress one pin per attached device and direction
 //! links/<ifname>@<ifindex>-egress
+//! links-next/<ifname>@<ifindex>-... during an upgrade to a new map layout:
+//!                                  the new programs' links, in front of the
+//!                                  older ones (see [`migrate`])
 //! ```
 //!
 //! bpffs refuses names with a dot (EPERM), and device names may have one
@@ -48,6 +51,7 @@ use aya::{
 use proxy_common::{
     ALL_MAPS, CFG_F_CLUSTER_CIDR, CFG_F_MASQUERADE_ALL, CONFIG_MAP, CONFIG6_MAP, Config, Config6,
     HAIRPIN_ADDR, HAIRPIN_ADDR6, PROG_EGRESS, PROG_INGRESS, PROG_NOOP, SERVICE_CIDRS,
+    UPGRADE_ALONE, UPGRADE_ATTACHING, UPGRADE_MAP, UPGRADE_OLDER_BEHIND,
 };
 
 /// The settings the datapath reads, from the daemon's: IPv4 CIDRs only
@@ -226,6 +230,11 @@ pub struct Datapath {
     /// Pins of earlier map layouts, removed once the new programs run
     /// everywhere ([`Datapath::retire_old_layouts`]).
     old_layouts: migrate::Plan,
+    /// During an upgrade to a new map layout: this load's flag telling its
+    /// programs that the older ones run behind them (`KEP_UPGRADE`: they
+    /// hand every packet on while being attached, then what they miss
+    /// until the older maps are carried over; see [`migrate`]).
+    older_behind: Option<Array<MapData, u32>>,
 }
 
 pub fn maps_dir(root: &Path) -> PathBuf {
@@ -236,9 +245,23 @@ pub fn links_dir(root: &Path) -> PathBuf {
     root.join("links")
 }
 
+/// Where the new programs' links wait during an upgrade to a new map
+/// layout, in front of the older programs' links (see [`migrate`]).
+pub fn next_links_dir(root: &Path) -> PathBuf {
+    root.join("links-next")
+}
+
 fn link_pin(root: &Path, dev: &Device, dir: Direction) -> PathBuf {
+    links_dir(root).join(link_pin_name(dev, dir))
+}
+
+fn next_link_pin(root: &Path, dev: &Device, dir: Direction) -> PathBuf {
+    next_links_dir(root).join(link_pin_name(dev, dir))
+}
+
+fn link_pin_name(dev: &Device, dir: Direction) -> String {
     let name = dev.name.replace('%', "%25").replace('.', "%2E");
-    links_dir(root).join(format!("{name}@{}-{}", dev.index, dir.suffix()))
+    format!("{name}@{}-{}", dev.index, dir.suffix())
 }
 
 /// Sets the size of the maps `--conntrack-max` sizes, when given.
@@ -317,6 +340,11 @@ impl Datapath {
                 "resized a pinned map"
             );
         }
+        if !old_layouts.is_empty() {
+            let mut flag: Array<MapData, u32> = dp.map(UPGRADE_MAP)?;
+            flag.set(0, UPGRADE_ATTACHING, 0)?;
+            dp.older_behind = Some(flag);
+        }
         dp.old_layouts = old_layouts;
         Ok(dp)
     }
@@ -344,13 +372,34 @@ impl Datapath {
         !self.old_layouts.is_empty()
     }
 
-    /// To be called once every pinned link runs this load's programs: the
-    /// entries the previous run's programs created since the load are
-    /// carried over too, then the pins of earlier layouts are removed.
-    /// Returns the entries caught up. Tried once: after a failure the old
-    /// pins stay, and the next start carries them over again.
-    pub fn retire_old_layouts(&mut self) -> Result<usize> {
-        std::mem::take(&mut self.old_layouts).retire(&maps_dir(&self.root))
+    /// To be called once this load's programs run on every pinned link, in
+    /// front of the previous run's, handing every packet on: from now on
+    /// they open flows and serve those they know, and hand the rest on.
+    /// Carries over what the previous programs created since the load,
+    /// then tells this load's programs to handle every packet themselves
+    /// (the previous ones see none from then on), carries over what they
+    /// created in between, puts this load's links in place of theirs
+    /// (which detaches them) and removes the pins of earlier layouts.
+    /// Returns the entries caught up before and after the flag was
+    /// cleared. Tried once: after a failure the old pins stay, and the
+    /// next start goes through the upgrade again.
+    pub fn retire_old_layouts(&mut self) -> Result<(usize, usize)> {
+        let maps = maps_dir(&self.root);
+        let mut plan = std::mem::take(&mut self.old_layouts);
+        let mut flag = self.older_behind.take();
+        if let Some(flag) = &mut flag {
+            flag.set(0, UPGRADE_OLDER_BEHIND, 0)
+                .context("telling the new programs that they run everywhere")?;
+        }
+        let before = plan.catch_up(&maps)?;
+        if let Some(flag) = &mut flag {
+            flag.set(0, UPGRADE_ALONE, 0)
+                .context("telling the new programs that no older ones run behind them")?;
+        }
+        let after = plan.catch_up(&maps)?;
+        promote_next_links(&self.root)?;
+        plan.remove_pins()?;
+        Ok((before, after))
     }
 
     /// Loads the programs with private, unpinned maps: for datapath tests
@@ -401,6 +450,7 @@ impl Datapath {
             root: root.to_path_buf(),
             sockets_unloadable,
             old_layouts: migrate::Plan::default(),
+            older_behind: None,
         })
     }
 
@@ -473,34 +523,37 @@ impl Datapath {
 
     /// Attaches both programs to `dev`; a pinned link from an earlier run is
     /// updated to the new program in place (no moment without a program).
+    /// During an upgrade to a new map layout the earlier run's link stays:
+    /// the new programs get a link of their own in front of it, pinned
+    /// under `links-next/` until [`Datapath::retire_old_layouts`] (a link
+    /// there from an interrupted upgrade is updated in place).
     pub fn attach(&mut self, dev: &Device) -> Result<()> {
         for dir in Direction::for_device(dev).iter().copied() {
             let pin = link_pin(&self.root, dev, dir);
+            let next = next_link_pin(&self.root, dev, dir);
+            if self.older_behind.is_none() {
+                // An upgrade interrupted after the older maps were retired.
+                promote(&next, &pin)?;
+            }
+            // Held until attached: the order names the older link by its fd.
+            let older = match self.older_behind {
+                Some(_) => PinnedLink::from_pin(&pin)
+                    .ok()
+                    .map(|l| SchedClassifierLink::try_from(FdLink::from(l)))
+                    .transpose()?,
+                None => None,
+            };
+            let (target, order) = match &older {
+                Some(older) => (next, LinkOrder::before_link(older)?),
+                None => (pin, LinkOrder::default()),
+            };
             let prog: &mut SchedClassifier = self
                 .ebpf
                 .program_mut(dir.program())
                 .context("program missing")?
                 .try_into()?;
-            match PinnedLink::from_pin(&pin) {
-                Ok(old) => {
-                    let link = SchedClassifierLink::try_from(FdLink::from(old))?;
-                    prog.attach_to_link(link)
-                        .with_context(|| format!("replacing {} on {}", dir.suffix(), dev.name))?;
-                }
-                Err(_) => {
-                    let id = prog
-                        .attach_with_options(
-                            &dev.name,
-                            dir.attach_type(),
-                            TcAttachOptions::TcxOrder(LinkOrder::default()),
-                        )
-                        .with_context(|| format!("attaching {} to {}", dir.suffix(), dev.name))?;
-                    let link = prog.take_link(id)?;
-                    let link: FdLink = link.try_into()?;
-                    link.pin(&pin)
-                        .with_context(|| format!("pinning {}", pin.display()))?;
-                }
-            }
+            attach_pinned(prog, dev, dir, &target, order)?;
+            drop(older);
         }
         Ok(())
     }
@@ -548,6 +601,65 @@ impl Datapath {
     pub fn detach_sockets(&mut self) -> Result<usize> {
         sockets::detach_all(&self.root)
     }
+}
+
+/// Attaches `prog` to `dev` in `order` and pins the link at `pin`, or
+/// updates the link pinned there to `prog`.
+fn attach_pinned(
+    prog: &mut SchedClassifier,
+    dev: &Device,
+    dir: Direction,
+    pin: &Path,
+    order: LinkOrder,
+) -> Result<()> {
+    if let Ok(old) = PinnedLink::from_pin(pin) {
+        let link = SchedClassifierLink::try_from(FdLink::from(old))?;
+        prog.attach_to_link(link)
+            .with_context(|| format!("replacing {} on {}", dir.suffix(), dev.name))?;
+        return Ok(());
+    }
+    if let Some(parent) = pin.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    let id = prog
+        .attach_with_options(
+            &dev.name,
+            dir.attach_type(),
+            TcAttachOptions::TcxOrder(order),
+        )
+        .with_context(|| format!("attaching {} to {}", dir.suffix(), dev.name))?;
+    let link: FdLink = prog.take_link(id)?.try_into()?;
+    link.pin(pin)
+        .with_context(|| format!("pinning {}", pin.display()))?;
+    Ok(())
+}
+
+/// Puts the link pinned at `next` in place of the one pinned at `pin`: one
+/// rename, which drops the last reference to the replaced link (the kernel
+/// detaches it). Nothing to do without a link at `next`.
+fn promote(next: &Path, pin: &Path) -> Result<()> {
+    match fs::rename(next, pin) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("moving {} to {}", next.display(), pin.display())),
+    }
+}
+
+/// Every link of `links-next/` in place of its device's older link (see
+/// [`promote`]), then the directory is removed.
+fn promote_next_links(root: &Path) -> Result<()> {
+    let dir = next_links_dir(root);
+    let entries = match fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
+    };
+    for entry in entries {
+        let name = entry?.file_name();
+        promote(&dir.join(&name), &links_dir(root).join(&name))?;
+    }
+    let _ = fs::remove_dir(&dir);
+    Ok(())
 }
 
 /// How often a load the verifier gave up with EAGAIN is tried.
@@ -603,8 +715,10 @@ pub fn pinned_devices(root: &Path) -> Result<BTreeSet<Device>> {
 /// Removes our links from `dev`: unpinning a TCX link that nothing else
 /// holds detaches it.
 pub fn detach_pins(root: &Path, dev: &Device) -> Result<()> {
-    for dir in Direction::BOTH {
-        let pin = link_pin(root, dev, dir);
+    let pins = Direction::BOTH
+        .into_iter()
+        .flat_map(|dir| [next_link_pin(root, dev, dir), link_pin(root, dev, dir)]);
+    for pin in pins {
         match PinnedLink::from_pin(&pin) {
             Ok(link) => {
                 let fd_link = link.unpin()?;
@@ -625,13 +739,17 @@ pub fn cleanup(root: &Path) -> Result<()> {
         detach_pins(root, &dev)?;
     }
     let maps = maps_dir(root);
-    if maps.exists() {
-        for entry in fs::read_dir(&maps)? {
+    // Links of an interrupted upgrade, then the maps.
+    for dir in [next_links_dir(root), maps.clone()] {
+        if !dir.exists() {
+            continue;
+        }
+        for entry in fs::read_dir(&dir)? {
             let path = entry?.path();
             fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
         }
     }
-    for dir in [links_dir(root), maps] {
+    for dir in [next_links_dir(root), links_dir(root), maps] {
         match fs::remove_dir(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
