@@ -397,6 +397,12 @@ pub const NAT_F_TO_LO: u8 = 8;
 /// An RST was seen in this entry's direction: the connection is gone, and
 /// its SNAT port may be given to a new flow.
 pub const NAT_F_RESET: u8 = 16;
+/// Carried over from an earlier map layout by an upgrade (see
+/// proxy-userspace's `datapath/migrate.rs`): while the older datapath runs
+/// behind the new one, the older maps hold its current state (the older
+/// programs may have given its tuple or port to a new flow since the
+/// copy), so the new programs hand its packets on.
+pub const NAT_F_CARRIED: u8 = 32;
 
 /// Value of [`CT_MAP`] and [`RNAT_MAP`]: rewrite the packet to this tuple.
 #[repr(C)]

@@ -81,11 +81,11 @@ pub fn handle<A: Addr>(ctx: &TcContext, hook: Hook, ip: &Ip<A>) -> Result<Action
     let key = &s.key;
     // Replies go to clients, never to a ClusterIP.
     if class & ADDR_CLUSTER_IP == 0
-        && let Some(rev) = reverse_nat(key, &ports)
+        && let Some(rev) = reverse_nat(key, &ports)?
     {
         return translate_reply(ctx, hook, ip, &ports, rev);
     }
-    if let Some(fwd) = tracked(key, &ports) {
+    if let Some(fwd) = tracked(key, &ports)? {
         return translate(ctx, ip, &ports, fwd, Counter::Forward);
     }
     if !ports.has_l4 {
@@ -134,7 +134,7 @@ fn other_destination<A: Addr>(ctx: &TcContext, hook: Hook, ip: &Ip<A>) -> Result
     let Ok(ports) = ports(ctx, ip) else {
         return unallocated_or_pass(ip);
     };
-    match reverse_nat(&flow_key(ip, &ports), &ports) {
+    match reverse_nat(&flow_key(ip, &ports), &ports)? {
         Some(rev) => translate_reply(ctx, hook, ip, &ports, rev),
         None => {
             upgrade::defer_to_older()?;
@@ -165,13 +165,18 @@ fn flow_key<A: Addr>(ip: &Ip<A>, ports: &Ports) -> Tuple<A> {
 
 /// The reverse-NAT entry of a reply. A FIN or RST marks it: together with
 /// the conntrack entry's mark, that frees a SNAT port (see [`snat_port`]).
+/// During an upgrade, an entry carried over is the older datapath's
+/// ([`upgrade::defer_carried`]).
 #[inline(always)]
-fn reverse_nat<A: Addr>(key: &Tuple<A>, ports: &Ports) -> Option<&'static Nat<A>> {
-    let entry = A::rnat(key)?;
+fn reverse_nat<A: Addr>(key: &Tuple<A>, ports: &Ports) -> Result<Option<&'static Nat<A>>, i32> {
+    let Some(entry) = A::rnat(key) else {
+        return Ok(None);
+    };
     // SAFETY: as in `tracked`.
     unsafe {
+        upgrade::defer_carried((*entry).flags)?;
         mark_closing(entry, ports);
-        Some(&*entry)
+        Ok(Some(&*entry))
     }
 }
 
@@ -197,18 +202,26 @@ unsafe fn mark_closing<A: Addr>(entry: *mut Nat<A>, ports: &Ports) {
     }
 }
 
-/// The conntrack entry of a flow that keeps its backend.
+/// The conntrack entry of a flow that keeps its backend. During an
+/// upgrade, an entry carried over is the older datapath's, except for a
+/// SYN, which may open a flow here ([`upgrade::defer_carried`]).
 #[inline(always)]
-fn tracked<A: Addr>(key: &Tuple<A>, ports: &Ports) -> Option<&'static Nat<A>> {
-    let entry = A::ct(key)?;
+fn tracked<A: Addr>(key: &Tuple<A>, ports: &Ports) -> Result<Option<&'static Nat<A>>, i32> {
+    let Some(entry) = A::ct(key) else {
+        return Ok(None);
+    };
     // SAFETY: the pointer is valid for this program run; a concurrent
     // update of the same entry can at worst lose a flag bit.
-    if !still_valid(unsafe { &*entry }, ports) {
-        return None;
+    let fwd = unsafe { &*entry };
+    if !ports.is_syn() {
+        upgrade::defer_carried(fwd.flags)?;
+    }
+    if !still_valid(fwd, ports) {
+        return Ok(None);
     }
     unsafe {
         mark_closing(entry, ports);
-        Some(&*entry)
+        Ok(Some(&*entry))
     }
 }
 
@@ -537,6 +550,10 @@ fn port_reclaimable<A: Addr>(s: &mut Scratch<A>, src: A) -> bool {
     };
     // SAFETY: valid for this program run; only read.
     let rev = unsafe { &*rev };
+    // The older programs may have given a carried port to a live flow.
+    if upgrade::defer_carried(rev.flags).is_err() {
+        return false;
+    }
     // In the scratch space: an IPv6 tuple on this frame would overflow the
     // deepest call chain's stack.
     s.holder = Tuple {

@@ -11,7 +11,7 @@
 //! the device (clsact), and without any it lets the packet pass: a new
 //! program with nothing behind it that defers a packet passes it.
 
-use proxy_common::{UPGRADE_ATTACHING, UPGRADE_OLDER_BEHIND};
+use proxy_common::{NAT_F_CARRIED, UPGRADE_ATTACHING, UPGRADE_OLDER_BEHIND};
 
 use crate::maps::KEP_UPGRADE;
 
@@ -48,6 +48,18 @@ pub fn older_behind() -> bool {
 pub fn defer_to_older() -> Result<(), i32> {
     if older_behind() {
         return Err(TCX_NEXT);
+    }
+    Ok(())
+}
+
+/// An entry carried over from the older maps (`NAT_F_CARRIED` in its
+/// flags): while the older programs run, only their maps are sure to hold
+/// its current state (they may have given its tuple or port to a new flow
+/// after the copy), so its packets are theirs. `Err(TCX_NEXT)` then.
+#[inline(always)]
+pub fn defer_carried(flags: u8) -> Result<(), i32> {
+    if flags & NAT_F_CARRIED != 0 {
+        return defer_to_older();
     }
     Ok(())
 }

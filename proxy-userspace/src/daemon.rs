@@ -324,9 +324,8 @@ impl Context {
         }
         let started = Instant::now();
         match self.dp.retire_old_layouts() {
-            Ok((caught_up, after_flag)) => info!(
-                caught_up,
-                after_flag,
+            Ok([attached, behind, alone]) => info!(
+                caught_up = format!("{attached}+{behind}+{alone}"),
                 ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1e3),
                 "the new programs run everywhere; the older ones are detached and the pins of \
                  the earlier map layout removed"

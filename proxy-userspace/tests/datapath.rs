@@ -1386,6 +1386,17 @@ fn unallocated_service_addresses_are_dropped() {
     assert_eq!(f.ingress(&outside), (TC_ACT_OK, outside));
 }
 
+fn key_of(from: SocketAddrV4, to: SocketAddrV4) -> FlowKey {
+    FlowKey {
+        saddr: from.ip().octets(),
+        daddr: to.ip().octets(),
+        sport: from.port().to_be_bytes(),
+        dport: to.port().to_be_bytes(),
+        proto: IPPROTO_TCP,
+        _pad: [0; 3],
+    }
+}
+
 /// `TCX_NEXT` (-1) as BPF_PROG_TEST_RUN reports it: the next program of
 /// the hook gets the packet.
 const TCX_NEXT: u32 = u32::MAX;
@@ -1450,7 +1461,20 @@ fn with_an_older_datapath_behind_misses_go_to_it_and_syns_are_served() {
     let (_, out) = f.ingress(&Pkt::tcp(client, sa(VIP), TCP_ACK).build());
     assert_eq!(endpoint(&valid(&out), false), backend);
 
+    // An entry carried over from the older maps is theirs while they run.
+    let carried = sa("10.244.1.5:40002");
+    let key = key_of(carried, sa(VIP));
+    let mut entry = f.ct.get(&key_of(client, sa(VIP)), 0).unwrap();
+    entry.sport = key.sport;
+    entry.flags |= NAT_F_CARRIED;
+    f.ct.insert(key, entry, 0).unwrap();
+    let segment = Pkt::tcp(carried, sa(VIP), TCP_ACK).build();
+    assert_eq!(f.ingress(&segment).0, TCX_NEXT, "a carried flow's segment");
+
     older.set(0, UPGRADE_ALONE, 0).unwrap();
+    let (verdict, out) = f.ingress(&segment);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "a carried flow's segment, alone");
+    assert_eq!(endpoint(&valid(&out), false), backend);
     let (verdict, _) = f.ingress(&deferred[0].1);
     assert_eq!(verdict, TC_ACT_OK, "an unknown reply passes");
     let (verdict, out) = f.ingress(&deferred[1].1);

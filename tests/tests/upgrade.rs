@@ -348,14 +348,13 @@ fn an_upgrade_to_a_new_map_layout_keeps_established_connections() {
     let mut held = hold(&c);
     fill_synthetic(&c, addr::NODE_A, SYNTHETIC);
     let recreated_before = flow_recreated(&c, addr::NODE_A);
-    // New connections from a pod of their own: Linux reuses a source port
-    // towards another destination, and a new flow from a held one's
-    // address and port to a frontend of the same backend would take its
-    // reverse-NAT key (a clash of the datapath, not of the upgrade).
-    c.lab.add_pod(addr::NODE_A, "loop-a").unwrap();
+    // New connections from the held ones' pod and client: Linux reuses a
+    // source port towards another destination, and a new flow that would
+    // take a live one's reverse-NAT key is remapped, during the swap too.
+    let pod = c.lab.ns(CLIENT_POD).clone();
     let requests = RequestLoop::start(vec![
-        (c.lab.ns("loop-a").clone(), sa("10.96.0.10:80")),
-        (c.lab.ns("loop-a").clone(), node_a(30010)),
+        (pod.clone(), sa("10.96.0.10:80")),
+        (pod, node_a(30010)),
         (c.lab.ns(addr::CLIENT).clone(), node_a(30012)),
     ]);
     let began = Instant::now();
@@ -373,6 +372,11 @@ fn an_upgrade_to_a_new_map_layout_keeps_established_connections() {
     let recreated = flow_recreated(&c, addr::NODE_A) - recreated_before;
 
     let moved = carried(&c, addr::NODE_A);
+    let retired = last_run(&c, addr::NODE_A)
+        .into_iter()
+        .find(|l| l.contains("the new programs run everywhere"))
+        .map(|l| ["caught_up", "ms"].map(|k| format!("{k}={}", field(&l, k).unwrap_or("?"))));
+    println!("node-a: retired the older datapath ({retired:?}); from SIGTERM to ready: {took:?}");
     println!(
         "upgrade layout 1 -> 2 on both nodes (swaps began at {at:?} and took {took:?}): {} held connections kept \
          their backends and entries; {ok} new connections during the swaps, {} failed \

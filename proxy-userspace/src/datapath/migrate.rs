@@ -29,7 +29,7 @@
 //! and the next start carries them over again.
 
 use std::{
-    collections::HashSet,
+    collections::HashMap,
     fs, io,
     mem::size_of,
     os::fd::AsFd,
@@ -52,8 +52,9 @@ pub struct Conversion {
     /// This build's map.
     pub to: &'static str,
     /// Copies the entries of the map pinned at the first path into the one
-    /// pinned at the second, converted; returns how many were added.
-    pub copy: fn(&Path, &Path) -> Result<usize>,
+    /// pinned at the second, converted, and records what it wrote in the
+    /// third ([`copy_converted`]); returns how many were written.
+    pub copy: fn(&Path, &Path, &mut Written) -> Result<usize>,
 }
 
 /// The conversions this build knows. None in the shipped layouts (every
@@ -67,22 +68,22 @@ pub fn conversions() -> Vec<Conversion> {
             Conversion {
                 from: CT_MAP_V1,
                 to: CT_MAP,
-                copy: |from, to| copy_converted::<FlowKey, _, _>(from, to, nat_from_v1),
+                copy: |from, to, w| copy_converted::<FlowKey, _, _>(from, to, w, nat_from_v1),
             },
             Conversion {
                 from: RNAT_MAP_V1,
                 to: RNAT_MAP,
-                copy: |from, to| copy_converted::<FlowKey, _, _>(from, to, nat_from_v1),
+                copy: |from, to, w| copy_converted::<FlowKey, _, _>(from, to, w, nat_from_v1),
             },
             Conversion {
                 from: CT6_MAP_V1,
                 to: CT6_MAP,
-                copy: |from, to| copy_converted::<FlowKey6, _, _>(from, to, nat6_from_v1),
+                copy: |from, to, w| copy_converted::<FlowKey6, _, _>(from, to, w, nat6_from_v1),
             },
             Conversion {
                 from: RNAT6_MAP_V1,
                 to: RNAT6_MAP,
-                copy: |from, to| copy_converted::<FlowKey6, _, _>(from, to, nat6_from_v1),
+                copy: |from, to, w| copy_converted::<FlowKey6, _, _>(from, to, w, nat6_from_v1),
             },
         ]
     }
@@ -116,7 +117,14 @@ pub struct Retiring {
 #[derive(Debug, Default)]
 pub struct Plan {
     pub retiring: Vec<Retiring>,
+    /// What the copies wrote into each of this build's maps.
+    written: HashMap<&'static str, Written>,
 }
+
+/// The entries a copy wrote into a new map (key, converted value, as
+/// bytes): an entry still holding that value was not touched by the new
+/// programs since, and a later copy may update it from the old map.
+pub type Written = HashMap<Vec<u8>, Vec<u8>>;
 
 /// This build's map with the same base as `name`, and both versions.
 fn successor_of(name: &str) -> Option<(&'static str, u32, u32)> {
@@ -189,7 +197,7 @@ impl Plan {
 
     /// Copies the entries of every old map with a conversion into this
     /// build's map, pinned under `maps_dir` by the loader.
-    pub fn convert(&self, maps_dir: &Path) -> Result<Vec<Carried>> {
+    pub fn convert(&mut self, maps_dir: &Path) -> Result<Vec<Carried>> {
         let mut out = Vec::new();
         for r in &self.retiring {
             let Some(c) = r.conversion else { continue };
@@ -197,7 +205,8 @@ impl Plan {
                 continue;
             }
             let started = Instant::now();
-            let entries = (c.copy)(&r.pin, &maps_dir.join(c.to))
+            let written = self.written.entry(c.to).or_default();
+            let entries = (c.copy)(&r.pin, &maps_dir.join(c.to), written)
                 .with_context(|| format!("carrying {} over to {}", r.pin.display(), c.to))?;
             out.push(Carried {
                 from: r.pin.clone(),
@@ -211,7 +220,7 @@ impl Plan {
 
     /// Copies what the previous run's programs created since the last copy
     /// ([`Plan::convert`] again); returns the entries added.
-    pub fn catch_up(&self, maps_dir: &Path) -> Result<usize> {
+    pub fn catch_up(&mut self, maps_dir: &Path) -> Result<usize> {
         Ok(self.convert(maps_dir)?.iter().map(|c| c.entries).sum())
     }
 
@@ -241,40 +250,72 @@ impl Plan {
 }
 
 /// Every entry of the hash map pinned at `from` (values `Old`) into the one
-/// pinned at `to` (values `New`), converted; keys `to` has already are
-/// kept (their entries are newer). Read and written in batches
-/// ([`super::batch`]).
-/// Returns the entries added.
+/// pinned at `to` (values `New`), converted. A key `to` lacks is added; a
+/// key `to` holds is kept (an entry the new programs wrote or changed is
+/// newer than the old map's), unless `to` still holds what an earlier copy
+/// wrote there (`written`): the old programs changed it since (a port of a
+/// closed flow given to a new one, a flag), and their change is carried
+/// too. Read and written in batches ([`super::batch`]). Returns the
+/// entries written.
 pub fn copy_converted<K: Pod, Old: Pod, New: Pod>(
     from: &Path,
     to: &Path,
+    written: &mut Written,
     convert: impl Fn(&Old) -> New,
 ) -> Result<usize> {
     let (ks, old_vs, new_vs) = (size_of::<K>(), size_of::<Old>(), size_of::<New>());
     let old = open_sized(from, ks, old_vs)?;
     let new = open_sized(to, ks, new_vs)?;
     let (old_keys, old_values) = batch::read_all(old.fd().as_fd(), ks, old_vs)?;
-    let (new_keys, _) = batch::read_all(new.fd().as_fd(), ks, new_vs)?;
-    let present: HashSet<&[u8]> = new_keys.chunks_exact(ks).collect();
-    let (mut keys, mut values) = (Vec::new(), Vec::new());
+    let (new_keys, new_values) = batch::read_all(new.fd().as_fd(), ks, new_vs)?;
+    let present: HashMap<&[u8], &[u8]> = new_keys
+        .chunks_exact(ks)
+        .zip(new_values.chunks_exact(new_vs))
+        .collect();
+    let mut added = Entries::default();
+    let mut updated = Entries::default();
     for (k, v) in old_keys
         .chunks_exact(ks)
         .zip(old_values.chunks_exact(old_vs))
     {
-        if present.contains(k) {
-            continue;
-        }
         let old: Old = bytemuck::pod_read_unaligned(v);
-        keys.extend_from_slice(k);
-        values.extend_from_slice(bytemuck::bytes_of(&convert(&old)));
+        let value = convert(&old);
+        let value = bytemuck::bytes_of(&value);
+        match present.get(k) {
+            None => added.push(k, value),
+            Some(&now) if now != value && written.get(k).is_some_and(|w| w == now) => {
+                updated.push(k, value)
+            }
+            Some(_) => {}
+        }
     }
-    Ok(batch::insert_absent(
-        new.fd().as_fd(),
-        &keys,
-        &values,
-        ks,
-        new_vs,
-    )?)
+    let fd = new.fd().as_fd();
+    let n = batch::insert_absent(fd, &added.keys, &added.values, ks, new_vs)?
+        + batch::overwrite(fd, &updated.keys, &updated.values, ks, new_vs)?;
+    for entries in [added, updated] {
+        for (k, v) in entries
+            .keys
+            .chunks_exact(ks)
+            .zip(entries.values.chunks_exact(new_vs))
+        {
+            written.insert(k.to_vec(), v.to_vec());
+        }
+    }
+    Ok(n)
+}
+
+/// Packed keys and values to write.
+#[derive(Default)]
+struct Entries {
+    keys: Vec<u8>,
+    values: Vec<u8>,
+}
+
+impl Entries {
+    fn push(&mut self, key: &[u8], value: &[u8]) {
+        self.keys.extend_from_slice(key);
+        self.values.extend_from_slice(value);
+    }
 }
 
 /// The map pinned at `pin`, checked to have the key and value sizes of
@@ -310,7 +351,7 @@ mod tests {
         dir
     }
 
-    fn never(_: &Path, _: &Path) -> Result<usize> {
+    fn never(_: &Path, _: &Path, _: &mut Written) -> Result<usize> {
         unreachable!()
     }
 

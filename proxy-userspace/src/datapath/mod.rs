@@ -373,33 +373,42 @@ impl Datapath {
     }
 
     /// To be called once this load's programs run on every pinned link, in
-    /// front of the previous run's, handing every packet on: from now on
-    /// they open flows and serve those they know, and hand the rest on.
-    /// Carries over what the previous programs created since the load,
-    /// then tells this load's programs to handle every packet themselves
-    /// (the previous ones see none from then on), carries over what they
-    /// created in between, puts this load's links in place of theirs
-    /// (which detaches them) and removes the pins of earlier layouts.
-    /// Returns the entries caught up before and after the flag was
-    /// cleared. Tried once: after a failure the old pins stay, and the
-    /// next start goes through the upgrade again.
-    pub fn retire_old_layouts(&mut self) -> Result<(usize, usize)> {
+    /// front of the previous run's, handing every packet on (so far the
+    /// previous programs serve every flow, and this load's write nothing):
+    ///
+    /// 1. carries over what the previous programs created or changed since
+    ///    the first copy;
+    /// 2. lets this load's programs open flows and serve those they know,
+    ///    handing the rest on (UPGRADE_OLDER_BEHIND), and carries over
+    ///    what the previous programs created meanwhile;
+    /// 3. lets this load's programs handle every packet (the previous ones
+    ///    see none from then on) and carries over what the previous ones
+    ///    created between the copy of 2 and that moment;
+    /// 4. puts this load's links in place of theirs (which detaches them)
+    ///    and removes the pins of earlier layouts.
+    ///
+    /// Returns the entries carried over in 1, 2 and 3. Tried once: after a
+    /// failure the old pins stay, and the next start goes through the
+    /// upgrade again.
+    pub fn retire_old_layouts(&mut self) -> Result<[usize; 3]> {
         let maps = maps_dir(&self.root);
         let mut plan = std::mem::take(&mut self.old_layouts);
         let mut flag = self.older_behind.take();
-        if let Some(flag) = &mut flag {
-            flag.set(0, UPGRADE_OLDER_BEHIND, 0)
-                .context("telling the new programs that they run everywhere")?;
-        }
-        let before = plan.catch_up(&maps)?;
-        if let Some(flag) = &mut flag {
-            flag.set(0, UPGRADE_ALONE, 0)
-                .context("telling the new programs that no older ones run behind them")?;
-        }
-        let after = plan.catch_up(&maps)?;
+        let mut set = |value, what| match &mut flag {
+            Some(flag) => flag.set(0, value, 0).context(what),
+            None => Ok(()),
+        };
+        let attached = plan.catch_up(&maps)?;
+        set(UPGRADE_OLDER_BEHIND, "letting the new programs open flows")?;
+        let behind = plan.catch_up(&maps)?;
+        set(
+            UPGRADE_ALONE,
+            "letting the new programs handle every packet",
+        )?;
+        let alone = plan.catch_up(&maps)?;
         promote_next_links(&self.root)?;
         plan.remove_pins()?;
-        Ok((before, after))
+        Ok([attached, behind, alone])
     }
 
     /// Loads the programs with private, unpinned maps: for datapath tests
