@@ -143,7 +143,9 @@ pub fn plan(maps_dir: &Path) -> Result<Plan> {
     plan_with(maps_dir, &conversions())
 }
 
-fn plan_with(maps_dir: &Path, conversions: &[Conversion]) -> Result<Plan> {
+/// The map names pinned under `maps_dir`, sorted (none without the
+/// directory).
+fn pinned_names(maps_dir: &Path) -> Result<Vec<String>> {
     let mut names: Vec<String> = match fs::read_dir(maps_dir) {
         Ok(entries) => entries
             .filter_map(|e| e.ok())
@@ -153,30 +155,53 @@ fn plan_with(maps_dir: &Path, conversions: &[Conversion]) -> Result<Plan> {
         Err(e) => return Err(e).with_context(|| format!("reading {}", maps_dir.display())),
     };
     names.sort();
-    let mut newer = Vec::new();
+    Ok(names)
+}
+
+/// When pins under `maps_dir` are of a later layout than this build's:
+/// the first half of the one line that says so, naming each beside this
+/// build's map (`<dir> holds maps of a newer layout than this build knows:
+/// KEP_CT_V2 (this build: KEP_CT_V1), ...`). The daemon refuses to start
+/// with it, `inspect` declines to read them with it.
+pub fn newer_layouts(maps_dir: &Path) -> Result<Option<String>> {
+    let newer: Vec<String> = pinned_names(maps_dir)?
+        .into_iter()
+        .filter_map(|name| {
+            let (successor, version, ours) = successor_of(&name)?;
+            (version > ours).then(|| format!("{name} (this build: {successor})"))
+        })
+        .collect();
+    if newer.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(format!(
+        "{} holds maps of a newer layout than this build knows: {}",
+        maps_dir.display(),
+        newer.join(", ")
+    )))
+}
+
+fn plan_with(maps_dir: &Path, conversions: &[Conversion]) -> Result<Plan> {
+    if let Some(newer) = newer_layouts(maps_dir)? {
+        bail!(
+            "{newer}; refusing to start over them (the datapath pinned there keeps serving): \
+             run the newer build, or `kube-ebpf-proxy cleanup` first, which drops established \
+             connections"
+        );
+    }
+    let names = pinned_names(maps_dir)?;
     let mut plan = Plan::default();
     for name in names {
         let Some((successor, version, ours)) = successor_of(&name) else {
             continue;
         };
-        if version > ours {
-            newer.push(format!("{name} (this build: {successor})"));
-        } else if version < ours {
+        if version < ours {
             plan.retiring.push(Retiring {
                 pin: maps_dir.join(&name),
                 successor,
                 conversion: conversions.iter().find(|c| c.from == name).copied(),
             });
         }
-    }
-    if !newer.is_empty() {
-        bail!(
-            "{} holds maps of a newer layout than this build knows: {}; refusing to start \
-             over them (the datapath pinned there keeps serving): run the newer build, or \
-             `kube-ebpf-proxy cleanup` first, which drops established connections",
-            maps_dir.display(),
-            newer.join(", ")
-        );
     }
     Ok(plan)
 }
