@@ -6,9 +6,12 @@
 //! the pin of the old one. What established flows need (conntrack, reverse
 //! NAT) is carried over: the old entries are read, converted by a function
 //! of this module, and written into the new map before the new programs
-//! replace the old ones (proxy-userspace's `datapath/migrate.rs` does the
-//! copying and keeps the list of which map becomes which). Maps of desired
-//! state, configuration and counters are rebuilt by the daemon instead.
+//! attach in front of the old ones, and again until the old programs are
+//! detached (proxy-userspace's `datapath/migrate.rs` does the copying and
+//! keeps the list of which map becomes which). A converted flow entry is
+//! flagged [`crate::NAT_F_CARRIED`]: the new programs leave its packets to
+//! the old ones while both run. Maps of desired state, configuration and
+//! counters are rebuilt by the daemon instead.
 //!
 //! The shipped layouts have no predecessor with entries to convert: every
 //! conntrack and reverse-NAT map is at version 1. The feature

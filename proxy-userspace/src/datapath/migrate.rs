@@ -8,25 +8,96 @@
 //! * a pin of a later version than this build's map of the same base is
 //!   a downgrade: the daemon refuses to start, with one line naming the
 //!   pins and both versions, before it changes anything (the running
-//!   datapath keeps serving);
+//!   datapath keeps serving); `inspect` declines the same way
+//!   ([`newer_layouts`]);
 //! * a pin of an earlier version is retired: its entries are carried
 //!   over when this build has a [`Conversion`] for it (the state that
 //!   established flows need: conntrack, reverse NAT), and the daemon
 //!   rebuilds the map otherwise (desired state, configuration, counters).
 //!
+//! # The swap: both datapaths run until the old flows are carried
+//!
 //! The loader creates this build's maps and pins them under their new
 //! names; [`Plan::convert`] copies the converted entries in while the
-//! previous run's programs still serve from the old maps, so the new
-//! programs find every flow when they replace the old ones on the pinned
-//! links. Once every pinned link runs the new programs, [`Plan::retire`]
-//! copies again what the old programs created in between (a few
-//! milliseconds), then removes the old pins.
+//! previous run's programs serve from the old maps. Then, per device and
+//! direction, the new program gets a tcx link of its own in front of the
+//! previous run's link (pinned under `links-next/`), instead of replacing
+//! its program: tcx runs the programs of a hook in order until one returns
+//! anything but `TCX_NEXT`. A flag of the new load (`KEP_UPGRADE`, never
+//! pinned, so that older programs sharing the other maps never read it)
+//! tells the new programs what to do:
 //!
-//! Copies only add keys the new map does not hold: an entry the new
-//! programs wrote is newer than the old map's. That makes the steps safe
-//! to repeat: a
-//! daemon that dies anywhere before the old pins are removed leaves them,
-//! and the next start carries them over again.
+//! 1. `UPGRADE_ATTACHING` while they are attached device by device: they
+//!    hand every packet on, so a flow is never opened by one datapath and
+//!    answered on a device where only the other runs. A catch-up copy
+//!    follows once they run everywhere.
+//! 2. `UPGRADE_OLDER_BEHIND`: they open flows (a TCP SYN; a kept source
+//!    port is remapped, since the old maps may hold the same port to the
+//!    same backend), serve the flows they opened, and hand on what they
+//!    have no entry for (a reply, a segment, a UDP datagram) and what hits
+//!    an entry carried over (`NAT_F_CARRIED`, set by every conversion: the
+//!    old programs may have given its tuple or port to a new flow since
+//!    the copy). A carried port is never reclaimed. Another catch-up copy.
+//! 3. `UPGRADE_ALONE`: they handle every packet; the old programs see none.
+//!    A last catch-up copy takes what the old ones created during the
+//!    previous copy.
+//!
+//! Then one rename per hook puts the new link's pin in place of the old
+//! one, which drops the old link's last reference (the kernel detaches
+//! it), and the old map pins are removed
+//! ([`super::Datapath::retire_old_layouts`]).
+//!
+//! A copy adds the keys the new map lacks, and overwrites an entry only
+//! while it still holds what an earlier copy of this run wrote there
+//! ([`Written`]): the new programs did not touch it, and the old ones
+//! changed it since. (A new program's write between the copy's read and
+//! its write can be lost: a closing flag at worst.)
+//!
+//! # Crashes and restarts
+//!
+//! A daemon killed anywhere leaves a datapath that serves: before the
+//! attach, the old programs alone; during it, new programs in front (in
+//! whatever state their flag was) and the old ones behind. The next start
+//! sees the old map pins again and goes through the upgrade again: it
+//! copies (adding only what is missing: an entry written by the dead run's
+//! programs is newer), updates the links under `links-next/` to its own
+//! programs in place, and finishes. Killed after some renames, the hooks
+//! already renamed get a new link in front of a new link, which is
+//! harmless; killed after the old map pins are removed, the next start has
+//! no upgrade to do and moves any link left under `links-next/` into
+//! place. A restart of the same layout has no old pins: its programs
+//! replace the pinned links' programs in place, as always.
+//!
+//! # Which maps need a conversion
+//!
+//! Every map whose entries are live state that the daemon cannot rebuild
+//! from the Services needs a [`Conversion`] when its layout changes
+//! ([`LIVE_STATE_BASES`]; without one the daemon warns). In the shipped
+//! layouts none has a predecessor, and the test layout changes only the
+//! conntrack and reverse-NAT values, so these have no conversion yet; a
+//! map whose layout does not change keeps its name and its pin, entries
+//! and all. What a layout change without a conversion would break:
+//!
+//! * conntrack and reverse NAT (`KEP_CT`, `KEP_RNAT` and IPv6): a
+//!   NodePort flow's replies are no longer translated (the connection
+//!   breaks), a ClusterIP flow is balanced again;
+//! * session affinity (`KEP_AFF`, `KEP_AFF6`): no connection breaks (the
+//!   conntrack holds them), but each client's next new connection is
+//!   balanced afresh, so a client may move to another backend before its
+//!   `timeoutSeconds`, once per upgrade;
+//! * socket-level reverse NAT (`KEP_SKRNAT`, `KEP_SKRNAT6`, by socket
+//!   cookie, which the kernel keeps): a socket connected before the
+//!   upgrade then shows the backend, not the Service, to `getpeername()`,
+//!   and an unconnected UDP socket's replies come from the backend's
+//!   address, which a client that checks the source of replies (a DNS
+//!   resolver) drops;
+//! * socket-level UDP stickiness (`KEP_SKFWD`, `KEP_SKFWD6`): an
+//!   unconnected UDP socket's next datagram to a Service is balanced
+//!   afresh, and may reach another backend.
+//!
+//! Their entries convert like the conntrack's: key kept, value converted
+//! field by field, written in proxy-common's layout.rs beside the old
+//! layout's type, listed in [`conversions`], with a unit test.
 
 use std::{
     collections::HashMap,
@@ -91,13 +162,17 @@ pub fn conversions() -> Vec<Conversion> {
     Vec::new()
 }
 
-/// The maps established flows need: an earlier layout of one of these
-/// without a [`Conversion`] loses those flows' state (worth a warning).
-const FLOW_STATE_BASES: [&str; 8] = [
+/// The maps of live state the daemon cannot rebuild (flows, sockets,
+/// affinities): an earlier layout of one of these without a [`Conversion`]
+/// loses that state (worth a warning; see the module's docs for what
+/// breaks).
+pub const LIVE_STATE_BASES: [&str; 10] = [
     "KEP_CT",
     "KEP_RNAT",
     "KEP_CT6",
     "KEP_RNAT6",
+    "KEP_AFF",
+    "KEP_AFF6",
     "KEP_SKRNAT",
     "KEP_SKRNAT6",
     "KEP_SKFWD",
@@ -254,11 +329,12 @@ impl Plan {
     pub fn remove_pins(&mut self) -> Result<()> {
         for r in self.retiring.drain(..) {
             let (base, _) = split_version(r.successor).unwrap_or_default();
-            if r.conversion.is_none() && FLOW_STATE_BASES.contains(&base) {
+            if r.conversion.is_none() && LIVE_STATE_BASES.contains(&base) {
                 tracing::warn!(
                     pin = %r.pin.display(),
                     successor = r.successor,
-                    "no conversion from this earlier layout: its flows are tracked anew"
+                    "no conversion from this earlier layout: its flows, sockets or affinities \
+                     start anew"
                 );
             }
             match fs::remove_file(&r.pin) {
@@ -432,6 +508,18 @@ mod tests {
         );
         assert!(err.contains("refusing to start"), "{err}");
         assert!(!err.contains("KEP_SVC_V1"), "{err}");
+    }
+
+    #[test]
+    fn every_live_state_base_is_a_map_of_this_build() {
+        for base in LIVE_STATE_BASES {
+            assert!(
+                ALL_MAPS
+                    .iter()
+                    .any(|m| split_version(m).is_some_and(|(b, _)| b == base)),
+                "{base}"
+            );
+        }
     }
 
     #[test]
