@@ -100,8 +100,9 @@ pub const UPGRADE_MAP: &str = "KEP_UPGRADE";
 /// [`UPGRADE_MAP`]: no older datapath behind; every packet is handled.
 pub const UPGRADE_ALONE: u32 = 0;
 /// [`UPGRADE_MAP`]: the new programs are being attached in front of the
-/// older ones, device by device: they hand every packet on, so that a
-/// flow is served by one datapath on every device it crosses.
+/// older ones, device by device: they hand on every packet they would act
+/// on, so that a flow is served by one datapath on every device it
+/// crosses.
 pub const UPGRADE_ATTACHING: u32 = 1;
 /// [`UPGRADE_MAP`]: attached everywhere, the older maps being carried
 /// over: the new programs open flows (TCP SYNs) and serve those they have

@@ -116,9 +116,7 @@ pub fn handle<A: Addr>(ctx: &TcContext, hook: Hook, ip: &Ip<A>) -> Result<Action
         };
     };
     // Only a TCP SYN opens a flow that the older datapath cannot know.
-    if !(ip.proto == IPPROTO_TCP && ports.is_syn()) {
-        upgrade::defer_to_older()?;
-    }
+    upgrade::defer_new_flow(ip.proto == IPPROTO_TCP && ports.is_syn())?;
     s.hash = lb::flow_hash(&s.key);
     Ok(Action::New(Frontend { svc, class }))
 }
@@ -165,8 +163,8 @@ fn flow_key<A: Addr>(ip: &Ip<A>, ports: &Ports) -> Tuple<A> {
 
 /// The reverse-NAT entry of a reply. A FIN or RST marks it: together with
 /// the conntrack entry's mark, that frees a SNAT port (see [`snat_port`]).
-/// During an upgrade, an entry carried over is the older datapath's
-/// ([`upgrade::defer_carried`]).
+/// During an upgrade, the entry may be the older datapath's
+/// ([`upgrade::defer_entry`]).
 #[inline(always)]
 fn reverse_nat<A: Addr>(key: &Tuple<A>, ports: &Ports) -> Result<Option<&'static Nat<A>>, i32> {
     let Some(entry) = A::rnat(key) else {
@@ -174,7 +172,7 @@ fn reverse_nat<A: Addr>(key: &Tuple<A>, ports: &Ports) -> Result<Option<&'static
     };
     // SAFETY: as in `tracked`.
     unsafe {
-        upgrade::defer_carried((*entry).flags)?;
+        upgrade::defer_entry((*entry).flags, false)?;
         mark_closing(entry, ports);
         Ok(Some(&*entry))
     }
@@ -203,8 +201,8 @@ unsafe fn mark_closing<A: Addr>(entry: *mut Nat<A>, ports: &Ports) {
 }
 
 /// The conntrack entry of a flow that keeps its backend. During an
-/// upgrade, an entry carried over is the older datapath's, except for a
-/// SYN, which may open a flow here ([`upgrade::defer_carried`]).
+/// upgrade, the entry may be the older datapath's
+/// ([`upgrade::defer_entry`]).
 #[inline(always)]
 fn tracked<A: Addr>(key: &Tuple<A>, ports: &Ports) -> Result<Option<&'static Nat<A>>, i32> {
     let Some(entry) = A::ct(key) else {
@@ -213,9 +211,7 @@ fn tracked<A: Addr>(key: &Tuple<A>, ports: &Ports) -> Result<Option<&'static Nat
     // SAFETY: the pointer is valid for this program run; a concurrent
     // update of the same entry can at worst lose a flag bit.
     let fwd = unsafe { &*entry };
-    if !ports.is_syn() {
-        upgrade::defer_carried(fwd.flags)?;
-    }
+    upgrade::defer_entry(fwd.flags, ports.is_syn())?;
     if !still_valid(fwd, ports) {
         return Ok(None);
     }
@@ -551,7 +547,7 @@ fn port_reclaimable<A: Addr>(s: &mut Scratch<A>, src: A) -> bool {
     // SAFETY: valid for this program run; only read.
     let rev = unsafe { &*rev };
     // The older programs may have given a carried port to a live flow.
-    if upgrade::defer_carried(rev.flags).is_err() {
+    if upgrade::defer_entry(rev.flags, false).is_err() {
         return false;
     }
     // In the scratch space: an IPv6 tuple on this frame would overflow the

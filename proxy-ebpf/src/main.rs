@@ -64,9 +64,6 @@ pub fn kep_noop(_ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn try_handle(ctx: &TcContext, hook: Hook) -> Result<i32, i32> {
-    if upgrade::attaching() {
-        return Ok(upgrade::TCX_NEXT);
-    }
     match packet::bytes::<2>(ctx, ETH_TYPE_OFF) {
         Some(ETH_P_IP) => Ok(handle_ipv4(ctx, hook)),
         Some(ETH_P_IPV6) => v6::handle(ctx, hook),

@@ -23,43 +23,56 @@ fn state() -> u32 {
     KEP_UPGRADE.get(0).copied().unwrap_or(0)
 }
 
-/// While the new programs are attached device by device, they hand every
-/// packet to the older ones: a flow is then never opened by one datapath
-/// on one device and answered on a device where only the other runs.
-#[inline(always)]
-pub fn attaching() -> bool {
-    state() == UPGRADE_ATTACHING
-}
-
-/// Whether an older datapath runs behind this one with flows of its own:
-/// set once the new programs are attached everywhere, until the older
-/// maps' entries are carried over; cleared before the older programs are
-/// detached.
+/// Whether an older datapath runs behind this one with flows of its own
+/// and this one opens flows (set once the new programs are attached
+/// everywhere, until the older maps' entries are carried over; cleared
+/// before the older programs are detached).
 #[inline(always)]
 pub fn older_behind() -> bool {
     state() == UPGRADE_OLDER_BEHIND
 }
 
-/// A packet this datapath has no entry for and would pass or track anew:
-/// during an upgrade the older programs get it, with the older maps (a
-/// reply or a segment of a flow they translated after the first copy).
+/// A packet this datapath has no entry for and would pass: during an
+/// upgrade the older programs get it, with the older maps (a reply or a
+/// segment of a flow they translated after the first copy).
 /// `Err(TCX_NEXT)` then, `Ok(())` otherwise (the caller's own verdict).
+///
+/// While the new programs are attached device by device
+/// (`UPGRADE_ATTACHING`) they hand on every packet they would act on:
+/// a flow is then never opened by one datapath on one device and answered
+/// on a device where only the other runs. (Packets they only pass, such
+/// as a pod's traffic to a pod on egress, they pass themselves, as the
+/// older programs would: no check on that path.)
 #[inline(always)]
 pub fn defer_to_older() -> Result<(), i32> {
-    if older_behind() {
-        return Err(TCX_NEXT);
+    match state() {
+        UPGRADE_ATTACHING | UPGRADE_OLDER_BEHIND => Err(TCX_NEXT),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
-/// An entry carried over from the older maps (`NAT_F_CARRIED` in its
-/// flags): while the older programs run, only their maps are sure to hold
-/// its current state (they may have given its tuple or port to a new flow
-/// after the copy), so its packets are theirs. `Err(TCX_NEXT)` then.
+/// A new flow: while attaching, the older programs open it; then only a
+/// TCP SYN (`syn`) is opened here, as the older maps may hold the flow of
+/// any other packet.
 #[inline(always)]
-pub fn defer_carried(flags: u8) -> Result<(), i32> {
-    if flags & NAT_F_CARRIED != 0 {
-        return defer_to_older();
+pub fn defer_new_flow(syn: bool) -> Result<(), i32> {
+    match state() {
+        UPGRADE_ATTACHING => Err(TCX_NEXT),
+        UPGRADE_OLDER_BEHIND if !syn => Err(TCX_NEXT),
+        _ => Ok(()),
     }
-    Ok(())
+}
+
+/// A packet that found an entry here (its `flags`): while attaching, the
+/// older programs serve it; then, an entry carried over from the older
+/// maps (`NAT_F_CARRIED`) is theirs, since only their maps are sure to
+/// hold its current state (they may have given its tuple or port to a new
+/// flow after the copy); a SYN (`syn`) on it opens a flow here.
+#[inline(always)]
+pub fn defer_entry(flags: u8, syn: bool) -> Result<(), i32> {
+    match state() {
+        UPGRADE_ATTACHING => Err(TCX_NEXT),
+        UPGRADE_OLDER_BEHIND if flags & NAT_F_CARRIED != 0 && !syn => Err(TCX_NEXT),
+        _ => Ok(()),
+    }
 }

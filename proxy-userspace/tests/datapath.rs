@@ -1403,7 +1403,7 @@ const TCX_NEXT: u32 = u32::MAX;
 
 /// During an upgrade to a new map layout the new programs run in front of
 /// the older ones. While attached device by device (UPGRADE_ATTACHING)
-/// they hand every packet on. Then (UPGRADE_OLDER_BEHIND) what they have
+/// they hand on every packet they would act on (a SYN, here). Then (UPGRADE_OLDER_BEHIND) what they have
 /// no entry for, and would pass or track anew, goes to the older programs
 /// untouched (a reply, a segment of a flow the older ones translated, a
 /// UDP datagram); a SYN opens its flow here (its source port remapped: the

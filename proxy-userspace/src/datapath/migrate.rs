@@ -28,9 +28,9 @@
 //! tells the new programs what to do:
 //!
 //! 1. `UPGRADE_ATTACHING` while they are attached device by device: they
-//!    hand every packet on, so a flow is never opened by one datapath and
-//!    answered on a device where only the other runs. A catch-up copy
-//!    follows once they run everywhere.
+//!    hand on every packet they would act on, so a flow is never opened by
+//!    one datapath and answered on a device where only the other runs. A
+//!    catch-up copy follows once they run everywhere.
 //! 2. `UPGRADE_OLDER_BEHIND`: they open flows (a TCP SYN; a kept source
 //!    port is remapped, since the old maps may hold the same port to the
 //!    same backend), serve the flows they opened, and hand on what they

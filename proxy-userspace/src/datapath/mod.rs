@@ -232,7 +232,8 @@ pub struct Datapath {
     old_layouts: migrate::Plan,
     /// During an upgrade to a new map layout: this load's flag telling its
     /// programs that the older ones run behind them (`KEP_UPGRADE`: they
-    /// hand every packet on while being attached, then what they miss
+    /// hand on what they would act on while being attached, then what they
+    /// miss
     /// until the older maps are carried over; see [`migrate`]).
     older_behind: Option<Array<MapData, u32>>,
 }
@@ -373,7 +374,7 @@ impl Datapath {
     }
 
     /// To be called once this load's programs run on every pinned link, in
-    /// front of the previous run's, handing every packet on (so far the
+    /// front of the previous run's, handing on what they would act on (so far the
     /// previous programs serve every flow, and this load's write nothing):
     ///
     /// 1. carries over what the previous programs created or changed since
