@@ -40,9 +40,12 @@
 //! kube-ebpf-proxy mode and the backend servers; [`loadgen`]: the client;
 //! [`cpu`]: pinning and CPU accounting; [`report`]: the tables.
 
+mod bpfcost;
 mod cpu;
+mod keepalive;
 mod loadgen;
 mod report;
+mod server;
 mod workload;
 
 use std::fs;
@@ -56,7 +59,9 @@ use lab::addr;
 use crate::kube_proxy_rules::{self, ClusterCidr, Service};
 
 use self::{
+    bpfcost::BpfCost,
     cpu::{CpuUse, Cpus, daemon_cpu, per_cpu_times, pick_cpus, wait_quiet},
+    keepalive::keepalive_in,
     loadgen::{CrrStats, count_time_wait, crr_in},
     report::{cpu_text, fmt_duration, machine_summary, print_table, spread_text, thousands},
     workload::{BenchLab, service_set, start_ebpf, stop_ebpf},
@@ -83,13 +88,15 @@ const CLUSTER_CIDR: ClusterCidr = ClusterCidr {
 const NFT_MAX_SERVICES: usize = 1000;
 /// Warm-up before each measured run (neighbour entries, caches).
 const WARMUP: Duration = Duration::from_millis(500);
+/// The run after a kube-ebpf-proxy mode's measured one in which the
+/// kernel's BPF statistics are on (see bpfcost.rs).
+const BPF_COST_RUN: Duration = Duration::from_secs(1);
 /// A connection that makes no progress for this long counts as an error
 /// (a lost SYN is retransmitted after 1 s).
 const CONN_TIMEOUT: Duration = Duration::from_secs(2);
 /// Errors above this share of all attempts fail the bench.
 const MAX_ERROR_SHARE: f64 = 0.02;
 const REQUEST: &[u8] = b"GET / HTTP/1.0\r\n\r\n";
-const RESPONSE: &[u8] = b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nok\n";
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -133,9 +140,37 @@ impl Mode {
     }
 }
 
+/// What the client does in a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Workload {
+    /// A new connection per request (CRR).
+    Crr,
+    /// Requests over connections that stay open, one in flight on each.
+    KeepAlive,
+}
+
+impl Workload {
+    const ALL: [Workload; 2] = [Workload::Crr, Workload::KeepAlive];
+
+    fn run_in(
+        self,
+        ns: &lab::Netns,
+        targets: &[SocketAddrV4],
+        concurrency: usize,
+        duration: Duration,
+        cpu: Option<usize>,
+    ) -> Result<CrrStats> {
+        match self {
+            Workload::Crr => crr_in(ns, targets, concurrency, duration, cpu),
+            Workload::KeepAlive => keepalive_in(ns, targets, concurrency, duration, cpu),
+        }
+    }
+}
+
 /// One line of the result table.
 struct Row {
     mode: Mode,
+    workload: Workload,
     services: usize,
     /// 1-based round.
     round: usize,
@@ -161,6 +196,9 @@ struct Measurement {
     /// Whether the machine was idle before the run (other work on it makes
     /// the numbers noisy).
     quiet: bool,
+    /// kube-ebpf-proxy modes: our programs' kernel time in the statistics
+    /// run, and the answers served in it.
+    bpf: Option<(BpfCost, u64)>,
 }
 
 impl Measurement {
@@ -174,6 +212,12 @@ impl Measurement {
     fn cpu_per_conn_us(&self, cpu: Option<CpuUse>) -> Option<f64> {
         let busy = cpu?.busy * self.stats.elapsed.as_secs_f64();
         (self.stats.completed > 0).then(|| busy * 1e6 / self.stats.completed as f64)
+    }
+
+    /// Our programs' in-kernel nanoseconds and runs per answer.
+    fn bpf_per_answer(&self) -> Option<(f64, f64)> {
+        let (cost, answers) = self.bpf?;
+        cost.per(answers)
     }
 }
 
@@ -198,8 +242,9 @@ pub fn run(daemon: &Path, opts: &Options) -> Result<()> {
     for (n, round, mode) in schedule(opts) {
         if mode == Mode::Nftables && n > NFT_MAX_SERVICES {
             if round == 1 {
-                rows.push(Row {
+                rows.extend(Workload::ALL.map(|workload| Row {
                     mode,
+                    workload,
                     services: n,
                     round,
                     load: "-".into(),
@@ -207,7 +252,7 @@ pub fn run(daemon: &Path, opts: &Options) -> Result<()> {
                         "skipped: a full nftables load of {} services takes 173-216 s on this machine kind (BASELINES.md)",
                         thousands(n as f64)
                     )),
-                });
+                }));
             }
             continue;
         }
@@ -216,7 +261,7 @@ pub fn run(daemon: &Path, opts: &Options) -> Result<()> {
             mode.label(),
             thousands(n as f64)
         );
-        let row = measure_mode(
+        let measured = measure_mode(
             daemon,
             (mode, round),
             n,
@@ -226,11 +271,14 @@ pub fn run(daemon: &Path, opts: &Options) -> Result<()> {
             &mut lab_dirs,
         )
         .with_context(|| format!("CRR, {} with {n} services", mode.label()))?;
-        log_row(&row);
-        rows.push(row);
+        measured.iter().for_each(log_row);
+        rows.extend(measured);
     }
 
-    print_table(&rows, opts);
+    for workload in Workload::ALL {
+        let of_workload: Vec<Row> = rows.extract_if(.., |r| r.workload == workload).collect();
+        print_table(&of_workload, workload, opts);
+    }
     check_root_untouched(&root_rules_before, &lab_dirs)?;
     println!(
         "\nCRR comparison took {:.0} s; the root network namespace's ruleset is unchanged and no lab mount or directory is left.",
@@ -245,7 +293,8 @@ pub fn run(daemon: &Path, opts: &Options) -> Result<()> {
 fn log_row(row: &Row) {
     if let Outcome::Measured(m) = &row.outcome {
         eprintln!(
-            "crr:   {:.0}/s ({} connections, {} errors), load {}, spread {}, client TIME_WAIT {}, CPU client {} server {}",
+            "crr:   {:?}: {:.0}/s ({} answers, {} errors), load {}, spread {}, client TIME_WAIT {}, CPU client {} server {}",
+            row.workload,
             m.rate(),
             m.stats.completed,
             m.stats.errors,
@@ -278,7 +327,7 @@ fn measure_mode(
     concurrency: usize,
     cpus: &Cpus,
     lab_dirs: &mut Vec<PathBuf>,
-) -> Result<Row> {
+) -> Result<Vec<Row>> {
     let services = service_set(n);
     let mut bl = BenchLab::new(cpus)?;
     lab_dirs.push(bl.lab.dir().to_path_buf());
@@ -290,7 +339,26 @@ fn measure_mode(
         _ => vec![VIP],
     };
     let load = load_mode(&mut bl, mode, daemon, &services)?;
-    let measurement = measure(&bl, &targets, concurrency, duration, cpus)?;
+    let mut rows = Vec::new();
+    for workload in Workload::ALL {
+        let ours = matches!(mode, Mode::Ebpf | Mode::EbpfPerPacket);
+        let measurement = measure(&bl, workload, &targets, concurrency, duration, cpus)
+            .and_then(|mut m| {
+                if ours {
+                    m.bpf = Some(bpf_cost(&bl, workload, &targets, concurrency, cpus)?);
+                }
+                Ok(m)
+            })
+            .with_context(|| format!("{workload:?}"))?;
+        rows.push(Row {
+            mode,
+            workload,
+            services: n,
+            round,
+            load: load.clone(),
+            outcome: Outcome::Measured(measurement),
+        });
+    }
     // Tear down what the mode set up, explicitly, so the kernel's cleanup
     // of the namespaces is light and does not overlap the next mode's
     // measurement (wait_quiet covers the rest).
@@ -302,13 +370,7 @@ fn measure_mode(
         }
     }
     drop(bl);
-    Ok(Row {
-        mode,
-        services: n,
-        round,
-        load,
-        outcome: Outcome::Measured(measurement),
-    })
+    Ok(rows)
 }
 
 /// Sets the mode up in the lab: the daemons, or the rules loaded in
@@ -342,6 +404,7 @@ fn load_mode(bl: &mut BenchLab, mode: Mode, daemon: &Path, services: &[Service])
 /// figures around it and the backends' shares.
 fn measure(
     bl: &BenchLab,
+    workload: Workload,
     targets: &[SocketAddrV4],
     concurrency: usize,
     duration: Duration,
@@ -349,7 +412,7 @@ fn measure(
 ) -> Result<Measurement> {
     let quiet = wait_quiet();
     let client = bl.lab.ns(CLIENT_POD).clone();
-    let warm = crr_in(&client, targets, concurrency, WARMUP, cpus.client)?;
+    let warm = workload.run_in(&client, targets, concurrency, WARMUP, cpus.client)?;
     check_errors(&warm, "warm-up")?;
     ensure!(
         warm.completed > 0,
@@ -358,7 +421,7 @@ fn measure(
     let before = bl.served();
     let cpu_before = per_cpu_times();
     let daemons_before = daemon_cpu(&bl.lab);
-    let stats = crr_in(&client, targets, concurrency, duration, cpus.client)?;
+    let stats = workload.run_in(&client, targets, concurrency, duration, cpus.client)?;
     let daemons_after = daemon_cpu(&bl.lab);
     let cpu_after = per_cpu_times();
     let after = bl.served();
@@ -384,7 +447,39 @@ fn measure(
             .zip(daemons_after)
             .map(|(b, a)| a.saturating_sub(b)),
         quiet,
+        bpf: None,
     })
+}
+
+/// A short run with the kernel's BPF statistics on: our programs' time in
+/// it, and the answers served.
+fn bpf_cost(
+    bl: &BenchLab,
+    workload: Workload,
+    targets: &[SocketAddrV4],
+    concurrency: usize,
+    cpus: &Cpus,
+) -> Result<(BpfCost, u64)> {
+    let client = bl.lab.ns(CLIENT_POD).clone();
+    let ids = bpfcost::daemon_programs(&bl.lab)?;
+    let _on = bpfcost::switch_on()?;
+    let before = bpfcost::snapshot(&ids)?;
+    let stats = workload.run_in(&client, targets, concurrency, BPF_COST_RUN, cpus.client)?;
+    let after = bpfcost::snapshot(&ids)?;
+    check_errors(&stats, "BPF statistics run")?;
+    let (total, by_name) = BpfCost::between(&before, &after);
+    let parts: Vec<String> = by_name
+        .iter()
+        .filter_map(|(name, c)| {
+            let (ns, runs) = c.per(stats.completed)?;
+            (c.runs > 0).then(|| format!("{name} {ns:.0} ns ({runs:.1} runs)"))
+        })
+        .collect();
+    eprintln!(
+        "crr:   {workload:?}, our BPF programs per answer: {}",
+        parts.join(", ")
+    );
+    Ok((total, stats.completed))
 }
 
 fn check_errors(stats: &CrrStats, what: &str) -> Result<()> {

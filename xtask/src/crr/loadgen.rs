@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail, ensure};
 use lab::Netns;
 
-use super::{CONN_TIMEOUT, REQUEST, RESPONSE, cpu::pin_to_cpu};
+use super::{CONN_TIMEOUT, REQUEST, cpu::pin_to_cpu, server::RESPONSE_LEN};
 
 #[derive(Debug, Default)]
 pub(super) struct CrrStats {
@@ -21,7 +21,7 @@ pub(super) struct CrrStats {
 }
 
 impl CrrStats {
-    fn fail(&mut self, why: String) {
+    pub(super) fn fail(&mut self, why: String) {
         self.errors += 1;
         self.first_error.get_or_insert(why);
     }
@@ -167,7 +167,7 @@ pub(super) fn step(ep: RawFd, conn: &mut Conn, events: u32, slot: usize, buf: &m
                 continue;
             }
             if n == 0 {
-                return if conn.got >= RESPONSE.len() {
+                return if conn.got >= RESPONSE_LEN {
                     Step::Done
                 } else {
                     Step::Failed(format!("short answer ({} bytes)", conn.got))

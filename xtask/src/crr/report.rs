@@ -5,7 +5,7 @@ use std::thread::{self};
 use std::time::Duration;
 
 use super::{
-    Measurement, Mode, Options, Outcome, Row, WARMUP,
+    Measurement, Mode, Options, Outcome, Row, WARMUP, Workload,
     cpu::{CpuUse, Cpus},
 };
 
@@ -51,11 +51,46 @@ pub(super) fn cpu_text(c: Option<CpuUse>) -> String {
     })
 }
 
-pub(super) fn print_table(rows: &[Row], opts: &Options) {
+impl Workload {
+    fn title(self) -> &'static str {
+        match self {
+            Workload::Crr => "New connections per second (CRR: one connection per request)",
+            Workload::KeepAlive => "Keep-alive requests per second (connections stay open)",
+        }
+    }
+
+    /// The rate column's name, and what one unit of work is.
+    fn unit(self) -> (&'static str, &'static str) {
+        match self {
+            Workload::Crr => ("CRR/s", "conn"),
+            Workload::KeepAlive => ("requests/s", "request"),
+        }
+    }
+
+    /// How the client works, for the note under the table.
+    fn method(self, opts: &Options) -> String {
+        match self {
+            Workload::Crr => format!(
+                "connections answered to EOF per second, {} in flight",
+                opts.concurrency
+            ),
+            Workload::KeepAlive => format!(
+                "answers per second over {} kept connections (the {} in flight rounded up to a \
+                 multiple of the 3 backends, opened before the run until each backend holds \
+                 the same number, as direct-to-pod does), one request in flight on each",
+                opts.concurrency.div_ceil(3) * 3,
+                opts.concurrency
+            ),
+        }
+    }
+}
+
+pub(super) fn print_table(rows: &[Row], workload: Workload, opts: &Options) {
     print!(
-        "{}{}{}",
-        rate_table(rows, opts),
-        summary_table(rows),
+        "\n### {}\n{}{}{}",
+        workload.title(),
+        rate_table(rows, workload, opts),
+        summary_table(rows, workload),
         detail_table(rows)
     );
 }
@@ -78,22 +113,36 @@ fn ratio_text(rate: f64, base: Option<f64>, same: bool) -> String {
     }
 }
 
+fn bpf_text(v: Option<(f64, f64)>) -> String {
+    v.map_or("-".into(), |(ns, runs)| {
+        format!("{} ({runs:.1})", thousands(ns))
+    })
+}
+
 fn us_text(v: Option<f64>) -> String {
     v.map_or("-".into(), |v| format!("{v:.1}"))
 }
 
 /// Each round's rates and ratios (to the same round's direct and iptables
 /// runs), with the busy CPU time per connection.
-fn rate_table(rows: &[Row], opts: &Options) -> String {
+fn rate_table(rows: &[Row], workload: Workload, opts: &Options) -> String {
     let mut out = String::new();
+    let (rate, per) = workload.unit();
     let _ = writeln!(
         out,
-        "\n| mode | services | round | rule/map load time | CRR/s | ratio to direct-to-pod | ratio to iptables | client CPU µs/conn | server CPU µs/conn |"
+        "\n| mode | services | round | rule/map load time | {rate} | ratio to direct-to-pod | ratio to iptables | client CPU µs/{per} | server CPU µs/{per} | our BPF programs ns/{per} (runs) |"
     );
-    let _ = writeln!(out, "|---|---:|---:|---|---:|---:|---:|---:|---:|");
+    let _ = writeln!(out, "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|");
     for r in rows {
         let cells = match &r.outcome {
-            Outcome::Skipped(why) => [why.clone(), "-".into(), "-".into(), "-".into(), "-".into()],
+            Outcome::Skipped(why) => [
+                why.clone(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+            ],
             Outcome::Measured(m) => {
                 let rate = m.rate();
                 let direct = rate_of(rows, Mode::Direct, r.services, r.round);
@@ -104,6 +153,7 @@ fn rate_table(rows: &[Row], opts: &Options) -> String {
                     ratio_text(rate, ipt, matches!(r.mode, Mode::Direct | Mode::Iptables)),
                     us_text(m.cpu_per_conn_us(m.client_cpu)),
                     us_text(m.cpu_per_conn_us(m.server_cpu)),
+                    bpf_text(m.bpf_per_answer()),
                 ]
             }
         };
@@ -119,34 +169,41 @@ fn rate_table(rows: &[Row], opts: &Options) -> String {
     }
     let _ = writeln!(
         out,
-        "\nCRR/s: connections answered to EOF per second over a {} s run, {} in flight, \
+        "\n{rate}: {} over a {} s run, \
          after a {} ms warm-up; every mode in a fresh lab, the modes interleaved round after \
          round ({} rounds) so that a drift of the shared machine hits them alike: the ratio \
          of a round (to direct-to-pod of the same round) is the figure. \"direct to pod\" loads \
-         no rules and dials the 3 backends in turn. CPU µs/conn: the busy share of the \
-         client's (or the servers') CPU from /proc/stat, times the run, over the connections \
+         no rules and dials the 3 backends in turn. CPU µs/{per}: the busy share of the \
+         client's (or the servers') CPU from /proc/stat, times the run, over the {per}s \
          served; softirq work of the client's packets (forwarding, the proxy's translation) \
          lands on the client's CPU. Load times: iptables-restore (whole nat and filter tables) \
          and nft -f (one transaction) wall time in node-a's namespace; kube-ebpf-proxy: the \
          map writes of its first sync as the daemon logs them, and from process start to \
-         \"ready\" (BPF load and attach, manifest parsing included).",
+         \"ready\" (BPF load and attach, manifest parsing included). Our BPF programs: the \
+         kernel's run time of every kube-ebpf-proxy program (TC and socket hooks, both \
+         nodes) over the answers served, and how many program runs that was, in a {} ms run \
+         after the measured one with the kernel's BPF statistics on (they cost two clock \
+         reads per run, so they are off while the rate is measured).",
+        workload.method(opts),
         opts.seconds,
-        opts.concurrency,
         WARMUP.as_millis(),
-        opts.rounds
+        opts.rounds,
+        super::BPF_COST_RUN.as_millis()
     );
     out
 }
 
 /// Per mode and service count: every round's ratio to direct, their
-/// median, and the median CPU time per connection (client + servers).
-fn summary_table(rows: &[Row]) -> String {
+/// median, the median CPU time per connection (client + servers), and
+/// the median in-kernel time of our programs per connection.
+fn summary_table(rows: &[Row], workload: Workload) -> String {
     let mut out = String::new();
+    let (_, per) = workload.unit();
     let _ = writeln!(
         out,
-        "\n| mode | services | ratio to direct, per round | median ratio | median CPU µs/conn (client + servers) |"
+        "\n| mode | services | ratio to direct, per round | median ratio | median CPU µs/{per} (client + servers) | median our BPF ns/{per} |"
     );
-    let _ = writeln!(out, "|---|---:|---|---:|---:|");
+    let _ = writeln!(out, "|---|---:|---|---:|---:|---:|");
     let mut keys: Vec<(usize, usize)> = Vec::new();
     for r in rows {
         let key = (
@@ -180,15 +237,20 @@ fn summary_table(rows: &[Row]) -> String {
                 Some(m.cpu_per_conn_us(m.client_cpu)? + m.cpu_per_conn_us(m.server_cpu)?)
             })
             .collect();
+        let bpf: Vec<f64> = measured
+            .iter()
+            .filter_map(|(_, m)| Some(m.bpf_per_answer()?.0))
+            .collect();
         let per_round: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} |",
             mode.label(),
             thousands(n as f64),
             per_round.join(", "),
             median(&ratios).map_or("-".into(), |m| format!("{m:.2}")),
-            us_text(median(&cpu))
+            us_text(median(&cpu)),
+            median(&bpf).map_or("-".into(), thousands)
         );
     }
     out
@@ -209,7 +271,7 @@ fn detail_table(rows: &[Row]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "\n| mode | services | round | connections | errors | backend spread (web-a / web-b1 / web-b2) | client TIME_WAIT after run | client CPU busy | server CPU busy | daemon CPU | machine idle before |"
+        "\n| mode | services | round | answers | errors | backend spread (web-a / web-b1 / web-b2) | client TIME_WAIT after run | client CPU busy | server CPU busy | daemon CPU | machine idle before |"
     );
     let _ = writeln!(out, "|---|---:|---:|---:|---:|---|---:|---|---|---:|---|");
     for r in rows {

@@ -1,25 +1,18 @@
 //! The workload: the services (fillers and the measured one), the
 //! kube-ebpf-proxy mode (daemons on both nodes) and the backend servers.
 use std::fs;
-use std::io::{ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
-use std::os::fd::{AsRawFd, RawFd};
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
-use lab::{Lab, Netns, Signal, addr};
+use lab::{Lab, Signal, addr};
 
 use crate::kube_proxy_rules::Service;
 
 use super::{
-    BACKEND_PORT, BACKENDS, CLIENT_IP, CLIENT_POD, RESPONSE, VIP,
-    cpu::{Cpus, pin_to_cpu},
-    path_str,
-    report::fmt_duration,
+    BACKEND_PORT, BACKENDS, CLIENT_IP, CLIENT_POD, VIP, cpu::Cpus, path_str, report::fmt_duration,
+    server::FastServer,
 };
 
 /// Filler endpoints start here (10.244.3.0, above both nodes' pod CIDRs)
@@ -199,7 +192,7 @@ pub(super) fn stop_ebpf(lab: &mut Lab, daemon: &Path) -> Result<()> {
 }
 
 // ---------------------------------------------------------------------------
-// Server: one thread per backend pod.
+// The lab the servers run in.
 
 /// A lab with three backend pods running [`FastServer`]s and a client pod.
 /// Servers are declared first so they stop before the lab is torn down.
@@ -212,10 +205,10 @@ impl BenchLab {
     pub(super) fn new(cpus: &Cpus) -> Result<BenchLab> {
         let mut lab = Lab::new().context("building the lab (needs root)")?;
         let mut servers = Vec::new();
-        for (node, name, ip) in BACKENDS {
+        for (index, (node, name, ip)) in (0u8..).zip(BACKENDS) {
             lab.add_pod_with_ip(node, name, ip)?;
             let at = SocketAddrV4::new(ip, BACKEND_PORT);
-            servers.push(FastServer::start(lab.ns(name), at, cpus.server)?);
+            servers.push(FastServer::start(lab.ns(name), at, index, cpus.server)?);
         }
         lab.add_pod_with_ip(addr::NODE_A, CLIENT_POD, CLIENT_IP)?;
         // The client pod's own namespace: reusing TIME_WAIT ports is its
@@ -228,106 +221,6 @@ impl BenchLab {
     pub(super) fn served(&self) -> Vec<u64> {
         self.servers.iter().map(FastServer::served).collect()
     }
-}
-
-pub(super) struct FastServer {
-    stop: Arc<AtomicBool>,
-    served: Arc<AtomicU64>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl FastServer {
-    pub(super) fn start(ns: &Netns, at: SocketAddrV4, cpu: Option<usize>) -> Result<FastServer> {
-        let listener = ns
-            .run(|| TcpListener::bind(at))
-            .with_context(|| format!("listening on {at} in {}", ns.name()))?;
-        // Nonblocking, polled with a timeout, so the stop flag is seen.
-        listener.set_nonblocking(true)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let served = Arc::new(AtomicU64::new(0));
-        let (flag, count) = (Arc::clone(&stop), Arc::clone(&served));
-        let thread = thread::Builder::new()
-            .name(format!("crr-server-{at}"))
-            .spawn(move || {
-                if let Some(cpu) = cpu
-                    && let Err(e) = pin_to_cpu(cpu)
-                {
-                    eprintln!("crr: server {at}: pinning to CPU {cpu}: {e}");
-                }
-                serve(&listener, &flag, &count);
-            })?;
-        Ok(FastServer {
-            stop,
-            served,
-            thread: Some(thread),
-        })
-    }
-
-    pub(super) fn served(&self) -> u64 {
-        self.served.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for FastServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// accept -> read the request -> write the answer -> close, one connection
-/// at a time. Reading first matters: closing with unread data would send a
-/// reset instead of a FIN.
-pub(super) fn serve(listener: &TcpListener, stop: &AtomicBool, served: &AtomicU64) {
-    let mut buf = [0u8; 512];
-    while !stop.load(Ordering::Relaxed) {
-        if !poll_in(listener.as_raw_fd(), 100) {
-            continue;
-        }
-        loop {
-            let mut stream = match listener.accept() {
-                Ok((stream, _)) => stream,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                // A connection reset while queued, or a signal: next one.
-                Err(_) => continue,
-            };
-            // Accepted sockets do not inherit O_NONBLOCK: reads block, but
-            // never for long (a client that stalls is cut off).
-            if stream
-                .set_read_timeout(Some(Duration::from_secs(1)))
-                .is_err()
-            {
-                continue;
-            }
-            let mut got = 0;
-            let complete = loop {
-                match stream.read(&mut buf[got..]) {
-                    Ok(0) | Err(_) => break false,
-                    Ok(n) => {
-                        got += n;
-                        if buf[..got].ends_with(b"\r\n\r\n") || got == buf.len() {
-                            break true;
-                        }
-                    }
-                }
-            };
-            if complete && stream.write_all(RESPONSE).is_ok() {
-                served.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    }
-}
-
-pub(super) fn poll_in(fd: RawFd, timeout_ms: i32) -> bool {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd for the duration of the call.
-    unsafe { libc::poll(&mut pfd, 1, timeout_ms) > 0 }
 }
 
 #[cfg(test)]
