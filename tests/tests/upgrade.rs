@@ -455,3 +455,77 @@ fn downgrade_is_refused(c: &mut Cluster, held: &mut [Held]) {
     assert!(!maps.join(CT_MAP).exists(), "the refused daemon pinned");
     assert_held_work(c, held, "after the refused downgrade");
 }
+
+/// The daemon of the new layout killed (SIGKILL) during its swap: as soon
+/// as it attached to a first device (its programs hand on what they would
+/// act on), and as soon as its programs open flows: the datapath it
+/// leaves serves (held and new connections), and the next start of the
+/// same build takes the upgrade over and finishes it (old pins removed,
+/// one program per hook).
+#[test]
+fn a_daemon_killed_during_the_swap_leaves_a_serving_datapath_that_the_next_start_finishes() {
+    let Some(v2) = layout_v2_bin() else {
+        return;
+    };
+    for (name, kill_at) in [
+        ("upgrade_killed_attaching", "attached device="),
+        ("upgrade_killed_behind", "open flows now"),
+    ] {
+        killed_during_the_swap(&v2, name, kill_at);
+    }
+}
+
+fn killed_during_the_swap(v2: &Path, name: &str, kill_at: &str) {
+    let Some(mut c) = Cluster::start_with(name, &placement_manifests(), &["--socket-lb=false"])
+    else {
+        return;
+    };
+    let node = addr::NODE_A;
+    let mut held = hold(&c);
+    fill_synthetic(&c, node, SYNTHETIC);
+    let pod = c.lab.ns(CLIENT_POD).clone();
+    let requests = RequestLoop::start(vec![
+        (pod.clone(), sa("10.96.0.10:80")),
+        (pod, node_a(30010)),
+        (c.lab.ns(addr::CLIENT).clone(), node_a(30012)),
+    ]);
+    c.lab.stop_daemon(node, Signal::SIGTERM).unwrap();
+    let args = c.daemon_args(node);
+    c.lab.start_daemon(node, v2, args).unwrap();
+    let reached = |c: &Cluster| last_run(c, node).iter().any(|l| l.contains(kill_at));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !reached(&c) {
+        assert!(Instant::now() < deadline, "no attach:\n{}", c.logs());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    c.lab.stop_daemon(node, Signal::SIGKILL).unwrap();
+    let killed_after = last_run(&c, node);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_held_work(&c, &mut held, "after the kill");
+    c.start_daemon_bin(node, v2);
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, failed, slowest_ms) = requests.finish();
+    assert_held_work(&c, &mut held, "after the next start");
+    let finished = last_run(&c, node);
+    println!(
+        "{name}: killed after {} log lines (last: {:?}); {ok} new connections, {} failed ({failed:?}), \
+         slowest {slowest_ms} ms; next start: {:?}",
+        killed_after.len(),
+        killed_after.last(),
+        failed.len(),
+        finished
+            .iter()
+            .filter(|l| l.contains("earlier upgrade") || l.contains("run everywhere"))
+            .collect::<Vec<_>>()
+    );
+    assert!(failed.is_empty(), "new connections failed: {failed:#?}");
+    let maps = c.bpffs(node).join("maps");
+    for (gone, there) in [(CT_MAP, CT_V2), (RNAT_MAP, RNAT_V2)] {
+        assert!(!maps.join(gone).exists(), "{gone} still pinned");
+        assert!(maps.join(there).exists(), "{there} not pinned");
+    }
+    assert!(!c.bpffs(node).join("links-next").exists());
+    for (hook, programs) in programs_per_hook(&c, node) {
+        assert_eq!(programs, 1, "{hook}: the older program is still attached");
+    }
+}

@@ -61,7 +61,10 @@
 //! sees the old map pins again and goes through the upgrade again: it
 //! copies (adding only what is missing: an entry written by the dead run's
 //! programs is newer), updates the links under `links-next/` to its own
-//! programs in place, and finishes. Killed after some renames, the hooks
+//! programs in place, and finishes. The flag is pinned as
+//! `maps/KEP_UPGRADE` during an upgrade: if the dead run's programs had
+//! begun to open flows (in the new maps only), the next run's start at
+//! `UPGRADE_OLDER_BEHIND` too, not by handing every packet on. Killed after some renames, the hooks
 //! already renamed get a new link in front of a new link, which is
 //! harmless; killed after the old map pins are removed, the next start has
 //! no upgrade to do and moves any link left under `links-next/` into

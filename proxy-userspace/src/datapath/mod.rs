@@ -341,13 +341,50 @@ impl Datapath {
                 "resized a pinned map"
             );
         }
-        if !old_layouts.is_empty() {
-            let mut flag: Array<MapData, u32> = dp.map(UPGRADE_MAP)?;
-            flag.set(0, UPGRADE_ATTACHING, 0)?;
-            dp.older_behind = Some(flag);
+        let flag_pin = maps_dir(root).join(UPGRADE_MAP);
+        if old_layouts.is_empty() {
+            // An upgrade that died after removing the old pins.
+            let _ = fs::remove_file(&flag_pin);
+        } else {
+            dp.start_upgrade(&flag_pin)?;
         }
         dp.old_layouts = old_layouts;
         Ok(dp)
+    }
+
+    /// Sets this load's `KEP_UPGRADE` for an upgrade and pins it at `pin`
+    /// until [`Datapath::retire_old_layouts`], in place of the pin of an
+    /// upgrade that died: if that one had let its programs open flows
+    /// (they are in the new maps, unknown to the old programs), this one
+    /// starts there too (`UPGRADE_OLDER_BEHIND`); otherwise its programs
+    /// hand on what they would act on while being attached
+    /// (`UPGRADE_ATTACHING`).
+    fn start_upgrade(&mut self, pin: &Path) -> Result<()> {
+        let died_at = MapData::from_pin(pin)
+            .ok()
+            .and_then(|d| Map::from_map_data(d).ok())
+            .and_then(|m| Array::<MapData, u32>::try_from(m).ok())
+            .and_then(|a| a.get(&0, 0).ok());
+        let start = match died_at {
+            Some(UPGRADE_OLDER_BEHIND | UPGRADE_ALONE) => UPGRADE_OLDER_BEHIND,
+            _ => UPGRADE_ATTACHING,
+        };
+        let _ = fs::remove_file(pin);
+        // Set before it is pinned: the pin never shows another state.
+        let mut flag: Array<MapData, u32> = self.map(UPGRADE_MAP)?;
+        flag.set(0, start, 0)?;
+        flag.pin(pin)
+            .with_context(|| format!("pinning {}", pin.display()))?;
+        let flag = Array::try_from(Map::from_map_data(MapData::from_pin(pin)?)?)?;
+        if died_at.is_some() {
+            tracing::info!(
+                died_at,
+                start,
+                "an earlier upgrade died before it finished; taking it over"
+            );
+        }
+        self.older_behind = Some(flag);
+        Ok(())
     }
 
     /// Carries the entries of the pinned maps of an earlier layout over
@@ -401,6 +438,10 @@ impl Datapath {
         };
         let attached = plan.catch_up(&maps)?;
         set(UPGRADE_OLDER_BEHIND, "letting the new programs open flows")?;
+        tracing::info!(
+            caught_up = attached,
+            "the new programs run in front of the older ones everywhere and open flows now"
+        );
         let behind = plan.catch_up(&maps)?;
         set(
             UPGRADE_ALONE,
@@ -409,6 +450,7 @@ impl Datapath {
         let alone = plan.catch_up(&maps)?;
         promote_next_links(&self.root)?;
         plan.remove_pins()?;
+        let _ = fs::remove_file(maps_dir(&self.root).join(UPGRADE_MAP));
         Ok([attached, behind, alone])
     }
 
