@@ -829,6 +829,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn next_links_take_the_place_of_the_older_ones_and_their_directory_goes() {
+        let root = std::env::temp_dir().join(format!("kep-next-test-{}", std::process::id()));
+        let dev = Device {
+            name: "eth0".into(),
+            index: 2,
+        };
+        fs::create_dir_all(links_dir(&root)).unwrap();
+        fs::create_dir_all(next_links_dir(&root)).unwrap();
+        fs::write(link_pin(&root, &dev, Direction::Ingress), b"older").unwrap();
+        fs::write(next_link_pin(&root, &dev, Direction::Ingress), b"newer").unwrap();
+        // A device the older run never attached: the new link is its only one.
+        fs::write(next_link_pin(&root, &dev, Direction::Egress), b"newer").unwrap();
+        promote_next_links(&root).unwrap();
+        let read = |dir| fs::read(link_pin(&root, &dev, dir)).unwrap();
+        let (ingress, egress) = (read(Direction::Ingress), read(Direction::Egress));
+        let next_gone = !next_links_dir(&root).exists();
+        fs::remove_dir_all(&root).unwrap();
+        assert_eq!((ingress, egress), (b"newer".to_vec(), b"newer".to_vec()));
+        assert!(next_gone);
+    }
+
+    #[test]
     fn link_pins_have_no_dots_and_name_their_device() {
         let root = Path::new("/x");
         let dev = Device {
