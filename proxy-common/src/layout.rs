@@ -6,9 +6,12 @@
 //! the pin of the old one. What established flows need (conntrack, reverse
 //! NAT) is carried over: the old entries are read, converted by a function
 //! of this module, and written into the new map before the new programs
-//! replace the old ones (proxy-userspace's `datapath/migrate.rs` does the
-//! copying and keeps the list of which map becomes which). Maps of desired
-//! state, configuration and counters are rebuilt by the daemon instead.
+//! attach in front of the old ones, and again until the old programs are
+//! detached (proxy-userspace's `datapath/migrate.rs` does the copying and
+//! keeps the list of which map becomes which). A converted flow entry is
+//! flagged [`crate::NAT_F_CARRIED`]: the new programs leave its packets to
+//! the old ones while both run. Maps of desired state, configuration and
+//! counters are rebuilt by the daemon instead.
 //!
 //! The shipped layouts have no predecessor with entries to convert: every
 //! conntrack and reverse-NAT map is at version 1. The feature
@@ -79,7 +82,9 @@ mod v1 {
     }
 
     /// A version-1 conntrack or reverse-NAT entry in the test layout: every
-    /// field kept, the new one marked [`MIGRATED`].
+    /// field kept, flagged [`crate::NAT_F_CARRIED`] (as every conversion of
+    /// a flow's entry must: the new programs leave it to the older ones
+    /// while they run), the new field marked [`MIGRATED`].
     pub fn nat_from_v1(old: &NatEntryV1) -> NatEntry {
         NatEntry {
             saddr: old.saddr,
@@ -88,7 +93,7 @@ mod v1 {
             dport: old.dport,
             svc_id: old.svc_id,
             backend_id: old.backend_id,
-            flags: old.flags,
+            flags: old.flags | crate::NAT_F_CARRIED,
             _pad: [0; 3],
             v2_test: MIGRATED,
         }
@@ -103,7 +108,7 @@ mod v1 {
             dport: old.dport,
             svc_id: old.svc_id,
             backend_id: old.backend_id,
-            flags: old.flags,
+            flags: old.flags | crate::NAT_F_CARRIED,
             _pad: [0; 3],
             v2_test: MIGRATED,
         }
@@ -158,11 +163,18 @@ mod tests {
             (new.saddr, new.daddr, new.sport, new.dport),
             (old.saddr, old.daddr, old.sport, old.dport)
         );
-        assert_eq!((new.svc_id, new.backend_id, new.flags), (7, 3, old.flags));
+        assert_eq!(
+            (new.svc_id, new.backend_id, new.flags),
+            (7, 3, old.flags | NAT_F_CARRIED)
+        );
         assert_eq!(new.v2_test, MIGRATED);
-        // The old layout is the new one's first 24 bytes.
+        // The old layout is the new one's first 24 bytes, but for the flag.
+        let carried = NatEntryV1 {
+            flags: old.flags | NAT_F_CARRIED,
+            ..old
+        };
         let new_bytes = bytemuck::bytes_of(&new);
-        assert_eq!(&new_bytes[..24], bytemuck::bytes_of(&old));
+        assert_eq!(&new_bytes[..24], bytemuck::bytes_of(&carried));
         assert_eq!(core::mem::size_of::<NatEntryV1>(), 24);
         assert_ne!(CT_MAP, CT_MAP_V1);
         assert_eq!(split_version(CT_MAP), Some(("KEP_CT", 2)));
@@ -183,7 +195,14 @@ mod tests {
             _pad: [0; 3],
         };
         let new = nat6_from_v1(&old);
-        assert_eq!(&bytemuck::bytes_of(&new)[..48], bytemuck::bytes_of(&old));
+        let carried = NatEntry6V1 {
+            flags: NAT_F_HOST | NAT_F_CARRIED,
+            ..old
+        };
+        assert_eq!(
+            &bytemuck::bytes_of(&new)[..48],
+            bytemuck::bytes_of(&carried)
+        );
         assert_eq!(new.v2_test, MIGRATED);
         assert_eq!(split_version(RNAT6_MAP), Some(("KEP_RNAT6", 2)));
     }

@@ -97,6 +97,23 @@ pub const SOCK_FWD_MAP: &str = "KEP_SKFWD_V1";
 /// another one (a pod's). Filled by the daemon as it attaches to devices;
 /// not pinned (each load fills its own), so not in [`ALL_MAPS`].
 pub const PEER_DEV_MAP: &str = "KEP_PEERDEV";
+/// Whether an older datapath runs behind this one on the same hooks, and
+/// what it gets: a `u32` at index 0, `UPGRADE_*`, set during an upgrade to
+/// a new map layout (see proxy-userspace's `datapath/migrate.rs`). Never
+/// pinned: each load has its own, so that the older programs, which may
+/// share every other map, never read the newer ones' value.
+pub const UPGRADE_MAP: &str = "KEP_UPGRADE";
+/// [`UPGRADE_MAP`]: no older datapath behind; every packet is handled.
+pub const UPGRADE_ALONE: u32 = 0;
+/// [`UPGRADE_MAP`]: the new programs are being attached in front of the
+/// older ones, device by device: they hand on every packet they would act
+/// on, so that a flow is served by one datapath on every device it
+/// crosses.
+pub const UPGRADE_ATTACHING: u32 = 1;
+/// [`UPGRADE_MAP`]: attached everywhere, the older maps being carried
+/// over: the new programs open flows (TCP SYNs) and serve those they have
+/// entries for, and hand the rest to the older programs.
+pub const UPGRADE_OLDER_BEHIND: u32 = 2;
 
 /// Every map name, for pinning and cleanup (the IPv6 ones included).
 pub const ALL_MAPS: [&str; 27] = [
@@ -391,6 +408,12 @@ pub const NAT_F_TO_LO: u8 = 8;
 /// An RST was seen in this entry's direction: the connection is gone, and
 /// its SNAT port may be given to a new flow.
 pub const NAT_F_RESET: u8 = 16;
+/// Carried over from an earlier map layout by an upgrade (see
+/// proxy-userspace's `datapath/migrate.rs`): while the older datapath runs
+/// behind the new one, the older maps hold its current state (the older
+/// programs may have given its tuple or port to a new flow since the
+/// copy), so the new programs hand its packets on.
+pub const NAT_F_CARRIED: u8 = 32;
 
 /// Value of [`CT_MAP`] and [`RNAT_MAP`]: rewrite the packet to this tuple.
 #[repr(C)]

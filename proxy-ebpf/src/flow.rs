@@ -24,7 +24,7 @@ use crate::{
     maps::{config, config_ref, count, count_service},
     nat,
     packet::{Frag, Ip, Ports, PortsError, TCP_RST, ports, remember_fragment},
-    route,
+    route, upgrade,
 };
 
 /// Map update flag: only if the key is not there yet.
@@ -81,11 +81,11 @@ pub fn handle<A: Addr>(ctx: &TcContext, hook: Hook, ip: &Ip<A>) -> Result<Action
     let key = &s.key;
     // Replies go to clients, never to a ClusterIP.
     if class & ADDR_CLUSTER_IP == 0
-        && let Some(rev) = reverse_nat(key, &ports)
+        && let Some(rev) = reverse_nat(key, &ports)?
     {
         return translate_reply(ctx, hook, ip, &ports, rev);
     }
-    if let Some(fwd) = tracked(key, &ports) {
+    if let Some(fwd) = tracked(key, &ports)? {
         return translate(ctx, ip, &ports, fwd, Counter::Forward);
     }
     if !ports.has_l4 {
@@ -98,7 +98,10 @@ pub fn handle<A: Addr>(ctx: &TcContext, hook: Hook, ip: &Ip<A>) -> Result<Action
     }
     // A TCP segment that opens nothing, to an address of this node, belongs
     // to the node's own connections (a reply to one of its clients).
+    // (A reply to a SNAT port of the node, too: the older datapath may
+    // hold its entry during an upgrade.)
     if class & ADDR_HOST != 0 && ip.proto == IPPROTO_TCP && !ports.is_syn() {
+        upgrade::defer_to_older()?;
         return Ok(Action::Pass);
     }
     let Some(svc) = frontend(ip, &ports, class) else {
@@ -106,10 +109,14 @@ pub fn handle<A: Addr>(ctx: &TcContext, hook: Hook, ip: &Ip<A>) -> Result<Action
             Ok(Action::Reject(Counter::DropUnknownPort))
         } else {
             // Traffic for the node itself or for an external IP's other
-            // ports: not ours.
+            // ports: not ours (a UDP reply to a SNAT port: maybe the older
+            // datapath's).
+            upgrade::defer_to_older()?;
             Ok(Action::Pass)
         };
     };
+    // Only a TCP SYN opens a flow that the older datapath cannot know.
+    upgrade::defer_new_flow(ip.proto == IPPROTO_TCP && ports.is_syn())?;
     s.hash = lb::flow_hash(&s.key);
     Ok(Action::New(Frontend { svc, class }))
 }
@@ -125,9 +132,12 @@ fn other_destination<A: Addr>(ctx: &TcContext, hook: Hook, ip: &Ip<A>) -> Result
     let Ok(ports) = ports(ctx, ip) else {
         return unallocated_or_pass(ip);
     };
-    match reverse_nat(&flow_key(ip, &ports), &ports) {
+    match reverse_nat(&flow_key(ip, &ports), &ports)? {
         Some(rev) => translate_reply(ctx, hook, ip, &ports, rev),
-        None => unallocated_or_pass(ip),
+        None => {
+            upgrade::defer_to_older()?;
+            unallocated_or_pass(ip)
+        }
     }
 }
 
@@ -153,13 +163,18 @@ fn flow_key<A: Addr>(ip: &Ip<A>, ports: &Ports) -> Tuple<A> {
 
 /// The reverse-NAT entry of a reply. A FIN or RST marks it: together with
 /// the conntrack entry's mark, that frees a SNAT port (see [`snat_port`]).
+/// During an upgrade, the entry may be the older datapath's
+/// ([`upgrade::defer_entry`]).
 #[inline(always)]
-fn reverse_nat<A: Addr>(key: &Tuple<A>, ports: &Ports) -> Option<&'static Nat<A>> {
-    let entry = A::rnat(key)?;
+fn reverse_nat<A: Addr>(key: &Tuple<A>, ports: &Ports) -> Result<Option<&'static Nat<A>>, i32> {
+    let Some(entry) = A::rnat(key) else {
+        return Ok(None);
+    };
     // SAFETY: as in `tracked`.
     unsafe {
+        upgrade::defer_entry((*entry).flags, false)?;
         mark_closing(entry, ports);
-        Some(&*entry)
+        Ok(Some(&*entry))
     }
 }
 
@@ -185,18 +200,24 @@ unsafe fn mark_closing<A: Addr>(entry: *mut Nat<A>, ports: &Ports) {
     }
 }
 
-/// The conntrack entry of a flow that keeps its backend.
+/// The conntrack entry of a flow that keeps its backend. During an
+/// upgrade, the entry may be the older datapath's
+/// ([`upgrade::defer_entry`]).
 #[inline(always)]
-fn tracked<A: Addr>(key: &Tuple<A>, ports: &Ports) -> Option<&'static Nat<A>> {
-    let entry = A::ct(key)?;
+fn tracked<A: Addr>(key: &Tuple<A>, ports: &Ports) -> Result<Option<&'static Nat<A>>, i32> {
+    let Some(entry) = A::ct(key) else {
+        return Ok(None);
+    };
     // SAFETY: the pointer is valid for this program run; a concurrent
     // update of the same entry can at worst lose a flag bit.
-    if !still_valid(unsafe { &*entry }, ports) {
-        return None;
+    let fwd = unsafe { &*entry };
+    upgrade::defer_entry(fwd.flags, ports.is_syn())?;
+    if !still_valid(fwd, ports) {
+        return Ok(None);
     }
     unsafe {
         mark_closing(entry, ports);
-        Some(&*entry)
+        Ok(Some(&*entry))
     }
 }
 
@@ -365,7 +386,9 @@ fn set_up_flow<A: Addr>(
     };
     match snat_to {
         None => {
-            if !claim_reply(s)? {
+            // During an upgrade the older maps may hold that live flow
+            // unseen: remapped too.
+            if upgrade::older_behind() || !claim_reply(s)? {
                 // The client reused this source port towards another
                 // frontend of the same backend, and that flow is live: the
                 // backend would see one tuple for two connections. The
@@ -523,6 +546,10 @@ fn port_reclaimable<A: Addr>(s: &mut Scratch<A>, src: A) -> bool {
     };
     // SAFETY: valid for this program run; only read.
     let rev = unsafe { &*rev };
+    // The older programs may have given a carried port to a live flow.
+    if upgrade::defer_entry(rev.flags, false).is_err() {
+        return false;
+    }
     // In the scratch space: an IPv6 tuple on this frame would overflow the
     // deepest call chain's stack.
     s.holder = Tuple {

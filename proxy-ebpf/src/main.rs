@@ -23,6 +23,7 @@ mod packet;
 mod reject;
 mod route;
 mod sock;
+mod upgrade;
 mod v4;
 mod v6;
 

@@ -88,6 +88,11 @@ pub static KEP_IP6SCR: PerCpuArray<[u64; 6], 1> = PerCpuArray::new();
 #[btf_map]
 pub static KEP_PEERDEV: Array<u64, { PEER_DEV_WORDS as usize }> = Array::new();
 
+/// Whether an older datapath runs behind this one
+/// ([`proxy_common::UPGRADE_MAP`], [`crate::upgrade`]); never pinned.
+#[btf_map]
+pub static KEP_UPGRADE: Array<u32, 1> = Array::new();
+
 /// Written and read by userspace only; defined here so that the object
 /// carries it (and its BTF) like every other map.
 #[btf_map]

@@ -293,7 +293,8 @@ impl Context {
         }
         // Last before attaching, so that few flows start on the previous
         // programs after the copy (with an API server, the first sync can
-        // wait for its lists).
+        // wait for its lists): those that do are served by the previous
+        // programs, behind the new ones, until the catch-up copy.
         self.dp.carry_old_layouts()?;
         self.devices.drop_vanished_pins(&mut self.dp)?;
         self.devices.refresh(&mut self.dp);
@@ -305,11 +306,13 @@ impl Context {
         Ok(())
     }
 
-    /// After an upgrade over pins of an earlier map layout: once every
-    /// pinned device link runs this run's programs (a device whose attach
-    /// failed still runs the previous ones, on the old maps), carries over
-    /// what the previous programs created meanwhile and removes the old
-    /// pins. Tried again at every tick until then.
+    /// After an upgrade over pins of an earlier map layout: once this
+    /// run's programs run in front of the previous ones on every pinned
+    /// device link (a device whose attach failed still runs only the
+    /// previous ones, on the old maps), carries over what the previous
+    /// programs created meanwhile, detaches them and removes the old pins
+    /// ([`Datapath::retire_old_layouts`]). Tried again at every tick until
+    /// then.
     fn retire_old_layouts(&mut self) {
         if !self.dp.has_old_layouts() {
             return;
@@ -320,10 +323,13 @@ impl Context {
         if !pinned.iter().all(|dev| self.devices.has(dev)) {
             return;
         }
+        let started = Instant::now();
         match self.dp.retire_old_layouts() {
-            Ok(caught_up) => info!(
-                caught_up,
-                "the new programs run everywhere; pins of the earlier map layout removed"
+            Ok([attached, behind, alone]) => info!(
+                caught_up = format!("{attached}+{behind}+{alone}"),
+                ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1e3),
+                "the new programs run everywhere; the older ones are detached and the pins of \
+                 the earlier map layout removed"
             ),
             Err(e) => warn!(error = %format!("{e:#}"), "retiring the earlier map layout failed"),
         }

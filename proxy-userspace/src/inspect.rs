@@ -21,9 +21,16 @@ use crate::{
 };
 
 /// Fails with one line when nothing is pinned at `root`, saying whether a
-/// daemon runs (and where it pins), instead of the kernel's error for the
-/// first map that is not there.
+/// daemon runs (and where it pins), or when maps of a newer layout than
+/// this build's are pinned there (a newer daemon's), naming them, instead
+/// of the kernel's error for the first map that is not there.
 pub fn require_pins(root: &Path) -> Result<()> {
+    if let Some(newer) = crate::datapath::migrate::newer_layouts(&maps_dir(root))? {
+        bail!(
+            "{newer}: a newer kube-ebpf-proxy pinned them and serves from them; inspect them \
+             with that build"
+        );
+    }
     if maps_dir(root).join(SVC_MAP).exists() {
         return Ok(());
     }
@@ -518,4 +525,31 @@ fn flow_cells(r: FlowRow) -> Vec<String> {
         r.backend_id.to_string(),
         r.flags.join(","),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn newer_pins_are_named_in_one_line_as_a_newer_daemons() {
+        let root = std::env::temp_dir().join(format!("kep-inspect-{}", std::process::id()));
+        let maps = maps_dir(&root);
+        fs::create_dir_all(&maps).unwrap();
+        for name in [SVC_MAP, "KEP_CT_V9", "KEP_RNAT_V9", "KEP_NAME_V1"] {
+            fs::write(maps.join(name), b"").unwrap();
+        }
+        let err = format!("{:#}", require_pins(&root).unwrap_err());
+        fs::remove_dir_all(&root).unwrap();
+        assert!(!err.contains('\n'), "{err}");
+        for says in [
+            "holds maps of a newer layout than this build knows",
+            &format!("KEP_CT_V9 (this build: {CT_MAP})"),
+            &format!("KEP_RNAT_V9 (this build: {RNAT_MAP})"),
+            "a newer kube-ebpf-proxy pinned them",
+        ] {
+            assert!(err.contains(says), "{err:?} does not say {says:?}");
+        }
+        assert!(!err.contains("KEP_NAME_V1"), "{err}");
+    }
 }

@@ -315,3 +315,39 @@ fn the_daemon_sizes_ipv6_maps_down_on_an_ipv4_only_node_and_up_when_ipv6_comes()
     assert_eq!(daemon_ct6_size(root), CT_MAP_SIZE, "an IPv6 address now");
     no_temporary_pins(root);
 }
+
+/// A resize of 100,000 flows (conntrack and reverse NAT: 200,000 entries)
+/// costs the reload this much more than a reload at the same size.
+#[test]
+fn a_resize_of_100000_flows_is_timed() {
+    if !privileged("a_resize_of_100000_flows_is_timed") {
+        return;
+    }
+    let dir = PinDir::new("resize_timed");
+    let root = dir.0.as_path();
+    {
+        let mut dp = Datapath::load(root, false, Some(131_072)).expect("first load");
+        for map in [CT_MAP, RNAT_MAP] {
+            let mut m: HashMap<MapData, FlowKey, NatEntry> = dp.map(map).unwrap();
+            for (mut k, v) in (0..100_000).map(flow) {
+                // flow() repeats after 65,536: the port tells them apart.
+                k.sport = (40_000 + (v.backend_id >> 16) as u16).to_be_bytes();
+                m.insert(k, v, 0).unwrap();
+            }
+        }
+    }
+    let timed = |max| {
+        let started = std::time::Instant::now();
+        drop(Datapath::load(root, false, Some(max)).expect("load"));
+        started.elapsed()
+    };
+    let resized = timed(262_144);
+    let same = timed(262_144);
+    assert_eq!(ct_entries(root).len(), 100_000);
+    no_temporary_pins(root);
+    println!(
+        "resize of 2 x 100,000 entries: load {resized:?}, reload at the same size {same:?}: \
+         the copy costs about {:?}",
+        resized.saturating_sub(same)
+    );
+}

@@ -1415,3 +1415,100 @@ fn unallocated_service_addresses_are_dropped() {
     let outside = Pkt::tcp(sa(CLIENT), sa("10.112.0.1:80"), TCP_SYN).build();
     assert_eq!(f.ingress(&outside), (TC_ACT_OK, outside));
 }
+
+fn key_of(from: SocketAddrV4, to: SocketAddrV4) -> FlowKey {
+    FlowKey {
+        saddr: from.ip().octets(),
+        daddr: to.ip().octets(),
+        sport: from.port().to_be_bytes(),
+        dport: to.port().to_be_bytes(),
+        proto: IPPROTO_TCP,
+        _pad: [0; 3],
+    }
+}
+
+/// `TCX_NEXT` (-1) as BPF_PROG_TEST_RUN reports it: the next program of
+/// the hook gets the packet.
+const TCX_NEXT: u32 = u32::MAX;
+
+/// During an upgrade to a new map layout the new programs run in front of
+/// the older ones. While attached device by device (UPGRADE_ATTACHING)
+/// they hand on every packet they would act on (a SYN, here). Then (UPGRADE_OLDER_BEHIND) what they have
+/// no entry for, and would pass or track anew, goes to the older programs
+/// untouched (a reply, a segment of a flow the older ones translated, a
+/// UDP datagram); a SYN opens its flow here (its source port remapped: the
+/// older maps may hold a flow of the same port to the same backend), and
+/// that flow's packets are served here. Alone again, the same packets are
+/// handled as always.
+#[test]
+fn with_an_older_datapath_behind_misses_go_to_it_and_syns_are_served() {
+    let Some(mut f) = Fixture::new("older_behind") else {
+        return;
+    };
+    f.services(&[("10.244.2.11:8080", false)]);
+    let mut older: Array<MapData, u32> = f.dp.map(UPGRADE_MAP).unwrap();
+    older.set(0, UPGRADE_ATTACHING, 0).unwrap();
+    let client = sa("10.244.1.5:40001");
+    let syn = Pkt::tcp(client, sa(VIP), TCP_SYN).build();
+    for prog in [PROG_INGRESS, PROG_EGRESS] {
+        let (verdict, out) = f.run(prog, &syn);
+        assert_eq!((verdict, &out), (TCX_NEXT, &syn), "{prog} while attaching");
+    }
+    older.set(0, UPGRADE_OLDER_BEHIND, 0).unwrap();
+    let backend = sa("10.244.2.11:8080");
+    let node_port = SocketAddrV4::new(NODE_IP.into(), 30080);
+    let deferred = [
+        ("a reply", Pkt::tcp(backend, sa(CLIENT), TCP_ACK).build()),
+        ("a segment", Pkt::tcp(sa(CLIENT), sa(VIP), TCP_ACK).build()),
+        ("a datagram", Pkt::udp(sa(CLIENT), sa(VIP), b"q").build()),
+        (
+            "a reply to a SNAT port",
+            Pkt::tcp(backend, sa("192.168.200.11:61000"), TCP_ACK).build(),
+        ),
+        (
+            "a NodePort segment",
+            Pkt::tcp(sa("192.168.200.100:50000"), node_port, TCP_ACK).build(),
+        ),
+    ];
+    for (what, frame) in &deferred {
+        let (verdict, out) = f.ingress(frame);
+        assert_eq!(verdict, TCX_NEXT, "{what}");
+        assert_eq!(&out, frame, "{what}: changed");
+    }
+    assert_eq!(f.counter(Counter::NewFlow), 0);
+    assert_eq!(f.ct.keys().count() + f.rnat.keys().count(), 0);
+
+    let (verdict, out) = f.ingress(&syn);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let p = valid(&out);
+    assert_eq!(endpoint(&p, false), backend);
+    let remapped = endpoint(&p, true);
+    assert_eq!(*remapped.ip(), *client.ip());
+    assert!((SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&remapped.port()));
+    let (_, out) = f.ingress(&Pkt::tcp(backend, remapped, TCP_SYN | TCP_ACK).build());
+    let p = valid(&out);
+    assert_eq!((endpoint(&p, true), endpoint(&p, false)), (sa(VIP), client));
+    let (_, out) = f.ingress(&Pkt::tcp(client, sa(VIP), TCP_ACK).build());
+    assert_eq!(endpoint(&valid(&out), false), backend);
+
+    // An entry carried over from the older maps is theirs while they run.
+    let carried = sa("10.244.1.5:40002");
+    let key = key_of(carried, sa(VIP));
+    let mut entry = f.ct.get(&key_of(client, sa(VIP)), 0).unwrap();
+    entry.sport = key.sport;
+    entry.flags |= NAT_F_CARRIED;
+    f.ct.insert(key, entry, 0).unwrap();
+    let segment = Pkt::tcp(carried, sa(VIP), TCP_ACK).build();
+    assert_eq!(f.ingress(&segment).0, TCX_NEXT, "a carried flow's segment");
+
+    older.set(0, UPGRADE_ALONE, 0).unwrap();
+    let (verdict, out) = f.ingress(&segment);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "a carried flow's segment, alone");
+    assert_eq!(endpoint(&valid(&out), false), backend);
+    let (verdict, _) = f.ingress(&deferred[0].1);
+    assert_eq!(verdict, TC_ACT_OK, "an unknown reply passes");
+    let (verdict, out) = f.ingress(&deferred[1].1);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "a segment is tracked anew");
+    assert_eq!(endpoint(&valid(&out), false), backend);
+    assert_eq!(f.counter(Counter::FlowRecreated), 1);
+}

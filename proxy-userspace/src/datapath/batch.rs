@@ -131,6 +131,33 @@ fn insert_if_absent(map: BorrowedFd<'_>, key: &[u8], value: &[u8]) -> io::Result
     }
 }
 
+/// Writes the packed entries over whatever the map holds under their keys,
+/// in batches; returns how many were written.
+pub fn overwrite(
+    map: BorrowedFd<'_>,
+    keys: &[u8],
+    values: &[u8],
+    key_size: usize,
+    value_size: usize,
+) -> io::Result<usize> {
+    let n = keys.len() / key_size;
+    assert_eq!(values.len(), n * value_size, "as many values as keys");
+    let mut at = 0;
+    while at < n {
+        let count = (n - at).min(CHUNK);
+        let mut attr = BatchAttr {
+            keys: keys[at * key_size..].as_ptr() as u64,
+            values: values[at * value_size..].as_ptr() as u64,
+            count: count as u32,
+            map_fd: map.as_raw_fd() as u32,
+            ..BatchAttr::default()
+        };
+        bpf(BPF_MAP_UPDATE_BATCH, &mut attr)?;
+        at += count;
+    }
+    Ok(n)
+}
+
 /// Writes the packed entries, whose keys the map did not hold when the
 /// caller read it; returns how many were added. Up to [`CHUNK`] entries
 /// go one by one with BPF_NOEXIST, so a key that programs wrote since is
@@ -157,18 +184,5 @@ pub fn insert_absent(
         }
         return Ok(added);
     }
-    let mut at = 0;
-    while at < n {
-        let count = (n - at).min(CHUNK);
-        let mut attr = BatchAttr {
-            keys: keys[at * key_size..].as_ptr() as u64,
-            values: values[at * value_size..].as_ptr() as u64,
-            count: count as u32,
-            map_fd: map.as_raw_fd() as u32,
-            ..BatchAttr::default()
-        };
-        bpf(BPF_MAP_UPDATE_BATCH, &mut attr)?;
-        at += count;
-    }
-    Ok(n)
+    overwrite(map, keys, values, key_size, value_size)
 }

@@ -8,6 +8,9 @@
 //! maps/KEP_SVC_V2 ...              one pin per map (proxy_common::ALL_MAPS)
 //! links/<ifname>@<ifindex>-ingress one pin per attached device and direction
 //! links/<ifname>@<ifindex>-egress
+//! links-next/<ifname>@<ifindex>-... during an upgrade to a new map layout:
+//!                                  the new programs' links, in front of the
+//!                                  older ones (see [`migrate`])
 //! ```
 //!
 //! bpffs refuses names with a dot (EPERM), and device names may have one
@@ -49,7 +52,8 @@ use aya::{
 use proxy_common::{
     ALL_MAPS, CFG_F_CLUSTER_CIDR, CFG_F_MASQUERADE_ALL, CFG_F_SOME_DEVICES, CONFIG_MAP,
     CONFIG6_MAP, Config, Config6, HAIRPIN_ADDR, HAIRPIN_ADDR6, PEER_DEV_MAP, PEER_DEV_WORDS,
-    PROG_EGRESS, PROG_INGRESS, PROG_NOOP, SERVICE_CIDRS,
+    PROG_EGRESS, PROG_INGRESS, PROG_NOOP, SERVICE_CIDRS, UPGRADE_ALONE, UPGRADE_ATTACHING,
+    UPGRADE_MAP, UPGRADE_OLDER_BEHIND,
 };
 
 /// The settings the datapath reads, from the daemon's: IPv4 CIDRs only
@@ -232,6 +236,12 @@ pub struct Datapath {
     /// Pins of earlier map layouts, removed once the new programs run
     /// everywhere ([`Datapath::retire_old_layouts`]).
     old_layouts: migrate::Plan,
+    /// During an upgrade to a new map layout: this load's flag telling its
+    /// programs that the older ones run behind them (`KEP_UPGRADE`: they
+    /// hand on what they would act on while being attached, then what they
+    /// miss
+    /// until the older maps are carried over; see [`migrate`]).
+    older_behind: Option<Array<MapData, u32>>,
 }
 
 pub fn maps_dir(root: &Path) -> PathBuf {
@@ -242,9 +252,23 @@ pub fn links_dir(root: &Path) -> PathBuf {
     root.join("links")
 }
 
+/// Where the new programs' links wait during an upgrade to a new map
+/// layout, in front of the older programs' links (see [`migrate`]).
+pub fn next_links_dir(root: &Path) -> PathBuf {
+    root.join("links-next")
+}
+
 fn link_pin(root: &Path, dev: &Device, dir: Direction) -> PathBuf {
+    links_dir(root).join(link_pin_name(dev, dir))
+}
+
+fn next_link_pin(root: &Path, dev: &Device, dir: Direction) -> PathBuf {
+    next_links_dir(root).join(link_pin_name(dev, dir))
+}
+
+fn link_pin_name(dev: &Device, dir: Direction) -> String {
     let name = dev.name.replace('%', "%25").replace('.', "%2E");
-    links_dir(root).join(format!("{name}@{}-{}", dev.index, dir.suffix()))
+    format!("{name}@{}-{}", dev.index, dir.suffix())
 }
 
 /// Sets the size of the maps `--conntrack-max` sizes, when given.
@@ -323,8 +347,50 @@ impl Datapath {
                 "resized a pinned map"
             );
         }
+        let flag_pin = maps_dir(root).join(UPGRADE_MAP);
+        if old_layouts.is_empty() {
+            // An upgrade that died after removing the old pins.
+            let _ = fs::remove_file(&flag_pin);
+        } else {
+            dp.start_upgrade(&flag_pin)?;
+        }
         dp.old_layouts = old_layouts;
         Ok(dp)
+    }
+
+    /// Sets this load's `KEP_UPGRADE` for an upgrade and pins it at `pin`
+    /// until [`Datapath::retire_old_layouts`], in place of the pin of an
+    /// upgrade that died: if that one had let its programs open flows
+    /// (they are in the new maps, unknown to the old programs), this one
+    /// starts there too (`UPGRADE_OLDER_BEHIND`); otherwise its programs
+    /// hand on what they would act on while being attached
+    /// (`UPGRADE_ATTACHING`).
+    fn start_upgrade(&mut self, pin: &Path) -> Result<()> {
+        let died_at = MapData::from_pin(pin)
+            .ok()
+            .and_then(|d| Map::from_map_data(d).ok())
+            .and_then(|m| Array::<MapData, u32>::try_from(m).ok())
+            .and_then(|a| a.get(&0, 0).ok());
+        let start = match died_at {
+            Some(UPGRADE_OLDER_BEHIND | UPGRADE_ALONE) => UPGRADE_OLDER_BEHIND,
+            _ => UPGRADE_ATTACHING,
+        };
+        let _ = fs::remove_file(pin);
+        // Set before it is pinned: the pin never shows another state.
+        let mut flag: Array<MapData, u32> = self.map(UPGRADE_MAP)?;
+        flag.set(0, start, 0)?;
+        flag.pin(pin)
+            .with_context(|| format!("pinning {}", pin.display()))?;
+        let flag = Array::try_from(Map::from_map_data(MapData::from_pin(pin)?)?)?;
+        if died_at.is_some() {
+            tracing::info!(
+                died_at,
+                start,
+                "an earlier upgrade died before it finished; taking it over"
+            );
+        }
+        self.older_behind = Some(flag);
+        Ok(())
     }
 
     /// Carries the entries of the pinned maps of an earlier layout over
@@ -350,13 +416,48 @@ impl Datapath {
         !self.old_layouts.is_empty()
     }
 
-    /// To be called once every pinned link runs this load's programs: the
-    /// entries the previous run's programs created since the load are
-    /// carried over too, then the pins of earlier layouts are removed.
-    /// Returns the entries caught up. Tried once: after a failure the old
-    /// pins stay, and the next start carries them over again.
-    pub fn retire_old_layouts(&mut self) -> Result<usize> {
-        std::mem::take(&mut self.old_layouts).retire(&maps_dir(&self.root))
+    /// To be called once this load's programs run on every pinned link, in
+    /// front of the previous run's, handing on what they would act on (so far the
+    /// previous programs serve every flow, and this load's write nothing):
+    ///
+    /// 1. carries over what the previous programs created or changed since
+    ///    the first copy;
+    /// 2. lets this load's programs open flows and serve those they know,
+    ///    handing the rest on (UPGRADE_OLDER_BEHIND), and carries over
+    ///    what the previous programs created meanwhile;
+    /// 3. lets this load's programs handle every packet (the previous ones
+    ///    see none from then on) and carries over what the previous ones
+    ///    created between the copy of 2 and that moment;
+    /// 4. puts this load's links in place of theirs (which detaches them)
+    ///    and removes the pins of earlier layouts.
+    ///
+    /// Returns the entries carried over in 1, 2 and 3. Tried once: after a
+    /// failure the old pins stay, and the next start goes through the
+    /// upgrade again.
+    pub fn retire_old_layouts(&mut self) -> Result<[usize; 3]> {
+        let maps = maps_dir(&self.root);
+        let mut plan = std::mem::take(&mut self.old_layouts);
+        let mut flag = self.older_behind.take();
+        let mut set = |value, what| match &mut flag {
+            Some(flag) => flag.set(0, value, 0).context(what),
+            None => Ok(()),
+        };
+        let attached = plan.catch_up(&maps)?;
+        set(UPGRADE_OLDER_BEHIND, "letting the new programs open flows")?;
+        tracing::info!(
+            caught_up = attached,
+            "the new programs run in front of the older ones everywhere and open flows now"
+        );
+        let behind = plan.catch_up(&maps)?;
+        set(
+            UPGRADE_ALONE,
+            "letting the new programs handle every packet",
+        )?;
+        let alone = plan.catch_up(&maps)?;
+        promote_next_links(&self.root)?;
+        plan.remove_pins()?;
+        let _ = fs::remove_file(maps_dir(&self.root).join(UPGRADE_MAP));
+        Ok([attached, behind, alone])
     }
 
     /// Loads the programs with private, unpinned maps: for datapath tests
@@ -407,6 +508,7 @@ impl Datapath {
             root: root.to_path_buf(),
             sockets_unloadable,
             old_layouts: migrate::Plan::default(),
+            older_behind: None,
         })
     }
 
@@ -479,34 +581,37 @@ impl Datapath {
 
     /// Attaches both programs to `dev`; a pinned link from an earlier run is
     /// updated to the new program in place (no moment without a program).
+    /// During an upgrade to a new map layout the earlier run's link stays:
+    /// the new programs get a link of their own in front of it, pinned
+    /// under `links-next/` until [`Datapath::retire_old_layouts`] (a link
+    /// there from an interrupted upgrade is updated in place).
     pub fn attach(&mut self, dev: &Device) -> Result<()> {
         for dir in Direction::for_device(dev).iter().copied() {
             let pin = link_pin(&self.root, dev, dir);
+            let next = next_link_pin(&self.root, dev, dir);
+            if self.older_behind.is_none() {
+                // An upgrade interrupted after the older maps were retired.
+                promote(&next, &pin)?;
+            }
+            // Held until attached: the order names the older link by its fd.
+            let older = match self.older_behind {
+                Some(_) => PinnedLink::from_pin(&pin)
+                    .ok()
+                    .map(|l| SchedClassifierLink::try_from(FdLink::from(l)))
+                    .transpose()?,
+                None => None,
+            };
+            let (target, order) = match &older {
+                Some(older) => (next, LinkOrder::before_link(older)?),
+                None => (pin, LinkOrder::default()),
+            };
             let prog: &mut SchedClassifier = self
                 .ebpf
                 .program_mut(dir.program())
                 .context("program missing")?
                 .try_into()?;
-            match PinnedLink::from_pin(&pin) {
-                Ok(old) => {
-                    let link = SchedClassifierLink::try_from(FdLink::from(old))?;
-                    prog.attach_to_link(link)
-                        .with_context(|| format!("replacing {} on {}", dir.suffix(), dev.name))?;
-                }
-                Err(_) => {
-                    let id = prog
-                        .attach_with_options(
-                            &dev.name,
-                            dir.attach_type(),
-                            TcAttachOptions::TcxOrder(LinkOrder::default()),
-                        )
-                        .with_context(|| format!("attaching {} to {}", dir.suffix(), dev.name))?;
-                    let link = prog.take_link(id)?;
-                    let link: FdLink = link.try_into()?;
-                    link.pin(&pin)
-                        .with_context(|| format!("pinning {}", pin.display()))?;
-                }
-            }
+            attach_pinned(prog, dev, dir, &target, order)?;
+            drop(older);
         }
         self.list_peer_device(dev);
         Ok(())
@@ -604,6 +709,65 @@ impl Datapath {
     }
 }
 
+/// Attaches `prog` to `dev` in `order` and pins the link at `pin`, or
+/// updates the link pinned there to `prog`.
+fn attach_pinned(
+    prog: &mut SchedClassifier,
+    dev: &Device,
+    dir: Direction,
+    pin: &Path,
+    order: LinkOrder,
+) -> Result<()> {
+    if let Ok(old) = PinnedLink::from_pin(pin) {
+        let link = SchedClassifierLink::try_from(FdLink::from(old))?;
+        prog.attach_to_link(link)
+            .with_context(|| format!("replacing {} on {}", dir.suffix(), dev.name))?;
+        return Ok(());
+    }
+    if let Some(parent) = pin.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    let id = prog
+        .attach_with_options(
+            &dev.name,
+            dir.attach_type(),
+            TcAttachOptions::TcxOrder(order),
+        )
+        .with_context(|| format!("attaching {} to {}", dir.suffix(), dev.name))?;
+    let link: FdLink = prog.take_link(id)?.try_into()?;
+    link.pin(pin)
+        .with_context(|| format!("pinning {}", pin.display()))?;
+    Ok(())
+}
+
+/// Puts the link pinned at `next` in place of the one pinned at `pin`: one
+/// rename, which drops the last reference to the replaced link (the kernel
+/// detaches it). Nothing to do without a link at `next`.
+fn promote(next: &Path, pin: &Path) -> Result<()> {
+    match fs::rename(next, pin) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("moving {} to {}", next.display(), pin.display())),
+    }
+}
+
+/// Every link of `links-next/` in place of its device's older link (see
+/// [`promote`]), then the directory is removed.
+fn promote_next_links(root: &Path) -> Result<()> {
+    let dir = next_links_dir(root);
+    let entries = match fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
+    };
+    for entry in entries {
+        let name = entry?.file_name();
+        promote(&dir.join(&name), &links_dir(root).join(&name))?;
+    }
+    let _ = fs::remove_dir(&dir);
+    Ok(())
+}
+
 /// How often a load the verifier gave up with EAGAIN is tried.
 const LOAD_TRIES: u32 = 5;
 
@@ -657,8 +821,10 @@ pub fn pinned_devices(root: &Path) -> Result<BTreeSet<Device>> {
 /// Removes our links from `dev`: unpinning a TCX link that nothing else
 /// holds detaches it.
 pub fn detach_pins(root: &Path, dev: &Device) -> Result<()> {
-    for dir in Direction::BOTH {
-        let pin = link_pin(root, dev, dir);
+    let pins = Direction::BOTH
+        .into_iter()
+        .flat_map(|dir| [next_link_pin(root, dev, dir), link_pin(root, dev, dir)]);
+    for pin in pins {
         match PinnedLink::from_pin(&pin) {
             Ok(link) => {
                 let fd_link = link.unpin()?;
@@ -679,13 +845,17 @@ pub fn cleanup(root: &Path) -> Result<()> {
         detach_pins(root, &dev)?;
     }
     let maps = maps_dir(root);
-    if maps.exists() {
-        for entry in fs::read_dir(&maps)? {
+    // Links of an interrupted upgrade, then the maps.
+    for dir in [next_links_dir(root), maps.clone()] {
+        if !dir.exists() {
+            continue;
+        }
+        for entry in fs::read_dir(&dir)? {
             let path = entry?.path();
             fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
         }
     }
-    for dir in [links_dir(root), maps] {
+    for dir in [next_links_dir(root), links_dir(root), maps] {
         match fs::remove_dir(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -711,6 +881,28 @@ fn typed<T: TryFrom<Map, Error = MapError>>(map: Map, name: &str) -> Result<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn next_links_take_the_place_of_the_older_ones_and_their_directory_goes() {
+        let root = std::env::temp_dir().join(format!("kep-next-test-{}", std::process::id()));
+        let dev = Device {
+            name: "eth0".into(),
+            index: 2,
+        };
+        fs::create_dir_all(links_dir(&root)).unwrap();
+        fs::create_dir_all(next_links_dir(&root)).unwrap();
+        fs::write(link_pin(&root, &dev, Direction::Ingress), b"older").unwrap();
+        fs::write(next_link_pin(&root, &dev, Direction::Ingress), b"newer").unwrap();
+        // A device the older run never attached: the new link is its only one.
+        fs::write(next_link_pin(&root, &dev, Direction::Egress), b"newer").unwrap();
+        promote_next_links(&root).unwrap();
+        let read = |dir| fs::read(link_pin(&root, &dev, dir)).unwrap();
+        let (ingress, egress) = (read(Direction::Ingress), read(Direction::Egress));
+        let next_gone = !next_links_dir(&root).exists();
+        fs::remove_dir_all(&root).unwrap();
+        assert_eq!((ingress, egress), (b"newer".to_vec(), b"newer".to_vec()));
+        assert!(next_gone);
+    }
 
     #[test]
     fn link_pins_have_no_dots_and_name_their_device() {
