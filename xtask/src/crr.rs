@@ -61,8 +61,8 @@ use crate::kube_proxy_rules::{self, ClusterCidr, Service};
 use self::{
     bpfcost::BpfCost,
     cpu::{CpuUse, Cpus, daemon_cpu, per_cpu_times, pick_cpus, wait_quiet},
-    keepalive::keepalive_in,
-    loadgen::{CrrStats, count_time_wait, crr_in},
+    keepalive::keepalive_loop,
+    loadgen::{CrrStats, count_time_wait, crr_loop},
     report::{cpu_text, fmt_duration, machine_summary, print_table, spread_text, thousands},
     workload::{BenchLab, service_set, start_ebpf, stop_ebpf},
 };
@@ -152,6 +152,7 @@ enum Workload {
 impl Workload {
     const ALL: [Workload; 2] = [Workload::Crr, Workload::KeepAlive];
 
+    /// Runs the client on a thread in `ns`, pinned to `cpu`.
     fn run_in(
         self,
         ns: &lab::Netns,
@@ -160,10 +161,17 @@ impl Workload {
         duration: Duration,
         cpu: Option<usize>,
     ) -> Result<CrrStats> {
-        match self {
-            Workload::Crr => crr_in(ns, targets, concurrency, duration, cpu),
-            Workload::KeepAlive => keepalive_in(ns, targets, concurrency, duration, cpu),
-        }
+        ns.run(|| {
+            if let Some(cpu) = cpu {
+                cpu::pin_to_cpu(cpu).with_context(|| format!("pinning the client to CPU {cpu}"))?;
+            }
+            match self {
+                Workload::Crr => crr_loop(targets, concurrency, duration).context("client loop"),
+                Workload::KeepAlive => {
+                    keepalive_loop(targets, concurrency, duration).context("keep-alive client")
+                }
+            }
+        })
     }
 }
 

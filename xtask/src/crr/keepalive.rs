@@ -15,11 +15,9 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
-use lab::Netns;
 
 use super::{
     BACKENDS, CONN_TIMEOUT,
-    cpu::pin_to_cpu,
     loadgen::{CrrStats, last_err},
     server::{RESPONSE_LEN, backend_of, epoll_add},
 };
@@ -28,22 +26,6 @@ const KEEPALIVE_REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n";
 /// Connections opened to balance the backends, per connection kept, before
 /// giving up (a proxy that sends everything to one backend).
 const BALANCE_ATTEMPTS: usize = 50;
-
-/// Runs [`keepalive_loop`] on a thread in `ns`, pinned to `cpu`.
-pub(super) fn keepalive_in(
-    ns: &Netns,
-    targets: &[SocketAddrV4],
-    concurrency: usize,
-    duration: Duration,
-    cpu: Option<usize>,
-) -> Result<CrrStats> {
-    ns.run(|| {
-        if let Some(cpu) = cpu {
-            pin_to_cpu(cpu).with_context(|| format!("pinning the client to CPU {cpu}"))?;
-        }
-        keepalive_loop(targets, concurrency, duration).context("keep-alive client")
-    })
-}
 
 /// Connections to `targets` (in turn) until each backend holds
 /// `concurrency / backends` of them, rounded up.

@@ -7,10 +7,9 @@ use std::net::SocketAddrV4;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result, bail, ensure};
-use lab::Netns;
+use anyhow::{Result, bail, ensure};
 
-use super::{CONN_TIMEOUT, REQUEST, cpu::pin_to_cpu, server::RESPONSE_LEN};
+use super::{CONN_TIMEOUT, REQUEST, server::RESPONSE_LEN};
 
 #[derive(Debug, Default)]
 pub(super) struct CrrStats {
@@ -25,22 +24,6 @@ impl CrrStats {
         self.errors += 1;
         self.first_error.get_or_insert(why);
     }
-}
-
-/// Runs [`crr_loop`] on a thread in `ns`, pinned to `cpu`.
-pub(super) fn crr_in(
-    ns: &Netns,
-    targets: &[SocketAddrV4],
-    concurrency: usize,
-    duration: Duration,
-    cpu: Option<usize>,
-) -> Result<CrrStats> {
-    ns.run(|| {
-        if let Some(cpu) = cpu {
-            pin_to_cpu(cpu).with_context(|| format!("pinning the client to CPU {cpu}"))?;
-        }
-        crr_loop(targets, concurrency, duration).context("client loop")
-    })
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
