@@ -29,8 +29,10 @@
 
 use bytemuck::{Pod, Zeroable};
 
+pub mod filter;
 pub mod layout;
 pub mod v6;
+pub use filter::*;
 pub use v6::*;
 
 /// Frontends: (address, port, protocol) → service port. NodePorts use the
@@ -116,7 +118,7 @@ pub const UPGRADE_ATTACHING: u32 = 1;
 pub const UPGRADE_OLDER_BEHIND: u32 = 2;
 
 /// Every map name, for pinning and cleanup (the IPv6 ones included).
-pub const ALL_MAPS: [&str; 27] = [
+pub const ALL_MAPS: [&str; 29] = [
     SVC_MAP,
     SLOT_MAP,
     BACKEND_MAP,
@@ -144,6 +146,8 @@ pub const ALL_MAPS: [&str; 27] = [
     CONFIG6_MAP,
     SOCK_RNAT6_MAP,
     SOCK_FWD6_MAP,
+    ADDR_FILTER_MAP,
+    ENDPOINT_FILTER_MAP,
 ];
 
 /// Capacities. Hash maps holding desired state are created without

@@ -108,6 +108,10 @@ pub trait Addr: Copy + PartialEq + 'static {
 
     /// The `ADDR_*` class bits of this address (0: none).
     fn class(self) -> u8;
+    /// Whether this address and port may be a backend's: the source of a
+    /// reply some reverse-NAT entry translates, or a socket's translated
+    /// peer (false: certainly not, see [`proxy_common::filter`]).
+    fn may_be_endpoint(self, port: [u8; 2]) -> bool;
     /// Whether this address lies in a service CIDR of its family.
     fn in_service_cidr(self) -> bool;
     /// Whether this address lies in the family's cluster CIDR; `None` when

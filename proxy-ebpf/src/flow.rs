@@ -164,9 +164,14 @@ fn flow_key<A: Addr>(ip: &Ip<A>, ports: &Ports) -> Tuple<A> {
 /// The reverse-NAT entry of a reply. A FIN or RST marks it: together with
 /// the conntrack entry's mark, that frees a SNAT port (see [`snat_port`]).
 /// During an upgrade, the entry may be the older datapath's
-/// ([`upgrade::defer_entry`]).
+/// ([`upgrade::defer_entry`]). Only a backend sends replies we translate:
+/// a packet from anything else (a client, a pod that serves nothing)
+/// skips the lookup.
 #[inline(always)]
 fn reverse_nat<A: Addr>(key: &Tuple<A>, ports: &Ports) -> Result<Option<&'static Nat<A>>, i32> {
+    if !key.saddr.may_be_endpoint(key.sport) {
+        return Ok(None);
+    }
     let Some(entry) = A::rnat(key) else {
         return Ok(None);
     };

@@ -93,6 +93,24 @@ pub static KEP_PEERDEV: Array<u64, { PEER_DEV_WORDS as usize }> = Array::new();
 #[btf_map]
 pub static KEP_UPGRADE: Array<u32, 1> = Array::new();
 
+/// Probe filters ([`proxy_common::filter`]): a clear bit spares the
+/// lookup in [`KEP_ADDR_V2`]/[`KEP_ADDR6_V1`] (addresses) or in the
+/// reverse-NAT maps (backend endpoints). Written by the daemon only.
+#[btf_map]
+pub static KEP_ADDRBITS_V1: Array<u64, { FILTER_WORDS as usize }> = Array::new();
+
+#[btf_map]
+pub static KEP_EPBITS_V1: Array<u64, { FILTER_WORDS as usize }> = Array::new();
+
+/// Whether `bit` of a probe filter is set: whether the lookup it stands
+/// for may find something. (A word the verifier cannot prove there is
+/// read as "look it up".)
+#[inline(always)]
+pub fn filter_has(filter: &Array<u64, { FILTER_WORDS as usize }>, bit: u32) -> bool {
+    let (word, mask) = filter_word(bit);
+    filter.get(word).is_none_or(|w| *w & mask != 0)
+}
+
 /// Written and read by userspace only; defined here so that the object
 /// carries it (and its BTF) like every other map.
 #[btf_map]
@@ -127,6 +145,9 @@ pub fn count(counter: Counter) {
 
 #[inline(always)]
 pub fn addr_class(addr: [u8; 4]) -> u8 {
+    if !filter_has(&KEP_ADDRBITS_V1, addr_bit(addr)) {
+        return 0;
+    }
     // SAFETY: the value is copied out before anything else can touch it.
     match unsafe { KEP_ADDR_V2.get(AddrKey { addr }) } {
         Some(v) => v.class,

@@ -467,6 +467,11 @@ fn backend_of<A: SockFamily>(nat: &SockNatOf<A>) -> Option<Be<A>> {
 #[inline(always)]
 fn reverse<A: SockFamily>(ctx: &SockAddrContext) {
     let (addr, port) = A::dest(ctx);
+    // A peer that is no backend (every accepted connection's client) was
+    // never translated: no cookie, no lookup.
+    if !addr.may_be_endpoint(port) {
+        return;
+    }
     if let Some(service) = A::service_of(cookie(ctx), addr, port) {
         A::set_dest(ctx, service.addr, service.port);
     }

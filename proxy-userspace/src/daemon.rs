@@ -539,6 +539,11 @@ impl Context {
         m.record_skipped(&problems, self.source.unreadable());
         m.record_no_local_endpoints(self.model.frontends());
         m.set_map_entries(&self.syncer.entry_counts());
+        let (addr_bits, endpoint_bits) = self.syncer.maps().filter_bits();
+        m.set_map_entries(&[
+            (proxy_common::ADDR_FILTER_MAP, addr_bits as usize),
+            (proxy_common::ENDPOINT_FILTER_MAP, endpoint_bits as usize),
+        ]);
         let triggers = std::mem::take(&mut self.pending_triggers);
         let wall = m.record_sync(started, self.pending_since.take(), &triggers);
         if report.failed.is_empty() {

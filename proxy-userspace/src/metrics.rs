@@ -250,12 +250,12 @@ impl Metrics {
         );
         r.register(
             "kube_ebpf_proxy_desired_map_entries",
-            "Entries the daemon keeps in each desired-state map",
+            "Entries the daemon keeps in each desired-state map (probe filters: bits set)",
             sync.map_entries.clone(),
         );
         r.register(
             "kube_ebpf_proxy_desired_map_fill_ratio",
-            "Entries over capacity of each desired-state map",
+            "Entries over capacity of each desired-state map (probe filters: bits set over bits)",
             sync.map_fill.clone(),
         );
         r.register(
@@ -727,6 +727,9 @@ impl SyncMetrics {
                 BACKEND6_MAP => BACKEND6_MAP_SIZE,
                 ADDR_MAP => ADDR_MAP_SIZE,
                 ADDR6_MAP => ADDR6_MAP_SIZE,
+                // Bits set: the fill is the share of non-members a probe
+                // filter still sends to the lookup.
+                ADDR_FILTER_MAP | ENDPOINT_FILTER_MAP => FILTER_BITS,
                 _ => SVC_MAP_SIZE,
             };
             let labels = NameLabels { map };

@@ -8,40 +8,21 @@
 //! (under /sys/fs/bpf, mounted if needed), removed afterwards also on
 //! failure.
 
+mod pins;
 mod privileged;
+use pins::PinDir;
 use privileged::privileged;
 use std::{
     fs,
-    path::{Path, PathBuf},
+    path::Path,
 };
 
 use aya::maps::{HashMap, MapData, MapInfo};
 use proxy_common::*;
 use proxy_userspace::datapath::{
-    Datapath, Ipv6Maps, bpffs, maps_dir, open_pinned,
+    Datapath, Ipv6Maps, maps_dir, open_pinned,
     resize::{IPV6_LRU_MAPS, IPV6_OFF_ENTRIES, SIZED_MAPS, sizes},
 };
-
-/// A pin directory of this test's own, removed on drop.
-struct PinDir(PathBuf);
-
-impl PinDir {
-    fn new(name: &str) -> PinDir {
-        let dir = PathBuf::from(format!(
-            "/sys/fs/bpf/kep-test-{name}-{}",
-            std::process::id()
-        ));
-        bpffs::ensure(&dir).expect("a bpffs directory");
-        PinDir(dir)
-    }
-}
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-        let _ = bpffs::release(&self.0);
-    }
-}
 
 fn max_entries(root: &Path, map: &str) -> u32 {
     MapInfo::from_pin(maps_dir(root).join(map))

@@ -787,6 +787,65 @@ fn a_removed_backend_is_not_reused_by_new_connections_on_an_old_tuple() {
     assert!(f.rnat.iter().count() >= 2);
 }
 
+/// The probe filters' bits are never cleared: a connection that outlives
+/// its backend (an endpoint removed while the connection lasts) still has
+/// its replies translated.
+#[test]
+fn replies_of_a_flow_whose_backend_was_removed_are_still_translated() {
+    let Some(mut f) = Fixture::new("removed_backend_replies") else {
+        return;
+    };
+    f.services(&[("10.244.2.11:8080", false)]);
+    f.ingress(&Pkt::tcp(sa(CLIENT), sa(VIP), TCP_SYN).build());
+    f.services(&[("10.244.2.12:8080", false)]);
+    let maps = f.syncer.maps().read_all().unwrap();
+    assert!(
+        maps.backends.values().all(|b| b.addr != [10, 244, 2, 11]),
+        "the backend is gone from the maps"
+    );
+    let reply = Pkt::tcp(sa("10.244.2.11:8080"), sa(CLIENT), TCP_SYN | TCP_ACK).build();
+    let p = valid(&f.ingress(&reply).1);
+    assert_eq!(endpoint(&p, true), sa(VIP), "reply comes from the service");
+}
+
+/// What the endpoint filter rules out is not looked up: a packet from an
+/// address and port that is no backend skips the reverse-NAT lookup, so a
+/// pod's ordinary traffic costs one bit test there. Shown with an entry
+/// written behind the writer's back (as a version without filters would
+/// have): invisible until its source becomes a backend, which sets the
+/// bit (and every start sets the bits of what the pins hold, see
+/// probe_filters.rs).
+#[test]
+fn reverse_nat_is_looked_up_only_for_replies_from_backends() {
+    let Some(mut f) = Fixture::new("endpoint_filter") else {
+        return;
+    };
+    f.services(&[("10.244.2.11:8080", false)]);
+    let from = sa("10.244.3.7:9000");
+    let key = key_of(from, sa(CLIENT));
+    let to_client = NatEntry {
+        saddr: [10, 96, 0, 10],
+        daddr: key.daddr,
+        sport: 80u16.to_be_bytes(),
+        dport: key.dport,
+        svc_id: 1,
+        backend_id: 77,
+        flags: 0,
+        _pad: [0; 3],
+    };
+    f.rnat.insert(key, to_client, 0).unwrap();
+    let reply = Pkt::tcp(from, sa(CLIENT), TCP_ACK).build();
+    let p = valid(&f.ingress(&reply).1);
+    assert_eq!(endpoint(&p, true), from, "no bit, no lookup: untouched");
+
+    f.put(Entry::Backend(
+        BackendKey { backend_id: 77 },
+        backend(from, IPPROTO_TCP, false),
+    ));
+    let p = valid(&f.ingress(&reply).1);
+    assert_eq!(endpoint(&p, true), sa(VIP), "a backend's reply is looked up");
+}
+
 /// A log::Log that keeps the messages.
 #[derive(Clone, Default)]
 struct Collect(std::sync::Arc<std::sync::Mutex<Vec<String>>>);

@@ -19,7 +19,7 @@ use aya::maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key};
 use aya::programs::{TestRun, TestRunOptions};
 use proxy_common::*;
 use proxy_userspace::{
-    datapath::Datapath,
+    datapath::{Datapath, filters::ProbeFilters},
     testkit::{
         pktgen::{
             TCP, TCP_ACK, TCP_SYN, UDP,
@@ -71,6 +71,9 @@ struct Fixture {
     aff: HashMap<MapData, AffKey6, AffValue>,
     stats: PerCpuArray<MapData, u64>,
     _config: Array<MapData, Config6>,
+    /// Written as the daemon's map writer does: a bit before each address
+    /// and backend.
+    filters: ProbeFilters,
     next_svc_id: u32,
     // Last: the namespace goes after the maps and programs.
     _ns: NetNsGuard,
@@ -135,6 +138,7 @@ impl Fixture {
             aff: dp.map(AFF6_MAP).unwrap(),
             stats: dp.map(STATS_MAP).unwrap(),
             _config: config,
+            filters: dp.take_filters().unwrap(),
             dp,
             next_svc_id: 1,
             _ns: ns,
@@ -148,6 +152,7 @@ impl Fixture {
         let key = AddrKey6 {
             addr: addr.octets(),
         };
+        self.filters.add_addr(addr.into()).unwrap();
         self.addrs
             .insert(
                 key,
@@ -167,6 +172,8 @@ impl Fixture {
         for (i, (addr, local)) in fe.backends.iter().enumerate() {
             let backend_id = svc_id * 100 + i as u32;
             let be = sa(addr);
+            let port = be.port().to_be_bytes();
+            self.filters.add_endpoint((*be.ip()).into(), port).unwrap();
             self.backends
                 .insert(
                     BackendKey { backend_id },

@@ -12,8 +12,8 @@ use crate::{
     Hook,
     family::{Addr, Be, Nat, Tuple, map_access, map_types},
     maps::{
-        KEP_ADDR6_V1, KEP_AFF6_V1, KEP_BE6_V1, KEP_CFG6_V1, KEP_CT6_V1, KEP_FRAG6_V1, KEP_RNAT6_V1,
-        KEP_SRCRNG6_V1, KEP_SVC6_V1,
+        KEP_ADDR6_V1, KEP_ADDRBITS_V1, KEP_AFF6_V1, KEP_BE6_V1, KEP_CFG6_V1, KEP_CT6_V1,
+        KEP_EPBITS_V1, KEP_FRAG6_V1, KEP_RNAT6_V1, KEP_SRCRNG6_V1, KEP_SVC6_V1, filter_has,
     },
     nat,
     packet::Ip,
@@ -47,8 +47,16 @@ impl Addr for [u8; 16] {
 
     #[inline(always)]
     fn class(self) -> u8 {
+        if !filter_has(&KEP_ADDRBITS_V1, addr6_bit(self)) {
+            return 0;
+        }
         // SAFETY: copied out at once.
         unsafe { KEP_ADDR6_V1.get(AddrKey6 { addr: self }) }.map_or(0, |v| v.class)
+    }
+
+    #[inline(always)]
+    fn may_be_endpoint(self, port: [u8; 2]) -> bool {
+        filter_has(&KEP_EPBITS_V1, endpoint6_bit(self, port))
     }
 
     #[inline(always)]

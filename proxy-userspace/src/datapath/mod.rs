@@ -27,6 +27,7 @@
 mod batch;
 pub mod bpffs;
 pub mod devices;
+pub mod filters;
 pub mod linkwatch;
 pub mod migrate;
 mod peer;
@@ -50,10 +51,10 @@ use aya::{
     },
 };
 use proxy_common::{
-    ALL_MAPS, CFG_F_CLUSTER_CIDR, CFG_F_MASQUERADE_ALL, CFG_F_SOME_DEVICES, CONFIG_MAP,
-    CONFIG6_MAP, Config, Config6, HAIRPIN_ADDR, HAIRPIN_ADDR6, PEER_DEV_MAP, PEER_DEV_WORDS,
-    PROG_EGRESS, PROG_INGRESS, PROG_NOOP, SERVICE_CIDRS, UPGRADE_ALONE, UPGRADE_ATTACHING,
-    UPGRADE_MAP, UPGRADE_OLDER_BEHIND,
+    ADDR_FILTER_MAP, ALL_MAPS, CFG_F_CLUSTER_CIDR, CFG_F_MASQUERADE_ALL, CFG_F_SOME_DEVICES,
+    CONFIG_MAP, CONFIG6_MAP, Config, Config6, ENDPOINT_FILTER_MAP, HAIRPIN_ADDR, HAIRPIN_ADDR6,
+    PEER_DEV_MAP, PEER_DEV_WORDS, PROG_EGRESS, PROG_INGRESS, PROG_NOOP, SERVICE_CIDRS,
+    UPGRADE_ALONE, UPGRADE_ATTACHING, UPGRADE_MAP, UPGRADE_OLDER_BEHIND,
 };
 
 /// The settings the datapath reads, from the daemon's: IPv4 CIDRs only
@@ -242,6 +243,9 @@ pub struct Datapath {
     /// miss
     /// until the older maps are carried over; see [`migrate`]).
     older_behind: Option<Array<MapData, u32>>,
+    /// The probe filters, until the map writer takes them
+    /// ([`Datapath::take_filters`]).
+    filters: Option<filters::ProbeFilters>,
 }
 
 pub fn maps_dir(root: &Path) -> PathBuf {
@@ -347,6 +351,7 @@ impl Datapath {
                 "resized a pinned map"
             );
         }
+        dp.prime_filters(&old_layouts)?;
         let flag_pin = maps_dir(root).join(UPGRADE_MAP);
         if old_layouts.is_empty() {
             // An upgrade that died after removing the old pins.
@@ -471,12 +476,54 @@ impl Datapath {
     pub fn load_private_sized(debug: bool, conntrack_max: Option<u32>) -> Result<Datapath> {
         let mut loader = EbpfLoader::new();
         size_conntrack(&mut loader, conntrack_max);
-        Datapath::finish(
+        let mut dp = Datapath::finish(
             loader,
             debug,
             &[PROG_INGRESS, PROG_EGRESS, PROG_NOOP],
             Path::new(""),
+        )?;
+        dp.filters = Some(dp.open_filters(true)?);
+        Ok(dp)
+    }
+
+    fn open_filters(&mut self, fresh: bool) -> Result<filters::ProbeFilters> {
+        filters::ProbeFilters::open(
+            self.map(ADDR_FILTER_MAP)?,
+            self.map(ENDPOINT_FILTER_MAP)?,
+            fresh,
         )
+    }
+
+    /// Sets the probe filters' bits for what the pins hold, before any of
+    /// this load's programs runs (see [`filters`]).
+    fn prime_filters(&mut self, old_layouts: &migrate::Plan) -> Result<()> {
+        let started = std::time::Instant::now();
+        let mut filters = self.open_filters(false)?;
+        let earlier: Vec<(PathBuf, &'static str)> = old_layouts
+            .retiring
+            .iter()
+            .map(|r| (r.pin.clone(), r.successor))
+            .collect();
+        let primed = filters.prime(&maps_dir(&self.root), &earlier)?;
+        let (addr_bits, endpoint_bits) = filters.bits_set();
+        tracing::info!(
+            addrs = primed.addrs,
+            endpoints = primed.endpoints,
+            addr_bits,
+            endpoint_bits,
+            ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1e3),
+            "probe filters hold every pinned address and backend"
+        );
+        self.filters = Some(filters);
+        Ok(())
+    }
+
+    /// The probe filters, for the one writer of addresses and backends
+    /// (see [`filters`]).
+    pub fn take_filters(&mut self) -> Result<filters::ProbeFilters> {
+        self.filters
+            .take()
+            .context("the probe filters were taken already")
     }
 
     fn finish(
@@ -509,6 +556,7 @@ impl Datapath {
             sockets_unloadable,
             old_layouts: migrate::Plan::default(),
             older_behind: None,
+            filters: None,
         })
     }
 

@@ -8,7 +8,9 @@
 //! optionally with capacities, so the syncer is tested without root.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 
+use crate::datapath::filters::ProbeFilters;
 use aya::maps::{
     HashMap, MapData, MapError, PerCpuArray, PerCpuValues,
     lpm_trie::{Key as LpmKey, LpmTrie},
@@ -161,6 +163,8 @@ pub struct BpfLbMaps {
     backends6: HashMap<MapData, BackendKey, Backend6>,
     addrs6: HashMap<MapData, AddrKey6, AddrValue>,
     ranges6: LpmTrie<MapData, SrcRangeKey6, u8>,
+    /// Their bits are set before an address or a backend is written.
+    filters: ProbeFilters,
 }
 
 fn lpm_key(k: &SrcRangeKey, len: u8) -> LpmKey<SrcRangeKey> {
@@ -200,6 +204,28 @@ impl BpfLbMaps {
             backends6: dp.map(BACKEND6_MAP)?,
             addrs6: dp.map(ADDR6_MAP)?,
             ranges6: dp.map(SRCRNG6_MAP)?,
+            filters: dp.take_filters()?,
+        })
+    }
+
+    /// How many bits each probe filter has set (addresses, endpoints).
+    pub fn filter_bits(&self) -> (u32, u32) {
+        self.filters.bits_set()
+    }
+
+    /// The probe filters' bits of an address or a backend, set before it
+    /// is written: the datapath looks up only what has its bit.
+    fn set_filter_bits(&mut self, entry: &Entry) -> Result<(), WriteError> {
+        let set = match entry {
+            Entry::Addr(k, _) => self.filters.add_addr(IpAddr::from(k.addr)),
+            Entry::Addr6(k, _) => self.filters.add_addr(IpAddr::from(k.addr)),
+            Entry::Backend(_, b) => self.filters.add_endpoint(IpAddr::from(b.addr), b.port),
+            Entry::Backend6(_, b) => self.filters.add_endpoint(IpAddr::from(b.addr), b.port),
+            _ => return Ok(()),
+        };
+        set.map_err(|e| WriteError::Other {
+            map: entry.key().map_name(),
+            source: std::io::Error::other(format!("{e:#}")),
         })
     }
 
@@ -252,6 +278,7 @@ fn collect<K: aya::Pod + Ord, V: aya::Pod>(
 impl LbMaps for BpfLbMaps {
     fn put(&mut self, entry: &Entry) -> Result<(), WriteError> {
         let map = entry.key().map_name();
+        self.set_filter_bits(entry)?;
         match entry {
             Entry::Service(k, v) => self.services.insert(k, v, 0),
             Entry::Slot(k, v) => self.slots.insert(k, v, 0),

@@ -14,7 +14,7 @@ use anyhow::Result;
 use aya::maps::{HashMap, MapData};
 use proxy_common::*;
 use proxy_userspace::{
-    datapath::Datapath,
+    datapath::{Datapath, filters::ProbeFilters},
     testkit::pktgen::{Pkt, TCP_ACK, TCP_SYN, v6::Pkt6},
 };
 
@@ -49,6 +49,8 @@ struct Maps {
     backends6: HashMap<MapData, BackendKey, Backend6>,
     addrs: HashMap<MapData, AddrKey, AddrValue>,
     addrs6: HashMap<MapData, AddrKey6, AddrValue>,
+    /// Set before each address and backend, as the daemon's writer does.
+    filters: ProbeFilters,
 }
 
 const CLUSTER_IP: AddrValue = AddrValue {
@@ -66,6 +68,7 @@ impl Maps {
             backends6: dp.map(BACKEND6_MAP)?,
             addrs: dp.map(ADDR_MAP)?,
             addrs6: dp.map(ADDR6_MAP)?,
+            filters: dp.take_filters()?,
         })
     }
 
@@ -80,6 +83,7 @@ impl Maps {
                 proto: IPPROTO_TCP,
                 flags: 0,
             };
+            self.filters.add_endpoint(addr.into(), port)?;
             self.backends.insert(BackendKey { backend_id: i }, be, 0)?;
             let be6 = Backend6 {
                 addr: pod6(i).octets(),
@@ -90,6 +94,7 @@ impl Maps {
             let key = BackendKey {
                 backend_id: POD_POOL + i,
             };
+            self.filters.add_endpoint(pod6(i).into(), port)?;
             self.backends6.insert(key, be6, 0)?;
         }
         Ok(())
@@ -133,10 +138,12 @@ impl Maps {
             let addr = AddrKey {
                 addr: vip4(i).octets(),
             };
+            self.filters.add_addr(vip4(i).into())?;
             self.addrs.insert(addr, CLUSTER_IP, 0)?;
             let addr6 = AddrKey6 {
                 addr: vip6(i).octets(),
             };
+            self.filters.add_addr(vip6(i).into())?;
             self.addrs6.insert(addr6, CLUSTER_IP, 0)?;
         }
         Ok(())

@@ -1,0 +1,218 @@
+//! The probe filters' writer (see [`proxy_common::filter`]): the bitmaps
+//! that spare the datapath a hash lookup for addresses without a class and
+//! packets from anything but a backend.
+//!
+//! The daemon is their only writer and only ever sets bits: before it
+//! writes an address or a backend ([`ProbeFilters::add_addr`],
+//! [`ProbeFilters::add_endpoint`], called by the syncer's map writer), and,
+//! at every start before the programs are attached, for every entry the
+//! pinned maps hold already ([`ProbeFilters::prime`]): addresses and
+//! backends, and the backend of every reverse-NAT and socket reverse entry
+//! (a flow may outlive its backend), also in the pins of an earlier layout
+//! an upgrade still carries over. A start after a run of a version without
+//! filters, or after a downgrade and back, so finds every bit it needs.
+//!
+//! The filters are pinned like the state they stand for, so a restart's
+//! old programs, which run until the new ones take their links, see the
+//! bits the new daemon sets for what it writes meanwhile.
+
+use std::{
+    net::IpAddr,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result};
+use aya::maps::{Array, MapData};
+use bytemuck::Pod;
+use proxy_common::{
+    ADDR_MAP, ADDR6_MAP, AddrKey, AddrKey6, BACKEND_MAP, BACKEND6_MAP, Backend, Backend6,
+    FILTER_WORDS, FlowKey, FlowKey6, RNAT_MAP, RNAT6_MAP, SOCK_RNAT_MAP, SOCK_RNAT6_MAP,
+    SockRevKey, SockRevKey6, addr_bit, addr6_bit, endpoint_bit, endpoint6_bit, filter_word,
+};
+
+use super::batch;
+
+/// One filter map and what it holds (the daemon is its only writer).
+struct Filter {
+    map: Array<MapData, u64>,
+    words: Vec<u64>,
+}
+
+impl Filter {
+    /// A filter as the map holds it (`fresh`: a map just created, all
+    /// zeroes, which need not be read).
+    fn open(map: Array<MapData, u64>, fresh: bool) -> Result<Filter> {
+        let words = if fresh {
+            vec![0; FILTER_WORDS as usize]
+        } else {
+            (0..FILTER_WORDS)
+                .map(|i| map.get(&i, 0))
+                .collect::<Result<Vec<u64>, _>>()
+                .context("reading a probe filter")?
+        };
+        Ok(Filter { map, words })
+    }
+
+    fn set(&mut self, bit: u32) -> Result<()> {
+        let (word, mask) = filter_word(bit);
+        let w = &mut self.words[word as usize];
+        if *w & mask == 0 {
+            *w |= mask;
+            self.map
+                .set(word, *w, 0)
+                .context("writing a probe filter")?;
+        }
+        Ok(())
+    }
+
+    fn bits_set(&self) -> u32 {
+        self.words.iter().map(|w| w.count_ones()).sum()
+    }
+}
+
+/// Both probe filters of a datapath.
+pub struct ProbeFilters {
+    addrs: Filter,
+    endpoints: Filter,
+}
+
+/// What [`ProbeFilters::prime`] found in the pins.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Primed {
+    pub addrs: usize,
+    pub endpoints: usize,
+}
+
+impl ProbeFilters {
+    pub(super) fn open(
+        addrs: Array<MapData, u64>,
+        endpoints: Array<MapData, u64>,
+        fresh: bool,
+    ) -> Result<Self> {
+        Ok(ProbeFilters {
+            addrs: Filter::open(addrs, fresh)?,
+            endpoints: Filter::open(endpoints, fresh)?,
+        })
+    }
+
+    /// Before `addr` is written to an address map.
+    pub fn add_addr(&mut self, addr: IpAddr) -> Result<()> {
+        self.addrs.set(match addr {
+            IpAddr::V4(a) => addr_bit(a.octets()),
+            IpAddr::V6(a) => addr6_bit(a.octets()),
+        })
+    }
+
+    /// Before a backend at `addr` and `port` (wire order) is written.
+    pub fn add_endpoint(&mut self, addr: IpAddr, port: [u8; 2]) -> Result<()> {
+        self.endpoints.set(match addr {
+            IpAddr::V4(a) => endpoint_bit(a.octets(), port),
+            IpAddr::V6(a) => endpoint6_bit(a.octets(), port),
+        })
+    }
+
+    /// The bits set in each filter (addresses, endpoints): how full they
+    /// are, for the metrics.
+    pub fn bits_set(&self) -> (u32, u32) {
+        (self.addrs.bits_set(), self.endpoints.bits_set())
+    }
+
+    /// Sets the bits of every entry pinned under `maps_dir`, and of the
+    /// reverse entries of the pins in `earlier` (maps of an earlier layout
+    /// an upgrade carries over, whose keys are this build's: a conversion
+    /// changes values only). Missing pins are skipped.
+    pub fn prime(
+        &mut self,
+        maps_dir: &Path,
+        earlier: &[(PathBuf, &'static str)],
+    ) -> Result<Primed> {
+        let mut primed = Primed::default();
+        let pin = |name: &str| maps_dir.join(name);
+        for a in keys::<AddrKey>(&pin(ADDR_MAP))? {
+            self.add_addr(IpAddr::from(a.addr))?;
+            primed.addrs += 1;
+        }
+        for a in keys::<AddrKey6>(&pin(ADDR6_MAP))? {
+            self.add_addr(IpAddr::from(a.addr))?;
+            primed.addrs += 1;
+        }
+        for b in values::<Backend>(&pin(BACKEND_MAP))? {
+            self.add_endpoint(IpAddr::from(b.addr), b.port)?;
+            primed.endpoints += 1;
+        }
+        for b in values::<Backend6>(&pin(BACKEND6_MAP))? {
+            self.add_endpoint(IpAddr::from(b.addr), b.port)?;
+            primed.endpoints += 1;
+        }
+        let reverse_pins = [RNAT_MAP, RNAT6_MAP, SOCK_RNAT_MAP, SOCK_RNAT6_MAP]
+            .into_iter()
+            .map(|name| (pin(name), name))
+            .chain(earlier.iter().cloned());
+        for (path, successor) in reverse_pins {
+            primed.endpoints += self.prime_reverse(&path, successor)?;
+        }
+        Ok(primed)
+    }
+
+    /// The backend of every entry of a reverse map (`kind`: this build's
+    /// name of it) pinned at `path`.
+    fn prime_reverse(&mut self, path: &Path, kind: &str) -> Result<usize> {
+        let endpoints: Vec<(IpAddr, [u8; 2])> = match kind {
+            RNAT_MAP => keys::<FlowKey>(path)?
+                .map(|k| (IpAddr::from(k.saddr), k.sport))
+                .collect(),
+            RNAT6_MAP => keys::<FlowKey6>(path)?
+                .map(|k| (IpAddr::from(k.saddr), k.sport))
+                .collect(),
+            SOCK_RNAT_MAP => keys::<SockRevKey>(path)?
+                .map(|k| (IpAddr::from(k.addr), k.port))
+                .collect(),
+            SOCK_RNAT6_MAP => keys::<SockRevKey6>(path)?
+                .map(|k| (IpAddr::from(k.addr), k.port))
+                .collect(),
+            _ => Vec::new(),
+        };
+        for (addr, port) in &endpoints {
+            self.add_endpoint(*addr, *port)?;
+        }
+        Ok(endpoints.len())
+    }
+}
+
+/// The keys of the hash map pinned at `pin` (none without the pin).
+fn keys<K: Pod>(pin: &Path) -> Result<impl Iterator<Item = K>> {
+    let (keys, _) = entries(pin, size_of::<K>(), None)?;
+    Ok(keys
+        .chunks_exact(size_of::<K>())
+        .map(bytemuck::pod_read_unaligned)
+        .collect::<Vec<K>>()
+        .into_iter())
+}
+
+/// The values of the hash map pinned at `pin`.
+fn values<V: Pod>(pin: &Path) -> Result<impl Iterator<Item = V>> {
+    let (_, values) = entries(pin, 0, Some(size_of::<V>()))?;
+    Ok(values
+        .chunks_exact(size_of::<V>())
+        .map(bytemuck::pod_read_unaligned)
+        .collect::<Vec<V>>()
+        .into_iter())
+}
+
+/// Every entry of the map pinned at `pin`, packed, after checking the
+/// sizes the caller reads (`key_size` 0 or `value_size` None: any).
+fn entries(pin: &Path, key_size: usize, value_size: Option<usize>) -> Result<(Vec<u8>, Vec<u8>)> {
+    if !pin.exists() {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    let map = MapData::from_pin(pin).with_context(|| format!("opening {}", pin.display()))?;
+    let info = map.info()?;
+    let (ks, vs) = (info.key_size() as usize, info.value_size() as usize);
+    anyhow::ensure!(
+        (key_size == 0 || ks == key_size) && value_size.is_none_or(|v| v == vs),
+        "{}: keys of {ks} bytes and values of {vs}, not the layout this build reads",
+        pin.display()
+    );
+    batch::read_all(map.fd().as_fd(), ks, vs).with_context(|| format!("reading {}", pin.display()))
+}
