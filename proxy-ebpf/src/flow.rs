@@ -11,6 +11,11 @@
 //! | a ClusterIP                   | class, conntrack, then service + slot + backend |
 //! | a node address / external IP  | class, reverse NAT, conntrack, then the frontend, NodePort |
 //!
+//! A class lookup is taken only for an address with its bit in the address
+//! filter, a reverse-NAT lookup only for a packet from an address and port
+//! with its bit in the endpoint filter (a backend's): a pod's ordinary
+//! traffic pays two bit tests for them ([`proxy_common::filter`]).
+//!
 //! Written once for both families ([`Addr`]): IPv4 and IPv6 flows take the
 //! same steps in their own maps.
 

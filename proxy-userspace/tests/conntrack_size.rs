@@ -12,10 +12,7 @@ mod pins;
 mod privileged;
 use pins::PinDir;
 use privileged::privileged;
-use std::{
-    fs,
-    path::Path,
-};
+use std::{fs, path::Path};
 
 use aya::maps::{HashMap, MapData, MapInfo};
 use proxy_common::*;

@@ -843,7 +843,11 @@ fn reverse_nat_is_looked_up_only_for_replies_from_backends() {
         backend(from, IPPROTO_TCP, false),
     ));
     let p = valid(&f.ingress(&reply).1);
-    assert_eq!(endpoint(&p, true), sa(VIP), "a backend's reply is looked up");
+    assert_eq!(
+        endpoint(&p, true),
+        sa(VIP),
+        "a backend's reply is looked up"
+    );
 }
 
 /// A log::Log that keeps the messages.
