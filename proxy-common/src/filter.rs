@@ -28,11 +28,33 @@
 //!   is one: a packet or a peer without its bit skips that lookup.
 //!
 //! Both families share a map; their hashes differ.
+//!
+//! [`REPLY_SOURCE_MAP`] narrows the endpoint filter for the per-packet
+//! path: a byte per endpoint slot, set by the datapath itself before it
+//! writes a reverse-NAT entry (a plain byte store, which neither the
+//! daemon nor another CPU can undo with a read-modify-write of its own),
+//! and by the daemon for every reverse-NAT entry pinned when it attaches.
+//! A backend that only socket-balanced connections reach has no byte, and
+//! its replies skip the reverse-NAT lookup (a cache miss in a map of a
+//! quarter million buckets, on every reply). It is complete only once no
+//! program that does not set it can write a reverse-NAT entry any more:
+//! each load's [`REPLY_GATE_MAP`] says when its programs may trust it.
 
 /// Addresses with a class ([`crate::ADDR_MAP`], [`crate::ADDR6_MAP`]).
 pub const ADDR_FILTER_MAP: &str = "KEP_ADDRBITS_V1";
 /// Backend endpoints, the sources of translated replies.
 pub const ENDPOINT_FILTER_MAP: &str = "KEP_EPBITS_V1";
+
+/// Sources of reverse-NAT entries: a `u8` per endpoint slot
+/// ([`endpoint_bit`], [`endpoint6_bit`]), 1 MiB; nonzero: some entry may
+/// come from an endpoint of that slot.
+pub const REPLY_SOURCE_MAP: &str = "KEP_RSRC_V1";
+/// Per load, never pinned: a `u32` at index 0, nonzero once
+/// [`REPLY_SOURCE_MAP`] holds the source of every reverse-NAT entry (set
+/// by the daemon when its programs run on every device and it has set
+/// the bytes of what the pins hold). Until then the endpoint filter gates
+/// the reverse-NAT lookup.
+pub const REPLY_GATE_MAP: &str = "KEP_RGATE";
 
 /// Bits of a filter: 2^20, 128 KiB. With 100,000 backends set, one
 /// endpoint in ten that is none still gets the lookup.

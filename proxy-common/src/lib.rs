@@ -118,7 +118,7 @@ pub const UPGRADE_ATTACHING: u32 = 1;
 pub const UPGRADE_OLDER_BEHIND: u32 = 2;
 
 /// Every map name, for pinning and cleanup (the IPv6 ones included).
-pub const ALL_MAPS: [&str; 29] = [
+pub const ALL_MAPS: [&str; 30] = [
     SVC_MAP,
     SLOT_MAP,
     BACKEND_MAP,
@@ -148,6 +148,7 @@ pub const ALL_MAPS: [&str; 29] = [
     SOCK_FWD6_MAP,
     ADDR_FILTER_MAP,
     ENDPOINT_FILTER_MAP,
+    REPLY_SOURCE_MAP,
 ];
 
 /// Capacities. Hash maps holding desired state are created without

@@ -12,7 +12,11 @@
 use aya_ebpf::{bindings::bpf_fib_lookup as FibParams, programs::TcContext};
 use proxy_common::{AffValue, Counter, FragValue, SvcValue};
 
-use crate::{Hook, maps::KEP_SCRATCH, packet::Ip};
+use crate::{
+    Hook,
+    maps::{KEP_EPBITS_V1, KEP_SCRATCH, filter_has, may_send_replies},
+    packet::Ip,
+};
 
 /// A flow as seen on the wire: the layout of `FlowKey` and `FlowKey6`.
 ///
@@ -108,10 +112,21 @@ pub trait Addr: Copy + PartialEq + 'static {
 
     /// The `ADDR_*` class bits of this address (0: none).
     fn class(self) -> u8;
-    /// Whether this address and port may be a backend's: the source of a
-    /// reply some reverse-NAT entry translates, or a socket's translated
-    /// peer (false: certainly not, see [`proxy_common::filter`]).
-    fn may_be_endpoint(self, port: [u8; 2]) -> bool;
+    /// The slot of this address and port in the endpoint filters
+    /// ([`proxy_common::filter`]).
+    fn endpoint_slot(self, port: [u8; 2]) -> u32;
+    /// Whether this address and port may be a backend's: a socket's
+    /// translated peer (false: certainly not).
+    #[inline(always)]
+    fn may_be_endpoint(self, port: [u8; 2]) -> bool {
+        filter_has(&KEP_EPBITS_V1, self.endpoint_slot(port))
+    }
+    /// Whether a reverse-NAT entry may translate a reply from this address
+    /// and port (false: certainly not).
+    #[inline(always)]
+    fn may_send_replies(self, port: [u8; 2]) -> bool {
+        may_send_replies(self.endpoint_slot(port))
+    }
     /// Whether this address lies in a service CIDR of its family.
     fn in_service_cidr(self) -> bool;
     /// Whether this address lies in the family's cluster CIDR; `None` when
@@ -229,8 +244,10 @@ macro_rules! map_access {
             $rnat.get_ptr_mut(key.as_key()).map(|p| p.cast())
         }
 
+        /// Marks the entry's source first ([`crate::maps::mark_reply_source`]).
         #[inline(always)]
         fn set_rnat(key: &Tuple<Self>, value: &Nat<Self>, flags: u64) -> Result<(), i32> {
+            crate::maps::mark_reply_source(key.saddr.endpoint_slot(key.sport));
             $rnat.insert(key.as_key(), value.as_entry(), flags)
         }
 

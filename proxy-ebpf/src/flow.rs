@@ -13,8 +13,9 @@
 //!
 //! A class lookup is taken only for an address with its bit in the address
 //! filter, a reverse-NAT lookup only for a packet from an address and port
-//! with its bit in the endpoint filter (a backend's): a pod's ordinary
-//! traffic pays two bit tests for them ([`proxy_common::filter`]).
+//! that some reverse-NAT entry may come from (a backend a per-packet flow
+//! went to): a pod's ordinary traffic pays two array reads for them
+//! ([`proxy_common::filter`]).
 //!
 //! Written once for both families ([`Addr`]): IPv4 and IPv6 flows take the
 //! same steps in their own maps.
@@ -169,12 +170,13 @@ fn flow_key<A: Addr>(ip: &Ip<A>, ports: &Ports) -> Tuple<A> {
 /// The reverse-NAT entry of a reply. A FIN or RST marks it: together with
 /// the conntrack entry's mark, that frees a SNAT port (see [`snat_port`]).
 /// During an upgrade, the entry may be the older datapath's
-/// ([`upgrade::defer_entry`]). Only a backend sends replies we translate:
-/// a packet from anything else (a client, a pod that serves nothing)
-/// skips the lookup.
+/// ([`upgrade::defer_entry`]). Only a backend some per-packet flow went to
+/// sends replies we translate: a packet from anything else (a client, a
+/// pod that serves nothing, a backend only socket-balanced connections
+/// reach) skips the lookup.
 #[inline(always)]
 fn reverse_nat<A: Addr>(key: &Tuple<A>, ports: &Ports) -> Result<Option<&'static Nat<A>>, i32> {
-    if !key.saddr.may_be_endpoint(key.sport) {
+    if !key.saddr.may_send_replies(key.sport) {
         return Ok(None);
     }
     let Some(entry) = A::rnat(key) else {

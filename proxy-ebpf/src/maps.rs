@@ -102,6 +102,42 @@ pub static KEP_ADDRBITS_V1: Array<u64, { FILTER_WORDS as usize }> = Array::new()
 #[btf_map]
 pub static KEP_EPBITS_V1: Array<u64, { FILTER_WORDS as usize }> = Array::new();
 
+/// Sources of reverse-NAT entries ([`proxy_common::REPLY_SOURCE_MAP`]).
+#[btf_map]
+pub static KEP_RSRC_V1: Array<u8, { FILTER_BITS as usize }> = Array::new();
+
+/// This load's trust in [`KEP_RSRC_V1`] ([`proxy_common::REPLY_GATE_MAP`]);
+/// never pinned.
+#[btf_map]
+pub static KEP_RGATE: Array<u32, 1> = Array::new();
+
+/// Whether a reverse-NAT entry may come from the endpoint of `slot`
+/// ([`crate::family::Addr::endpoint_slot`]): its byte in [`KEP_RSRC_V1`]
+/// once this load trusts it, else its bit in the endpoint filter.
+#[inline(always)]
+pub fn may_send_replies(slot: u32) -> bool {
+    if KEP_RGATE.get(0).is_some_and(|ready| *ready != 0) {
+        KEP_RSRC_V1.get(slot).is_none_or(|b| *b != 0)
+    } else {
+        filter_has(&KEP_EPBITS_V1, slot)
+    }
+}
+
+/// Before a reverse-NAT entry from the endpoint of `slot` is written.
+#[inline(always)]
+pub fn mark_reply_source(slot: u32) {
+    if let Some(b) = KEP_RSRC_V1.get_ptr_mut(slot) {
+        // SAFETY: a byte of the map's value area; a plain store, so no
+        // other writer's byte is undone. Read first: most are set already,
+        // and a store would dirty the cache line on every new flow.
+        unsafe {
+            if *b == 0 {
+                *b = 1;
+            }
+        }
+    }
+}
+
 /// Whether `bit` of a probe filter is set: whether the lookup it stands
 /// for may find something. (A word the verifier cannot prove there is
 /// read as "look it up".)

@@ -8,8 +8,8 @@ use crate::{
     Hook,
     family::{Addr, Be, Nat, Tuple, map_access, map_types},
     maps::{
-        KEP_AFF_V1, KEP_BE_V1, KEP_CT_V1, KEP_EPBITS_V1, KEP_FRAG_V1, KEP_RNAT_V1, KEP_SRCRNG_V1,
-        KEP_SVC_V2, addr_class, config, config_ref, filter_has, in_service_cidr,
+        KEP_AFF_V1, KEP_BE_V1, KEP_CT_V1, KEP_FRAG_V1, KEP_RNAT_V1, KEP_SRCRNG_V1, KEP_SVC_V2,
+        addr_class, config, config_ref, in_service_cidr,
     },
     nat,
     packet::{IP_DST_OFF, IP_SRC_OFF, Ip},
@@ -42,8 +42,8 @@ impl Addr for [u8; 4] {
     }
 
     #[inline(always)]
-    fn may_be_endpoint(self, port: [u8; 2]) -> bool {
-        filter_has(&KEP_EPBITS_V1, endpoint_bit(self, port))
+    fn endpoint_slot(self, port: [u8; 2]) -> u32 {
+        endpoint_bit(self, port)
     }
 
     #[inline(always)]

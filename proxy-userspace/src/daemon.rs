@@ -300,6 +300,7 @@ impl Context {
         self.devices.refresh(&mut self.dp);
         self.setup_socket_lb();
         self.retire_old_layouts();
+        self.trust_reply_sources();
         if self.synced_once {
             self.log_ready();
         }
@@ -314,13 +315,7 @@ impl Context {
     /// ([`Datapath::retire_old_layouts`]). Tried again at every tick until
     /// then.
     fn retire_old_layouts(&mut self) {
-        if !self.dp.has_old_layouts() {
-            return;
-        }
-        let Ok(pinned) = self.dp.attached() else {
-            return;
-        };
-        if !pinned.iter().all(|dev| self.devices.has(dev)) {
+        if !self.dp.has_old_layouts() || !self.runs_on_every_pinned_link() {
             return;
         }
         let started = Instant::now();
@@ -332,6 +327,34 @@ impl Context {
                  the earlier map layout removed"
             ),
             Err(e) => warn!(error = %format!("{e:#}"), "retiring the earlier map layout failed"),
+        }
+    }
+
+    /// Whether this run's programs are on every pinned device link (a
+    /// device whose attach failed still runs the previous run's).
+    fn runs_on_every_pinned_link(&self) -> bool {
+        self.dp
+            .attached()
+            .is_ok_and(|pinned| pinned.iter().all(|dev| self.devices.has(dev)))
+    }
+
+    /// Once this run's programs run on every pinned device link and no
+    /// earlier layout waits: a program of an earlier run may have written
+    /// reverse-NAT entries without marking their sources until then
+    /// ([`Datapath::trust_reply_sources`]). Tried at every tick until done.
+    fn trust_reply_sources(&mut self) {
+        if self.dp.has_old_layouts() || !self.runs_on_every_pinned_link() {
+            return;
+        }
+        let started = Instant::now();
+        match self.dp.trust_reply_sources() {
+            Ok(Some(entries)) => info!(
+                entries,
+                ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1e3),
+                "replies from endpoints no reverse-NAT entry comes from skip the lookup"
+            ),
+            Ok(None) => {}
+            Err(e) => warn!(error = %format!("{e:#}"), "marking the reply sources failed"),
         }
     }
 
@@ -438,6 +461,7 @@ impl Context {
         let addrs_changed = self.refresh_addresses();
         self.devices.refresh(&mut self.dp);
         self.retire_old_layouts();
+        self.trust_reply_sources();
         // Before the first sync from an API server the model is empty: a
         // sync then would remove every frontend a previous run pinned.
         if objects_changed || (addrs_changed && self.synced_once) {

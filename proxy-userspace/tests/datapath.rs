@@ -808,6 +808,21 @@ fn replies_of_a_flow_whose_backend_was_removed_are_still_translated() {
     assert_eq!(endpoint(&p, true), sa(VIP), "reply comes from the service");
 }
 
+/// A reverse-NAT entry written behind the programs' back: the reply `key`
+/// of backend `backend_id` comes from [`VIP`].
+fn from_the_vip(key: &FlowKey, backend_id: u32) -> NatEntry {
+    NatEntry {
+        saddr: sa(VIP).ip().octets(),
+        daddr: key.daddr,
+        sport: sa(VIP).port().to_be_bytes(),
+        dport: key.dport,
+        svc_id: 1,
+        backend_id,
+        flags: 0,
+        _pad: [0; 3],
+    }
+}
+
 /// What the endpoint filter rules out is not looked up: a packet from an
 /// address and port that is no backend skips the reverse-NAT lookup, so a
 /// pod's ordinary traffic costs one bit test there. Shown with an entry
@@ -823,17 +838,7 @@ fn reverse_nat_is_looked_up_only_for_replies_from_backends() {
     f.services(&[("10.244.2.11:8080", false)]);
     let from = sa("10.244.3.7:9000");
     let key = key_of(from, sa(CLIENT));
-    let to_client = NatEntry {
-        saddr: [10, 96, 0, 10],
-        daddr: key.daddr,
-        sport: 80u16.to_be_bytes(),
-        dport: key.dport,
-        svc_id: 1,
-        backend_id: 77,
-        flags: 0,
-        _pad: [0; 3],
-    };
-    f.rnat.insert(key, to_client, 0).unwrap();
+    f.rnat.insert(key, from_the_vip(&key, 77), 0).unwrap();
     let reply = Pkt::tcp(from, sa(CLIENT), TCP_ACK).build();
     let p = valid(&f.ingress(&reply).1);
     assert_eq!(endpoint(&p, true), from, "no bit, no lookup: untouched");
@@ -847,6 +852,42 @@ fn reverse_nat_is_looked_up_only_for_replies_from_backends() {
         endpoint(&p, true),
         sa(VIP),
         "a backend's reply is looked up"
+    );
+}
+
+/// Once the reply sources are trusted (the daemon does so when its
+/// programs run everywhere), only a backend some per-packet flow went to
+/// has its replies looked up: the programs mark a flow's backend as they
+/// write its reverse-NAT entry. A backend only socket-balanced
+/// connections reach (no entry, no mark) skips the lookup, which misses
+/// the cache on every reply of a new connection otherwise.
+#[test]
+fn trusted_reply_sources_look_up_only_backends_of_per_packet_flows() {
+    let Some(mut f) = Fixture::new("reply_sources") else {
+        return;
+    };
+    f.services(&[("10.244.2.11:8080", false)]);
+    f.put(Entry::Backend(
+        BackendKey { backend_id: 78 },
+        backend(sa("10.244.2.12:8080"), IPPROTO_TCP, false),
+    ));
+    assert_eq!(f.dp.trust_reply_sources().unwrap(), Some(0), "no pins");
+    assert_eq!(f.dp.trust_reply_sources().unwrap(), None, "once");
+
+    f.ingress(&Pkt::tcp(sa(CLIENT), sa(VIP), TCP_SYN).build());
+    let reply = Pkt::tcp(sa("10.244.2.11:8080"), sa(CLIENT), TCP_SYN | TCP_ACK).build();
+    let p = valid(&f.ingress(&reply).1);
+    assert_eq!(endpoint(&p, true), sa(VIP), "the flow's backend was marked");
+
+    let other = sa("10.244.2.12:8080");
+    let key = key_of(other, sa("10.244.1.5:40001"));
+    f.rnat.insert(key, from_the_vip(&key, 78), 0).unwrap();
+    let reply = Pkt::tcp(other, sa("10.244.1.5:40001"), TCP_ACK).build();
+    let p = valid(&f.ingress(&reply).1);
+    assert_eq!(
+        endpoint(&p, true),
+        other,
+        "an unmarked backend is not looked up"
     );
 }
 

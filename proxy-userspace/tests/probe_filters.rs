@@ -1,7 +1,8 @@
 //! The probe filters (`proxy_common::filter`) across restarts: every start
-//! sets the bits of what the pinned maps hold before its programs run, so
-//! entries that no filter knew of (written by a version without filters,
-//! or behind the writer's back) are found by the new programs. Run with
+//! sets the bits of what the pinned maps hold before its programs run, and
+//! the reply sources' bytes before it trusts them, so entries that no
+//! filter knew of (written by a version without filters, or behind the
+//! writer's back) are found by the new programs. Run with
 //! BPF_PROG_TEST_RUN on the pinned programs, in a network namespace of the
 //! test's own, over pins under a directory of its own (removed also on
 //! failure).
@@ -123,11 +124,18 @@ fn a_start_sets_the_bits_of_every_pinned_address_and_reverse_entry() {
     for filter in [ADDR_FILTER_MAP, ENDPOINT_FILTER_MAP] {
         fs::remove_file(maps_dir(root).join(filter)).unwrap();
     }
-    let dp = Datapath::load(root, false, None).expect("load pinned again");
+    let mut dp = Datapath::load(root, false, None).expect("load pinned again");
     assert_eq!(
         ingress_source(&dp, &reply),
         sa(VIP),
         "the reply of the pinned flow is translated"
+    );
+    // Trusting the reply sources marks the pinned entries' first.
+    assert_eq!(dp.trust_reply_sources().unwrap(), Some(1));
+    assert_eq!(
+        ingress_source(&dp, &reply),
+        sa(VIP),
+        "and with the reply sources trusted"
     );
     let mut out = vec![0u8; 2048];
     dp.program(PROG_INGRESS)

@@ -13,7 +13,7 @@ use crate::{
     family::{Addr, Be, Nat, Tuple, map_access, map_types},
     maps::{
         KEP_ADDR6_V1, KEP_ADDRBITS_V1, KEP_AFF6_V1, KEP_BE6_V1, KEP_CFG6_V1, KEP_CT6_V1,
-        KEP_EPBITS_V1, KEP_FRAG6_V1, KEP_RNAT6_V1, KEP_SRCRNG6_V1, KEP_SVC6_V1, filter_has,
+        KEP_FRAG6_V1, KEP_RNAT6_V1, KEP_SRCRNG6_V1, KEP_SVC6_V1, filter_has,
     },
     nat,
     packet::Ip,
@@ -55,8 +55,8 @@ impl Addr for [u8; 16] {
     }
 
     #[inline(always)]
-    fn may_be_endpoint(self, port: [u8; 2]) -> bool {
-        filter_has(&KEP_EPBITS_V1, endpoint6_bit(self, port))
+    fn endpoint_slot(self, port: [u8; 2]) -> u32 {
+        endpoint6_bit(self, port)
     }
 
     #[inline(always)]

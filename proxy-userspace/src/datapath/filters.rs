@@ -180,6 +180,61 @@ impl ProbeFilters {
     }
 }
 
+/// The sources of the reverse-NAT entries ([`proxy_common::REPLY_SOURCE_MAP`])
+/// and this load's trust in them ([`proxy_common::REPLY_GATE_MAP`]).
+pub struct ReplySources {
+    sources: Array<MapData, u8>,
+    gate: Array<MapData, u32>,
+    trusted: bool,
+}
+
+impl ReplySources {
+    pub(super) fn new(sources: Array<MapData, u8>, gate: Array<MapData, u32>) -> Self {
+        ReplySources {
+            sources,
+            gate,
+            trusted: false,
+        }
+    }
+
+    /// Sets the byte of the source of every reverse-NAT entry pinned under
+    /// `maps_dir` (none for a datapath without pins), then lets this
+    /// load's programs trust the bytes. Only once no program that does not
+    /// set them can write a reverse-NAT entry: every pinned link runs this
+    /// load's programs and no earlier layout's run behind them. Returns
+    /// the entries found. Each byte is one element: a write never undoes
+    /// what the programs set meanwhile.
+    pub fn prime_and_trust(&mut self, maps_dir: Option<&Path>) -> Result<usize> {
+        let mut slots = std::collections::BTreeSet::new();
+        let mut entries = 0;
+        if let Some(dir) = maps_dir {
+            for k in keys::<FlowKey>(&dir.join(RNAT_MAP))? {
+                slots.insert(endpoint_bit(k.saddr, k.sport));
+                entries += 1;
+            }
+            for k in keys::<FlowKey6>(&dir.join(RNAT6_MAP))? {
+                slots.insert(endpoint6_bit(k.saddr, k.sport));
+                entries += 1;
+            }
+        }
+        for slot in slots {
+            self.sources
+                .set(slot, 1, 0)
+                .context("writing the reply sources")?;
+        }
+        self.gate
+            .set(0, 1, 0)
+            .context("trusting the reply sources")?;
+        self.trusted = true;
+        Ok(entries)
+    }
+
+    /// Whether this load's programs trust the bytes.
+    pub fn trusted(&self) -> bool {
+        self.trusted
+    }
+}
+
 /// The keys of the hash map pinned at `pin` (none without the pin).
 fn keys<K: Pod>(pin: &Path) -> Result<impl Iterator<Item = K>> {
     let (keys, _) = entries(pin, size_of::<K>(), None)?;

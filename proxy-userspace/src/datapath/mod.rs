@@ -53,8 +53,9 @@ use aya::{
 use proxy_common::{
     ADDR_FILTER_MAP, ALL_MAPS, CFG_F_CLUSTER_CIDR, CFG_F_MASQUERADE_ALL, CFG_F_SOME_DEVICES,
     CONFIG_MAP, CONFIG6_MAP, Config, Config6, ENDPOINT_FILTER_MAP, HAIRPIN_ADDR, HAIRPIN_ADDR6,
-    PEER_DEV_MAP, PEER_DEV_WORDS, PROG_EGRESS, PROG_INGRESS, PROG_NOOP, SERVICE_CIDRS,
-    UPGRADE_ALONE, UPGRADE_ATTACHING, UPGRADE_MAP, UPGRADE_OLDER_BEHIND,
+    PEER_DEV_MAP, PEER_DEV_WORDS, PROG_EGRESS, PROG_INGRESS, PROG_NOOP, REPLY_GATE_MAP,
+    REPLY_SOURCE_MAP, SERVICE_CIDRS, UPGRADE_ALONE, UPGRADE_ATTACHING, UPGRADE_MAP,
+    UPGRADE_OLDER_BEHIND,
 };
 
 /// The settings the datapath reads, from the daemon's: IPv4 CIDRs only
@@ -246,6 +247,8 @@ pub struct Datapath {
     /// The probe filters, until the map writer takes them
     /// ([`Datapath::take_filters`]).
     filters: Option<filters::ProbeFilters>,
+    /// Taken at the first [`Datapath::trust_reply_sources`].
+    reply_sources: Option<filters::ReplySources>,
 }
 
 pub fn maps_dir(root: &Path) -> PathBuf {
@@ -518,6 +521,28 @@ impl Datapath {
         Ok(())
     }
 
+    /// Lets this load's programs skip the reverse-NAT lookup of a reply
+    /// from an endpoint no reverse-NAT entry comes from (see
+    /// [`filters::ReplySources`]), after setting the sources of the
+    /// pinned entries. To be called once every pinned link runs this
+    /// load's programs and no earlier layout waits to be retired; returns
+    /// the pinned entries found, `None` when trusted already.
+    pub fn trust_reply_sources(&mut self) -> Result<Option<usize>> {
+        if self.reply_sources.as_ref().is_some_and(|r| r.trusted()) {
+            return Ok(None);
+        }
+        let mut sources = match self.reply_sources.take() {
+            Some(s) => s,
+            None => {
+                filters::ReplySources::new(self.map(REPLY_SOURCE_MAP)?, self.map(REPLY_GATE_MAP)?)
+            }
+        };
+        let pinned = (!self.root.as_os_str().is_empty()).then(|| maps_dir(&self.root));
+        let found = sources.prime_and_trust(pinned.as_deref());
+        self.reply_sources = Some(sources);
+        found.map(Some)
+    }
+
     /// The probe filters, for the one writer of addresses and backends
     /// (see [`filters`]).
     pub fn take_filters(&mut self) -> Result<filters::ProbeFilters> {
@@ -557,6 +582,7 @@ impl Datapath {
             old_layouts: migrate::Plan::default(),
             older_behind: None,
             filters: None,
+            reply_sources: None,
         })
     }
 
