@@ -343,7 +343,10 @@ impl Context {
     /// reverse-NAT entries without marking their sources until then
     /// ([`Datapath::trust_reply_sources`]). Tried at every tick until done.
     fn trust_reply_sources(&mut self) {
-        if self.dp.has_old_layouts() || !self.runs_on_every_pinned_link() {
+        if self.dp.reply_sources_trusted()
+            || self.dp.has_old_layouts()
+            || !self.runs_on_every_pinned_link()
+        {
             return;
         }
         let started = Instant::now();

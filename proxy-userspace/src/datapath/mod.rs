@@ -528,7 +528,7 @@ impl Datapath {
     /// load's programs and no earlier layout waits to be retired; returns
     /// the pinned entries found, `None` when trusted already.
     pub fn trust_reply_sources(&mut self) -> Result<Option<usize>> {
-        if self.reply_sources.as_ref().is_some_and(|r| r.trusted()) {
+        if self.reply_sources_trusted() {
             return Ok(None);
         }
         let mut sources = match self.reply_sources.take() {
@@ -541,6 +541,12 @@ impl Datapath {
         let found = sources.prime_and_trust(pinned.as_deref());
         self.reply_sources = Some(sources);
         found.map(Some)
+    }
+
+    /// Whether this load's programs trust the reply sources
+    /// ([`Datapath::trust_reply_sources`] succeeded).
+    pub fn reply_sources_trusted(&self) -> bool {
+        self.reply_sources.as_ref().is_some_and(|r| r.trusted())
     }
 
     /// The probe filters, for the one writer of addresses and backends
