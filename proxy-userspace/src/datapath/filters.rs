@@ -37,6 +37,9 @@ use super::batch;
 struct Filter {
     map: Array<MapData, u64>,
     words: Vec<u64>,
+    /// Bits set in `words`, kept as they are set (the metrics read it at
+    /// every sync).
+    bits_set: u32,
 }
 
 impl Filter {
@@ -51,7 +54,12 @@ impl Filter {
                 .collect::<Result<Vec<u64>, _>>()
                 .context("reading a probe filter")?
         };
-        Ok(Filter { map, words })
+        let bits_set = words.iter().map(|w| w.count_ones()).sum();
+        Ok(Filter {
+            map,
+            words,
+            bits_set,
+        })
     }
 
     fn set(&mut self, bit: u32) -> Result<()> {
@@ -62,12 +70,9 @@ impl Filter {
             self.map
                 .set(word, *w, 0)
                 .context("writing a probe filter")?;
+            self.bits_set += 1;
         }
         Ok(())
-    }
-
-    fn bits_set(&self) -> u32 {
-        self.words.iter().map(|w| w.count_ones()).sum()
     }
 }
 
@@ -106,16 +111,13 @@ impl ProbeFilters {
 
     /// Before a backend at `addr` and `port` (wire order) is written.
     pub fn add_endpoint(&mut self, addr: IpAddr, port: [u8; 2]) -> Result<()> {
-        self.endpoints.set(match addr {
-            IpAddr::V4(a) => endpoint_bit(a.octets(), port),
-            IpAddr::V6(a) => endpoint6_bit(a.octets(), port),
-        })
+        self.endpoints.set(endpoint_slot(addr, port))
     }
 
     /// The bits set in each filter (addresses, endpoints): how full they
     /// are, for the metrics.
     pub fn bits_set(&self) -> (u32, u32) {
-        (self.addrs.bits_set(), self.endpoints.bits_set())
+        (self.addrs.bits_set, self.endpoints.bits_set)
     }
 
     /// Sets the bits of every entry pinned under `maps_dir`, and of the
@@ -150,34 +152,47 @@ impl ProbeFilters {
             .map(|name| (pin(name), name))
             .chain(earlier.iter().cloned());
         for (path, successor) in reverse_pins {
-            primed.endpoints += self.prime_reverse(&path, successor)?;
+            for (addr, port) in reverse_sources(&path, successor)? {
+                self.add_endpoint(addr, port)?;
+                primed.endpoints += 1;
+            }
         }
         Ok(primed)
     }
+}
 
-    /// The backend of every entry of a reverse map (`kind`: this build's
-    /// name of it) pinned at `path`.
-    fn prime_reverse(&mut self, path: &Path, kind: &str) -> Result<usize> {
-        let endpoints: Vec<(IpAddr, [u8; 2])> = match kind {
-            RNAT_MAP => keys::<FlowKey>(path)?
-                .map(|k| (IpAddr::from(k.saddr), k.sport))
-                .collect(),
-            RNAT6_MAP => keys::<FlowKey6>(path)?
-                .map(|k| (IpAddr::from(k.saddr), k.sport))
-                .collect(),
-            SOCK_RNAT_MAP => keys::<SockRevKey>(path)?
-                .map(|k| (IpAddr::from(k.addr), k.port))
-                .collect(),
-            SOCK_RNAT6_MAP => keys::<SockRevKey6>(path)?
-                .map(|k| (IpAddr::from(k.addr), k.port))
-                .collect(),
-            _ => Vec::new(),
-        };
-        for (addr, port) in &endpoints {
-            self.add_endpoint(*addr, *port)?;
-        }
-        Ok(endpoints.len())
+/// The slot of an endpoint in the endpoint filters
+/// ([`proxy_common::filter`]).
+fn endpoint_slot(addr: IpAddr, port: [u8; 2]) -> u32 {
+    match addr {
+        IpAddr::V4(a) => endpoint_bit(a.octets(), port),
+        IpAddr::V6(a) => endpoint6_bit(a.octets(), port),
     }
+}
+
+/// The backend (address, port) of every entry of a reverse map (`kind`:
+/// this build's name of it) pinned at `path`: a reverse-NAT entry's
+/// source, a socket reverse entry's peer.
+fn reverse_sources(path: &Path, kind: &str) -> Result<Vec<(IpAddr, [u8; 2])>> {
+    Ok(match kind {
+        RNAT_MAP => keys::<FlowKey>(path)?
+            .into_iter()
+            .map(|k| (k.saddr.into(), k.sport))
+            .collect(),
+        RNAT6_MAP => keys::<FlowKey6>(path)?
+            .into_iter()
+            .map(|k| (k.saddr.into(), k.sport))
+            .collect(),
+        SOCK_RNAT_MAP => keys::<SockRevKey>(path)?
+            .into_iter()
+            .map(|k| (k.addr.into(), k.port))
+            .collect(),
+        SOCK_RNAT6_MAP => keys::<SockRevKey6>(path)?
+            .into_iter()
+            .map(|k| (k.addr.into(), k.port))
+            .collect(),
+        _ => Vec::new(),
+    })
 }
 
 /// The sources of the reverse-NAT entries ([`proxy_common::REPLY_SOURCE_MAP`])
@@ -208,13 +223,11 @@ impl ReplySources {
         let mut slots = std::collections::BTreeSet::new();
         let mut entries = 0;
         if let Some(dir) = maps_dir {
-            for k in keys::<FlowKey>(&dir.join(RNAT_MAP))? {
-                slots.insert(endpoint_bit(k.saddr, k.sport));
-                entries += 1;
-            }
-            for k in keys::<FlowKey6>(&dir.join(RNAT6_MAP))? {
-                slots.insert(endpoint6_bit(k.saddr, k.sport));
-                entries += 1;
+            for kind in [RNAT_MAP, RNAT6_MAP] {
+                for (addr, port) in reverse_sources(&dir.join(kind), kind)? {
+                    slots.insert(endpoint_slot(addr, port));
+                    entries += 1;
+                }
             }
         }
         for slot in slots {
@@ -236,23 +249,22 @@ impl ReplySources {
 }
 
 /// The keys of the hash map pinned at `pin` (none without the pin).
-fn keys<K: Pod>(pin: &Path) -> Result<impl Iterator<Item = K>> {
+fn keys<K: Pod>(pin: &Path) -> Result<Vec<K>> {
     let (keys, _) = entries(pin, size_of::<K>(), None)?;
-    Ok(keys
-        .chunks_exact(size_of::<K>())
-        .map(bytemuck::pod_read_unaligned)
-        .collect::<Vec<K>>()
-        .into_iter())
+    Ok(decode(&keys))
 }
 
 /// The values of the hash map pinned at `pin`.
-fn values<V: Pod>(pin: &Path) -> Result<impl Iterator<Item = V>> {
+fn values<V: Pod>(pin: &Path) -> Result<Vec<V>> {
     let (_, values) = entries(pin, 0, Some(size_of::<V>()))?;
-    Ok(values
-        .chunks_exact(size_of::<V>())
+    Ok(decode(&values))
+}
+
+fn decode<T: Pod>(packed: &[u8]) -> Vec<T> {
+    packed
+        .chunks_exact(size_of::<T>())
         .map(bytemuck::pod_read_unaligned)
-        .collect::<Vec<V>>()
-        .into_iter())
+        .collect()
 }
 
 /// Every entry of the map pinned at `pin`, packed, after checking the

@@ -319,20 +319,9 @@ fn packet_costs(bench: &mut Bench, services: usize) -> Result<PacketCosts> {
     // packet), as it does for a client reusing a port towards two
     // frontends of one backend.
     let est_src = SocketAddrV4::new(client, 40000 + services.ilog10() as u16);
-    let syn = Pkt::tcp(est_src, target, TCP_SYN).build();
-    bench
-        .median(PROG_INGRESS, &mut |_| syn.clone())
-        .context("warm-up")?;
-    let ack = Pkt::tcp(est_src, target, TCP_ACK).build();
-    let established = bench.median(PROG_INGRESS, &mut |_| ack.clone())?;
-
+    let established = established_flow(bench, est_src, target)?;
     let local_src = SocketAddrV4::new(client, 50000 + services.ilog10() as u16);
-    let syn = Pkt::tcp(local_src, LOCAL_VIP, TCP_SYN).build();
-    bench
-        .median(PROG_INGRESS, &mut |_| syn.clone())
-        .context("warm-up")?;
-    let ack = Pkt::tcp(local_src, LOCAL_VIP, TCP_ACK).build();
-    let to_local_pod = bench.median(PROG_INGRESS, &mut |_| ack.clone())?;
+    let to_local_pod = established_flow(bench, local_src, LOCAL_VIP)?;
 
     // A new source port (and, every 40000 calls, address) per call.
     let base = services as u32 * 3;
@@ -353,6 +342,17 @@ fn packet_costs(bench: &mut Bench, services: usize) -> Result<PacketCosts> {
         egress_forwarded,
         egress_local,
     })
+}
+
+/// Median ns of a packet of the flow `from` -> `to` once its SYN opened
+/// it.
+fn established_flow(bench: &mut Bench, from: SocketAddrV4, to: SocketAddrV4) -> Result<f64> {
+    let syn = Pkt::tcp(from, to, TCP_SYN).build();
+    bench
+        .median(PROG_INGRESS, &mut |_| syn.clone())
+        .context("warm-up")?;
+    let ack = Pkt::tcp(from, to, TCP_ACK).build();
+    bench.median(PROG_INGRESS, &mut |_| ack.clone())
 }
 
 /// Control-plane figures on fresh maps, memory, and the daemon's change
