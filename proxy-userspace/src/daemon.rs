@@ -76,6 +76,14 @@ struct Context {
     /// Frontends whose write failed, as logged (retried at every sync).
     failures_logged: BTreeSet<String>,
     address_errors: LogLimiter,
+    /// Whether the socket-level programs are attached; None until tried.
+    socket_lb: Option<bool>,
+    /// Whether pods' egress hook was decided with the Services known (see
+    /// [`Context::update_pod_egress`]).
+    pod_egress_decided: bool,
+    /// The node's addresses changed: every frontend's backends are looked
+    /// at again for hostNetwork ones.
+    recheck_backends: bool,
 }
 
 /// A sync that wrote or removed this many frontends follows a large
@@ -264,6 +272,9 @@ impl Context {
             problems_logged: BTreeSet::new(),
             failures_logged: BTreeSet::new(),
             address_errors: LogLimiter::reminding(REMIND_EVERY),
+            socket_lb: None,
+            pod_egress_decided: false,
+            recheck_backends: false,
             devices: Attachments::new(DeviceFilter {
                 only: args.devices.clone(),
             }),
@@ -296,9 +307,12 @@ impl Context {
         // wait for its lists): those that do are served by the previous
         // programs, behind the new ones, until the catch-up copy.
         self.dp.carry_old_layouts()?;
+        // Before the devices: whether pods' devices get the egress hook
+        // depends on it.
+        self.setup_socket_lb();
+        self.update_pod_egress(&BTreeSet::new(), self.synced_once);
         self.devices.drop_vanished_pins(&mut self.dp)?;
         self.devices.refresh(&mut self.dp);
-        self.setup_socket_lb();
         self.retire_old_layouts();
         self.trust_reply_sources();
         if self.synced_once {
@@ -367,6 +381,13 @@ impl Context {
     /// the per-packet path then serves everything: never a reason not to
     /// start.
     fn setup_socket_lb(&mut self) {
+        let on = self.attach_socket_lb();
+        self.socket_lb = Some(on);
+    }
+
+    /// [`Context::setup_socket_lb`]; returns whether the programs are
+    /// attached.
+    fn attach_socket_lb(&mut self) -> bool {
         let sync = &self.metrics.sync;
         if !self.args.socket_lb {
             match self.dp.detach_sockets() {
@@ -376,7 +397,7 @@ impl Context {
                 ),
                 Err(e) => warn!(error = %format!("{e:#}"), "removing socket-level links failed"),
             }
-            return;
+            return false;
         }
         let Some(root) = self
             .args
@@ -388,18 +409,111 @@ impl Context {
                 "socket-level load balancing is off: no cgroup v2 mount; the per-packet path serves everything"
             );
             sync.socket_lb_attach_failures.inc();
-            return;
+            return false;
         };
         match self.dp.attach_sockets(&root) {
             Ok(()) => {
                 info!(cgroup = %root.display(), "socket-level load balancing on");
                 sync.socket_lb_enabled.set(1);
+                true
             }
             Err(e) => {
                 warn!(cgroup = %root.display(), error = %format!("{e:#}"), "socket-level load balancing is off: attaching failed; the per-packet path serves everything");
                 sync.socket_lb_attach_failures.inc();
+                false
             }
         }
+    }
+
+    /// Gives pods' devices the egress hook, or not (see [`Attachments`]):
+    /// decided in full once the Services are known (`services_known`) and
+    /// socket LB is set up; until then they have it. After that it is only
+    /// given, never taken, during a run (a flow that needs it may be
+    /// open): before a frontend with a hostNetwork backend of this node is
+    /// written (`changed`: the frontends about to be).
+    fn update_pod_egress(&mut self, changed: &BTreeSet<FrontendKey>, services_known: bool) {
+        let was_decided = self.pod_egress_decided;
+        let reason = if !was_decided {
+            self.pod_egress_decided = services_known && self.socket_lb.is_some();
+            self.pod_egress_reason(services_known)
+        } else if self.devices.pod_egress() {
+            return;
+        } else {
+            let everything = std::mem::take(&mut self.recheck_backends);
+            self.hostnetwork_backend((!everything).then_some(changed))
+        };
+        let on = reason.is_some();
+        if on != self.devices.pod_egress() || was_decided != self.pod_egress_decided {
+            match reason {
+                Some(why) => info!(reason = %why, "pods' devices get the egress hook"),
+                None => info!(
+                    "pods' devices get no egress hook: socket LB translates their connections, \
+                     and no backend is a hostNetwork process of this node"
+                ),
+            }
+            self.devices.set_pod_egress(&mut self.dp, on);
+        }
+        let hooked = self.devices.pod_egress();
+        self.metrics.sync.pod_egress_hook.set(i64::from(hooked));
+    }
+
+    /// Why pods' devices need the egress hook, or None. With socket LB,
+    /// the node sends a pod a packet of a translated flow only when the
+    /// flow goes to a hostNetwork backend of this node (its replies leave
+    /// the node's stack towards the pod): a flow socket LB leaves to the
+    /// per-packet path, or one an earlier run translated.
+    fn pod_egress_reason(&self, services_known: bool) -> Option<String> {
+        match self.socket_lb {
+            None => return Some("the socket programs are not set up yet".into()),
+            Some(false) => return Some("the socket programs are not attached".into()),
+            Some(true) => {}
+        }
+        if self.args.masquerade_all {
+            return Some("--masquerade-all leaves every flow to the per-packet path".into());
+        }
+        if self.dp.has_old_layouts() {
+            return Some("the earlier map layout's programs still run".into());
+        }
+        if !services_known {
+            return Some("the Services are not known yet".into());
+        }
+        if let Some(why) = self.hostnetwork_backend(None) {
+            return Some(why);
+        }
+        match self.dp.reverse_nat_sources() {
+            Ok(sources) => sources
+                .iter()
+                .find(|a| self.host_addrs.contains(a))
+                .map(|a| {
+                    format!(
+                        "a flow translated by an earlier run goes to {a}, an address of this node"
+                    )
+                }),
+            Err(e) => Some(format!(
+                "reading the pinned reverse-NAT entries failed: {e:#}"
+            )),
+        }
+    }
+
+    /// A frontend (of `keys`, or any) with a backend at an address of this
+    /// node, described.
+    fn hostnetwork_backend(&self, keys: Option<&BTreeSet<FrontendKey>>) -> Option<String> {
+        let frontends = self.model.frontends();
+        let found = match keys {
+            Some(keys) => keys
+                .iter()
+                .filter_map(|k| frontends.get_key_value(k))
+                .find(|(_, fe)| fe.has_backend_among(&self.host_addrs)),
+            None => frontends
+                .iter()
+                .find(|(_, fe)| fe.has_backend_among(&self.host_addrs)),
+        };
+        found.map(|(key, fe)| {
+            format!(
+                "{} ({key}) has a hostNetwork backend on this node",
+                fe.service
+            )
+        })
     }
 
     /// The loop: acts on netlink notifications (devices, addresses) and on
@@ -523,6 +637,7 @@ impl Context {
                 info!(addresses = ?np, "NodePort addresses");
                 self.node_addrs = np;
                 self.host_addrs = host;
+                self.recheck_backends = true;
                 true
             }
             Err(e) => {
@@ -556,6 +671,7 @@ impl Context {
         );
         problems.extend(cidr_problems);
         self.log_new_problems(&problems);
+        self.update_pod_egress(&changed, true);
         let report = self.program(&changed);
         self.log_new_failures(&report);
         self.apply_service_cidrs(service_cidrs);

@@ -115,6 +115,8 @@ pub struct SyncMetrics {
     /// 1 while the socket-level programs are attached.
     pub socket_lb_enabled: Gauge,
     pub socket_lb_attach_failures: PromCounter,
+    /// 1 while pods' devices get the egress hook.
+    pub pod_egress_hook: Gauge,
     /// Health-check listeners (`healthCheckNodePort`) serving, and waiting
     /// for a retry because the port could not be bound.
     pub health_check_listeners: Family<StateLabels, Gauge>,
@@ -176,6 +178,7 @@ impl SyncMetrics {
             health_check_listeners: Family::default(),
             health_check_bind_failures: PromCounter::default(),
             socket_lb_enabled: Gauge::default(),
+            pod_egress_hook: Gauge::default(),
             socket_lb_attach_failures: PromCounter::default(),
         }
     }
@@ -237,6 +240,11 @@ impl Metrics {
             "kube_ebpf_proxy_socket_lb_enabled",
             "1 while socket-level load balancing is attached; 0 when turned off or its attach failed",
             sync.socket_lb_enabled.clone(),
+        );
+        r.register(
+            "kube_ebpf_proxy_pod_egress_hook",
+            "1 while pods' devices get the egress program (socket LB off, or a hostNetwork backend on this node); 0 when their ingress alone is hooked",
+            sync.pod_egress_hook.clone(),
         );
         r.register(
             "kube_ebpf_proxy_socket_lb_attach_failures",

@@ -372,13 +372,17 @@ fn the_datapath_outlives_the_daemon_and_cleanup_removes_everything() -> Result<(
     let pod_ns = CLIENT_POD;
     let vip = sa("10.96.0.12:80");
     tcp_request(c.lab.ns(pod_ns), vip)?;
-    // 3 devices on node-a (eth0, web-a, client-a), 2 links each, lo's
-    // egress, and the socket-level links (one per program, both families)
-    // unless that is off for this run.
+    // 3 devices on node-a: eth0 with 2 links, the pods' web-a and
+    // client-a with their ingress link (and their egress one when socket
+    // LB is off for this run), lo's egress, and the socket-level links
+    // (one per program, both families) unless socket LB is off.
     let node = c.lab.ns(addr::NODE_A);
     let links = pinned_link_ids(node, &c.bpffs(addr::NODE_A));
-    let socket_links = if socket_lb_on() { SOCK_PROGS.len() } else { 0 };
-    assert_eq!(links.len(), 7 + socket_links, "{links:?}");
+    let (pod_links, socket_links) = match socket_lb_on() {
+        true => (2, SOCK_PROGS.len()),
+        false => (4, 0),
+    };
+    assert_eq!(links.len(), 3 + pod_links + socket_links, "{links:?}");
     assert!(links.iter().all(|id| link_exists(node, id)));
 
     c.lab.stop_daemon(addr::NODE_A, Signal::SIGTERM)?;

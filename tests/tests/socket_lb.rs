@@ -13,10 +13,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
+use aya::programs::{SchedClassifier, TcAttachType};
 use common::*;
 use lab::{
-    Lab, Netns, Reply, Signal, TcpConn, addr, cgroup2_mount, error_kind, require_root_or_skip,
-    tcp_request, udp_request,
+    ETH0, Lab, Netns, Reply, Signal, TcpConn, TcpServer, addr, cgroup2_mount, error_kind,
+    host_veth_name, require_root_or_skip, tcp_request, udp_request,
 };
 use proxy_common::SOCK_PROGS;
 
@@ -508,4 +509,152 @@ fn affinity_and_local_traffic_policy_both_ways() {
     drop(c);
     let c = policies(OFF);
     assert_eq!(c.counters(addr::NODE_A)["socket_lb"], 0);
+}
+
+/// How many tcx programs run on `ifname`'s `hook` in `ns`.
+fn tcx_programs(ns: &Netns, ifname: &str, hook: TcAttachType) -> usize {
+    ns.run(|| SchedClassifier::query_tcx(ifname, hook))
+        .unwrap_or_else(|e| panic!("{ifname} {hook:?}: {e}"))
+        .1
+        .len()
+}
+
+/// The egress programs on the client pod's host-side device and on
+/// node-a's link, and node-a's pod-egress gauge.
+fn egress_hooks(c: &Cluster) -> (usize, usize, String) {
+    let node = c.lab.ns(addr::NODE_A);
+    let veth = host_veth_name(CLIENT_POD_IP.parse().unwrap());
+    let gauge = http_metrics(node)
+        .lines()
+        .find(|l| l.starts_with("kube_ebpf_proxy_pod_egress_hook "))
+        .unwrap_or("no gauge")
+        .to_string();
+    (
+        tcx_programs(node, &veth, TcAttachType::Egress),
+        tcx_programs(node, ETH0, TcAttachType::Egress),
+        gauge,
+    )
+}
+
+/// A LoadBalancer Service whose one backend is a hostNetwork process of
+/// node-a (192.168.200.11:6443), with source ranges: socket LB leaves a
+/// pod's connection to it to the per-packet path, whose replies leave
+/// node-a's stack towards the pod by the egress hook.
+fn host_backend_with_source_ranges() -> String {
+    "apiVersion: v1
+kind: Service
+metadata: {name: api-lb, namespace: lab}
+spec:
+  clusterIP: 10.96.0.40
+  type: LoadBalancer
+  loadBalancerSourceRanges: [10.244.0.0/16]
+  ports: [{name: main, protocol: TCP, port: 443, targetPort: 6443}]
+status: {loadBalancer: {ingress: [{ip: 192.168.50.40}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: api-lb-1
+  namespace: lab
+  labels: {kubernetes.io/service-name: api-lb}
+addressType: IPv4
+ports: [{name: main, protocol: TCP, port: 6443}]
+endpoints:
+- addresses: [192.168.200.11]
+  nodeName: node-a
+  conditions: {ready: true}
+---
+"
+    .into()
+}
+
+#[test]
+fn pods_devices_get_the_egress_hook_only_for_a_hostnetwork_backend_of_their_node() {
+    let Some(c) = Cluster::start("pod_egress", &placement_manifests()) else {
+        return;
+    };
+    let pod = c.lab.ns(CLIENT_POD);
+    assert_eq!(
+        tcp_request(pod, sa("10.96.0.12:80")).unwrap().remote,
+        sa("10.96.0.12:80")
+    );
+    // Socket LB translates the pod's connections: its device's egress
+    // hook would only return at once. The node's link keeps its own.
+    let (pod_egress, link_egress, gauge) = egress_hooks(&c);
+    let expected = usize::from(!socket_lb_on());
+    assert_eq!(
+        (pod_egress, link_egress),
+        (expected, 1),
+        "{gauge}\n{}",
+        c.logs()
+    );
+    assert_eq!(gauge, format!("kube_ebpf_proxy_pod_egress_hook {expected}"));
+
+    // A hostNetwork backend on node-a: the hook is given back before the
+    // frontend is written, and the reply of a per-packet flow to it gets
+    // the service's address back on its way to the pod.
+    let _api =
+        TcpServer::start(c.lab.ns(addr::NODE_A), sa("192.168.200.11:6443"), "host-a").unwrap();
+    c.write_manifests(&(placement_manifests() + &host_backend_with_source_ranges()));
+    c.lab
+        .wait_for("the pod's egress hook", Duration::from_secs(10), || {
+            egress_hooks(&c).0 == 1
+        })
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+    let mut reply = None;
+    c.lab
+        .wait_for("the hostNetwork backend", Duration::from_secs(10), || {
+            reply = tcp_request(pod, sa("192.168.50.40:443")).ok();
+            reply.is_some()
+        })
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+    let r = reply.unwrap();
+    assert_eq!(
+        (r.identity.as_str(), r.remote),
+        ("host-a", sa("192.168.50.40:443"))
+    );
+    assert_eq!(egress_hooks(&c).2, "kube_ebpf_proxy_pod_egress_hook 1");
+    let log = c.lab.daemon_log(addr::NODE_A);
+    assert!(
+        log.contains("lab/api-lb:main") && log.contains("has a hostNetwork backend on this node"),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_restart_with_socket_lb_takes_the_earlier_runs_egress_hook_off_pods_devices() -> Result<()> {
+    if !require_root_or_skip("pod egress restart") {
+        return Ok(());
+    }
+    let mut c =
+        Cluster::start_with("pod-egress-restart", &placement_manifests(), OFF).expect("root");
+    let vip = sa("10.96.0.12:80");
+    // A per-packet flow, held across the restart.
+    let mut open = TcpConn::open(c.lab.ns(CLIENT_POD), vip)?;
+    assert_eq!(open.request()?.identity, "web-b1");
+    assert_eq!(egress_hooks(&c).0, 1, "socket LB off: pods have the hook");
+
+    c.lab.stop_daemon(addr::NODE_A, Signal::SIGTERM)?;
+    c.extra_args = vec!["--socket-lb=true".into()];
+    c.start_daemon(addr::NODE_A);
+    let (pod, link, gauge) = egress_hooks(&c);
+    assert_eq!((pod, link), (0, 1), "{gauge}");
+    assert_eq!(gauge, "kube_ebpf_proxy_pod_egress_hook 0");
+    let veth = host_veth_name(CLIENT_POD_IP.parse().unwrap());
+    let pins: Vec<String> = fs::read_dir(c.bpffs(addr::NODE_A).join("links"))?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<std::io::Result<_>>()?;
+    assert!(
+        pins.iter()
+            .any(|p| p.starts_with(&veth) && p.ends_with("-ingress"))
+            && !pins
+                .iter()
+                .any(|p| p.starts_with(&veth) && p.ends_with("-egress")),
+        "{pins:?}"
+    );
+    // The flow translated per packet before keeps its translation: its
+    // packets reach the pod forwarded, after the ingress hooks.
+    assert_eq!(open.request()?.identity, "web-b1");
+    assert_eq!(tcp_request(c.lab.ns(CLIENT_POD), vip)?.remote, vip);
+    Ok(())
 }

@@ -170,6 +170,14 @@ fn endpoint_slot(addr: IpAddr, port: [u8; 2]) -> u32 {
     }
 }
 
+/// The source (a backend's address and port) of every reverse-NAT entry
+/// pinned under `maps_dir`, both families.
+pub fn reverse_nat_sources(maps_dir: &Path) -> Result<Vec<(IpAddr, [u8; 2])>> {
+    let mut sources = reverse_sources(&maps_dir.join(RNAT_MAP), RNAT_MAP)?;
+    sources.extend(reverse_sources(&maps_dir.join(RNAT6_MAP), RNAT6_MAP)?);
+    Ok(sources)
+}
+
 /// The backend (address, port) of every entry of a reverse map (`kind`:
 /// this build's name of it) pinned at `path`: a reverse-NAT entry's
 /// source, a socket reverse entry's peer.
@@ -223,11 +231,9 @@ impl ReplySources {
         let mut slots = std::collections::BTreeSet::new();
         let mut entries = 0;
         if let Some(dir) = maps_dir {
-            for kind in [RNAT_MAP, RNAT6_MAP] {
-                for (addr, port) in reverse_sources(&dir.join(kind), kind)? {
-                    slots.insert(endpoint_slot(addr, port));
-                    entries += 1;
-                }
+            for (addr, port) in reverse_nat_sources(dir)? {
+                slots.insert(endpoint_slot(addr, port));
+                entries += 1;
             }
         }
         for slot in slots {

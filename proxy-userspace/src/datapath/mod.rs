@@ -37,6 +37,7 @@ pub mod sockets;
 use std::{
     collections::BTreeSet,
     fs, io,
+    net::IpAddr,
     path::{Path, PathBuf},
 };
 
@@ -543,6 +544,19 @@ impl Datapath {
         found.map(Some)
     }
 
+    /// The addresses replies of pinned reverse-NAT entries come from (none
+    /// for a datapath without pins): the backends of the per-packet flows
+    /// an earlier run translated and that may still be open.
+    pub fn reverse_nat_sources(&self) -> Result<BTreeSet<IpAddr>> {
+        if self.root.as_os_str().is_empty() {
+            return Ok(BTreeSet::new());
+        }
+        Ok(filters::reverse_nat_sources(&maps_dir(&self.root))?
+            .into_iter()
+            .map(|(addr, _)| addr)
+            .collect())
+    }
+
     /// Whether this load's programs trust the reply sources
     /// ([`Datapath::trust_reply_sources`] succeeded).
     pub fn reply_sources_trusted(&self) -> bool {
@@ -659,14 +673,17 @@ impl Datapath {
             .try_into()?)
     }
 
-    /// Attaches both programs to `dev`; a pinned link from an earlier run is
-    /// updated to the new program in place (no moment without a program).
-    /// During an upgrade to a new map layout the earlier run's link stays:
-    /// the new programs get a link of their own in front of it, pinned
-    /// under `links-next/` until [`Datapath::retire_old_layouts`] (a link
-    /// there from an interrupted upgrade is updated in place).
-    pub fn attach(&mut self, dev: &Device) -> Result<()> {
-        for dir in Direction::for_device(dev).iter().copied() {
+    /// Attaches the programs of `hooks` to `dev`; a pinned link from an
+    /// earlier run is updated to the new program in place (no moment
+    /// without a program), and an earlier run's link of a hook not in
+    /// `hooks` is removed. During an upgrade to a new map layout the
+    /// earlier run's link stays: the new programs get a link of their own
+    /// in front of it, pinned under `links-next/` until
+    /// [`Datapath::retire_old_layouts`] (a link there from an interrupted
+    /// upgrade is updated in place). `peer`: `dev` is a veth or netkit
+    /// device whose peer is in another namespace (see `peer`).
+    pub fn attach(&mut self, dev: &Device, hooks: &[Direction], peer: bool) -> Result<()> {
+        for dir in hooks.iter().copied() {
             let pin = link_pin(&self.root, dev, dir);
             let next = next_link_pin(&self.root, dev, dir);
             if self.older_behind.is_none() {
@@ -693,28 +710,27 @@ impl Datapath {
             attach_pinned(prog, dev, dir, &target, order)?;
             drop(older);
         }
-        self.list_peer_device(dev);
+        if self.older_behind.is_none() {
+            for dir in Direction::BOTH.into_iter().filter(|d| !hooks.contains(d)) {
+                unpin_link(&link_pin(&self.root, dev, dir))?;
+            }
+        }
+        self.list_peer_device(dev, peer);
         Ok(())
     }
 
-    /// Lists `dev` in `PEER_DEV_MAP` if it is a pod's veth (its peer in
-    /// another namespace): translated packets for it then go straight into
-    /// the pod (see `peer`). Not fatal: unlisted, they take the plain
-    /// redirect.
-    fn list_peer_device(&mut self, dev: &Device) {
-        let listed = peer::peer_in_other_namespace(dev.index)
-            .map_err(anyhow::Error::from)
-            .and_then(|peer| {
-                if peer {
-                    self.set_peer_device(dev.index, true)?;
-                }
-                Ok(peer)
-            });
-        match listed {
-            Ok(true) => {
+    /// Lists `dev` in `PEER_DEV_MAP` if it is a pod's veth (`peer`: its
+    /// peer in another namespace): translated packets for it then go
+    /// straight into the pod (see `peer`). Not fatal: unlisted, they take
+    /// the plain redirect.
+    fn list_peer_device(&mut self, dev: &Device, peer: bool) {
+        if !peer {
+            return;
+        }
+        match self.set_peer_device(dev.index, true) {
+            Ok(()) => {
                 tracing::debug!(device = %dev.name, "packets for it go into its peer's namespace")
             }
-            Ok(false) => {}
             Err(e) => tracing::warn!(
                 device = %dev.name,
                 error = %format!("{e:#}"),
@@ -905,14 +921,17 @@ pub fn detach_pins(root: &Path, dev: &Device) -> Result<()> {
         .into_iter()
         .flat_map(|dir| [next_link_pin(root, dev, dir), link_pin(root, dev, dir)]);
     for pin in pins {
-        match PinnedLink::from_pin(&pin) {
-            Ok(link) => {
-                let fd_link = link.unpin()?;
-                drop(fd_link);
-            }
-            Err(_) if !pin.exists() => {}
-            Err(_) => fs::remove_file(&pin)?,
-        }
+        unpin_link(&pin)?;
+    }
+    Ok(())
+}
+
+/// Detaches the link pinned at `pin`, if there is one, and removes the pin.
+fn unpin_link(pin: &Path) -> Result<()> {
+    match PinnedLink::from_pin(pin) {
+        Ok(link) => drop(link.unpin()?),
+        Err(_) if !pin.exists() => {}
+        Err(_) => fs::remove_file(pin)?,
     }
     Ok(())
 }

@@ -41,7 +41,11 @@ pub mod service;
 pub mod service_cidrs;
 pub mod slim;
 
-use std::{collections::BTreeMap, fmt, net::IpAddr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::IpAddr,
+};
 
 use crate::cidr::Cidr;
 
@@ -217,6 +221,17 @@ pub struct Frontend {
     /// `loadBalancerSourceRanges`, on load-balancer IP frontends only (of
     /// the frontend's family): other sources are dropped.
     pub source_ranges: Vec<Cidr>,
+}
+
+impl Frontend {
+    /// Whether one of the frontend's backends, for any client, has one of
+    /// `addrs` (the node's own addresses: a hostNetwork backend here).
+    pub fn has_backend_among(&self, addrs: &BTreeSet<IpAddr>) -> bool {
+        self.backends
+            .iter()
+            .chain(self.internal_backends.iter().flatten())
+            .any(|b| addrs.contains(&b.ip))
+    }
 }
 
 /// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds`.
@@ -469,6 +484,39 @@ mod tests {
         let bare: Node =
             serde_json::from_value(serde_json::json!({"metadata": {"name": "n2"}})).unwrap();
         assert_eq!(NodeInfo::from_node(&bare).zone, None);
+    }
+
+    #[test]
+    fn backends_among_addresses_count_for_every_client() {
+        let ep = |ip: &str| Endpoint {
+            ip: ip.parse().unwrap(),
+            port: 6443,
+            local: true,
+            terminating: false,
+        };
+        let node: BTreeSet<IpAddr> = ["192.168.200.11".parse().unwrap()].into();
+        let mut fe = Frontend {
+            service: ServicePortName {
+                namespace: "default".into(),
+                name: "kubernetes".into(),
+                port: String::new(),
+            },
+            kind: FrontendKind::NodePort,
+            backends: vec![ep("10.244.1.5")],
+            local_only: true,
+            internal_backends: None,
+            drop_when_empty: false,
+            affinity_timeout: None,
+            source_ranges: Vec::new(),
+        };
+        assert!(!fe.has_backend_among(&node));
+        // externalTrafficPolicy Local: the node's clients use the cluster set.
+        fe.internal_backends = Some(vec![ep("10.244.1.5"), ep("192.168.200.11")]);
+        assert!(fe.has_backend_among(&node));
+        fe.internal_backends = None;
+        fe.backends.push(ep("192.168.200.11"));
+        assert!(fe.has_backend_among(&node));
+        assert!(!fe.has_backend_among(&BTreeSet::new()));
     }
 
     #[test]
