@@ -12,17 +12,19 @@
 //! a bit must be set before the entry it stands for can be found, and is
 //! never cleared while such an entry may still be there: the daemon sets
 //! bits (it is their only writer) before it writes an address or a
-//! backend, sets those of every entry already in the maps when it starts,
-//! and never clears one. A bit of something long gone only costs the
-//! lookup it would have cost anyway.
+//! backend, and sets those of every entry already in the maps when it
+//! starts. Removing an entry leaves its bit: a bit of something gone only
+//! costs the lookup it would have cost anyway. Once the bits have doubled
+//! since the last rebuild, the daemon rebuilds the filters from the maps,
+//! clearing the bits no entry needs.
 //!
 //! * [`ADDR_FILTER_MAP`]: every address in [`crate::ADDR_MAP`] or
 //!   [`crate::ADDR6_MAP`]. A destination without its bit has class 0 (no
 //!   ClusterIP, NodePort address, external IP or node address).
-//! * [`ENDPOINT_FILTER_MAP`]: every backend (address, port) the daemon
-//!   ever wrote to [`crate::BACKEND_MAP`] or [`crate::BACKEND6_MAP`], and
-//!   the source of every reverse-NAT entry and the backend of every socket
-//!   reverse entry found at start. Every reply the reverse-NAT maps
+//! * [`ENDPOINT_FILTER_MAP`]: every backend (address, port) in
+//!   [`crate::BACKEND_MAP`] or [`crate::BACKEND6_MAP`], and the source of
+//!   every reverse-NAT entry and the backend of every socket reverse entry
+//!   found at start or at a rebuild. Every reply the reverse-NAT maps
 //!   translate comes from a backend (the key of an entry is the backend's
 //!   address and port), and every peer a socket's reverse entry translates
 //!   is one: a packet or a peer without its bit skips that lookup.

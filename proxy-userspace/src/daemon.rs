@@ -375,6 +375,31 @@ impl Context {
         }
     }
 
+    /// Clears the probe filters' bits of what the maps no longer hold, once
+    /// removals have left enough of them (see [`crate::datapath::filters`]).
+    /// Not while an earlier layout's programs still run: they write
+    /// entries into pins the rebuild does not read.
+    fn rebuild_filters(&mut self) {
+        let Some(maps_dir) = self.dp.pinned_maps_dir() else {
+            return;
+        };
+        if self.dp.has_old_layouts() || !self.syncer.maps().filter_rebuild_due() {
+            return;
+        }
+        let started = Instant::now();
+        match self.syncer.maps_mut().rebuild_filters(&maps_dir) {
+            Ok(r) => info!(
+                addr_bits_cleared = r.addr_bits_cleared,
+                endpoint_bits_cleared = r.endpoint_bits_cleared,
+                addr_bits = r.bits_set.0,
+                endpoint_bits = r.bits_set.1,
+                ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1e3),
+                "probe filters rebuilt from the pinned maps"
+            ),
+            Err(e) => warn!(error = %format!("{e:#}"), "rebuilding the probe filters failed"),
+        }
+    }
+
     /// Socket-level load balancing: attaches the cgroup programs (or swaps
     /// the new ones into the links of an earlier run), or removes them when
     /// turned off. Done once at start; a failure is logged and counted, and
@@ -674,6 +699,7 @@ impl Context {
         self.update_pod_egress(&changed, true);
         let report = self.program(&changed);
         self.log_new_failures(&report);
+        self.rebuild_filters();
         self.apply_service_cidrs(service_cidrs);
         self.update_health_checks();
         self.warn_of_ipv6_on_small_maps();

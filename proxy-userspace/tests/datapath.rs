@@ -787,9 +787,9 @@ fn a_removed_backend_is_not_reused_by_new_connections_on_an_old_tuple() {
     assert!(f.rnat.iter().count() >= 2);
 }
 
-/// The probe filters' bits are never cleared: a connection that outlives
-/// its backend (an endpoint removed while the connection lasts) still has
-/// its replies translated.
+/// Removing a backend leaves its probe-filter bit set: a connection that
+/// outlives its backend (an endpoint removed while the connection lasts)
+/// still has its replies translated.
 #[test]
 fn replies_of_a_flow_whose_backend_was_removed_are_still_translated() {
     let Some(mut f) = Fixture::new("removed_backend_replies") else {

@@ -2,7 +2,8 @@
 //! sets the bits of what the pinned maps hold before its programs run, and
 //! the reply sources' bytes before it trusts them, so entries that no
 //! filter knew of (written by a version without filters, or behind the
-//! writer's back) are found by the new programs. Run with
+//! writer's back) are found by the new programs. A rebuild clears the bits
+//! of what the pins no longer hold and keeps the rest. Run with
 //! BPF_PROG_TEST_RUN on the pinned programs, in a network namespace of the
 //! test's own, over pins under a directory of its own (removed also on
 //! failure).
@@ -11,10 +12,13 @@ mod pins;
 mod privileged;
 use pins::PinDir;
 use privileged::privileged;
-use std::{fs, net::SocketAddrV4};
+use std::{
+    fs,
+    net::{IpAddr, SocketAddrV4},
+};
 
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{TestRun, TestRunOptions},
 };
 use proxy_common::*;
@@ -151,4 +155,79 @@ fn a_start_sets_the_bits_of_every_pinned_address_and_reverse_entry() {
         1,
         "the pinned ClusterIP is one again: its unknown port is refused"
     );
+}
+
+/// Whether a pinned filter has `bit` set.
+fn pinned_bit(root: &std::path::Path, filter: &str, bit: u32) -> bool {
+    let words: Array<MapData, u64> = open_pinned(root, filter).unwrap();
+    let (word, mask) = filter_word(bit);
+    words.get(&word, 0).unwrap() & mask != 0
+}
+
+fn endpoint_slot(s: &str) -> u32 {
+    let a = sa(s);
+    endpoint_bit(a.ip().octets(), a.port().to_be_bytes())
+}
+
+#[test]
+fn a_rebuild_clears_the_bits_of_what_no_pin_holds_and_keeps_the_rest() {
+    if !privileged("probe_filters_rebuild") {
+        return;
+    }
+    // Once written, then removed: no pinned map holds them any more.
+    const STALE_BACKEND: &str = "10.244.9.9:8080";
+    const STALE_VIP: &str = "10.96.0.77";
+    let _ns = NetNsGuard::new().expect("test namespace");
+    let pins = PinDir::new("rebuild");
+    let root = pins.0.as_path();
+    let mut dp = Datapath::load(root, false, None).expect("load pinned");
+    write_behind_the_writers_back(root);
+    let mut filters = dp.take_filters().unwrap();
+    let stale_vip: std::net::Ipv4Addr = STALE_VIP.parse().unwrap();
+    let stale = sa(STALE_BACKEND);
+    filters.add_addr(IpAddr::V4(stale_vip)).unwrap();
+    filters
+        .add_endpoint(IpAddr::V4(*stale.ip()), stale.port().to_be_bytes())
+        .unwrap();
+    let stale_addr_bit = addr_bit(stale_vip.octets());
+    let (kept_addr_bit, kept_endpoint_bit) = (
+        addr_bit(sa(BARE_VIP).ip().octets()),
+        endpoint_slot(GONE_BACKEND),
+    );
+    assert_ne!(
+        stale_addr_bit, kept_addr_bit,
+        "the test's addresses share a bit"
+    );
+    assert_ne!(endpoint_slot(STALE_BACKEND), kept_endpoint_bit);
+    assert!(pinned_bit(root, ADDR_FILTER_MAP, stale_addr_bit));
+    assert!(!pinned_bit(root, ADDR_FILTER_MAP, kept_addr_bit));
+
+    let rebuilt = filters.rebuild(&maps_dir(root)).expect("rebuild");
+
+    assert_eq!(
+        (rebuilt.addr_bits_cleared, rebuilt.endpoint_bits_cleared),
+        (1, 1),
+        "{rebuilt:?}"
+    );
+    assert_eq!(
+        rebuilt.bits_set,
+        (1, 1),
+        "the pins hold one address, one endpoint"
+    );
+    assert_eq!(filters.bits_set(), rebuilt.bits_set);
+    assert!(!pinned_bit(root, ADDR_FILTER_MAP, stale_addr_bit));
+    assert!(!pinned_bit(
+        root,
+        ENDPOINT_FILTER_MAP,
+        endpoint_slot(STALE_BACKEND)
+    ));
+    assert!(pinned_bit(root, ADDR_FILTER_MAP, kept_addr_bit));
+    assert!(pinned_bit(root, ENDPOINT_FILTER_MAP, kept_endpoint_bit));
+    let reply = Pkt::tcp(sa(GONE_BACKEND), sa(CLIENT), TCP_ACK).build();
+    assert_eq!(
+        ingress_source(&dp, &reply),
+        sa(VIP),
+        "the reply of the pinned flow is still translated"
+    );
+    assert!(!filters.rebuild_due(), "nothing has filled since");
 }

@@ -4,6 +4,11 @@
 //! hold exactly what they held before it; requests never fail; the daemon's
 //! RSS does not grow from round to round; its syncs stay short.
 //!
+//! Each round's ClusterIPs are new, cycling through four ranges, as a
+//! cluster's pod addresses are: the probe filters fill with the bits of
+//! what is gone, and the daemon must rebuild them (clearing those bits)
+//! without clearing one the stable Service needs.
+//!
 //! The suite runs 5 rounds of 2,000 Services (10,000 changes each);
 //! `cargo xtask soak` (KEP_SOAK=1) runs 30 rounds of 5,000.
 
@@ -45,13 +50,16 @@ fn name(i: usize) -> String {
     format!("churn-{i}")
 }
 
-fn service(i: usize) -> Value {
+/// Service `i` of a round of `services`: its ClusterIP is in the round's
+/// range of four.
+fn service(i: usize, round: usize, services: usize) -> Value {
+    let k = i + services * (round % 4);
     json!({
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": name(i), "namespace": "lab"},
         "spec": {
             "type": "ClusterIP",
-            "clusterIP": format!("10.96.{}.{}", 32 + i / 250, i % 250 + 1),
+            "clusterIP": format!("10.96.{}.{}", 32 + k / 250, k % 250 + 1),
             "ports": [{"name": "main", "protocol": "TCP", "port": 80, "targetPort": 8080}]
         }
     })
@@ -114,6 +122,23 @@ fn longest_sync_us(c: &Cluster, from: usize) -> u64 {
         .filter_map(|v| v.split_whitespace().next()?.parse().ok())
         .max()
         .unwrap_or(0)
+}
+
+/// node-a's probe filter rebuilds: (address bits cleared, ms) of each.
+fn filter_rebuilds(c: &Cluster) -> Vec<(u64, f64)> {
+    let field = |l: &str, name: &str| -> Option<String> {
+        let v = l.split(&format!("{name}=")).nth(1)?;
+        Some(v.split_whitespace().next()?.trim_matches('"').to_string())
+    };
+    c.lab
+        .daemon_log(addr::NODE_A)
+        .lines()
+        .filter(|l| l.contains("probe filters rebuilt"))
+        .filter_map(|l| {
+            let cleared = field(l, "addr_bits_cleared")?.parse().ok()?;
+            Some((cleared, field(l, "ms")?.parse().ok()?))
+        })
+        .collect()
 }
 
 /// Requests to the stable Service until stopped: (succeeded, failed).
@@ -179,9 +204,14 @@ fn wait_entries(c: &Cluster, what: &str, map: &str, entries: usize) {
 /// One round: a burst of creates, every slice changed, every object
 /// deleted; each phase waits until the datapath has it, so that every
 /// object is really programmed and removed.
-fn churn(c: &Cluster, api: &ApiServer, services: usize, before: &BTreeMap<&str, usize>) {
+fn churn(
+    c: &Cluster,
+    api: &ApiServer,
+    (round, services): (usize, usize),
+    before: &BTreeMap<&str, usize>,
+) {
     for i in 0..services {
-        api.apply_json(service(i)).unwrap();
+        api.apply_json(service(i, round, services)).unwrap();
         api.apply_json(slice(i, 1 + i % 3)).unwrap();
     }
     let frontends = before[SVC_MAP] + services;
@@ -220,7 +250,7 @@ fn churn_leaves_the_maps_as_it_found_them_and_fails_no_request() {
     for round in 1..=rounds {
         let log_from = c.lab.daemon_log(addr::NODE_A).len();
         let t0 = Instant::now();
-        churn(&c, &api, services, &before);
+        churn(&c, &api, (round, services), &before);
         let programmed = t0.elapsed();
         c.lab
             .wait_for(
@@ -245,6 +275,14 @@ fn churn_leaves_the_maps_as_it_found_them_and_fails_no_request() {
     let (ok, failed) = requests.counts();
     drop(requests);
     assert_eq!(failed, 0, "{ok} requests succeeded");
+    let rebuilds = filter_rebuilds(&c);
+    eprintln!("probe filter rebuilds (address bits cleared, ms): {rebuilds:?}");
+    assert!(
+        rebuilds
+            .iter()
+            .any(|&(cleared, _)| cleared >= services as u64),
+        "a rebuild cleared the bits of a round's gone ClusterIPs: {rebuilds:?}"
+    );
     assert!(ok > 100, "the request loop ran: {ok}");
     // The first round grows the allocator's pools; later rounds reuse them.
     let (first, last) = (rss[0], *rss.last().unwrap());

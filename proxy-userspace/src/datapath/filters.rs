@@ -2,8 +2,8 @@
 //! that spare the datapath a hash lookup for addresses without a class and
 //! packets from anything but a backend.
 //!
-//! The daemon is their only writer and only ever sets bits: before it
-//! writes an address or a backend ([`ProbeFilters::add_addr`],
+//! The daemon is their only writer. It sets a bit before it writes an
+//! address or a backend ([`ProbeFilters::add_addr`],
 //! [`ProbeFilters::add_endpoint`], called by the syncer's map writer), and,
 //! at every start before the programs are attached, for every entry the
 //! pinned maps hold already ([`ProbeFilters::prime`]): addresses and
@@ -11,6 +11,15 @@
 //! (a flow may outlive its backend), also in the pins of an earlier layout
 //! an upgrade still carries over. A start after a run of a version without
 //! filters, or after a downgrade and back, so finds every bit it needs.
+//!
+//! Removing an entry leaves its bit set: another member may share it, and
+//! only a full read of the pins can tell. Churn (pods come and go, each
+//! with a new address) so fills the filters with bits of what is gone, and
+//! a filter with a bit in every slot spares nothing. Once the bits have
+//! doubled since the last rebuild ([`ProbeFilters::rebuild_due`]), the
+//! daemon rebuilds both from the pins ([`ProbeFilters::rebuild`]), which
+//! clears the bits no pinned entry needs; a rebuild's cost, a read of every
+//! pinned entry, so is spread over as many additions as the filters held.
 //!
 //! The filters are pinned like the state they stand for, so a restart's
 //! old programs, which run until the new ones take their links, see the
@@ -74,12 +83,103 @@ impl Filter {
         }
         Ok(())
     }
+
+    /// Makes the filter hold `wanted`, writing only the words that differ
+    /// (each word is one element, so a reader sees either its old or its
+    /// new value). Returns how many bits were cleared.
+    fn replace(&mut self, wanted: &[u64]) -> Result<u32> {
+        let mut cleared = 0;
+        for (i, (w, &want)) in self.words.iter_mut().zip(wanted).enumerate() {
+            if *w != want {
+                self.map
+                    .set(i as u32, want, 0)
+                    .context("rewriting a probe filter")?;
+                cleared += (*w & !want).count_ones();
+                *w = want;
+            }
+        }
+        self.bits_set = self.words.iter().map(|w| w.count_ones()).sum();
+        Ok(cleared)
+    }
+}
+
+/// Sets `slot`'s bit in a filter's words being built.
+fn set_bit(words: &mut [u64], slot: u32) {
+    let (word, mask) = filter_word(slot);
+    words[word as usize] |= mask;
+}
+
+/// What a pinned entry needs a bit for.
+enum Member {
+    Addr(IpAddr),
+    Endpoint(IpAddr, [u8; 2]),
+}
+
+/// Hands `visit` every member of the entries pinned under `maps_dir` and
+/// of the reverse entries of the pins in `earlier` (see
+/// [`ProbeFilters::prime`]). The backend maps are read before the reverse
+/// maps: a program writes a reverse entry only for a backend it read from
+/// a backend map, so an entry written after this read is of a backend
+/// that read saw, unless the syncer removed the backend while the program
+/// ran (see [`ProbeFilters::rebuild`]).
+fn for_each_pinned(
+    maps_dir: &Path,
+    earlier: &[(PathBuf, &'static str)],
+    mut visit: impl FnMut(Member) -> Result<()>,
+) -> Result<()> {
+    let pin = |name: &str| maps_dir.join(name);
+    for a in keys::<AddrKey>(&pin(ADDR_MAP))? {
+        visit(Member::Addr(a.addr.into()))?;
+    }
+    for a in keys::<AddrKey6>(&pin(ADDR6_MAP))? {
+        visit(Member::Addr(a.addr.into()))?;
+    }
+    for b in values::<Backend>(&pin(BACKEND_MAP))? {
+        visit(Member::Endpoint(b.addr.into(), b.port))?;
+    }
+    for b in values::<Backend6>(&pin(BACKEND6_MAP))? {
+        visit(Member::Endpoint(b.addr.into(), b.port))?;
+    }
+    for (addr, port) in pinned_reverse_sources(maps_dir, earlier)? {
+        visit(Member::Endpoint(addr, port))?;
+    }
+    Ok(())
+}
+
+/// The sources of every reverse entry pinned under `maps_dir` (both
+/// families, reverse NAT and socket reverse entries) and in `earlier`.
+fn pinned_reverse_sources(
+    maps_dir: &Path,
+    earlier: &[(PathBuf, &'static str)],
+) -> Result<Vec<(IpAddr, [u8; 2])>> {
+    let reverse_pins = [RNAT_MAP, RNAT6_MAP, SOCK_RNAT_MAP, SOCK_RNAT6_MAP]
+        .into_iter()
+        .map(|name| (maps_dir.join(name), name))
+        .chain(earlier.iter().cloned());
+    let mut sources = Vec::new();
+    for (path, successor) in reverse_pins {
+        sources.extend(reverse_sources(&path, successor)?);
+    }
+    Ok(sources)
+}
+
+/// A rebuild starts once both filters together hold this many bits (below
+/// it, at most 0.4% of a filter's slots are set: a non-member's lookup is
+/// spared at least 99 times in 100) and twice as many as the last rebuild
+/// left.
+const REBUILD_MIN_BITS: u32 = 4_096;
+
+fn rebuild_due(bits_set: u32, left_by_last: u32) -> bool {
+    bits_set >= REBUILD_MIN_BITS.max(left_by_last.saturating_mul(2))
 }
 
 /// Both probe filters of a datapath.
 pub struct ProbeFilters {
     addrs: Filter,
     endpoints: Filter,
+    /// The bits both filters held after the last rebuild (0 before the
+    /// first, or after one that failed).
+    rebuilt_at: u32,
 }
 
 /// What [`ProbeFilters::prime`] found in the pins.
@@ -87,6 +187,15 @@ pub struct ProbeFilters {
 pub struct Primed {
     pub addrs: usize,
     pub endpoints: usize,
+}
+
+/// What [`ProbeFilters::rebuild`] cleared, and what each filter holds
+/// after it.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Rebuilt {
+    pub addr_bits_cleared: u32,
+    pub endpoint_bits_cleared: u32,
+    pub bits_set: (u32, u32),
 }
 
 impl ProbeFilters {
@@ -98,6 +207,7 @@ impl ProbeFilters {
         Ok(ProbeFilters {
             addrs: Filter::open(addrs, fresh)?,
             endpoints: Filter::open(endpoints, fresh)?,
+            rebuilt_at: 0,
         })
     }
 
@@ -130,34 +240,69 @@ impl ProbeFilters {
         earlier: &[(PathBuf, &'static str)],
     ) -> Result<Primed> {
         let mut primed = Primed::default();
-        let pin = |name: &str| maps_dir.join(name);
-        for a in keys::<AddrKey>(&pin(ADDR_MAP))? {
-            self.add_addr(IpAddr::from(a.addr))?;
-            primed.addrs += 1;
-        }
-        for a in keys::<AddrKey6>(&pin(ADDR6_MAP))? {
-            self.add_addr(IpAddr::from(a.addr))?;
-            primed.addrs += 1;
-        }
-        for b in values::<Backend>(&pin(BACKEND_MAP))? {
-            self.add_endpoint(IpAddr::from(b.addr), b.port)?;
-            primed.endpoints += 1;
-        }
-        for b in values::<Backend6>(&pin(BACKEND6_MAP))? {
-            self.add_endpoint(IpAddr::from(b.addr), b.port)?;
-            primed.endpoints += 1;
-        }
-        let reverse_pins = [RNAT_MAP, RNAT6_MAP, SOCK_RNAT_MAP, SOCK_RNAT6_MAP]
-            .into_iter()
-            .map(|name| (pin(name), name))
-            .chain(earlier.iter().cloned());
-        for (path, successor) in reverse_pins {
-            for (addr, port) in reverse_sources(&path, successor)? {
-                self.add_endpoint(addr, port)?;
-                primed.endpoints += 1;
+        for_each_pinned(maps_dir, earlier, |member| {
+            match member {
+                Member::Addr(a) => {
+                    self.add_addr(a)?;
+                    primed.addrs += 1;
+                }
+                Member::Endpoint(a, port) => {
+                    self.add_endpoint(a, port)?;
+                    primed.endpoints += 1;
+                }
             }
-        }
+            Ok(())
+        })?;
         Ok(primed)
+    }
+
+    /// Whether the filters have filled enough since the last rebuild to be
+    /// rebuilt (see the module's docs).
+    pub fn rebuild_due(&self) -> bool {
+        let (addrs, endpoints) = self.bits_set();
+        rebuild_due(addrs + endpoints, self.rebuilt_at)
+    }
+
+    /// Rebuilds both filters from the entries pinned under `maps_dir`:
+    /// clears the bits no pinned entry needs, keeps the others. Not while
+    /// the pins of an earlier layout are carried over (their programs
+    /// write entries this read does not see). A program that read a
+    /// backend just before the syncer removed it may write its reverse
+    /// entry after the read: the reverse maps are read again once the
+    /// filters are written, and the bits of what they hold set again.
+    pub fn rebuild(&mut self, maps_dir: &Path) -> Result<Rebuilt> {
+        // A failed rebuild is tried again only once the bits double.
+        let (addrs, endpoints) = self.bits_set();
+        self.rebuilt_at = addrs + endpoints;
+        let mut wanted_addrs = vec![0u64; FILTER_WORDS as usize];
+        let mut wanted_endpoints = vec![0u64; FILTER_WORDS as usize];
+        for_each_pinned(maps_dir, &[], |member| {
+            match member {
+                Member::Addr(a) => set_bit(&mut wanted_addrs, addr_slot(a)),
+                Member::Endpoint(a, port) => set_bit(&mut wanted_endpoints, endpoint_slot(a, port)),
+            }
+            Ok(())
+        })?;
+        let addr_bits_cleared = self.addrs.replace(&wanted_addrs)?;
+        let endpoint_bits_cleared = self.endpoints.replace(&wanted_endpoints)?;
+        for (addr, port) in pinned_reverse_sources(maps_dir, &[])? {
+            self.add_endpoint(addr, port)?;
+        }
+        let (addrs, endpoints) = self.bits_set();
+        self.rebuilt_at = addrs + endpoints;
+        Ok(Rebuilt {
+            addr_bits_cleared,
+            endpoint_bits_cleared,
+            bits_set: (addrs, endpoints),
+        })
+    }
+}
+
+/// The slot of an address in the address filters.
+fn addr_slot(addr: IpAddr) -> u32 {
+    match addr {
+        IpAddr::V4(a) => addr_bit(a.octets()),
+        IpAddr::V6(a) => addr6_bit(a.octets()),
     }
 }
 
@@ -288,4 +433,51 @@ fn entries(pin: &Path, key_size: usize, value_size: Option<usize>) -> Result<(Ve
         pin.display()
     );
     batch::read_all(map.fd().as_fd(), ks, vs).with_context(|| format!("reading {}", pin.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use proxy_common::FILTER_BITS;
+
+    use super::*;
+
+    #[test]
+    fn a_rebuild_is_due_once_the_bits_double_and_never_below_the_floor() {
+        // (bits set, left by the last rebuild, due)
+        let cases = [
+            (0, 0, false),
+            (REBUILD_MIN_BITS - 1, 0, false),
+            (REBUILD_MIN_BITS, 0, true),
+            (REBUILD_MIN_BITS, REBUILD_MIN_BITS, false),
+            (2 * REBUILD_MIN_BITS - 1, REBUILD_MIN_BITS, false),
+            (2 * REBUILD_MIN_BITS, REBUILD_MIN_BITS, true),
+            (150_000, 100_000, false),
+            (200_000, 100_000, true),
+            (REBUILD_MIN_BITS, 10, true),
+            // More than half of all slots still set after a rebuild: the
+            // bits cannot double any more, and no rebuild would spare much.
+            (2 * FILTER_BITS, FILTER_BITS + 1, false),
+        ];
+        for (bits, last, due) in cases {
+            assert_eq!(
+                rebuild_due(bits, last),
+                due,
+                "{bits} bits, {last} at the last"
+            );
+        }
+    }
+
+    #[test]
+    fn set_bit_sets_the_bit_filter_word_names() {
+        let mut words = vec![0u64; FILTER_WORDS as usize];
+        set_bit(&mut words, 0);
+        set_bit(&mut words, 65);
+        set_bit(&mut words, 65);
+        set_bit(&mut words, FILTER_BITS - 1);
+        let set: u32 = words.iter().map(|w| w.count_ones()).sum();
+        assert_eq!(set, 3);
+        assert_eq!(words[0], 1);
+        assert_eq!(words[1], 2);
+        assert_eq!(words[FILTER_WORDS as usize - 1], 1 << 63);
+    }
 }

@@ -538,8 +538,7 @@ impl Datapath {
                 filters::ReplySources::new(self.map(REPLY_SOURCE_MAP)?, self.map(REPLY_GATE_MAP)?)
             }
         };
-        let pinned = (!self.root.as_os_str().is_empty()).then(|| maps_dir(&self.root));
-        let found = sources.prime_and_trust(pinned.as_deref());
+        let found = sources.prime_and_trust(self.pinned_maps_dir().as_deref());
         self.reply_sources = Some(sources);
         found.map(Some)
     }
@@ -548,10 +547,10 @@ impl Datapath {
     /// for a datapath without pins): the backends of the per-packet flows
     /// an earlier run translated and that may still be open.
     pub fn reverse_nat_sources(&self) -> Result<BTreeSet<IpAddr>> {
-        if self.root.as_os_str().is_empty() {
+        let Some(maps_dir) = self.pinned_maps_dir() else {
             return Ok(BTreeSet::new());
-        }
-        Ok(filters::reverse_nat_sources(&maps_dir(&self.root))?
+        };
+        Ok(filters::reverse_nat_sources(&maps_dir)?
             .into_iter()
             .map(|(addr, _)| addr)
             .collect())
@@ -616,6 +615,11 @@ impl Datapath {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Where this datapath's maps are pinned (`None` for a private one).
+    pub fn pinned_maps_dir(&self) -> Option<PathBuf> {
+        (!self.root.as_os_str().is_empty()).then(|| maps_dir(&self.root))
     }
 
     /// Takes a map out of the object as its aya type (each map can be

@@ -9,8 +9,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::path::Path;
 
-use crate::datapath::filters::ProbeFilters;
+use crate::datapath::filters::{ProbeFilters, Rebuilt};
 use aya::maps::{
     HashMap, MapData, MapError, PerCpuArray, PerCpuValues,
     lpm_trie::{Key as LpmKey, LpmTrie},
@@ -211,6 +212,18 @@ impl BpfLbMaps {
     /// How many bits each probe filter has set (addresses, endpoints).
     pub fn filter_bits(&self) -> (u32, u32) {
         self.filters.bits_set()
+    }
+
+    /// Whether the probe filters have filled enough to be rebuilt
+    /// ([`ProbeFilters::rebuild_due`]).
+    pub fn filter_rebuild_due(&self) -> bool {
+        self.filters.rebuild_due()
+    }
+
+    /// Rebuilds the probe filters from the pins under `maps_dir`
+    /// ([`ProbeFilters::rebuild`]).
+    pub fn rebuild_filters(&mut self, maps_dir: &Path) -> anyhow::Result<Rebuilt> {
+        self.filters.rebuild(maps_dir)
     }
 
     /// The probe filters' bits of an address or a backend, set before it
