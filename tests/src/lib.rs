@@ -61,7 +61,7 @@ mod wait;
 
 pub use cgroup::cgroup2_mount;
 pub use lab::{Lab, Pod, STOP_TIMEOUT};
-pub use netns::Netns;
+pub use netns::{Netns, NsThread};
 pub use nix::sys::signal::Signal;
 pub use privilege::require_root_or_skip;
 pub use servers::{

@@ -7,7 +7,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::Mutex;
+use std::sync::{Mutex, mpsc};
 use std::{io, panic, thread};
 
 use anyhow::{Context, Result, bail};
@@ -81,20 +81,44 @@ impl Netns {
     /// that node's (socket-level load balancing sees them).
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
         let file = self.open().unwrap_or_else(|e| panic!("{e:#}"));
-        let name = &self.name;
-        let cgroup = self.cgroup.as_deref();
         thread::scope(|s| {
             let worker = s.spawn(move || {
-                setns(&file, CloneFlags::CLONE_NEWNET)
-                    .unwrap_or_else(|e| panic!("setns into netns {name}: {e}"));
-                drop(file);
-                if let Some(group) = cgroup {
-                    crate::cgroup::join(group).unwrap_or_else(|e| panic!("{e:#}"));
-                }
+                self.enter(file);
                 f()
             });
             worker.join().unwrap_or_else(|p| panic::resume_unwind(p))
         })
+    }
+
+    /// Moves the calling thread into this namespace (`file`, opened) and
+    /// its node cgroup.
+    fn enter(&self, file: File) {
+        setns(&file, CloneFlags::CLONE_NEWNET)
+            .unwrap_or_else(|e| panic!("setns into netns {}: {e}", self.name));
+        drop(file);
+        if let Some(group) = &self.cgroup {
+            crate::cgroup::join(group).unwrap_or_else(|e| panic!("{e:#}"));
+        }
+    }
+
+    /// A thread that enters this namespace once and then runs the jobs it
+    /// is handed ([`NsThread::run`]), for loops that would otherwise start
+    /// a thread per call with [`Netns::run`]: tens of thousands of them in
+    /// a test (a lab run once hung for good joining one of them).
+    pub fn thread(&self) -> NsThread {
+        let file = self.open().unwrap_or_else(|e| panic!("{e:#}"));
+        let ns = self.clone();
+        let (jobs, received) = mpsc::channel::<Job>();
+        let thread = thread::spawn(move || {
+            ns.enter(file);
+            for job in received {
+                job();
+            }
+        });
+        NsThread {
+            jobs: Some(jobs),
+            thread: Some(thread),
+        }
     }
 
     /// A `Command` whose process enters this namespace between fork and exec.
@@ -193,4 +217,42 @@ pub(crate) fn run_checked(cmd: &mut Command) -> Result<Output> {
         );
     }
     Ok(out)
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A thread that stays in one namespace (see [`Netns::thread`]); it ends
+/// when dropped.
+pub struct NsThread {
+    jobs: Option<mpsc::Sender<Job>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl NsThread {
+    /// Runs `f` on the thread, in its namespace, and returns its result (a
+    /// panic in `f` is re-raised here).
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (done, result) = mpsc::sync_channel(1);
+        let job: Job = Box::new(move || {
+            let _ = done.send(panic::catch_unwind(panic::AssertUnwindSafe(f)));
+        });
+        let sent = self.jobs.as_ref().map(|jobs| jobs.send(job));
+        assert!(
+            matches!(sent, Some(Ok(()))),
+            "the namespace thread has ended"
+        );
+        match result.recv().expect("the namespace thread has ended") {
+            Ok(value) => value,
+            Err(p) => panic::resume_unwind(p),
+        }
+    }
+}
+
+impl Drop for NsThread {
+    fn drop(&mut self) {
+        drop(self.jobs.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }

@@ -308,6 +308,18 @@ impl<A: LabAddr> TcpConn<A> {
         let stream = ns
             .run(|| TcpStream::connect_timeout(&target.into(), timeout))
             .with_context(context)?;
+        TcpConn::of_stream(stream, timeout)
+    }
+
+    /// Connects from the calling thread's namespace (a [`crate::NsThread`]
+    /// job's) to `target`; `timeout` as for [`TcpConn::open_timeout`].
+    pub fn open_here(target: A, timeout: Duration) -> Result<TcpConn<A>> {
+        let stream = TcpStream::connect_timeout(&target.into(), timeout)
+            .with_context(|| format!("tcp connect to {target}"))?;
+        TcpConn::of_stream(stream, timeout)
+    }
+
+    fn of_stream(stream: TcpStream, timeout: Duration) -> Result<TcpConn<A>> {
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;
         stream.set_nodelay(true)?;

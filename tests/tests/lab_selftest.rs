@@ -226,6 +226,30 @@ fn refused_connection_is_reported_as_such() {
 }
 
 #[test]
+fn a_namespace_thread_runs_every_job_in_its_namespace_and_reraises_panics() {
+    privileged!("a_namespace_thread_runs_every_job_in_its_namespace_and_reraises_panics");
+    let mut lab = Lab::new().unwrap();
+    let ip = lab.add_pod(addr::NODE_A, "srv").unwrap();
+    let srv = TcpServer::start(lab.ns("srv"), sa(ip, 7000), "srv").unwrap();
+    let client = lab.ns(addr::NODE_B).thread();
+    let target = srv.addr();
+    for _ in 0..3 {
+        let reply = client
+            .run(move || TcpConn::open_here(target, Duration::from_secs(2))?.request())
+            .unwrap();
+        assert_eq!(
+            reply.local.ip(),
+            &addr::NODE_B_IP,
+            "the connection came from node-b"
+        );
+    }
+    assert_eq!(srv.accepted(), 3);
+    let panicked = panic::catch_unwind(panic::AssertUnwindSafe(|| client.run(|| panic!("job"))));
+    assert!(panicked.is_err(), "the job's panic reaches the caller");
+    assert!(client.run(|| true), "and the thread goes on");
+}
+
+#[test]
 fn one_connection_carries_many_requests() {
     privileged!("one_connection_carries_many_requests");
     let mut lab = Lab::new().unwrap();

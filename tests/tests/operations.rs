@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use common::*;
-use lab::{Netns, Signal, TcpConn, addr, servers::tcp_request_timeout};
+use lab::{Netns, Signal, TcpConn, addr};
 
 mod common;
 
@@ -207,15 +207,19 @@ fn restarts_under_load_drop_no_request_and_keep_connections() -> Result<()> {
     let looper = {
         let (stop, ok, failed, errors) = (stop.clone(), ok.clone(), failed.clone(), errors.clone());
         std::thread::spawn(move || {
+            // Threads that stay in the clients' namespaces: no thread per
+            // connection (see `Netns::thread`).
             let targets = [
-                (&pod, sa("10.96.0.10:80")),
-                (&client, node_a(30010)),
-                (&client, node_a(30012)),
+                (pod.thread(), sa("10.96.0.10:80")),
+                (client.thread(), node_a(30010)),
+                (client.thread(), node_a(30012)),
             ];
             let mut i = 0;
             while !stop.load(Ordering::Relaxed) {
-                let (ns, target) = targets[i % targets.len()];
-                match tcp_request_timeout(ns, target, Duration::from_secs(2)) {
+                let (client, target) = &targets[i % targets.len()];
+                let target = *target;
+                let request = move || TcpConn::open_here(target, Duration::from_secs(2))?.request();
+                match client.run(request) {
                     Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
                     Err(e) => {
                         errors.lock().unwrap().push(format!("{target}: {e:#}"));

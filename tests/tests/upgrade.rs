@@ -26,7 +26,7 @@ use aya::{
     programs::{SchedClassifier, TcAttachType},
 };
 use common::*;
-use lab::{Netns, Signal, TcpConn, addr, servers::tcp_request_timeout};
+use lab::{Netns, NsThread, Signal, TcpConn, addr};
 use proxy_common::{CT_MAP, Counter, FlowKey, IPPROTO_TCP, NatEntry, RNAT_MAP, STATS_MAP};
 use proxy_userspace::datapath::open_pinned;
 
@@ -150,7 +150,10 @@ fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
 }
 
 /// New connections, one after another, over several targets, counting
-/// the ones that failed and the slowest; stopped and joined on drop.
+/// the ones that failed and the slowest; stopped and joined on drop. Each
+/// target's connections are opened by a thread that stays in its client's
+/// namespace (tens of thousands of connections per run: a thread each
+/// was one hang in a lab run, joining one of them).
 struct RequestLoop {
     stop: Arc<AtomicBool>,
     ok: Arc<AtomicU64>,
@@ -169,12 +172,19 @@ impl RequestLoop {
             let (stop, ok, slowest_ms, errors) =
                 (stop.clone(), ok.clone(), slowest_ms.clone(), errors.clone());
             std::thread::spawn(move || {
+                let clients: Vec<(NsThread, SocketAddrV4)> = targets
+                    .iter()
+                    .map(|(ns, target)| (ns.thread(), *target))
+                    .collect();
                 let began = Instant::now();
                 let mut i = 0;
                 while !stop.load(Ordering::Relaxed) {
-                    let (ns, target) = &targets[i % targets.len()];
+                    let (client, target) = &clients[i % clients.len()];
+                    let target = *target;
                     let started = Instant::now();
-                    match tcp_request_timeout(ns, *target, Duration::from_secs(3)) {
+                    let request =
+                        move || TcpConn::open_here(target, Duration::from_secs(3))?.request();
+                    match client.run(request) {
                         Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
                         Err(e) => {
                             let at = started.duration_since(began).as_secs_f64();
