@@ -88,6 +88,16 @@ impl Health {
         s.pending_since.get_or_insert(now);
     }
 
+    /// What was queued at `since` turned out to need no sync (a wake-up
+    /// that changed nothing): healthy again, unless something queued
+    /// earlier (a sync that failed) is still pending.
+    pub fn unqueue(&self, since: Instant) {
+        let mut s = self.state.lock().unwrap();
+        if s.pending_since == Some(since) {
+            s.pending_since = None;
+        }
+    }
+
     /// A sync finished; every change seen before it started is programmed.
     pub fn synced(&self, started: Instant, wall: SystemTime) {
         let mut s = self.state.lock().unwrap();
@@ -132,6 +142,27 @@ mod tests {
         assert!(h.node_eligible(), "eligible until told otherwise");
         h.set_node_eligible(false);
         assert!(!h.node_eligible());
+    }
+
+    #[test]
+    fn a_wake_up_that_needed_no_sync_leaves_only_what_was_pending_before() {
+        let t0 = Instant::now();
+        let later = |s| t0 + Duration::from_secs(s);
+        let h = Health::new(Duration::from_secs(60), t0);
+        h.synced(t0, SystemTime::now());
+        h.queued(later(1));
+        h.unqueue(later(1));
+        assert!(h.verdict(later(100)).healthy, "nothing is pending");
+        // A change queued at 2 whose sync failed stays pending when a later
+        // wake-up needs nothing.
+        h.queued(later(2));
+        h.queued(later(3));
+        h.unqueue(later(3));
+        assert!(!h.verdict(later(100)).healthy);
+        assert!(
+            !h.verdict(t0 + Duration::from_millis(62_500)).healthy,
+            "pending since 2 (since 3 it would still be healthy)"
+        );
     }
 
     #[test]

@@ -65,6 +65,17 @@ fn manifest_files_added_changed_and_removed_are_served_from_inotify() {
     assert_eq!(answers(&c, sa("10.96.0.11:80")).as_deref(), Some("web-a"));
 }
 
+/// node-a's syncs so far (its sync-duration histogram's count).
+fn syncs(c: &Cluster) -> u64 {
+    let at = sa("127.0.0.1:10249");
+    let (status, body) = http_get(c.lab.ns(addr::NODE_A), at, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    body.lines()
+        .find_map(|l| l.strip_prefix("kubeproxy_sync_proxy_rules_duration_seconds_count "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the sync count in node-a's metrics")
+}
+
 #[test]
 fn an_editor_style_atomic_rename_is_served_from_inotify() {
     let Some(c) = Cluster::start_with("inotify_rename", &placement_manifests(), &SLOW_POLL) else {
@@ -80,6 +91,14 @@ fn an_editor_style_atomic_rename_is_served_from_inotify() {
     };
     save(web(vec![(&WEB_A, true)], "10.96.0.21", None));
     wait_answer(&c, "a file renamed into place", vip, Some("web-a"));
+    // The temporary alone changes no manifest: no sync, which would hold
+    // the rename's back by --min-sync-period-ms.
+    let before = syncs(&c);
+    let tmp = c.manifests.join(".edited.yaml.swp");
+    fs::write(&tmp, web(vec![(&WEB_B1, true)], "10.96.0.21", None)).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(syncs(&c), before, "a hidden file was synced");
+    fs::remove_file(&tmp).unwrap();
     save(web(vec![(&WEB_B2, true)], "10.96.0.21", None));
     wait_answer(&c, "a file replaced by a rename", vip, Some("web-b2"));
 }
