@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 
-use crate::netns::Netns;
+use crate::netns::{Netns, NsThread};
 
 /// Timeout for connecting and for waiting for a reply.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -387,6 +387,17 @@ fn timed_out(after: Duration) -> io::Error {
 /// connection is an error with [`error_kind`] `ConnectionRefused`.
 pub fn tcp_request<A: LabAddr>(ns: &Netns, target: A) -> Result<Reply<A>> {
     tcp_request_timeout(ns, target, DEFAULT_TIMEOUT)
+}
+
+/// One request on a fresh TCP connection that `client`, a thread staying
+/// in its namespace, opens to `target`: for load loops, which would start
+/// a thread per connection with [`tcp_request_timeout`].
+pub fn tcp_request_on<A: LabAddr>(
+    client: &NsThread,
+    target: A,
+    timeout: Duration,
+) -> Result<Reply<A>> {
+    client.run(move || TcpConn::open_here(target, timeout)?.request())
 }
 
 /// [`tcp_request`] with a custom timeout, e.g. a short one when the

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use lab::servers::{expect_error_kind, tcp_request_timeout, udp_request_timeout};
+use lab::servers::{expect_error_kind, tcp_request_on, tcp_request_timeout, udp_request_timeout};
 use lab::{Lab, Signal, TcpConn, TcpServer, UdpServer, addr, error_kind, tcp_request, udp_request};
 
 /// Tests that look at global state (the root namespace, /run/netns
@@ -234,9 +234,7 @@ fn a_namespace_thread_runs_every_job_in_its_namespace_and_reraises_panics() {
     let client = lab.ns(addr::NODE_B).thread();
     let target = srv.addr();
     for _ in 0..3 {
-        let reply = client
-            .run(move || TcpConn::open_here(target, Duration::from_secs(2))?.request())
-            .unwrap();
+        let reply = tcp_request_on(&client, target, Duration::from_secs(2)).unwrap();
         assert_eq!(
             reply.local.ip(),
             &addr::NODE_B_IP,

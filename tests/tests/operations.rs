@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use common::*;
-use lab::{Netns, Signal, TcpConn, addr};
+use lab::{Netns, Signal, TcpConn, addr, servers::tcp_request_on};
 
 mod common;
 
@@ -217,9 +217,7 @@ fn restarts_under_load_drop_no_request_and_keep_connections() -> Result<()> {
             let mut i = 0;
             while !stop.load(Ordering::Relaxed) {
                 let (client, target) = &targets[i % targets.len()];
-                let target = *target;
-                let request = move || TcpConn::open_here(target, Duration::from_secs(2))?.request();
-                match client.run(request) {
+                match tcp_request_on(client, *target, Duration::from_secs(2)) {
                     Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
                     Err(e) => {
                         errors.lock().unwrap().push(format!("{target}: {e:#}"));

@@ -26,7 +26,7 @@ use aya::{
     programs::{SchedClassifier, TcAttachType},
 };
 use common::*;
-use lab::{Netns, NsThread, Signal, TcpConn, addr};
+use lab::{Netns, NsThread, Signal, TcpConn, addr, servers::tcp_request_on};
 use proxy_common::{CT_MAP, Counter, FlowKey, IPPROTO_TCP, NatEntry, RNAT_MAP, STATS_MAP};
 use proxy_userspace::datapath::open_pinned;
 
@@ -180,11 +180,8 @@ impl RequestLoop {
                 let mut i = 0;
                 while !stop.load(Ordering::Relaxed) {
                     let (client, target) = &clients[i % clients.len()];
-                    let target = *target;
                     let started = Instant::now();
-                    let request =
-                        move || TcpConn::open_here(target, Duration::from_secs(3))?.request();
-                    match client.run(request) {
+                    match tcp_request_on(client, *target, Duration::from_secs(3)) {
                         Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
                         Err(e) => {
                             let at = started.duration_since(began).as_secs_f64();

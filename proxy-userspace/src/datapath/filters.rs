@@ -191,7 +191,7 @@ pub struct Primed {
 
 /// What [`ProbeFilters::rebuild`] cleared, and what each filter holds
 /// after it.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Rebuilt {
     pub addr_bits_cleared: u32,
     pub endpoint_bits_cleared: u32,
