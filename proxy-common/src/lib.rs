@@ -83,9 +83,19 @@ pub const SVC_STATS_MAP: &str = "KEP_SVCSTAT_V1";
 /// ([`SvcName`]): inspection works from the pins alone, daemon or not.
 pub const NAME_MAP: &str = "KEP_NAME_V1";
 
-/// Socket-level load balancing, reverse direction: (socket cookie, backend
-/// address and port) → the service address the socket dialed, so that
-/// `getpeername()` and the source of a received UDP datagram show the service.
+/// Socket-level load balancing of a connected socket, reverse direction:
+/// the socket's own storage (`BPF_MAP_TYPE_SK_STORAGE`) holding the
+/// backend `connect()` was sent to and the service it dialed
+/// ([`SockPeer`]), so that `getpeername()` and the source of a received
+/// datagram show the service. The kernel frees it with the socket: no
+/// hash insert per connection, nothing to evict. Userspace cannot list it.
+pub const SOCK_PEER_MAP: &str = "KEP_SKPEER_V1";
+/// Socket-level load balancing of unconnected UDP, reverse direction:
+/// (socket cookie, backend address and port) → the service address the
+/// socket sent to, so that the source of a received datagram shows the
+/// service. One socket may send to many services, so this is a hash, not
+/// the socket's storage. (Sockets connected by an earlier version that
+/// wrote every socket here are still read.)
 pub const SOCK_RNAT_MAP: &str = "KEP_SKRNAT_V1";
 /// Socket-level load balancing of unconnected UDP: (socket cookie, service
 /// address, port) → the backend chosen for it, so every datagram a socket
@@ -118,7 +128,7 @@ pub const UPGRADE_ATTACHING: u32 = 1;
 pub const UPGRADE_OLDER_BEHIND: u32 = 2;
 
 /// Every map name, for pinning and cleanup (the IPv6 ones included).
-pub const ALL_MAPS: [&str; 30] = [
+pub const ALL_MAPS: [&str; 32] = [
     SVC_MAP,
     SLOT_MAP,
     BACKEND_MAP,
@@ -133,6 +143,7 @@ pub const ALL_MAPS: [&str; 30] = [
     AFF_MAP,
     AFFMEM_MAP,
     SRCRNG_MAP,
+    SOCK_PEER_MAP,
     SOCK_RNAT_MAP,
     SOCK_FWD_MAP,
     SVC6_MAP,
@@ -144,6 +155,7 @@ pub const ALL_MAPS: [&str; 30] = [
     AFF6_MAP,
     SRCRNG6_MAP,
     CONFIG6_MAP,
+    SOCK_PEER6_MAP,
     SOCK_RNAT6_MAP,
     SOCK_FWD6_MAP,
     ADDR_FILTER_MAP,
@@ -165,7 +177,9 @@ pub const FRAG_MAP_SIZE: u32 = 8_192;
 pub const AFF_MAP_SIZE: u32 = 65_536;
 pub const AFFMEM_MAP_SIZE: u32 = 1_048_576;
 pub const SRCRNG_MAP_SIZE: u32 = 65_536;
-/// One entry per socket connected through a service (TCP and UDP alike).
+/// One entry per (unconnected UDP socket, backend) pair; sockets connected
+/// before an upgrade from a version that kept every socket here hold
+/// theirs until they close or are evicted.
 pub const SOCK_RNAT_MAP_SIZE: u32 = 262_144;
 /// One entry per (unconnected UDP socket, service) pair.
 pub const SOCK_FWD_MAP_SIZE: u32 = 65_536;
@@ -471,6 +485,17 @@ pub struct SockRevKey {
     pub _pad: [u8; 2],
 }
 
+/// Value of [`SOCK_PEER_MAP`]: the backend a connected socket was sent to
+/// and the service address it dialed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SockPeer {
+    pub backend: [u8; 4],
+    pub service: [u8; 4],
+    pub backend_port: [u8; 2],
+    pub service_port: [u8; 2],
+}
+
 /// Key of [`SOCK_FWD_MAP`]: a service address as one socket dialed it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
@@ -732,6 +757,7 @@ mod user {
     unsafe impl aya::Pod for SockRevKey {}
     unsafe impl aya::Pod for SockFwdKey {}
     unsafe impl aya::Pod for SockNat {}
+    unsafe impl aya::Pod for SockPeer {}
 }
 
 #[cfg(test)]
@@ -765,6 +791,7 @@ mod tests {
         assert_eq!(size_of::<SockRevKey>(), 16);
         assert_eq!(size_of::<SockFwdKey>(), 16);
         assert_eq!(size_of::<SockNat>(), 16);
+        assert_eq!(size_of::<SockPeer>(), 12);
     }
 
     #[test]

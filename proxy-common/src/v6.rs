@@ -59,8 +59,11 @@ pub const SRCRNG6_MAP: &str = "KEP_SRCRNG6_V1";
 /// index 0.
 pub const CONFIG6_MAP: &str = "KEP_CFG6_V1";
 
-/// Socket-level load balancing of IPv6 sockets, reverse direction: as
-/// [`SOCK_RNAT_MAP`] ([`SockRevKey6`] → [`SockNat6`]).
+/// Socket-level load balancing of connected IPv6 sockets: as
+/// [`SOCK_PEER_MAP`] ([`SockPeer6`]).
+pub const SOCK_PEER6_MAP: &str = "KEP_SKPEER6_V1";
+/// Socket-level load balancing of unconnected IPv6 UDP, reverse direction:
+/// as [`SOCK_RNAT_MAP`] ([`SockRevKey6`] → [`SockNat6`]).
 pub const SOCK_RNAT6_MAP: &str = "KEP_SKRNAT6_V1";
 /// Socket-level load balancing of unconnected IPv6 UDP: as [`SOCK_FWD_MAP`]
 /// ([`SockFwdKey6`] → [`SockNat6`]).
@@ -73,7 +76,7 @@ pub const PROG_RECVMSG6: &str = "kep_recvmsg6";
 pub const PROG_GETPEERNAME6: &str = "kep_getpeername6";
 
 /// Every IPv6 map name (also in [`ALL_MAPS`]).
-pub const V6_MAPS: [&str; 11] = [
+pub const V6_MAPS: [&str; 12] = [
     SVC6_MAP,
     BACKEND6_MAP,
     ADDR6_MAP,
@@ -83,6 +86,7 @@ pub const V6_MAPS: [&str; 11] = [
     AFF6_MAP,
     SRCRNG6_MAP,
     CONFIG6_MAP,
+    SOCK_PEER6_MAP,
     SOCK_RNAT6_MAP,
     SOCK_FWD6_MAP,
 ];
@@ -223,6 +227,16 @@ pub struct SockRevKey6 {
     pub _pad: [u8; 6],
 }
 
+/// Value of [`SOCK_PEER6_MAP`]: as [`SockPeer`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SockPeer6 {
+    pub backend: [u8; 16],
+    pub service: [u8; 16],
+    pub backend_port: [u8; 2],
+    pub service_port: [u8; 2],
+}
+
 /// Key of [`SOCK_FWD6_MAP`]: a service address as one socket dialed it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
@@ -318,6 +332,7 @@ mod user {
     unsafe impl aya::Pod for SockRevKey6 {}
     unsafe impl aya::Pod for SockFwdKey6 {}
     unsafe impl aya::Pod for SockNat6 {}
+    unsafe impl aya::Pod for SockPeer6 {}
 }
 
 #[cfg(test)]
@@ -344,6 +359,7 @@ mod tests {
         assert_eq!(size_of::<SockRevKey6>(), 32);
         assert_eq!(size_of::<SockFwdKey6>(), 32);
         assert_eq!(size_of::<SockNat6>(), 28);
+        assert_eq!(size_of::<SockPeer6>(), 36);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SkStorage},
     macros::btf_map,
 };
 use proxy_common::*;
@@ -41,6 +41,9 @@ pub static KEP_RNAT_V1: LruHashMap<FlowKey, NatEntry, { RNAT_MAP_SIZE as usize }
 #[btf_map]
 pub static KEP_FRAG_V1: LruHashMap<FragKey, FragValue, { FRAG_MAP_SIZE as usize }> =
     LruHashMap::new();
+
+#[btf_map]
+pub static KEP_SKPEER_V1: SkStorage<SockPeer> = SkStorage::new();
 
 #[btf_map]
 pub static KEP_SKRNAT_V1: LruHashMap<SockRevKey, SockNat, { SOCK_RNAT_MAP_SIZE as usize }> =
@@ -268,6 +271,9 @@ pub static KEP_SRCRNG6_V1: LpmTrie<SrcRangeKey6, u8, { SRCRNG6_MAP_SIZE as usize
 
 #[btf_map]
 pub static KEP_CFG6_V1: Array<Config6, 1> = Array::new();
+
+#[btf_map]
+pub static KEP_SKPEER6_V1: SkStorage<SockPeer6> = SkStorage::new();
 
 #[btf_map]
 pub static KEP_SKRNAT6_V1: LruHashMap<SockRevKey6, SockNat6, { SOCK_RNAT_MAP_SIZE as usize }> =

@@ -9,8 +9,8 @@
 //!
 //! | hook           | does                                                    |
 //! |----------------|---------------------------------------------------------|
-//! | `connect4`     | service → backend; remembers backend → service          |
-//! | `sendmsg4`     | unconnected UDP: the same, per datagram, sticky per socket |
+//! | `connect4`     | service → backend; the socket's storage keeps both      |
+//! | `sendmsg4`     | unconnected UDP: the same, per datagram, sticky per socket, remembered by cookie |
 //! | `recvmsg4`     | UDP: a datagram from the backend comes from the service |
 //! | `getpeername4` | the peer is the service address                         |
 //!
@@ -18,9 +18,14 @@
 //! same for IPv6 sockets with the IPv6 maps: the logic is written once over
 //! [`SockFamily`].
 //!
-//! The reverse entries are keyed by the socket's cookie (as Cilium's
-//! `lb4_reverse_sk` map is), so one socket's translation never shows in
-//! another's.
+//! A connected socket keeps its translation in its own storage (an
+//! SK_STORAGE map): writing it costs an allocation the kernel frees with
+//! the socket, where a hash insert keyed by the socket's cookie (as
+//! Cilium's `lb4_reverse_sk` is) cost about 500 ns of connect4's 700 and
+//! left an entry behind for LRU eviction. An unconnected UDP socket may
+//! send to many services, so its reverse entries are keyed by its cookie
+//! in a hash, written only when they change. Either way one socket's
+//! translation never shows in another's.
 //!
 //! The backend is chosen by [`lb::select`], the function the per-packet
 //! path uses, with the client's scope internal (a pod or a process of this
@@ -51,8 +56,8 @@ use crate::{
     family::{Addr, Be},
     lb::{self, Pick, Scope},
     maps::{
-        KEP_SKFWD_V1, KEP_SKFWD6_V1, KEP_SKRNAT_V1, KEP_SKRNAT6_V1, config_ref, count,
-        count_service,
+        KEP_SKFWD_V1, KEP_SKFWD6_V1, KEP_SKPEER_V1, KEP_SKPEER6_V1, KEP_SKRNAT_V1, KEP_SKRNAT6_V1,
+        config_ref, count, count_service,
     },
 };
 
@@ -115,7 +120,7 @@ pub fn kep_getpeername6(ctx: SockAddrContext) -> i32 {
 
 /// A socket's service address or backend, of either family: the fields
 /// of `SockNat` and `SockNat6`.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq)]
 pub struct SockNatOf<A> {
     pub addr: A,
     pub port: [u8; 2],
@@ -132,7 +137,18 @@ pub trait SockFamily: Addr {
     /// The affinity key of the socket's network namespace: an address no
     /// packet carries as its source.
     fn netns_client(netns: [u8; 4]) -> Self;
-    /// The reverse entry (backend as this socket sees it → service).
+    /// The connected socket's own entry: the service it dialed, if it was
+    /// sent to this backend.
+    fn peer_service(ctx: &SockAddrContext, addr: Self, port: [u8; 2]) -> Option<(Self, [u8; 2])>;
+    /// Keeps `backend` and the `service` it stands for in the socket's own
+    /// storage.
+    fn set_peer(
+        ctx: &SockAddrContext,
+        backend: &SockNatOf<Self>,
+        service: &SockNatOf<Self>,
+    ) -> bool;
+    /// The reverse entry of an unconnected socket (backend as this socket
+    /// sees it → service).
     fn service_of(cookie: u64, addr: Self, port: [u8; 2]) -> Option<SockNatOf<Self>>;
     fn set_service_of(cookie: u64, addr: Self, port: [u8; 2], nat: &SockNatOf<Self>) -> bool;
     /// The forward entry (service as this socket dialed it → backend).
@@ -140,9 +156,38 @@ pub trait SockFamily: Addr {
     fn set_backend_for(cookie: u64, addr: Self, port: [u8; 2], nat: &SockNatOf<Self>);
 }
 
-/// The two socket maps of a family, keyed and valued by its types.
+/// The socket maps of a family, keyed and valued by its types.
 macro_rules! sock_maps {
-    ($rnat:ident, $fwd:ident, $rev_key:ident, $fwd_key:ident, $nat:ident, $pad:expr) => {
+    ($peer:ident, $peer_value:ident, $rnat:ident, $fwd:ident, $rev_key:ident, $fwd_key:ident, $nat:ident, $pad:expr) => {
+        fn peer_service(
+            ctx: &SockAddrContext,
+            addr: Self,
+            port: [u8; 2],
+        ) -> Option<(Self, [u8; 2])> {
+            // SAFETY: the storage of the context's own socket, read at once.
+            let peer = unsafe { $peer.get_ptr_mut(ctx).as_ref() }?;
+            (peer.backend == addr && peer.backend_port == port)
+                .then_some((peer.service, peer.service_port))
+        }
+
+        fn set_peer(
+            ctx: &SockAddrContext,
+            backend: &SockNatOf<Self>,
+            service: &SockNatOf<Self>,
+        ) -> bool {
+            // SAFETY: as in peer_service(); created zeroed if missing.
+            let Some(peer) = (unsafe { $peer.get_or_insert_ptr_mut(ctx, None).as_mut() }) else {
+                return false;
+            };
+            *peer = $peer_value {
+                backend: backend.addr,
+                service: service.addr,
+                backend_port: backend.port,
+                service_port: service.port,
+            };
+            true
+        }
+
         fn service_of(cookie: u64, addr: Self, port: [u8; 2]) -> Option<SockNatOf<Self>> {
             let key = $rev_key {
                 cookie,
@@ -240,6 +285,8 @@ impl SockFamily for [u8; 4] {
     }
 
     sock_maps!(
+        KEP_SKPEER_V1,
+        SockPeer,
         KEP_SKRNAT_V1,
         KEP_SKFWD_V1,
         SockRevKey,
@@ -292,6 +339,8 @@ impl SockFamily for [u8; 16] {
     }
 
     sock_maps!(
+        KEP_SKPEER6_V1,
+        SockPeer6,
         KEP_SKRNAT6_V1,
         KEP_SKFWD6_V1,
         SockRevKey6,
@@ -337,7 +386,11 @@ fn forward<A: SockFamily>(ctx: &SockAddrContext, call: Call) -> i32 {
         // kube-proxy's detect-local: left to the per-packet path.
         return ALLOW;
     }
-    let cookie = cookie(ctx);
+    // Only unconnected UDP keys its entries by the socket's cookie.
+    let cookie = match call {
+        Call::Sendmsg => cookie(ctx),
+        Call::Connect => 0,
+    };
     let pick = match call {
         Call::Sendmsg => sticky_backend(ctx, cookie, addr, port, &svc),
         Call::Connect => pick_backend(ctx, &svc),
@@ -356,7 +409,11 @@ fn forward<A: SockFamily>(ctx: &SockAddrContext, call: Call) -> i32 {
     };
     // The reverse entry: this socket's backend shows as the service.
     let service = SockNatOf { addr, port, ..be };
-    if !A::set_service_of(cookie, be.addr, be.port, &service) {
+    let remembered = match call {
+        Call::Connect => A::set_peer(ctx, &be, &service),
+        Call::Sendmsg => remember_service(cookie, &be, &service),
+    };
+    if !remembered {
         // Without the reverse entry the socket would see the backend's
         // address: leave this one to the per-packet path.
         count(Counter::DropMapError);
@@ -365,6 +422,18 @@ fn forward<A: SockFamily>(ctx: &SockAddrContext, call: Call) -> i32 {
     A::set_dest(ctx, be.addr, be.port);
     count(Counter::SocketLb);
     ALLOW
+}
+
+/// An unconnected socket's reverse entry for `be`. Its datagrams to one
+/// service all go to one backend, so the entry is written only when it is
+/// new or changed: a write replaces an LRU element (a few hundred ns), a
+/// lookup is a fraction of that.
+#[inline(always)]
+fn remember_service<A: SockFamily>(cookie: u64, be: &SockNatOf<A>, service: &SockNatOf<A>) -> bool {
+    if A::service_of(cookie, be.addr, be.port).is_some_and(|known| known == *service) {
+        return true;
+    }
+    A::set_service_of(cookie, be.addr, be.port, service)
 }
 
 #[inline(always)]
@@ -467,6 +536,13 @@ fn backend_of<A: SockFamily>(nat: &SockNatOf<A>) -> Option<Be<A>> {
 #[inline(always)]
 fn reverse<A: SockFamily>(ctx: &SockAddrContext) {
     let (addr, port) = A::dest(ctx);
+    // A connected socket's own entry first: it needs no filter bit, so a
+    // connection to an endpoint since removed (whose bit a rebuild of the
+    // filters clears) still shows the service.
+    if let Some((service, service_port)) = A::peer_service(ctx, addr, port) {
+        A::set_dest(ctx, service, service_port);
+        return;
+    }
     // A peer that is no backend (every accepted connection's client) was
     // never translated: no cookie, no lookup.
     if !addr.may_be_endpoint(port) {

@@ -363,6 +363,12 @@ impl<A: LabAddr> TcpConn<A> {
         }
     }
 
+    /// The peer as `getpeername()` reports it now (with socket-level load
+    /// balancing, the socket programs answer it at every call).
+    pub fn peer_now(&self) -> Result<A> {
+        A::of(self.stream.peer_addr()?).context("getpeername")
+    }
+
     /// The client's own address.
     pub fn local(&self) -> A {
         self.local

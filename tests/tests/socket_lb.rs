@@ -352,6 +352,12 @@ fn restarts_swap_socket_programs_in_place_and_cleanup_removes_them() -> Result<(
         "web-b1",
         "old connection still answers"
     );
+    // Its storage lives on in the pinned socket-storage map.
+    assert_eq!(
+        open.peer_now()?,
+        vip,
+        "getpeername of a socket connected before the restart"
+    );
     assert_eq!(tcp_request(c.lab.ns(CLIENT_POD), vip)?.remote, vip);
 
     // Restarted with socket-level load balancing off: the links go.

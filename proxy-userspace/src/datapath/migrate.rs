@@ -88,7 +88,9 @@
 //!   conntrack holds them), but each client's next new connection is
 //!   balanced afresh, so a client may move to another backend before its
 //!   `timeoutSeconds`, once per upgrade;
-//! * socket-level reverse NAT (`KEP_SKRNAT`, `KEP_SKRNAT6`, by socket
+//! * socket-level reverse NAT (`KEP_SKPEER`, `KEP_SKPEER6`, each
+//!   connected socket's own storage, which no conversion can reach since
+//!   userspace cannot list it; `KEP_SKRNAT`, `KEP_SKRNAT6`, by socket
 //!   cookie, which the kernel keeps): a socket connected before the
 //!   upgrade then shows the backend, not the Service, to `getpeername()`,
 //!   and an unconnected UDP socket's replies come from the backend's
@@ -169,13 +171,15 @@ pub fn conversions() -> Vec<Conversion> {
 /// affinities): an earlier layout of one of these without a [`Conversion`]
 /// loses that state (worth a warning; see the module's docs for what
 /// breaks).
-pub const LIVE_STATE_BASES: [&str; 10] = [
+pub const LIVE_STATE_BASES: [&str; 12] = [
     "KEP_CT",
     "KEP_RNAT",
     "KEP_CT6",
     "KEP_RNAT6",
     "KEP_AFF",
     "KEP_AFF6",
+    "KEP_SKPEER",
+    "KEP_SKPEER6",
     "KEP_SKRNAT",
     "KEP_SKRNAT6",
     "KEP_SKFWD",

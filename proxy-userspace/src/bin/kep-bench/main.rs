@@ -177,6 +177,13 @@ fn main() -> Result<()> {
         // The per-packet table alone (a few seconds: for comparing builds
         // in alternating runs).
         ["datapath"] => datapath_only = true,
+        // The socket-level table alone (for comparing builds likewise).
+        ["socket"] => {
+            let _ns = NetNsGuard::new()?;
+            let mut dp = Datapath::load_private(false)?;
+            let mut syncer = Syncer::adopt(BpfLbMaps::new(&mut dp)?)?;
+            return socket::figures(&mut dp, &mut syncer, desired);
+        }
         // The control-plane figures alone.
         ["control-plane"] => {
             let _ns = NetNsGuard::new()?;
@@ -200,7 +207,9 @@ fn main() -> Result<()> {
             println!("rss {} KiB, new file {:?}", d.rss_kib, d.new_file);
             return Ok(());
         }
-        _ => anyhow::bail!("usage: kep-bench [datapath | control-plane | families | daemon-rss N]"),
+        _ => anyhow::bail!(
+            "usage: kep-bench [datapath | socket | control-plane | families | daemon-rss N]"
+        ),
     }
     let _ns = NetNsGuard::new()?;
     let mut bench = Bench {
