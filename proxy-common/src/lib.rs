@@ -577,6 +577,12 @@ pub const CFG_F_MASQUERADE_ALL: u8 = 2;
 /// alone (the ingress hook there handled it) and only handles what the
 /// node itself sends.
 pub const CFG_F_SOME_DEVICES: u8 = 4;
+/// `--bpf-host-routing`: traffic to or from a service's endpoint that needs
+/// no translation (a socket-balanced connection, a pod dialing a backend's
+/// own address) is sent on from the ingress hook by a FIB lookup and a
+/// redirect, as translated traffic is, instead of the stack's forwarding
+/// path (and the netfilter hooks on it).
+pub const CFG_F_HOST_ROUTING: u8 = 8;
 /// Most service CIDRs the datapath checks for unallocated addresses.
 pub const SERVICE_CIDRS: usize = 4;
 

@@ -142,9 +142,25 @@ fn other_destination<A: Addr>(ctx: &TcContext, hook: Hook, ip: &Ip<A>) -> Result
         Some(rev) => translate_reply(ctx, hook, ip, &ports, rev),
         None => {
             upgrade::defer_to_older()?;
+            if hook == Hook::Ingress && host_routed(ip, &ports) {
+                return Ok(Action::Forward(0));
+            }
             unallocated_or_pass(ip)
         }
     }
+}
+
+/// With `--bpf-host-routing`: whether this untranslated packet goes to or
+/// comes from a service's endpoint (the endpoint filter says maybe; a
+/// false positive is routed as the stack would route it). Such traffic is
+/// what socket-level load balancing leaves untranslated: sending it on by
+/// the FIB, as translated traffic is, spares it the stack's forwarding
+/// path, which costs more than the lookup.
+#[inline(always)]
+fn host_routed<A: Addr>(ip: &Ip<A>, ports: &Ports) -> bool {
+    config_ref().is_some_and(|c| c.flags & CFG_F_HOST_ROUTING != 0)
+        && !ip.daddr.in_service_cidr()
+        && (ip.daddr.may_be_endpoint(ports.dport) || ip.saddr.may_be_endpoint(ports.sport))
 }
 
 #[inline(always)]

@@ -165,6 +165,16 @@ pub struct RunArgs {
     #[arg(long, env = "KEP_SOCKET_LB", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub socket_lb: bool,
 
+    /// Send traffic to and from Services' endpoints that needs no
+    /// translation (what socket-level load balancing connected straight to a
+    /// backend) on from the ingress hook with a FIB lookup and a redirect,
+    /// as translated traffic always is, instead of through the kernel's
+    /// forwarding path. Faster, but that traffic then passes none of the
+    /// node's netfilter hooks: leave it off when the CNI enforces
+    /// NetworkPolicy with iptables or nftables (docs/security.md).
+    #[arg(long, env = "KEP_BPF_HOST_ROUTING", default_value_t = false, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub bpf_host_routing: bool,
+
     /// The cgroup v2 directory whose processes' sockets are load-balanced
     /// (default: where cgroup2 is mounted, i.e. the whole node; on hybrid
     /// hosts that is /sys/fs/cgroup/unified).
@@ -178,6 +188,23 @@ pub struct RunArgs {
     /// Where /healthz and /livez are served.
     #[arg(long, default_value = "0.0.0.0:10256")]
     pub healthz_bind_address: std::net::SocketAddr,
+}
+
+impl RunArgs {
+    /// The datapath's `CFG_F_*` switches these flags set.
+    pub fn datapath_switches(&self) -> u8 {
+        let mut switches = 0;
+        if self.masquerade_all {
+            switches |= proxy_common::CFG_F_MASQUERADE_ALL;
+        }
+        if !self.devices.is_empty() {
+            switches |= proxy_common::CFG_F_SOME_DEVICES;
+        }
+        if self.bpf_host_routing {
+            switches |= proxy_common::CFG_F_HOST_ROUTING;
+        }
+        switches
+    }
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]

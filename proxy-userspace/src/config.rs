@@ -136,6 +136,8 @@ pub struct FileConfig {
     pub manifest_service_cidrs: Option<Vec<Cidr>>,
     /// `--socket-lb`: socket-level load balancing.
     pub socket_lb: Option<bool>,
+    /// `bpfHostRouting` (ours): `--bpf-host-routing`.
+    pub bpf_host_routing: Option<bool>,
     /// `ipv6` (ours: `auto`, `on` or `off`): `--ipv6`.
     pub ipv6: Option<Ipv6Mode>,
     /// `--cgroup-root`: the cgroup v2 directory socket-level load balancing
@@ -178,6 +180,7 @@ struct Raw {
     manifest_service_cidrs: Option<String>,
     #[serde(rename = "socketLB")]
     socket_lb: Option<bool>,
+    bpf_host_routing: Option<bool>,
     ipv6: Option<String>,
     cgroup_root: Option<String>,
     conntrack: Option<RawConntrack>,
@@ -260,6 +263,7 @@ impl TryFrom<Raw> for FileConfig {
                 parse_cidr_list,
             ),
             socket_lb: raw.socket_lb,
+            bpf_host_routing: raw.bpf_host_routing,
             ipv6: errors.parse("ipv6", raw.ipv6, parse_ipv6_mode),
             cgroup_root: non_empty(raw.cgroup_root).map(PathBuf::from),
             conntrack_max_per_core: raw.conntrack.as_ref().and_then(|c| c.max_per_core),
@@ -430,6 +434,7 @@ pub fn merge(file: &FileConfig, mut args: RunArgs, explicit: &dyn Fn(&str) -> bo
     take!(min_sync_period_ms, f.min_sync_period_ms);
     take!(bpf_debug, f.bpf_debug);
     take!(socket_lb, f.socket_lb);
+    take!(bpf_host_routing, f.bpf_host_routing);
     take!(ipv6, f.ipv6);
     take!(cgroup_root, f.cgroup_root.clone().map(Some));
     take!(hostname_override, f.hostname_override.clone().map(Some));
@@ -632,12 +637,14 @@ pollIntervalMs: 500
 minSyncPeriodMs: 1000
 serviceProxyName: ebpf
 socketLB: false
+bpfHostRouting: true
 ipv6: off
 cgroupRoot: /sys/fs/cgroup/kubepods
 "
         );
         let c = parse_str(&text).unwrap();
         assert_eq!(c.socket_lb, Some(false));
+        assert_eq!(c.bpf_host_routing, Some(true));
         assert_eq!(c.ipv6, Some(Ipv6Mode::Off));
         assert_eq!(
             c.cgroup_root,
@@ -665,9 +672,8 @@ cgroupRoot: /sys/fs/cgroup/kubepods
         crate::datapath::datapath_config(
             args.snat_port_range,
             &args.cluster_cidr,
-            args.masquerade_all,
             &args.service_cluster_ip_range,
-            !args.devices.is_empty(),
+            args.datapath_switches(),
         )
     }
 
@@ -698,6 +704,12 @@ cgroupRoot: /sys/fs/cgroup/kubepods
         // Without any: no cluster CIDR, no masquerade, nothing dropped.
         let cfg = dp_config(&run_with(&[], &FileConfig::default())).unwrap();
         assert_eq!((cfg.flags, cfg.service_cidr_lens), (0, [0; 4]));
+        // Host routing, from the file or the command line.
+        let file = parse_str(&format!("{HEAD}bpfHostRouting: true\n")).unwrap();
+        let cfg = dp_config(&run_with(&[], &file)).unwrap();
+        assert_eq!(cfg.flags, proxy_common::CFG_F_HOST_ROUTING);
+        let args = run_with(&["--bpf-host-routing=false"], &file);
+        assert_eq!(dp_config(&args).unwrap().flags, 0);
         // Bad values name their field; too many service CIDRs are refused.
         assert!(err(&format!("{HEAD}clusterCIDR: 10.244.0.0\n")).contains("clusterCIDR"));
         let five = "10.1.0.0/16,10.2.0.0/16,10.3.0.0/16,10.4.0.0/16,10.5.0.0/16";

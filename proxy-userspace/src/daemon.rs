@@ -148,9 +148,8 @@ fn load_datapath(
     dp.write_config(crate::datapath::datapath_config(
         args.snat_port_range,
         &args.cluster_cidr,
-        args.masquerade_all,
         &args.service_cluster_ip_range,
-        !args.devices.is_empty(),
+        args.datapath_switches(),
     )?)?;
     dp.write_config6(datapath_config6(
         &args.cluster_cidr,
@@ -756,9 +755,8 @@ impl Context {
         let written = datapath_config(
             self.args.snat_port_range,
             &self.args.cluster_cidr,
-            self.args.masquerade_all,
             &cidrs,
-            !self.args.devices.is_empty(),
+            self.args.datapath_switches(),
         )
         .and_then(|cfg| {
             let cfg6 = datapath_config6(&self.args.cluster_cidr, &cidrs)?;

@@ -180,13 +180,20 @@ fn lab_puts_each_nodes_pods_and_processes_in_a_group_of_its_own() {
 /// per-packet path does the same work and the sockets see the same.
 fn clusterip_both_ways(test: &str, extra: &[&str]) -> (Cluster, u64) {
     let c = Cluster::start_with(test, &placement_manifests(), extra).expect("root");
+    let sent = requests_to_both_backends(&c);
+    (c, sent)
+}
+
+/// Every kind of request from the client pod and from node-a's own
+/// namespace to a Service of a backend of node-a and one of node-b.
+fn requests_to_both_backends(c: &Cluster) -> u64 {
     let client_pod: Ipv4Addr = CLIENT_POD_IP.parse().unwrap();
     let mut sent = 0;
     for (vip, backend) in [("10.96.0.11:80", "web-a"), ("10.96.0.12:80", "web-b1")] {
         sent += every_kind_of_request(c.lab.ns(CLIENT_POD), sa(vip), backend, client_pod);
         sent += every_kind_of_request(c.lab.ns(addr::NODE_A), sa(vip), backend, addr::NODE_A_IP);
     }
-    (c, sent)
+    sent
 }
 
 #[test]
@@ -229,6 +236,83 @@ fn clusterip_sockets_see_the_same_with_socket_lb_off() {
     let n = c.counters(addr::NODE_A);
     assert_eq!(n["socket_lb"], 0);
     assert!(n["new_flow"] >= sent, "{sent} requests, {n:?}");
+}
+
+/// Packets the kernel forwarded in `ns` so far (`Ip: ForwDatagrams` of the
+/// namespace's /proc/net/snmp; thread-self: /proc/self/net is the main
+/// thread's namespace).
+fn forwarded_datagrams(ns: &Netns) -> u64 {
+    let snmp = ns
+        .run(|| fs::read_to_string("/proc/thread-self/net/snmp"))
+        .expect("/proc/net/snmp");
+    let mut ip = snmp.lines().filter(|l| l.starts_with("Ip:"));
+    let (names, values) = (ip.next().unwrap(), ip.next().unwrap());
+    let at = names
+        .split_whitespace()
+        .position(|n| n == "ForwDatagrams")
+        .expect("ForwDatagrams column");
+    values.split_whitespace().nth(at).unwrap().parse().unwrap()
+}
+
+/// Both nodes' forwarded packets while `traffic` runs.
+fn forwarded_during(c: &Cluster, traffic: impl FnOnce()) -> u64 {
+    let total = |c: &Cluster| -> u64 {
+        addr::NODES
+            .iter()
+            .map(|n| forwarded_datagrams(c.lab.ns(n)))
+            .sum()
+    };
+    let before = total(c);
+    traffic();
+    total(c) - before
+}
+
+/// `--bpf-host-routing`: socket-balanced traffic (a pod to a local and a
+/// remote backend, a node process to a remote one; TCP, connected and
+/// unconnected UDP) is sent on by the ingress hook's FIB lookup and
+/// redirect, so neither node's stack forwards one packet of it, where
+/// without the switch it forwards every one; the sockets see the same.
+/// Traffic to a pod address and port no Service names still takes the
+/// stack's path.
+#[test]
+fn bpf_host_routing_takes_socket_balanced_traffic_past_the_stacks_forwarding() {
+    if !require_root_or_skip("bpf host routing") {
+        return;
+    }
+    let mut forwarded = Vec::new();
+    for extra in [&["--bpf-host-routing=true"][..], &[]] {
+        let c = Cluster::start_with("host-routing", &placement_manifests(), extra).expect("root");
+        let mut sent = 0;
+        let n = forwarded_during(&c, || sent = requests_to_both_backends(&c));
+        forwarded.push((n, sent));
+        if !extra.is_empty() {
+            let elsewhere = forwarded_during(&c, || {
+                c.lab.ns(CLIENT_POD).run(|| {
+                    let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+                    s.send_to(b"x", (WEB_B1.ip, 9)).unwrap();
+                });
+            });
+            eprintln!("a datagram to a port no Service names: {elsewhere} forwarded");
+            assert!(
+                elsewhere >= 2,
+                "a datagram to a port no Service names is forwarded by both nodes: {elsewhere}"
+            );
+        }
+    }
+    let [(on, sent), (off, _)] = forwarded[..] else {
+        unreachable!()
+    };
+    eprintln!(
+        "packets forwarded by the stacks for {sent} requests: {on} with host routing, {off} without"
+    );
+    assert_eq!(
+        on, 0,
+        "host routing: the stacks forwarded nothing of {sent} requests"
+    );
+    assert!(
+        off >= sent,
+        "without host routing the stacks forward every request's packets: {off} for {sent}"
+    );
 }
 
 /// A pod dialing a NodePort on its own node's address is connected to the

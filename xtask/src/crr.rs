@@ -114,6 +114,9 @@ pub struct Options {
 enum Mode {
     Direct,
     Ebpf,
+    /// kube-ebpf-proxy with `--bpf-host-routing`: socket-balanced packets
+    /// redirected by the ingress hook instead of forwarded by the stack.
+    EbpfHostRouting,
     /// kube-ebpf-proxy with `--socket-lb=false`: the per-packet path only.
     EbpfPerPacket,
     Iptables,
@@ -121,9 +124,10 @@ enum Mode {
 }
 
 impl Mode {
-    const ALL: [Mode; 5] = [
+    const ALL: [Mode; 6] = [
         Mode::Direct,
         Mode::Ebpf,
+        Mode::EbpfHostRouting,
         Mode::EbpfPerPacket,
         Mode::Iptables,
         Mode::Nftables,
@@ -133,6 +137,7 @@ impl Mode {
         match self {
             Mode::Direct => "direct to pod (no proxy)",
             Mode::Ebpf => "kube-ebpf-proxy (socket LB)",
+            Mode::EbpfHostRouting => "kube-ebpf-proxy (socket LB), --bpf-host-routing",
             Mode::EbpfPerPacket => "kube-ebpf-proxy, --socket-lb=false",
             Mode::Iptables => "kube-proxy iptables (nf_tables backend)",
             Mode::Nftables => "kube-proxy nftables",
@@ -349,7 +354,10 @@ fn measure_mode(
     let load = load_mode(&mut bl, mode, daemon, &services)?;
     let mut rows = Vec::new();
     for workload in Workload::ALL {
-        let ours = matches!(mode, Mode::Ebpf | Mode::EbpfPerPacket);
+        let ours = matches!(
+            mode,
+            Mode::Ebpf | Mode::EbpfHostRouting | Mode::EbpfPerPacket
+        );
         let measurement = measure(&bl, workload, &targets, concurrency, duration, cpus)
             .and_then(|mut m| {
                 if ours {
@@ -372,7 +380,7 @@ fn measure_mode(
     // measurement (wait_quiet covers the rest).
     match mode {
         Mode::Direct => {}
-        Mode::Ebpf | Mode::EbpfPerPacket => stop_ebpf(&mut bl.lab, daemon)?,
+        Mode::Ebpf | Mode::EbpfHostRouting | Mode::EbpfPerPacket => stop_ebpf(&mut bl.lab, daemon)?,
         Mode::Iptables | Mode::Nftables => {
             bl.lab.ns(addr::NODE_A).exec("nft", &["flush", "ruleset"])?;
         }
@@ -386,8 +394,13 @@ fn measure_mode(
 fn load_mode(bl: &mut BenchLab, mode: Mode, daemon: &Path, services: &[Service]) -> Result<String> {
     let (file, program, args) = match mode {
         Mode::Direct => return Ok("-".to_string()),
-        Mode::Ebpf => return start_ebpf(&mut bl.lab, daemon, services, true),
-        Mode::EbpfPerPacket => return start_ebpf(&mut bl.lab, daemon, services, false),
+        Mode::Ebpf => return start_ebpf(&mut bl.lab, daemon, services, &[]),
+        Mode::EbpfHostRouting => {
+            return start_ebpf(&mut bl.lab, daemon, services, &["--bpf-host-routing=true"]);
+        }
+        Mode::EbpfPerPacket => {
+            return start_ebpf(&mut bl.lab, daemon, services, &["--socket-lb=false"]);
+        }
         Mode::Iptables => {
             let file = bl.lab.dir().join("iptables.rules");
             let rules = kube_proxy_rules::iptables_restore(services, CLUSTER_CIDR);

@@ -52,22 +52,22 @@ use aya::{
     },
 };
 use proxy_common::{
-    ADDR_FILTER_MAP, ALL_MAPS, CFG_F_CLUSTER_CIDR, CFG_F_MASQUERADE_ALL, CFG_F_SOME_DEVICES,
-    CONFIG_MAP, CONFIG6_MAP, Config, Config6, ENDPOINT_FILTER_MAP, HAIRPIN_ADDR, HAIRPIN_ADDR6,
-    PEER_DEV_MAP, PEER_DEV_WORDS, PROG_EGRESS, PROG_INGRESS, PROG_NOOP, REPLY_GATE_MAP,
-    REPLY_SOURCE_MAP, SERVICE_CIDRS, UPGRADE_ALONE, UPGRADE_ATTACHING, UPGRADE_MAP,
-    UPGRADE_OLDER_BEHIND,
+    ADDR_FILTER_MAP, ALL_MAPS, CFG_F_CLUSTER_CIDR, CONFIG_MAP, CONFIG6_MAP, Config, Config6,
+    ENDPOINT_FILTER_MAP, HAIRPIN_ADDR, HAIRPIN_ADDR6, PEER_DEV_MAP, PEER_DEV_WORDS, PROG_EGRESS,
+    PROG_INGRESS, PROG_NOOP, REPLY_GATE_MAP, REPLY_SOURCE_MAP, SERVICE_CIDRS, UPGRADE_ALONE,
+    UPGRADE_ATTACHING, UPGRADE_MAP, UPGRADE_OLDER_BEHIND,
 };
 
 /// The settings the datapath reads, from the daemon's: IPv4 CIDRs only
 /// (IPv6 ones are for the IPv6 datapath). At most [`SERVICE_CIDRS`] IPv4
-/// service CIDRs, none a /0 (it would drop all traffic).
+/// service CIDRs, none a /0 (it would drop all traffic). `switches` are the
+/// `CFG_F_*` bits the daemon's flags set (masquerade-all, some devices,
+/// host routing); the cluster CIDR's is set here.
 pub fn datapath_config(
     snat_port_range: (u16, u16),
     cluster_cidr: &[crate::cidr::Cidr],
-    masquerade_all: bool,
     service_cidrs: &[crate::cidr::Cidr],
-    some_devices: bool,
+    switches: u8,
 ) -> Result<Config> {
     let v4 = |c: &crate::cidr::Cidr| match c.network() {
         std::net::IpAddr::V4(a) => Some((a.octets(), c.prefix())),
@@ -77,18 +77,13 @@ pub fn datapath_config(
         snat_port_min: snat_port_range.0,
         snat_port_max: snat_port_range.1,
         hairpin_addr: HAIRPIN_ADDR,
+        flags: switches,
         ..Config::default()
     };
     if let Some((addr, len)) = cluster_cidr.iter().find_map(v4) {
         value.cluster_cidr = addr;
         value.cluster_cidr_len = len;
         value.flags |= CFG_F_CLUSTER_CIDR;
-    }
-    if masquerade_all {
-        value.flags |= CFG_F_MASQUERADE_ALL;
-    }
-    if some_devices {
-        value.flags |= CFG_F_SOME_DEVICES;
     }
     for (i, (addr, len)) in service_ranges(service_cidrs, v4, "IPv4")?
         .into_iter()

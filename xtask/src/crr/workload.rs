@@ -1,5 +1,6 @@
 //! The workload: the services (fillers and the measured one), the
 //! kube-ebpf-proxy mode (daemons on both nodes) and the backend servers.
+use std::ffi::OsStr;
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
@@ -114,13 +115,13 @@ pub(super) fn bpffs_of(lab: &Lab, node: &str) -> PathBuf {
 /// its maps and attached. Returns the load-time cell: the map write time
 /// the daemon logs for its first sync, and the wall time from start to
 /// ready (which includes loading the BPF programs and parsing manifests).
-/// Starts the daemons; `socket_lb` off makes every connection take the
-/// per-packet path.
+/// `flags` are extra `run` flags (`--socket-lb=false`: every connection
+/// takes the per-packet path).
 pub(super) fn start_ebpf(
     lab: &mut Lab,
     daemon: &Path,
     services: &[Service],
-    socket_lb: bool,
+    flags: &[&str],
 ) -> Result<String> {
     let dir = lab.dir().join("manifests");
     fs::create_dir(&dir)?;
@@ -139,8 +140,9 @@ pub(super) fn start_ebpf(
                 node.as_ref(),
                 "--bpffs".as_ref(),
                 bpffs.as_os_str(),
-                format!("--socket-lb={socket_lb}").as_ref(),
-            ],
+            ]
+            .into_iter()
+            .chain(flags.iter().map(OsStr::new)),
         )?;
     }
     let mut ready_after = None;
