@@ -142,10 +142,11 @@ fn other_destination<A: Addr>(ctx: &TcContext, hook: Hook, ip: &Ip<A>) -> Result
         Some(rev) => translate_reply(ctx, hook, ip, &ports, rev),
         None => {
             upgrade::defer_to_older()?;
+            let pass = unallocated_or_pass(ip)?;
             if hook == Hook::Ingress && host_routed(ip, &ports) {
                 return Ok(Action::Forward(0));
             }
-            unallocated_or_pass(ip)
+            Ok(pass)
         }
     }
 }
@@ -155,11 +156,11 @@ fn other_destination<A: Addr>(ctx: &TcContext, hook: Hook, ip: &Ip<A>) -> Result
 /// false positive is routed as the stack would route it). Such traffic is
 /// what socket-level load balancing leaves untranslated: sending it on by
 /// the FIB, as translated traffic is, spares it the stack's forwarding
-/// path, which costs more than the lookup.
+/// path, which costs more than the lookup. (Service CIDRs were dropped
+/// before.)
 #[inline(always)]
 fn host_routed<A: Addr>(ip: &Ip<A>, ports: &Ports) -> bool {
     config_ref().is_some_and(|c| c.flags & CFG_F_HOST_ROUTING != 0)
-        && !ip.daddr.in_service_cidr()
         && (ip.daddr.may_be_endpoint(ports.dport) || ip.saddr.may_be_endpoint(ports.sport))
 }
 

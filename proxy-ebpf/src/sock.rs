@@ -387,13 +387,12 @@ fn forward<A: SockFamily>(ctx: &SockAddrContext, call: Call) -> i32 {
         return ALLOW;
     }
     // Only unconnected UDP keys its entries by the socket's cookie.
-    let cookie = match call {
-        Call::Sendmsg => cookie(ctx),
-        Call::Connect => 0,
-    };
-    let pick = match call {
-        Call::Sendmsg => sticky_backend(ctx, cookie, addr, port, &svc),
-        Call::Connect => pick_backend(ctx, &svc),
+    let (cookie, pick) = match call {
+        Call::Sendmsg => {
+            let cookie = cookie(ctx);
+            (cookie, sticky_backend(ctx, cookie, addr, port, &svc))
+        }
+        Call::Connect => (0, pick_backend(ctx, &svc)),
     };
     let be = match pick {
         Pick::Backend(backend_id, be) => SockNatOf {

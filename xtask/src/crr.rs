@@ -133,6 +133,16 @@ impl Mode {
         Mode::Nftables,
     ];
 
+    /// The daemon's extra `run` flags in our modes; `None` for the others.
+    fn daemon_flags(self) -> Option<&'static [&'static str]> {
+        match self {
+            Mode::Ebpf => Some(&[]),
+            Mode::EbpfHostRouting => Some(&["--bpf-host-routing=true"]),
+            Mode::EbpfPerPacket => Some(&["--socket-lb=false"]),
+            Mode::Direct | Mode::Iptables | Mode::Nftables => None,
+        }
+    }
+
     fn label(self) -> &'static str {
         match self {
             Mode::Direct => "direct to pod (no proxy)",
@@ -354,10 +364,7 @@ fn measure_mode(
     let load = load_mode(&mut bl, mode, daemon, &services)?;
     let mut rows = Vec::new();
     for workload in Workload::ALL {
-        let ours = matches!(
-            mode,
-            Mode::Ebpf | Mode::EbpfHostRouting | Mode::EbpfPerPacket
-        );
+        let ours = mode.daemon_flags().is_some();
         let measurement = measure(&bl, workload, &targets, concurrency, duration, cpus)
             .and_then(|mut m| {
                 if ours {
@@ -379,11 +386,11 @@ fn measure_mode(
     // of the namespaces is light and does not overlap the next mode's
     // measurement (wait_quiet covers the rest).
     match mode {
-        Mode::Direct => {}
-        Mode::Ebpf | Mode::EbpfHostRouting | Mode::EbpfPerPacket => stop_ebpf(&mut bl.lab, daemon)?,
         Mode::Iptables | Mode::Nftables => {
             bl.lab.ns(addr::NODE_A).exec("nft", &["flush", "ruleset"])?;
         }
+        _ if mode.daemon_flags().is_some() => stop_ebpf(&mut bl.lab, daemon)?,
+        _ => {}
     }
     drop(bl);
     Ok(rows)
@@ -392,15 +399,10 @@ fn measure_mode(
 /// Sets the mode up in the lab: the daemons, or the rules loaded in
 /// node-a's namespace. Returns the load-time cell.
 fn load_mode(bl: &mut BenchLab, mode: Mode, daemon: &Path, services: &[Service]) -> Result<String> {
+    if let Some(flags) = mode.daemon_flags() {
+        return start_ebpf(&mut bl.lab, daemon, services, flags);
+    }
     let (file, program, args) = match mode {
-        Mode::Direct => return Ok("-".to_string()),
-        Mode::Ebpf => return start_ebpf(&mut bl.lab, daemon, services, &[]),
-        Mode::EbpfHostRouting => {
-            return start_ebpf(&mut bl.lab, daemon, services, &["--bpf-host-routing=true"]);
-        }
-        Mode::EbpfPerPacket => {
-            return start_ebpf(&mut bl.lab, daemon, services, &["--socket-lb=false"]);
-        }
         Mode::Iptables => {
             let file = bl.lab.dir().join("iptables.rules");
             let rules = kube_proxy_rules::iptables_restore(services, CLUSTER_CIDR);
@@ -412,6 +414,7 @@ fn load_mode(bl: &mut BenchLab, mode: Mode, daemon: &Path, services: &[Service])
             fs::write(&file, kube_proxy_rules::nft_ruleset(services, CLUSTER_CIDR))?;
             (file, "nft", vec!["-f"])
         }
+        _ => return Ok("-".to_string()),
     };
     let took = timed(|| {
         let mut args = args.clone();
