@@ -170,10 +170,18 @@ pub struct RunArgs {
     /// backend) on from the ingress hook with a FIB lookup and a redirect,
     /// as translated traffic always is, instead of through the kernel's
     /// forwarding path. Faster, but that traffic then passes none of the
-    /// node's netfilter hooks: leave it off when the CNI enforces
-    /// NetworkPolicy with iptables or nftables (docs/security.md).
-    #[arg(long, env = "KEP_BPF_HOST_ROUTING", default_value_t = false, action = clap::ArgAction::Set, value_name = "BOOL")]
-    pub bpf_host_routing: bool,
+    /// node's netfilter hooks on that path (prerouting, forward,
+    /// postrouting). `auto`: on while none of those hooks has a rule
+    /// (nftables, iptables-nft or iptables-legacy), off as soon as one does,
+    /// as when a CNI enforces NetworkPolicy with them (docs/security.md).
+    #[arg(
+        long,
+        env = "KEP_BPF_HOST_ROUTING",
+        value_enum,
+        default_value = "auto",
+        value_name = "auto|true|false"
+    )]
+    pub bpf_host_routing: HostRouting,
 
     /// The cgroup v2 directory whose processes' sockets are load-balanced
     /// (default: where cgroup2 is mounted, i.e. the whole node; on hybrid
@@ -191,7 +199,8 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
-    /// The datapath's `CFG_F_*` switches these flags set.
+    /// The datapath's `CFG_F_*` switches these flags set (host routing only
+    /// when forced on: `auto` is the daemon's to decide).
     pub fn datapath_switches(&self) -> u8 {
         let mut switches = 0;
         if self.masquerade_all {
@@ -200,7 +209,7 @@ impl RunArgs {
         if !self.devices.is_empty() {
             switches |= proxy_common::CFG_F_SOME_DEVICES;
         }
-        if self.bpf_host_routing {
+        if self.bpf_host_routing == HostRouting::True {
             switches |= proxy_common::CFG_F_HOST_ROUTING;
         }
         switches
@@ -212,6 +221,15 @@ pub enum Ipv6Mode {
     Auto,
     On,
     Off,
+}
+
+/// `--bpf-host-routing`.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum HostRouting {
+    /// On while no netfilter hook on the forwarding path has rules.
+    Auto,
+    True,
+    False,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]

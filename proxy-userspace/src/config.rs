@@ -67,7 +67,7 @@ use serde::Deserialize;
 
 use crate::{
     cidr::Cidr,
-    cli::{Ipv6Mode, LogFormat, RunArgs},
+    cli::{HostRouting, Ipv6Mode, LogFormat, RunArgs},
 };
 
 pub mod kube_proxy;
@@ -136,8 +136,9 @@ pub struct FileConfig {
     pub manifest_service_cidrs: Option<Vec<Cidr>>,
     /// `--socket-lb`: socket-level load balancing.
     pub socket_lb: Option<bool>,
-    /// `bpfHostRouting` (ours): `--bpf-host-routing`.
-    pub bpf_host_routing: Option<bool>,
+    /// `bpfHostRouting` (ours: `auto`, `true` or `false`):
+    /// `--bpf-host-routing`.
+    pub bpf_host_routing: Option<HostRouting>,
     /// `ipv6` (ours: `auto`, `on` or `off`): `--ipv6`.
     pub ipv6: Option<Ipv6Mode>,
     /// `--cgroup-root`: the cgroup v2 directory socket-level load balancing
@@ -180,7 +181,8 @@ struct Raw {
     manifest_service_cidrs: Option<String>,
     #[serde(rename = "socketLB")]
     socket_lb: Option<bool>,
-    bpf_host_routing: Option<bool>,
+    /// A YAML boolean or `auto`: read as its text.
+    bpf_host_routing: Option<String>,
     ipv6: Option<String>,
     cgroup_root: Option<String>,
     conntrack: Option<RawConntrack>,
@@ -263,7 +265,11 @@ impl TryFrom<Raw> for FileConfig {
                 parse_cidr_list,
             ),
             socket_lb: raw.socket_lb,
-            bpf_host_routing: raw.bpf_host_routing,
+            bpf_host_routing: errors.parse(
+                "bpfHostRouting",
+                raw.bpf_host_routing,
+                parse_host_routing,
+            ),
             ipv6: errors.parse("ipv6", raw.ipv6, parse_ipv6_mode),
             cgroup_root: non_empty(raw.cgroup_root).map(PathBuf::from),
             conntrack_max_per_core: raw.conntrack.as_ref().and_then(|c| c.max_per_core),
@@ -528,6 +534,18 @@ pub(crate) fn parse_ipv6_mode(s: &str) -> Result<Ipv6Mode, String> {
     }
 }
 
+/// `auto`, `true` or `false` (`--bpf-host-routing`).
+fn parse_host_routing(s: &str) -> Result<HostRouting, String> {
+    match s {
+        "auto" => Ok(HostRouting::Auto),
+        "true" => Ok(HostRouting::True),
+        "false" => Ok(HostRouting::False),
+        _ => Err(format!(
+            "{s:?} is not a host-routing mode (auto, true or false)"
+        )),
+    }
+}
+
 pub(crate) fn parse_cidr(s: &str) -> Result<Cidr, String> {
     if s == "primary" {
         return Err(
@@ -644,7 +662,7 @@ cgroupRoot: /sys/fs/cgroup/kubepods
         );
         let c = parse_str(&text).unwrap();
         assert_eq!(c.socket_lb, Some(false));
-        assert_eq!(c.bpf_host_routing, Some(true));
+        assert_eq!(c.bpf_host_routing, Some(HostRouting::True));
         assert_eq!(c.ipv6, Some(Ipv6Mode::Off));
         assert_eq!(
             c.cgroup_root,
@@ -710,6 +728,11 @@ cgroupRoot: /sys/fs/cgroup/kubepods
         assert_eq!(cfg.flags, proxy_common::CFG_F_HOST_ROUTING);
         let args = run_with(&["--bpf-host-routing=false"], &file);
         assert_eq!(dp_config(&args).unwrap().flags, 0);
+        // auto (the default) is the daemon's to decide: not forced on.
+        let file = parse_str(&format!("{HEAD}bpfHostRouting: auto\n")).unwrap();
+        assert_eq!(file.bpf_host_routing, Some(HostRouting::Auto));
+        assert_eq!(dp_config(&run_with(&[], &file)).unwrap().flags, 0);
+        assert!(err(&format!("{HEAD}bpfHostRouting: sometimes\n")).contains("bpfHostRouting"));
         // Bad values name their field; too many service CIDRs are refused.
         assert!(err(&format!("{HEAD}clusterCIDR: 10.244.0.0\n")).contains("clusterCIDR"));
         let five = "10.1.0.0/16,10.2.0.0/16,10.3.0.0/16,10.4.0.0/16,10.5.0.0/16";

@@ -15,17 +15,18 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use aya::maps::{Array, MapData};
-use proxy_common::{CONFIG_MAP, CONFIG6_MAP, Config, Config6, SERVICE_CIDRS};
+use proxy_common::{CFG_F_HOST_ROUTING, CONFIG_MAP, CONFIG6_MAP, Config, Config6, SERVICE_CIDRS};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, info, warn};
 
 use crate::{
     cidr::Cidr,
-    cli::{Ipv6Mode, RunArgs},
+    cli::{HostRouting, Ipv6Mode, RunArgs},
     datapath::{
         Datapath, Ipv6Maps, bpffs, datapath_config, datapath_config6,
         devices::{self, Attachments, DeviceFilter},
-        linkwatch::LinkWatch,
+        netfilter,
+        netlink_watch::NetlinkWatch,
         open_pinned, sockets,
     },
     health::{self, Health},
@@ -47,7 +48,12 @@ struct Context {
     devices: Attachments,
     /// Netlink link and address notifications; None if the socket could
     /// not be made (the safety poll alone then).
-    links: Option<LinkWatch>,
+    links: Option<NetlinkWatch>,
+    /// nftables notifications, with `--bpf-host-routing=auto`; None
+    /// otherwise or if the socket could not be made (the tick alone then).
+    nftables: Option<NetlinkWatch>,
+    /// Whether the datapath's configuration has host routing on.
+    host_routing: bool,
     /// Both families.
     node_addrs: BTreeSet<IpAddr>,
     /// Every address of the node (hostNetwork backends answer from them).
@@ -129,6 +135,7 @@ fn load_datapath(
     args: &RunArgs,
     node_name: &str,
     ipv6: Ipv6Maps,
+    host_routing: bool,
 ) -> Result<(Datapath, Syncer<BpfLbMaps>)> {
     let mut dp = Datapath::load_sized(&args.bpffs, args.bpf_debug, args.conntrack_max, ipv6)?;
     if args.bpf_debug {
@@ -149,7 +156,7 @@ fn load_datapath(
         args.snat_port_range,
         &args.cluster_cidr,
         &args.service_cluster_ip_range,
-        args.datapath_switches(),
+        switches(args, host_routing),
     )?)?;
     dp.write_config6(datapath_config6(
         &args.cluster_cidr,
@@ -164,6 +171,41 @@ fn load_datapath(
         "datapath loaded"
     );
     Ok((dp, syncer))
+}
+
+/// The datapath's switches, with host routing as decided.
+fn switches(args: &RunArgs, host_routing: bool) -> u8 {
+    let forced = args.datapath_switches() & !CFG_F_HOST_ROUTING;
+    if host_routing {
+        forced | CFG_F_HOST_ROUTING
+    } else {
+        forced
+    }
+}
+
+/// Whether host routing is to be on, and why: with `auto`, while no
+/// netfilter hook that it would bypass has rules (see [`netfilter`]).
+fn host_routing_wanted(mode: HostRouting) -> (bool, String) {
+    match mode {
+        HostRouting::True => (true, "--bpf-host-routing=true".into()),
+        HostRouting::False => (false, "--bpf-host-routing=false".into()),
+        HostRouting::Auto => match netfilter::bypassed_hook() {
+            Ok(None) => (
+                true,
+                "no netfilter hook on the forwarding path has rules".into(),
+            ),
+            Ok(Some(hook)) => (false, hook),
+            Err(e) => (false, format!("the netfilter hooks could not be read: {e}")),
+        },
+    }
+}
+
+fn log_host_routing(on: bool, reason: &str) {
+    if on {
+        info!(%reason, "BPF host routing on: traffic to and from endpoints is redirected by the ingress hook");
+    } else {
+        info!(%reason, "BPF host routing off: the kernel's forwarding path (and its netfilter hooks) carries what needs no translation");
+    }
 }
 
 /// How `--ipv6` sizes the IPv6 LRU maps; `auto` looks for IPv6 at start.
@@ -230,10 +272,10 @@ async fn serve_endpoints(args: &RunArgs, source: &Source) -> Result<(Arc<Metrics
     Ok((metrics, health))
 }
 
-/// Resolves when netlink says a link or address changed; never without
-/// a netlink socket.
-async fn links_changed(links: &mut Option<LinkWatch>) -> std::io::Result<()> {
-    match links {
+/// Resolves when netlink announces a change to `watch`; never without a
+/// netlink socket.
+async fn heard(watch: &mut Option<NetlinkWatch>) -> std::io::Result<()> {
+    match watch {
         Some(w) => w.changed().await,
         None => std::future::pending().await,
     }
@@ -249,8 +291,18 @@ impl Context {
         // there: a bad --bpffs is refused in one line.
         bpffs::ensure(&args.bpffs)?;
         let ipv6_maps = ipv6_maps(&args);
-        let (dp, syncer) = load_datapath(&args, &node_name, ipv6_maps)?;
+        let (host_routing, why) = host_routing_wanted(args.bpf_host_routing);
+        log_host_routing(host_routing, &why);
+        let (dp, syncer) = load_datapath(&args, &node_name, ipv6_maps, host_routing)?;
         let (metrics, health) = serve_endpoints(&args, &source).await?;
+        metrics.sync.bpf_host_routing.set(i64::from(host_routing));
+        let nftables = (args.bpf_host_routing == HostRouting::Auto)
+            .then(|| {
+                NetlinkWatch::nftables()
+                    .inspect_err(|e| warn!(error = %e, "no nftables notifications; netfilter is checked at every tick"))
+                    .ok()
+            })
+            .flatten();
         let node = NodeInfo {
             name: node_name,
             zone: None,
@@ -279,7 +331,9 @@ impl Context {
             }),
             dp,
             syncer,
-            links: LinkWatch::new()
+            nftables,
+            host_routing,
+            links: NetlinkWatch::links()
                 .inspect_err(|e| warn!(error = %e, "no netlink notifications; devices are polled"))
                 .ok(),
             node_addrs: BTreeSet::new(),
@@ -559,11 +613,18 @@ impl Context {
                     self.check_pins()?;
                     self.on_tick();
                 }
-                heard = links_changed(&mut self.links) => match heard {
+                got = heard(&mut self.links) => match got {
                     Ok(()) => self.on_tick(),
                     Err(e) => {
                         warn!(error = %e, "netlink notifications failed; devices are polled");
                         self.links = None;
+                    }
+                },
+                got = heard(&mut self.nftables) => match got {
+                    Ok(()) => self.update_host_routing(),
+                    Err(e) => {
+                        warn!(error = %e, "nftables notifications failed; netfilter is checked at every tick");
+                        self.nftables = None;
                     }
                 },
                 // Until the pending changes are synced there is no need to
@@ -603,6 +664,7 @@ impl Context {
         self.devices.refresh(&mut self.dp);
         self.retire_old_layouts();
         self.trust_reply_sources();
+        self.update_host_routing();
         // Before the first sync from an API server the model is empty: a
         // sync then would remove every frontend a previous run pinned.
         if objects_changed || (addrs_changed && self.synced_once) {
@@ -752,20 +814,7 @@ impl Context {
         if cidrs == self.service_cidrs {
             return;
         }
-        let written = datapath_config(
-            self.args.snat_port_range,
-            &self.args.cluster_cidr,
-            &cidrs,
-            self.args.datapath_switches(),
-        )
-        .and_then(|cfg| {
-            let cfg6 = datapath_config6(&self.args.cluster_cidr, &cidrs)?;
-            let mut map: Array<MapData, Config> = open_pinned(self.dp.root(), CONFIG_MAP)?;
-            map.set(0, cfg, 0)?;
-            let mut map6: Array<MapData, Config6> = open_pinned(self.dp.root(), CONFIG6_MAP)?;
-            Ok(map6.set(0, cfg6, 0)?)
-        });
-        match written {
+        match self.write_config(&cidrs, self.host_routing) {
             Ok(()) => {
                 let shown: Vec<String> = cidrs.iter().map(|c| c.to_string()).collect();
                 info!(service_cidrs = ?shown, "service CIDRs");
@@ -773,6 +822,46 @@ impl Context {
             }
             Err(e) => warn!(error = %format!("{e:#}"), "writing the service CIDRs failed"),
         }
+    }
+
+    /// `--bpf-host-routing=auto`: turns host routing off as soon as a
+    /// netfilter hook it would bypass has rules, and on again when none
+    /// has. nftables' notification wakes this at once; iptables-legacy,
+    /// which sends none, is seen at the next tick. A failed write is logged
+    /// and tried again then.
+    fn update_host_routing(&mut self) {
+        if self.args.bpf_host_routing != HostRouting::Auto {
+            return;
+        }
+        let (on, why) = host_routing_wanted(HostRouting::Auto);
+        if on == self.host_routing {
+            return;
+        }
+        let cidrs = self.service_cidrs.clone();
+        match self.write_config(&cidrs, on) {
+            Ok(()) => {
+                log_host_routing(on, &why);
+                self.host_routing = on;
+                self.metrics.sync.bpf_host_routing.set(i64::from(on));
+            }
+            Err(e) => warn!(error = %format!("{e:#}"), "switching BPF host routing failed"),
+        }
+    }
+
+    /// Writes the datapath's configuration (both families) with these
+    /// service CIDRs and host routing on or off.
+    fn write_config(&self, cidrs: &[Cidr], host_routing: bool) -> Result<()> {
+        let cfg = datapath_config(
+            self.args.snat_port_range,
+            &self.args.cluster_cidr,
+            cidrs,
+            switches(&self.args, host_routing),
+        )?;
+        let cfg6 = datapath_config6(&self.args.cluster_cidr, cidrs)?;
+        let mut map: Array<MapData, Config> = open_pinned(self.dp.root(), CONFIG_MAP)?;
+        map.set(0, cfg, 0)?;
+        let mut map6: Array<MapData, Config6> = open_pinned(self.dp.root(), CONFIG6_MAP)?;
+        Ok(map6.set(0, cfg6, 0)?)
     }
 
     /// Opens and closes the Services' health checks and updates their

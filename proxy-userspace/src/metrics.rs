@@ -117,6 +117,8 @@ pub struct SyncMetrics {
     pub socket_lb_attach_failures: PromCounter,
     /// 1 while pods' devices get the egress hook.
     pub pod_egress_hook: Gauge,
+    /// 1 while the ingress hook sends traffic on itself (BPF host routing).
+    pub bpf_host_routing: Gauge,
     /// Health-check listeners (`healthCheckNodePort`) serving, and waiting
     /// for a retry because the port could not be bound.
     pub health_check_listeners: Family<StateLabels, Gauge>,
@@ -179,6 +181,7 @@ impl SyncMetrics {
             health_check_bind_failures: PromCounter::default(),
             socket_lb_enabled: Gauge::default(),
             pod_egress_hook: Gauge::default(),
+            bpf_host_routing: Gauge::default(),
             socket_lb_attach_failures: PromCounter::default(),
         }
     }
@@ -245,6 +248,11 @@ impl Metrics {
             "kube_ebpf_proxy_pod_egress_hook",
             "1 while pods' devices get the egress program (socket LB off, or a hostNetwork backend on this node); 0 when their ingress alone is hooked",
             sync.pod_egress_hook.clone(),
+        );
+        r.register(
+            "kube_ebpf_proxy_bpf_host_routing",
+            "1 while the ingress hook sends traffic to and from endpoints on by FIB lookup and redirect (--bpf-host-routing; with auto, while no netfilter hook on the forwarding path has rules)",
+            sync.bpf_host_routing.clone(),
         );
         r.register(
             "kube_ebpf_proxy_socket_lb_attach_failures",

@@ -267,25 +267,32 @@ fn forwarded_during(c: &Cluster, traffic: impl FnOnce()) -> u64 {
     total(c) - before
 }
 
-/// `--bpf-host-routing`: socket-balanced traffic (a pod to a local and a
+/// BPF host routing: socket-balanced traffic (a pod to a local and a
 /// remote backend, a node process to a remote one; TCP, connected and
 /// unconnected UDP) is sent on by the ingress hook's FIB lookup and
-/// redirect, so neither node's stack forwards one packet of it, where
-/// without the switch it forwards every one; the sockets see the same.
-/// Traffic to a pod address and port no Service names still takes the
-/// stack's path.
+/// redirect, so neither node's stack forwards one packet of it: with
+/// `--bpf-host-routing=true`, and with the default (`auto`) on these nodes,
+/// whose netfilter hooks have no rules. With `false` the stacks forward
+/// every one; the sockets see the same. Traffic to a pod address and port
+/// no Service names still takes the stack's path.
 #[test]
 fn bpf_host_routing_takes_socket_balanced_traffic_past_the_stacks_forwarding() {
     if !require_root_or_skip("bpf host routing") {
         return;
     }
     let mut forwarded = Vec::new();
-    for extra in [&["--bpf-host-routing=true"][..], &[]] {
+    let modes: [&[&str]; 3] = [
+        &["--bpf-host-routing=true"],
+        &[],
+        &["--bpf-host-routing=false"],
+    ];
+    for extra in modes {
         let c = Cluster::start_with("host-routing", &placement_manifests(), extra).expect("root");
         let mut sent = 0;
         let n = forwarded_during(&c, || sent = requests_to_both_backends(&c));
         forwarded.push((n, sent));
-        if !extra.is_empty() {
+        if extra.is_empty() {
+            assert_eq!(host_routing_gauge(&c), "1", "auto, without netfilter rules");
             let elsewhere = forwarded_during(&c, || {
                 c.lab.ns(CLIENT_POD).run(|| {
                     let s = UdpSocket::bind("0.0.0.0:0").unwrap();
@@ -299,19 +306,138 @@ fn bpf_host_routing_takes_socket_balanced_traffic_past_the_stacks_forwarding() {
             );
         }
     }
-    let [(on, sent), (off, _)] = forwarded[..] else {
+    let [(forced, sent), (auto, _), (off, _)] = forwarded[..] else {
         unreachable!()
     };
     eprintln!(
-        "packets forwarded by the stacks for {sent} requests: {on} with host routing, {off} without"
+        "packets forwarded by the stacks for {sent} requests: {forced} with host routing, \
+         {auto} with auto, {off} without"
     );
     assert_eq!(
-        on, 0,
+        (forced, auto),
+        (0, 0),
         "host routing: the stacks forwarded nothing of {sent} requests"
     );
     assert!(
         off >= sent,
         "without host routing the stacks forward every request's packets: {off} for {sent}"
+    );
+}
+
+/// node-a's `kube_ebpf_proxy_bpf_host_routing` gauge.
+fn host_routing_gauge(c: &Cluster) -> String {
+    let metrics = http_metrics(c.lab.ns(addr::NODE_A));
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("kube_ebpf_proxy_bpf_host_routing "))
+        .unwrap_or_else(|| panic!("no host-routing gauge:\n{metrics}"));
+    line.rsplit(' ').next().unwrap().to_string()
+}
+
+/// Runs `program` in node-a's namespace; it must succeed.
+fn on_node_a(c: &Cluster, program: &str, args: &[&str]) -> String {
+    let out = c.lab.ns(addr::NODE_A).exec(program, args).expect(program);
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Waits for node-a's host-routing gauge to read `want`; returns how long
+/// it took.
+fn host_routing_becomes(c: &Cluster, want: &str, why: &str) -> Duration {
+    let started = Instant::now();
+    c.lab
+        .wait_for(why, Duration::from_secs(10), || {
+            host_routing_gauge(c) == want
+        })
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    started.elapsed()
+}
+
+/// The packets a rule's counter shows in `listing` (`nft list` or
+/// `iptables -v -x` output), summed over its counters.
+fn counted_packets(listing: &str, after: &str) -> u64 {
+    let words: Vec<&str> = listing.split_whitespace().collect();
+    words
+        .windows(2)
+        .filter(|w| w[0] == after)
+        .filter_map(|w| w[1].parse::<u64>().ok())
+        .sum()
+}
+
+/// `--bpf-host-routing=auto` yields to netfilter: a counting rule on
+/// node-a's forward hook (where a CNI enforces NetworkPolicy) turns host
+/// routing off on node-a, so the rule sees the pod's socket-balanced
+/// requests; when it goes, host routing is back on. nftables announces its
+/// change at once; an iptables-legacy rule, which nothing announces, is
+/// seen at the next tick (2 s). A rule on the input hook (a host firewall)
+/// leaves host routing on.
+#[test]
+fn bpf_host_routing_auto_yields_to_netfilter_rules_on_the_forwarding_path() {
+    if !require_root_or_skip("bpf host routing auto") {
+        return;
+    }
+    let c = Cluster::start_with("host-routing-auto", &placement_manifests(), &[]).expect("root");
+    let client_pod: Ipv4Addr = CLIENT_POD_IP.parse().unwrap();
+    let pod_requests = |c: &Cluster| {
+        let mut sent = 0;
+        for (vip, backend) in [("10.96.0.11:80", "web-a"), ("10.96.0.12:80", "web-b1")] {
+            sent += every_kind_of_request(c.lab.ns(CLIENT_POD), sa(vip), backend, client_pod);
+        }
+        sent
+    };
+    assert_eq!(host_routing_gauge(&c), "1");
+
+    let firewall = "add table inet host; add chain inet host in \
+                    { type filter hook input priority 0; }; add rule inet host in counter";
+    on_node_a(&c, "nft", &[firewall]);
+    let ruleset = "add table inet cni; add chain inet cni relay \
+                   { type filter hook forward priority 0; }; add rule inet cni relay counter";
+    on_node_a(&c, "nft", &[ruleset]);
+    let took = host_routing_becomes(&c, "0", "host routing off for an nftables forward rule");
+    eprintln!("nftables rule: host routing off after {took:?}");
+    let sent = pod_requests(&c);
+    let listing = on_node_a(&c, "nft", &["list", "chain", "inet", "cni", "relay"]);
+    let counted = counted_packets(&listing, "packets");
+    eprintln!("the forward rule counted {counted} packets of {sent} requests");
+    assert!(
+        counted >= 2 * sent,
+        "the rule sees every request and reply: {counted} packets for {sent} requests"
+    );
+    on_node_a(&c, "nft", &["delete table inet cni"]);
+    let took = host_routing_becomes(&c, "1", "host routing on when the rule goes");
+    eprintln!("nftables rule gone: host routing on after {took:?}");
+    let before = forwarded_datagrams(c.lab.ns(addr::NODE_A));
+    pod_requests(&c);
+    assert_eq!(
+        forwarded_datagrams(c.lab.ns(addr::NODE_A)),
+        before,
+        "node-a's stack forwards nothing again"
+    );
+
+    on_node_a(&c, "iptables-legacy", &["-A", "FORWARD", "-j", "ACCEPT"]);
+    let took = host_routing_becomes(&c, "0", "host routing off for an iptables-legacy rule");
+    eprintln!("iptables-legacy rule: host routing off after {took:?}");
+    let sent = pod_requests(&c);
+    let listing = on_node_a(&c, "iptables-legacy", &["-L", "FORWARD", "-v", "-x", "-n"]);
+    let counted: u64 = listing
+        .lines()
+        .filter(|l| l.contains("ACCEPT"))
+        .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    assert!(
+        counted >= 2 * sent,
+        "the legacy rule sees every request and reply: {counted} packets for {sent} requests"
+    );
+    on_node_a(&c, "iptables-legacy", &["-F", "FORWARD"]);
+    host_routing_becomes(&c, "1", "host routing on when the legacy rule goes");
+    let log = c.lab.daemon_log(addr::NODE_A);
+    assert!(
+        log.contains("iptables-legacy table filter: the built-in forward chain has rules"),
+        "the reason is logged:\n{log}"
     );
 }
 

@@ -1,13 +1,15 @@
-//! Wakes the daemon when a device or an address of its network namespace
-//! appears, changes or goes: a NETLINK_ROUTE socket subscribed to the link
-//! and address groups (what `ip monitor link address` listens to). A new
-//! pod's veth then gets the programs as soon as the kernel announces it,
-//! instead of at the next poll.
+//! Wakes the daemon when the kernel announces a change on a netlink group:
+//! a device or an address of its network namespace appears, changes or goes
+//! (NETLINK_ROUTE's link and address groups, what `ip monitor link address`
+//! listens to), or an nftables table, chain or rule does (nfnetlink's
+//! nftables group, what `nft monitor` listens to). A new pod's veth then
+//! gets the programs as soon as the kernel announces it, instead of at the
+//! next poll.
 //!
-//! The messages are not parsed: any of them makes the daemon list devices
-//! and addresses again (cheap, and always right), so a lost message (the
-//! socket's buffer overflowing under a burst, ENOBUFS) is a wake-up like
-//! any other. The daemon keeps a slow safety poll besides.
+//! The messages are not parsed: any of them makes the daemon look again
+//! (cheap, and always right), so a lost message (the socket's buffer
+//! overflowing under a burst, ENOBUFS) is a wake-up like any other. The
+//! daemon keeps a slow safety poll besides.
 
 use std::{
     io,
@@ -27,8 +29,8 @@ const RTMGRP_LINK: u32 = 0x1;
 const RTMGRP_IPV4_IFADDR: u32 = 0x10;
 const RTMGRP_IPV6_IFADDR: u32 = 0x100;
 
-/// A netlink socket hearing of link and address changes.
-pub struct LinkWatch {
+/// A netlink socket hearing of changes.
+pub struct NetlinkWatch {
     fd: AsyncFd<Raw>,
 }
 
@@ -40,24 +42,37 @@ impl AsRawFd for Raw {
     }
 }
 
-impl LinkWatch {
-    pub fn new() -> io::Result<LinkWatch> {
+impl NetlinkWatch {
+    /// Links and addresses.
+    pub fn links() -> io::Result<NetlinkWatch> {
+        let groups = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR;
+        Self::subscribe(SockProtocol::NetlinkRoute, groups)
+    }
+
+    /// nftables' tables, chains and rules.
+    pub fn nftables() -> io::Result<NetlinkWatch> {
+        Self::subscribe(
+            SockProtocol::NetlinkNetFilter,
+            super::netfilter::NFTABLES_GROUP,
+        )
+    }
+
+    fn subscribe(protocol: SockProtocol, groups: u32) -> io::Result<NetlinkWatch> {
         let fd = socket(
             AddressFamily::Netlink,
             SockType::Raw,
             SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
-            SockProtocol::NetlinkRoute,
+            protocol,
         )?;
-        let groups = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR;
         bind(fd.as_raw_fd(), &NetlinkAddr::new(0, groups))?;
         // SAFETY: Raw owns the descriptor and gives that same one until
         // the AsyncFd (its only owner) drops it.
         let fd = unsafe { AsyncFd::register_with_interest(Raw(fd), Interest::READABLE) }?;
-        Ok(LinkWatch { fd })
+        Ok(NetlinkWatch { fd })
     }
 
-    /// Resolves when a link or address changed, with every message queued
-    /// so far consumed. Cancel-safe.
+    /// Resolves when something changed, with every message queued so far
+    /// consumed. Cancel-safe.
     pub async fn changed(&mut self) -> io::Result<()> {
         let mut buf = vec![0u8; 16 * 1024];
         loop {
