@@ -114,9 +114,11 @@ pub struct Options {
 enum Mode {
     Direct,
     Ebpf,
-    /// kube-ebpf-proxy with `--bpf-host-routing`: socket-balanced packets
-    /// redirected by the ingress hook instead of forwarded by the stack.
-    EbpfHostRouting,
+    /// kube-ebpf-proxy with `--bpf-host-routing=false`: socket-balanced
+    /// packets forwarded by the stack instead of redirected by the ingress
+    /// hook (which the default, `auto`, does on these nodes: they have no
+    /// netfilter rules).
+    EbpfNoHostRouting,
     /// kube-ebpf-proxy with `--socket-lb=false`: the per-packet path only.
     EbpfPerPacket,
     Iptables,
@@ -127,7 +129,7 @@ impl Mode {
     const ALL: [Mode; 6] = [
         Mode::Direct,
         Mode::Ebpf,
-        Mode::EbpfHostRouting,
+        Mode::EbpfNoHostRouting,
         Mode::EbpfPerPacket,
         Mode::Iptables,
         Mode::Nftables,
@@ -137,7 +139,7 @@ impl Mode {
     fn daemon_flags(self) -> Option<&'static [&'static str]> {
         match self {
             Mode::Ebpf => Some(&[]),
-            Mode::EbpfHostRouting => Some(&["--bpf-host-routing=true"]),
+            Mode::EbpfNoHostRouting => Some(&["--bpf-host-routing=false"]),
             Mode::EbpfPerPacket => Some(&["--socket-lb=false"]),
             Mode::Direct | Mode::Iptables | Mode::Nftables => None,
         }
@@ -146,8 +148,8 @@ impl Mode {
     fn label(self) -> &'static str {
         match self {
             Mode::Direct => "direct to pod (no proxy)",
-            Mode::Ebpf => "kube-ebpf-proxy (socket LB)",
-            Mode::EbpfHostRouting => "kube-ebpf-proxy (socket LB), --bpf-host-routing",
+            Mode::Ebpf => "kube-ebpf-proxy (defaults: socket LB, host routing auto)",
+            Mode::EbpfNoHostRouting => "kube-ebpf-proxy (socket LB), --bpf-host-routing=false",
             Mode::EbpfPerPacket => "kube-ebpf-proxy, --socket-lb=false",
             Mode::Iptables => "kube-proxy iptables (nf_tables backend)",
             Mode::Nftables => "kube-proxy nftables",

@@ -164,6 +164,13 @@ pub(super) fn start_ebpf(
         || lab.daemon_log(addr::NODE_B).contains(" ready "),
     )?;
     let log = lab.daemon_log(addr::NODE_A);
+    // What the mode measures depends on it: say it beside the figures.
+    if let Some(line) = log.lines().find(|l| l.contains("BPF host routing ")) {
+        let said = line
+            .split_once("BPF host routing ")
+            .map_or(line, |(_, s)| s);
+        println!("    node-a: BPF host routing {said}");
+    }
     let sync_us: u64 = log
         .lines()
         .find(|l| l.contains(" synced "))
