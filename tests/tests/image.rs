@@ -409,6 +409,13 @@ fn the_image_runs_as_the_daemonset_does_and_serves_a_cluster_ip() -> Result<()> 
         eprintln!("this runtime's default profile already allows bpf(2) with CAP_BPF");
     }
 
+    // A legacy rule on the input hook: with the DaemonSet's capabilities
+    // the daemon must read the legacy table (and nftables) to find that
+    // host routing bypasses nothing. One it could not read would turn host
+    // routing off.
+    let rule = ["-A", "INPUT", "-j", "ACCEPT"];
+    let out = c.lab.ns(NODE).exec("iptables-legacy", &rule)?;
+    ensure!(out.status.success(), "iptables-legacy: {out:?}");
     let t0 = Instant::now();
     start_container(&mut c, &podman, &opts, &args);
     eprintln!("container ready in {:?}", t0.elapsed());
@@ -416,6 +423,10 @@ fn the_image_runs_as_the_daemonset_does_and_serves_a_cluster_ip() -> Result<()> 
     ports_reachable_as_documented(&c);
     pins_are_on_the_hosts_bpffs(&c);
     let log = c.lab.daemon_log(NODE);
+    assert!(
+        log.contains("no netfilter hook on the forwarding path has rules"),
+        "host routing decided from the netfilter hooks read: {log}"
+    );
     // Not vacuous: the API client's trace output is there.
     assert!(log.contains("\"target\":\"kube_client::client\""), "{log}");
     assert!(

@@ -371,14 +371,12 @@ impl Legacy {
             Legacy::V4 => (libc::AF_INET, libc::SOL_IP),
             Legacy::V6 => (libc::AF_INET6, libc::SOL_IPV6),
         };
+        // Any socket of the family reaches netfilter's getsockopt (the IP
+        // layer hands on what it does not know); a UDP one needs no
+        // CAP_NET_RAW, which iptables' raw socket would and the DaemonSet
+        // does not have. The kernel asks for CAP_NET_ADMIN.
         // SAFETY: plain socket(2); the descriptor is owned at once.
-        let fd = unsafe {
-            libc::socket(
-                domain,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::IPPROTO_RAW,
-            )
-        };
+        let fd = unsafe { libc::socket(domain, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -515,7 +513,9 @@ mod tests {
         let a = [attr_str(1, "ab"), attr(2, &[7, 7, 7, 7, 7])].concat();
         let got: Vec<_> = Attrs(&a).collect();
         assert_eq!(got, [(1, &b"ab\0"[..]), (2, &[7u8; 5][..])]);
-        // A truncated attribute ends the walk instead of reading past it.
-        assert_eq!(Attrs(&a[..a.len() - 2]).count(), 1);
+        // A truncated attribute ends the walk instead of reading past it
+        // (cut into its value, not only its padding).
+        assert_eq!(Attrs(&a[..a.len() - 3]).count(), 2);
+        assert_eq!(Attrs(&a[..a.len() - 4]).count(), 1);
     }
 }
